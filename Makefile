@@ -1,0 +1,42 @@
+# bidsdl: `make demo` runs the tool on generated sample data; `make test` runs lint and the tests.
+# Both create the virtual environment (.venv) on first use; nothing else needs installing by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+DEMO_SUBJECTS ?= 10
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the constraints file keeps pip from pulling CUDA builds.
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@test -f $(DEMO_DIR)/bids/dataset_description.json || \
+		$(BIN)/bidsdl-sample $(DEMO_DIR)/bids --subjects $(DEMO_SUBJECTS) --seed 42 --duplicate-subject
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work
+	@echo
+	@echo "Sample dataset:   $(abspath $(DEMO_DIR))/bids"
+	@echo "Derivatives:      $(abspath $(DEMO_DIR))/derivatives"
+	@echo "Manifest:         $(abspath $(DEMO_DIR))/derivatives/manifest.tsv"
+	@echo "Group report:     $(abspath $(DEMO_DIR))/derivatives/group.html"
+	@echo "Logs and configs: $(abspath $(DEMO_DIR))/derivatives/logs/"
+
+lint: install
+	$(BIN)/ruff check pipeline tests benchmarks templates
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

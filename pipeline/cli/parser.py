@@ -1,0 +1,203 @@
+"""The ``bidsdl`` command-line contract, parsed into a :class:`~pipeline.config.RunConfig`.
+
+Pure: no filesystem checks beyond reading a ``--config`` file, and it never exits. Usage
+problems raise :class:`~pipeline.errors.UsageError` (exit 64), so argparse's exit code 2 cannot
+leak out. Precedence: built-in defaults < ``--config`` file < the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .. import __version__
+from ..bids.layout import normalize_label
+from ..config import POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
+from ..errors import UnknownAnalysisLevel, UsageError
+
+ANALYSIS_LEVELS = ("participant", "group")
+#: Options a --config file may not set (they describe the invocation, not the analysis).
+_NOT_IN_CONFIG = frozenset({"config", "help", "version"})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}. Run 'bidsdl --help' for the usage.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``suppress_defaults`` only options actually given appear in the result."""
+    parser = _Parser(
+        prog="bidsdl",
+        description="bidsdl: reproducible deep learning on brain MRI, as a BIDS App.",
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit codes: 0 success; 1 a participant failed; 16 BIDS validation failed; "
+        "17 unknown analysis level; 18 the filters selected no data; 64 usage error; "
+        "65 input data error; 66 BIDS_DIR missing; 73 OUTPUT_DIR not writable.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only; never written)")
+    parser.add_argument("output_dir", type=Path, help="where derivatives, reports and logs go")
+    parser.add_argument("analysis_level", help="'participant' (per subject) or 'group'")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="L",
+        help="participants to process ('01' or 'sub-01'); default all",
+    )
+    sel.add_argument("--session-label", nargs="+", metavar="S", help="sessions to process; default all")
+    sel.add_argument(
+        "--participant-index",
+        type=_non_negative_int,
+        metavar="I",
+        help="0-based index into the sorted selected participants, e.g. $SLURM_ARRAY_TASK_ID",
+    )
+    sel.add_argument(
+        "--list-participants",
+        action="store_true",
+        help="print the selected participant labels, one a line, and exit",
+    )
+    sel.add_argument(
+        "--skip-bids-validation",
+        action="store_true",
+        help="do not validate BIDS_DIR (problems may then surface later)",
+    )
+
+    res = parser.add_argument_group("resources")
+    res.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="Nipype working folder, reused by re-runs to skip finished steps; never "
+        "inside BIDS_DIR (default: OUTPUT_DIR/.bidsdl_work)",
+    )
+    res.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        type=_positive_int,
+        metavar="N",
+        help="processes to run at once (default: all available cores)",
+    )
+    res.add_argument(
+        "--omp-nthreads",
+        type=_positive_int,
+        metavar="N",
+        help="threads per process (default: min(8, nprocs))",
+    )
+    res.add_argument(
+        "--mem-gb",
+        type=_positive_float,
+        metavar="X",
+        help="memory budget in GB (default: the machine's memory)",
+    )
+
+    other = parser.add_argument_group("other")
+    other.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML or JSON file whose keys mirror the long options; the command line wins",
+    )
+    other.add_argument("--seed", type=int, help="random seed (default 42)")
+    other.add_argument(
+        "-v", "--verbose", dest="verbosity", action="count", help="more log output (repeatable)"
+    )
+    other.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    other.add_argument("--version", action="version", version=f"bidsdl {__version__}")
+    return parser
+
+
+def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, source: Path) -> list[str]:
+    """Turn config-file values into command-line tokens, so one parser checks both."""
+    options = {a.dest: a for a in parser._actions if a.option_strings}
+    argv: list[str] = []
+    for key, value in values.items():
+        action = options.get(key)
+        if key in _NOT_IN_CONFIG or action is None:
+            known = sorted(k for k in options if k not in _NOT_IN_CONFIG)
+            raise UsageError(
+                f"Unknown option {key!r} in the config file {source}. Known options: {', '.join(known)}."
+            )
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(action, argparse._CountAction):
+            argv += [flag] * int(value)
+        elif isinstance(value, list | tuple):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: Sequence[str]) -> RunConfig:
+    """Parse ``argv`` (and its ``--config`` file) into the effective configuration."""
+    argv = list(argv)
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    merged: dict[str, Any] = {}
+    if given.get("config"):
+        values = load_config_file(given["config"])
+        for key in POSITIONAL_KEYS:
+            values.pop(key, None)  # positional arguments always come from the command line
+        positionals = [str(given[k]) for k in POSITIONAL_KEYS]
+        from_file = build_parser(suppress_defaults=True).parse_args(
+            positionals + _config_to_argv(values, build_parser(), given["config"])
+        )
+        merged.update(vars(from_file))
+    merged.update(given)
+
+    level = merged["analysis_level"]
+    if level not in ANALYSIS_LEVELS:
+        raise UnknownAnalysisLevel(
+            f"Unknown analysis level {level!r}: use one of {', '.join(ANALYSIS_LEVELS)}."
+        )
+    nprocs = merged.get("nprocs") or available_cpus()
+    verbosity = merged.get("verbosity") or 0
+    if merged.get("quiet"):
+        verbosity = -1
+    return RunConfig(
+        bids_dir=Path(merged["bids_dir"]).absolute(),
+        output_dir=Path(merged["output_dir"]).absolute(),
+        analysis_level=level,
+        participant_label=tuple(
+            sorted({normalize_label(x, "sub") for x in merged.get("participant_label") or ()})
+        ),
+        session_label=tuple(sorted({normalize_label(x, "ses") for x in merged.get("session_label") or ()})),
+        participant_index=merged.get("participant_index"),
+        list_participants=bool(merged.get("list_participants")),
+        skip_bids_validation=bool(merged.get("skip_bids_validation")),
+        work_dir=Path(merged["work_dir"]).absolute() if merged.get("work_dir") else None,
+        nprocs=nprocs,
+        omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
+        mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),
+        seed=merged["seed"] if merged.get("seed") is not None else 42,
+        verbosity=verbosity,
+        config_file=Path(merged["config"]).absolute() if merged.get("config") else None,
+    )

@@ -1,0 +1,222 @@
+"""``bidsdl BIDS_DIR OUTPUT_DIR {participant,group}``: dispatch, logging and exit codes.
+
+This is the only place that turns errors into exit codes (BIDS execution specification).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from .. import __version__
+from ..config import RunConfig, save_config
+from ..errors import (
+    EXIT_OK,
+    EXIT_PARTICIPANT_FAILED,
+    BidsDirMissing,
+    BidsdlError,
+    BidsValidationError,
+    UsageError,
+)
+from .parser import parse_args
+
+LOGGER = logging.getLogger("pipeline.cli")
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def check_paths(config: RunConfig) -> Path:
+    """Refuse impossible folder combinations; return the work dir to use."""
+    bids_dir = config.bids_dir
+    if not bids_dir.is_dir():
+        raise BidsDirMissing(
+            f"BIDS_DIR {bids_dir} does not exist or is not a folder. Check the path"
+            " (in a container, check that it is mounted, e.g. -v /data/bids:/data:ro)."
+        )
+    bids_real = bids_dir.resolve()
+    output_real = config.output_dir.resolve()
+    if output_real == bids_real or output_real.is_relative_to(bids_real):
+        raise UsageError(
+            f"OUTPUT_DIR {config.output_dir} is BIDS_DIR or inside it; bidsdl never writes into the "
+            f"input dataset. Choose a folder outside {bids_dir} (e.g. {bids_dir.parent / 'derivatives'})."
+        )
+    work_dir = config.work_dir or config.output_dir / ".bidsdl_work"
+    if work_dir.resolve().is_relative_to(bids_real):
+        raise UsageError(f"--work-dir {work_dir} is inside BIDS_DIR {bids_dir}; choose another folder.")
+    return work_dir
+
+
+def setup_logging(verbosity: int, log_file: Path | None) -> None:
+    """bidsdl's messages to the console by verbosity; everything to the run's log file.
+
+    Nipype logs through its own loggers and a console handler of its own; its console output is
+    kept to warnings unless ``-vv``, while the log file gets its INFO messages too.
+    """
+    from nipype import logging as nipype_logging  # noqa: F401 - sets up Nipype's handlers first
+
+    console_level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    nipype_console_level = logging.INFO if verbosity >= 2 else logging.WARNING
+    ours = logging.getLogger("pipeline")
+    ours.setLevel(logging.DEBUG)
+    ours.propagate = False
+    _close_log_files()
+    for handler in list(ours.handlers):
+        ours.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(console_level)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    ours.addHandler(console)
+    for handler in logging.getLogger("nipype").handlers:  # Nipype's own console handler
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(nipype_console_level)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        ours.addHandler(file_handler)
+        logging.getLogger("nipype").addHandler(file_handler)
+
+
+def _discover(config: RunConfig):
+    from ..bids.layout import collect_t1w, index_dataset, select_participants, subjects_on_disk
+
+    layout = index_dataset(config.bids_dir)
+    images = collect_t1w(
+        layout, subjects=config.participant_label or None, sessions=config.session_label or None
+    )
+    with_images = sorted({img.subject for img in images})
+    if config.participant_label:
+        with_images = sorted(
+            set(with_images) | (set(config.participant_label) & set(subjects_on_disk(config.bids_dir)))
+        )
+        with_images = [s for s in with_images if any(img.subject == s for img in images)]
+    selected = select_participants(
+        with_images, requested=config.participant_label, index=config.participant_index
+    )
+    return {s: [img for img in images if img.subject == s] for s in selected}
+
+
+def run(config: RunConfig, argv: Sequence[str]) -> int:
+    work_dir = check_paths(config)
+    if config.list_participants:
+        for subject in _discover(config):
+            print(subject)
+        return EXIT_OK
+
+    from .. import derivatives
+    from ..bids.validation import validate_dataset
+    from ..environment import detect_container, environment_record
+
+    derivatives.check_writable(config.output_dir)
+    run_id = f"{datetime.now():%Y%m%d-%H%M%S}_{config.analysis_level}_{uuid.uuid4().hex[:8]}"
+    log_dir = config.output_dir / "logs" / run_id
+    setup_logging(config.verbosity, log_dir / "bidsdl.log")
+    environment = environment_record(list(argv))
+    save_config(config, log_dir / "config.json")
+    derivatives.write_json(log_dir / "environment.json", environment)
+    LOGGER.info("bidsdl %s, %s level, run %s", __version__, config.analysis_level, run_id)
+    LOGGER.info("Log, effective config and environment: %s", log_dir)
+
+    subjects = _discover(config)
+    if not config.skip_bids_validation:
+        t1w = (
+            [img.path for imgs in subjects.values() for img in imgs]
+            if config.analysis_level == "participant"
+            else []
+        )
+        problems = validate_dataset(config.bids_dir, t1w_paths=t1w)
+        derivatives.write_json(
+            log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]}
+        )
+        errors = [p for p in problems if p.severity == "error"]
+        for problem in problems:
+            if problem.severity != "error":
+                LOGGER.warning("BIDS: %s", problem)
+        if errors:
+            raise BidsValidationError(errors)
+    else:
+        LOGGER.warning("BIDS validation skipped (--skip-bids-validation).")
+
+    description = derivatives.dataset_description(
+        bids_dir=config.bids_dir,
+        source_description=_read_description(config.bids_dir),
+        container=detect_container(),
+    )
+    derivatives.ensure_dataset_description(config.output_dir, description)
+
+    if config.analysis_level == "participant":
+        from ..participant import run_participant_level
+
+        LOGGER.info("Participants: %s", ", ".join(f"sub-{s}" for s in subjects))
+        statuses = run_participant_level(config, subjects=subjects, run_id=run_id, work_dir=work_dir)
+        failed = [s["participant_id"] for s in statuses if s["state"] == "failed"]
+        if failed:
+            LOGGER.error(
+                "%d of %d participant(s) failed: %s. Their status records and crash files are "
+                "in <OUTPUT_DIR>/sub-<label>/log/.",
+                len(failed),
+                len(statuses),
+                ", ".join(failed),
+            )
+            return EXIT_PARTICIPANT_FAILED
+        LOGGER.info("All %d participant(s) finished. Outputs: %s", len(statuses), config.output_dir)
+        return EXIT_OK
+
+    from ..group import run_group_level
+
+    run_group_level(config, run_id=run_id, environment=environment)
+    LOGGER.info("Group report: %s", config.output_dir / "group.html")
+    return EXIT_OK
+
+
+def _read_description(bids_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bidsdl`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    except BidsdlError as exc:
+        print(f"bidsdl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        return run(config, argv)
+    except BidsdlError as exc:
+        if logging.getLogger("pipeline").handlers:
+            LOGGER.error("%s", exc)
+        else:
+            print(f"bidsdl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bidsdl: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return 130
+    finally:
+        _close_log_files()
+
+
+def _close_log_files() -> None:
+    for name in ("pipeline", "nipype"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+                handler.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

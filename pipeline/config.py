@@ -1,0 +1,135 @@
+"""The effective configuration of one invocation: a frozen dataclass, loaded and saved as data.
+
+Only the command line (:mod:`pipeline.cli`) and the top-level workflow builder read a
+:class:`RunConfig`; everything below them takes plain arguments. Importing this module has no
+side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+#: Fields that change how fast a run goes or what it selects, not what it computes for a subject.
+_NOT_HASHED = frozenset(
+    {
+        "bids_dir",
+        "output_dir",
+        "analysis_level",
+        "participant_label",
+        "session_label",
+        "participant_index",
+        "list_participants",
+        "work_dir",
+        "nprocs",
+        "omp_nthreads",
+        "mem_gb",
+        "verbosity",
+        "config_file",
+    }
+)
+
+#: Keys a config file may hold that the command line always decides.
+POSITIONAL_KEYS = ("bids_dir", "output_dir", "analysis_level")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``bidsdl`` invocation was asked to do, with defaults resolved."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    participant_index: int | None = None
+    list_participants: bool = False
+    skip_bids_validation: bool = False
+    work_dir: Path | None = None
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float = 1.0
+    seed: int = 42
+    verbosity: int = 0
+    config_file: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict whose keys mirror the long options (usable again with ``--config``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def config_hash(self) -> str:
+        """sha256 of the settings that determine a subject's outputs."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict with ``snake_case`` keys.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.yml"
+    >>> _ = p.write_text("nprocs: 2\\nparticipant-label: ['01']\\n")
+    >>> load_config_file(p)
+    {'nprocs': 2, 'participant_label': ['01']}
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot read the config file {path}: {exc.strerror or exc}. Check the path given to --config."
+        ) from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(
+            f"The config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+            f"{exc}. Fix its syntax; keys mirror the long options (e.g. 'nprocs: 2')."
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"The config file {path} must hold a mapping of option names to values, "
+            f"not a {type(data).__name__}. Example: 'participant_label: [\"01\"]'."
+        )
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the effective config as JSON, atomically."""
+    from .derivatives import write_json
+
+    write_json(path, config.to_dict())
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def available_memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 4.0

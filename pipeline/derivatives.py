@@ -1,0 +1,246 @@
+"""Everything bidsdl writes into OUTPUT_DIR goes through this module.
+
+BIDS-derivative names are built from entities (never by string concatenation in workflows),
+JSON records carry their provenance, and every file is written atomically: to a temporary name in
+the same folder, flushed, then renamed, so an interrupted run never leaves a file that looks
+complete. ``dataset_description.json`` is created under a lock so that many participant jobs may
+start at once in the same OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputDataError, OutputNotWritable, UsageError
+
+LOGGER = logging.getLogger(__name__)
+
+CODE_URL = "https://github.com/bidsdl/bidsdl"
+BIDS_VERSION = "1.9.0"
+
+#: Entity order of BIDS file names (the subset bidsdl reads or writes).
+ENTITY_ORDER = (
+    "sub",
+    "ses",
+    "task",
+    "acq",
+    "ce",
+    "rec",
+    "run",
+    "from",
+    "to",
+    "mode",
+    "space",
+    "res",
+    "den",
+    "label",
+    "desc",
+)
+#: Entities of a source T1w that carry over to its derivatives.
+SOURCE_ENTITIES = ("sub", "ses", "acq", "ce", "rec", "run")
+
+_NAME_RE = re.compile(r"^(?P<entities>(?:[a-zA-Z]+-[a-zA-Z0-9]+_)*)(?P<suffix>[a-zA-Z0-9]+)(?P<ext>\..+)$")
+
+
+def parse_bids_name(name: str) -> tuple[dict[str, str], str, str]:
+    """Split a BIDS file name into entities, suffix and extension.
+
+    >>> parse_bids_name("sub-01_ses-02_run-1_T1w.nii.gz")
+    ({'sub': '01', 'ses': '02', 'run': '1'}, 'T1w', '.nii.gz')
+    """
+    match = _NAME_RE.match(name)
+    if match is None:
+        raise InputDataError(
+            f"{name!r} is not a BIDS file name (expected 'sub-<label>[_<key>-<value>...]_<suffix>.<ext>'). "
+            "Rename the file following the BIDS specification."
+        )
+    pairs = [p for p in match["entities"].split("_") if p]
+    entities = dict(p.split("-", 1) for p in pairs)
+    return entities, match["suffix"], match["ext"]
+
+
+def build_path(
+    entities: Mapping[str, str | int],
+    *,
+    suffix: str,
+    extension: str,
+    datatype: str | None = "anat",
+) -> Path:
+    """Relative BIDS-derivative path for ``entities``.
+
+    >>> str(build_path({"sub": "01", "ses": "1", "desc": "audit"}, suffix="T1w", extension=".json"))
+    'sub-01/ses-1/anat/sub-01_ses-1_desc-audit_T1w.json'
+    """
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"Unknown BIDS entities {sorted(unknown)}")
+    if "sub" not in entities:
+        raise ValueError("A derivative needs the 'sub' entity")
+    parts = [f"{key}-{entities[key]}" for key in ENTITY_ORDER if entities.get(key) not in (None, "")]
+    name = "_".join([*parts, suffix]) + extension
+    folder = Path(f"sub-{entities['sub']}")
+    if entities.get("ses"):
+        folder /= f"ses-{entities['ses']}"
+    if datatype:
+        folder /= datatype
+    return folder / name
+
+
+def source_entities(source: Path | str) -> dict[str, str]:
+    """Entities of a BIDS source file that its derivatives keep."""
+    entities, _, _ = parse_bids_name(Path(source).name)
+    return {k: v for k, v in entities.items() if k in SOURCE_ENTITIES}
+
+
+def subject_log_dir(output_dir: Path, subject: str) -> Path:
+    return Path(output_dir) / f"sub-{subject}" / "log"
+
+
+def status_path(output_dir: Path, subject: str) -> Path:
+    return subject_log_dir(output_dir, subject) / f"sub-{subject}_status.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The temporary name keeps the extension (tools like nibabel choose the format from it) and
+    starts with a dot, so BIDS tools ignore leftovers of a killed process.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_derivative_json(
+    output_dir: Path,
+    source: Path | str,
+    data: Mapping[str, Any],
+    *,
+    desc: str,
+    suffix: str = "T1w",
+) -> Path:
+    """Write a JSON record derived from the BIDS file ``source`` (e.g. the audit)."""
+    rel = build_path({**source_entities(source), "desc": desc}, suffix=suffix, extension=".json")
+    return write_json(Path(output_dir) / rel, data)
+
+
+def dataset_description(
+    *, bids_dir: Path, source_description: Mapping[str, Any] | None, container: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """The ``dataset_description.json`` of bidsdl's output dataset."""
+    generated_by: dict[str, Any] = {"Name": "bidsdl", "Version": __version__, "CodeURL": CODE_URL}
+    if container:
+        generated_by["Container"] = dict(container)
+    source: dict[str, Any] = {"URL": Path(bids_dir).resolve().as_uri()}
+    if source_description:
+        for key in ("Name", "DatasetDOI", "BIDSVersion"):
+            if source_description.get(key):
+                source[{"DatasetDOI": "DOI"}.get(key, key)] = source_description[key]
+    return {
+        "Name": "bidsdl derivatives",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [source],
+        "DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()},
+    }
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """An exclusive lock on OUTPUT_DIR shared by concurrent bidsdl processes (e.g. array jobs)."""
+    lock_file = Path(output_dir) / ".bidsdl.lock"
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_dataset_description(output_dir: Path, description: Mapping[str, Any]) -> Path:
+    """Create ``dataset_description.json`` once; safe when several jobs start together.
+
+    An existing description written by bidsdl is kept (a version change is logged); one written
+    by another tool means OUTPUT_DIR belongs to another dataset, and is refused.
+    """
+    path = Path(output_dir) / "dataset_description.json"
+    with output_lock(output_dir):
+        if path.exists():
+            try:
+                existing = json.loads(path.read_text())
+                generator = existing["GeneratedBy"][0]
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise UsageError(
+                    f"{path} exists but was not written by bidsdl. OUTPUT_DIR must be a new folder "
+                    "or one bidsdl wrote before; choose another OUTPUT_DIR."
+                ) from exc
+            if generator.get("Name") != "bidsdl":
+                raise UsageError(
+                    f"{path} says this folder was generated by {generator.get('Name')!r}, not bidsdl. "
+                    "Choose another OUTPUT_DIR."
+                )
+            if generator.get("Version") != __version__:
+                LOGGER.warning(
+                    "OUTPUT_DIR was started by bidsdl %s; this is bidsdl %s. Mixing versions in one "
+                    "output makes results harder to reproduce.",
+                    generator.get("Version"),
+                    __version__,
+                )
+            return path
+        return write_json(path, description)
+
+
+def check_writable(output_dir: Path) -> None:
+    """Create OUTPUT_DIR if needed and prove it is writable, or raise :class:`OutputNotWritable`."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".bidsdl-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputNotWritable(
+            f"OUTPUT_DIR {output_dir} cannot be created or written ({exc.strerror or exc}). "
+            "Choose a folder you can write to (in a container, mount it without ':ro')."
+        ) from exc

@@ -1,0 +1,92 @@
+"""One error hierarchy for bidsdl.
+
+Every error a user can meet derives from :class:`BidsdlError` and from the builtin that fits, so
+callers can catch either. Each carries the exit code of the BIDS execution specification that the
+command line returns for it, and a message that names the file, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# Exit codes (BIDS execution specification).
+EXIT_OK = 0
+EXIT_PARTICIPANT_FAILED = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_DATA = 18
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class BidsdlError(Exception):
+    """Base of every error bidsdl raises on purpose."""
+
+    exit_code: int = EXIT_DATA
+
+
+class UsageError(BidsdlError, ValueError):
+    """The command line or the config file asks for something impossible."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnknownAnalysisLevel(BidsdlError, ValueError):
+    exit_code = EXIT_UNKNOWN_LEVEL
+
+
+class NoDataSelected(BidsdlError, LookupError):
+    """The participant/session filters selected nothing."""
+
+    exit_code = EXIT_NO_DATA
+
+
+class InputDataError(BidsdlError, ValueError):
+    """An input file is unreadable or not what bidsdl needs."""
+
+    exit_code = EXIT_DATA
+
+
+class BidsDirMissing(BidsdlError, FileNotFoundError):
+    exit_code = EXIT_NO_INPUT
+
+
+class OutputNotWritable(BidsdlError, PermissionError):
+    exit_code = EXIT_CANT_CREATE
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of the BIDS validation: a file, what is wrong, and how to fix it."""
+
+    path: str
+    issue: str
+    fix: str
+    severity: str = "error"  # "error" stops the run; "warning" is reported and logged
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.issue} Fix: {self.fix}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "issue": self.issue, "fix": self.fix, "severity": self.severity}
+
+
+class BidsValidationError(BidsdlError, ValueError):
+    """BIDS_DIR is not a valid BIDS dataset; carries every problem found."""
+
+    exit_code = EXIT_VALIDATION
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"BIDS validation found {len(self.problems)} problem(s):\n{lines}\n"
+            "Fix them, or pass --skip-bids-validation to proceed at your own risk."
+        )
+
+
+def format_problems(problems: Iterable[Problem]) -> str:
+    return "\n".join(f"  - {p}" for p in problems)

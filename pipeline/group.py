@@ -1,0 +1,121 @@
+"""Run the group level: gather the participants' audits into the manifest and the group report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__, derivatives
+from .bids import manifest as mf
+from .bids.layout import read_participants, read_sessions, subjects_on_disk
+from .config import RunConfig
+from .errors import InputDataError
+from .reports.render import write_report
+
+LOGGER = logging.getLogger(__name__)
+
+_REPORT_COLUMNS = (
+    "participant_id",
+    "session_id",
+    "orientation",
+    "voxel_size_mm",
+    "shape",
+    "manufacturer",
+    "flags",
+    "duplicate_of",
+)
+
+
+def _checks(findings: dict[str, Any]) -> list[dict[str, Any]]:
+    def check(name: str, items: list[str], *, fail: bool) -> dict[str, Any]:
+        if not items:
+            return {"name": name, "result": "pass", "css": "pass", "details": []}
+        return {
+            "name": name,
+            "result": "fail" if fail else "warning",
+            "css": "fail" if fail else "warn",
+            "details": items,
+        }
+
+    return [
+        check(
+            "No identical image under two participant IDs",
+            [" = ".join(g) for g in findings["duplicates"]],
+            fail=True,
+        ),
+        check("Every image is readable", findings["unreadable_images"], fail=True),
+        check("Every participant has images", findings["participants_without_images"], fail=False),
+        check(
+            "Every image has a participants.tsv row", findings["images_without_participants_row"], fail=False
+        ),
+        check(
+            "No audit flags",
+            [f"{src}: {flags}" for src, flags in findings["flagged_images"].items()],
+            fail=False,
+        ),
+    ]
+
+
+def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.tsv`` (+ ``manifest.json``), ``group_audit.json`` and ``group.html``."""
+    audit_paths = mf.find_audits(config.output_dir, config.participant_label or None)
+    if not audit_paths:
+        raise InputDataError(
+            f"No participant-level audits found in {config.output_dir}. Run "
+            f"'bidsdl {config.bids_dir} {config.output_dir} participant' first."
+        )
+    audits = [(mf.load_audit(p), p.relative_to(config.output_dir).as_posix()) for p in audit_paths]
+    participants = read_participants(config.bids_dir)
+    on_disk = subjects_on_disk(config.bids_dir)
+    sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
+    table, findings = mf.build_manifest(
+        audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk
+    )
+    out = config.output_dir
+    derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
+    participants_json_path = config.bids_dir / "participants.json"
+    participants_json = (
+        json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
+    )
+    derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
+    derivatives.write_json(
+        out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__}
+    )
+    for group in findings["duplicates"]:
+        LOGGER.warning(
+            "Identical voxel data under different participant IDs: %s. One subject may "
+            "appear twice; remove the copy before learning.",
+            ", ".join(group),
+        )
+    for pid in findings["participants_without_images"]:
+        LOGGER.warning("%s has no T1w image in the audit.", pid)
+    for source in findings["images_without_participants_row"]:
+        LOGGER.warning("%s has no row in participants.tsv: add one so its labels are known.", source)
+    description = (
+        json.loads((config.bids_dir / "dataset_description.json").read_text())
+        if (config.bids_dir / "dataset_description.json").exists()
+        else {}
+    )
+    rows = table.to_dict(orient="records")
+    for row in rows:
+        row["flags"] = [f for f in str(row["flags"]).split(",") if f]
+    write_report(
+        out / "group.html",
+        "group.html.j2",
+        {
+            "dataset_name": description.get("Name", config.bids_dir.name),
+            "findings": findings,
+            "checks": _checks(findings),
+            "manifest_columns": _REPORT_COLUMNS,
+            "manifest_rows": rows,
+            "version": __version__,
+            "run_id": run_id,
+            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment,
+            "config_json": json.dumps(config.to_dict(), indent=2),
+        },
+    )
+    LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")
+    return findings

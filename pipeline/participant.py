@@ -1,0 +1,114 @@
+"""Run the participant level: execute the graph, then record each participant's status.
+
+One participant's failure never stops the others: Nipype carries on with independent nodes, and
+each participant's outcome is read from its own outputs and crash files afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__, derivatives
+from .bids.layout import T1wImage
+from .config import RunConfig
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _crash_summary(crash_file: Path) -> str:
+    """The node and the last line of the traceback in a Nipype text crash file."""
+    lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
+    node = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Node:")), crash_file.stem)
+    last = lines[-1] if lines else "unknown error"
+    return f"step {node} failed: {last} (details: {crash_file})"
+
+
+def subject_status(
+    *,
+    subject: str,
+    images: Sequence[T1wImage],
+    output_dir: Path,
+    bids_dir: Path,
+    run_id: str,
+    config_hash: str,
+    started: float,
+    finished: float,
+) -> dict[str, Any]:
+    """The status record of one participant after a run, from its outputs and crash files."""
+    image_records, errors, inputs = [], [], []
+    for image in images:
+        audit_path = Path(output_dir) / derivatives.build_path(
+            {**derivatives.source_entities(image.path), "desc": "audit"}, suffix="T1w", extension=".json"
+        )
+        entry: dict[str, Any] = {"source": image.relative_to(bids_dir), "audit": None, "state": "failed"}
+        if audit_path.exists() and audit_path.stat().st_mtime >= started - 1:
+            record = json.loads(audit_path.read_text())
+            entry.update(audit=audit_path.relative_to(output_dir).as_posix(), flags=record["flags"])
+            inputs.append({"path": entry["source"], "sha256": record.get("file", {}).get("sha256")})
+            if record["readable"]:
+                entry["state"] = "done"
+            else:
+                errors += record["errors"]
+        image_records.append(entry)
+    crash_dir = derivatives.subject_log_dir(output_dir, subject) / run_id
+    crashes = sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []
+    errors += [_crash_summary(c) for c in crashes]
+    missing = [e["source"] for e in image_records if e["audit"] is None]
+    if missing and not crashes:
+        errors.append(f"no audit was written for {', '.join(missing)}; see the run log.")
+    state = "done" if not errors and all(e["state"] == "done" for e in image_records) else "failed"
+    return {
+        "participant_id": f"sub-{subject}",
+        "state": state,
+        "run_id": run_id,
+        "bidsdl_version": __version__,
+        "config_hash": config_hash,
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(finished - started, 2),
+        "inputs": inputs,
+        "images": image_records,
+        "errors": errors,
+        "crash_files": [c.relative_to(output_dir).as_posix() for c in crashes],
+    }
+
+
+def run_participant_level(
+    config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
+) -> list[dict[str, Any]]:
+    """Build and run the graph for ``subjects``; write and return their status records."""
+    from .workflows.base import init_bidsdl_wf
+
+    workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir)
+    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    started = time.time()
+    try:
+        workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)
+    except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly"
+        LOGGER.debug("Nipype reported failed nodes: %s", exc)
+    finished = time.time()
+    statuses = []
+    for subject, images in subjects.items():
+        status = subject_status(
+            subject=subject,
+            images=images,
+            output_dir=config.output_dir,
+            bids_dir=config.bids_dir,
+            run_id=run_id,
+            config_hash=config.config_hash(),
+            started=started,
+            finished=finished,
+        )
+        derivatives.write_json(derivatives.status_path(config.output_dir, subject), status)
+        statuses.append(status)
+        if status["state"] == "failed":
+            LOGGER.error("sub-%s failed:\n  %s", subject, "\n  ".join(status["errors"]))
+        else:
+            LOGGER.info("sub-%s done (%d image(s)).", subject, len(images))
+    return statuses

@@ -1,0 +1,391 @@
+"""Write a realistic sample BIDS dataset with known ground truth (``bidsdl-sample``).
+
+Each subject is nilearn's MNI152 brain inside a synthetic head, deformed by its labels
+(diagnosis: ventricles and hippocampi; age: a smaller effect), placed in the scanner with a
+random rigid misplacement, sampled on a grid with a random header orientation (sometimes
+oblique) and voxel size, then given a smooth bias field, a per-site intensity scale and Rician
+noise. The true T1w-to-template transform of every image is written under ``sourcedata/truth/``.
+The same options and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .. import __version__
+from ..derivatives import BIDS_VERSION, atomic_path, write_json, write_text
+from . import anatomy
+
+LOGGER = logging.getLogger(__name__)
+
+#: Per-site scanner metadata (sidecars) and acquisition character (scale, noise).
+SITES: dict[str, dict[str, Any]] = {
+    "siteA": {
+        "Manufacturer": "Siemens",
+        "ManufacturersModelName": "Prisma_fit",
+        "MagneticFieldStrength": 3,
+        "RepetitionTime": 2.3,
+        "EchoTime": 0.00226,
+        "InversionTime": 0.9,
+        "FlipAngle": 8,
+        "scale": 900.0,
+        "noise": 0.025,
+    },
+    "siteB": {
+        "Manufacturer": "GE",
+        "ManufacturersModelName": "DISCOVERY MR750",
+        "MagneticFieldStrength": 3,
+        "RepetitionTime": 0.0073,
+        "EchoTime": 0.003,
+        "InversionTime": 0.4,
+        "FlipAngle": 11,
+        "scale": 1600.0,
+        "noise": 0.03,
+    },
+    "siteC": {
+        "Manufacturer": "Philips",
+        "ManufacturersModelName": "Ingenia",
+        "MagneticFieldStrength": 1.5,
+        "RepetitionTime": 0.0081,
+        "EchoTime": 0.0037,
+        "InversionTime": 1.0,
+        "FlipAngle": 8,
+        "scale": 450.0,
+        "noise": 0.04,
+    },
+}
+ORIENTATIONS = ("RAS", "LAS", "LPS", "LPI", "PIR", "LIA", "ASL", "RSP")
+#: (voxel size in mm along the voxel axes, probability)
+VOXEL_SIZES = (((1.0, 1.0, 1.0), 0.6), ((1.0, 1.0, 1.3), 0.2), ((1.2, 1.2, 1.2), 0.2))
+#: Field of view along the world axes (LR, AP, SI), mm; the head's centre in template mm.
+FOV_MM = (200.0, 236.0, 212.0)
+HEAD_CENTRE_MM = (0.0, -18.0, 6.0)
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """What ``bidsdl-sample`` makes. ``effect_strength`` scales the diagnosis effect."""
+
+    n_subjects: int = 10
+    seed: int = 42
+    effect_strength: float = 1.0
+    two_session_fraction: float = 0.3
+    max_rotation_deg: float = 15.0
+    max_translation_mm: float = 20.0
+    duplicate_subject: bool = False
+    confound_site: bool = False
+    corrupt_subject: bool = False
+    n_jobs: int = 1
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    subject: str
+    session: str
+    age: float
+    diagnosis: str
+    site: str
+    seed: int
+    ventricles: float
+    hippocampi: float
+    compressed: bool = True
+
+    @property
+    def stem(self) -> str:
+        return f"sub-{self.subject}_ses-{self.session}_T1w"
+
+    @property
+    def relpath(self) -> Path:
+        ext = ".nii.gz" if self.compressed else ".nii"
+        return Path(f"sub-{self.subject}") / f"ses-{self.session}" / "anat" / f"{self.stem}{ext}"
+
+
+def _labels_effects(
+    rng: np.random.Generator, diagnosis: str, age: float, strength: float
+) -> tuple[float, float]:
+    """Ventricular expansion and hippocampal shrinkage for a subject at an age."""
+    ad = 1.0 if diagnosis == "AD" else 0.0
+    ventricles = strength * 0.22 * ad + 0.005 * (age - 70) + rng.normal(0, 0.02)
+    hippocampi = strength * 0.22 * ad + 0.003 * (age - 70) + rng.normal(0, 0.02)
+    return float(np.clip(ventricles, -0.1, 0.45)), float(np.clip(hippocampi, -0.1, 0.45))
+
+
+def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[ImageSpec]]:
+    """Participants and images, drawn in a fixed order from the seed (independent of n_jobs)."""
+    rng = np.random.default_rng(options.seed)
+    width = max(2, len(str(options.n_subjects + 1)))
+    sites = sorted(SITES)
+    participants, images = [], []
+    for index in range(options.n_subjects):
+        label = f"{index + 1:0{width}d}"
+        if options.confound_site:
+            site = sites[index % len(sites)]
+            p_ad = {sites[0]: 0.1, sites[-1]: 0.9}.get(site, 0.5)
+        else:
+            site, p_ad = sites[int(rng.integers(len(sites)))], 0.45
+        diagnosis = "AD" if rng.random() < p_ad else "CN"
+        age = float(np.clip(rng.normal(73 if diagnosis == "AD" else 68, 7), 55, 90))
+        sex = "F" if rng.random() < 0.5 else "M"
+        n_sessions = 2 if rng.random() < options.two_session_fraction else 1
+        participants.append(
+            {
+                "participant_id": f"sub-{label}",
+                "age": round(age, 1),
+                "sex": sex,
+                "site": site,
+                "diagnosis": diagnosis,
+            }
+        )
+        subject_rng = np.random.default_rng(rng.integers(2**32))
+        for session in range(1, n_sessions + 1):
+            session_age = age + (0.0 if session == 1 else float(subject_rng.uniform(1.0, 2.5)))
+            ventricles, hippocampi = _labels_effects(
+                subject_rng, diagnosis, session_age, options.effect_strength
+            )
+            images.append(
+                ImageSpec(
+                    subject=label,
+                    session=f"{session:02d}",
+                    age=round(session_age, 1),
+                    diagnosis=diagnosis,
+                    site=site,
+                    seed=int(rng.integers(2**32)),
+                    ventricles=ventricles,
+                    hippocampi=hippocampi,
+                    compressed=(index % 10 != 4),  # every tenth subject has an uncompressed .nii
+                )
+            )
+    return participants, images
+
+
+def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[str, Any]:
+    """The random placement, grid and artefacts of one image."""
+    sizes, weights = zip(*VOXEL_SIZES, strict=True)
+    oblique = rng.random() < 0.25
+    return {
+        "rotation_deg": rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3).round(3).tolist(),
+        "translation_mm": rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3)
+        .round(3)
+        .tolist(),
+        "orientation": str(rng.choice(ORIENTATIONS)),
+        "voxel_size_mm": list(sizes[int(rng.choice(len(sizes), p=weights))]),
+        "oblique_deg": (rng.uniform(-12, 12, 3) * (rng.random(3) < 0.5)).round(3).tolist()
+        if oblique
+        else [0.0] * 3,
+        "fov_jitter_mm": rng.uniform(-5, 5, 3).round(3).tolist(),
+        "bias_coefficients": rng.normal(0, 0.15, 9).round(4).tolist(),
+        "scale_jitter": float(rng.uniform(0.95, 1.05)),
+        "noise_jitter": float(rng.uniform(0.8, 1.2)),
+    }
+
+
+def make_image(
+    spec: ImageSpec, head: np.ndarray, template_affine: np.ndarray, options: SampleOptions
+) -> tuple[nib.Nifti1Image, dict[str, Any]]:
+    """The T1w of one image and its ground truth."""
+    rng = np.random.default_rng(spec.seed)
+    acq = draw_acquisition(rng, options)
+    anatomy_img = anatomy.deform(
+        head, template_affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi
+    )
+    pose = np.eye(4)  # template world -> scanner world
+    pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"])
+    pose[:3, 3] = acq["translation_mm"]
+    ornt = anatomy.orientation_matrix(acq["orientation"])
+    world_axis = np.abs(ornt).argmax(axis=0)  # world axis of each voxel axis
+    shape = [round(FOV_MM[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
+    centre = pose[:3, :3] @ HEAD_CENTRE_MM + pose[:3, 3] + acq["fov_jitter_mm"]
+    grid = anatomy.grid_affine(
+        orientation=acq["orientation"],
+        voxel_size=acq["voxel_size_mm"],
+        shape=shape,
+        centre_mm=centre,
+        oblique_deg=acq["oblique_deg"],
+    )
+    to_template = np.linalg.inv(pose)
+    signal = anatomy.resample_into(anatomy_img, template_affine, grid, shape, to_template)
+    site = SITES[spec.site]
+    scale = site["scale"] * acq["scale_jitter"]
+    signal *= anatomy.bias_field(shape, acq["bias_coefficients"])
+    signal *= np.float32(scale)
+    sigma = site["noise"] * acq["noise_jitter"] * scale
+    signal = anatomy.rician(signal, sigma, rng)
+    data = np.clip(np.rint(signal), 0, np.iinfo(np.int16).max).astype(np.int16)
+    img = nib.Nifti1Image(data, grid)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(grid, code=1)
+    img.set_sform(grid, code=1)
+    truth = {
+        "Description": "Ground truth of a synthetic T1w (bidsdl-sample).",
+        "Template": anatomy.TEMPLATE_SPACE,
+        "T1wToTemplate": to_template.round(8).tolist(),
+        "TemplateToT1w": pose.round(8).tolist(),
+        "TransformConvention": "4x4 RAS+ world-to-world (mm): x_template = T1wToTemplate @ x_T1w",
+        **acq,
+        "shape": shape,
+        "site_scale": scale,
+        "noise_sigma": sigma,
+        "deformation": {"ventricles": spec.ventricles, "hippocampi": spec.hippocampi},
+        "age": spec.age,
+        "diagnosis": spec.diagnosis,
+        "site": spec.site,
+    }
+    return img, truth
+
+
+def sidecar(site: str) -> dict[str, Any]:
+    return {k: v for k, v in SITES[site].items() if k not in ("scale", "noise")} | {
+        "InstitutionName": f"bidsdl sample {site}",
+        "MRAcquisitionType": "3D",
+        "PulseSequenceType": "MPRAGE-like (synthetic)",
+    }
+
+
+# The head model is built once in the parent and inherited by forked workers.
+_SHARED: dict[str, Any] = {}
+
+
+def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
+    out_dir, spec, options = job
+    img, truth = make_image(spec, _SHARED["head"], _SHARED["affine"], options)
+    target = out_dir / spec.relpath
+    with atomic_path(target) as tmp:
+        img.to_filename(tmp)
+    write_json(target.with_name(f"{spec.stem}.json"), sidecar(spec.site))
+    write_json(out_dir / "sourcedata" / "truth" / f"{spec.stem}.json", truth)
+    return truth
+
+
+def _write_tables(out_dir: Path, participants: list[dict[str, Any]], images: list[ImageSpec]) -> None:
+    columns = ["participant_id", "age", "sex", "site", "diagnosis"]
+    rows = ["\t".join(columns)] + ["\t".join(str(p[c]) for c in columns) for p in participants]
+    write_text(out_dir / "participants.tsv", "\n".join(rows) + "\n")
+    write_json(
+        out_dir / "participants.json",
+        {
+            "age": {"Description": "Age at the first session", "Units": "year"},
+            "sex": {"Description": "Sex", "Levels": {"F": "female", "M": "male"}},
+            "site": {
+                "Description": "Acquisition site",
+                "Levels": {s: SITES[s]["Manufacturer"] for s in SITES},
+            },
+            "diagnosis": {
+                "Description": "Clinical group (synthetic: drives ventricular enlargement "
+                "and hippocampal shrinkage)",
+                "Levels": {"CN": "cognitively normal", "AD": "Alzheimer's disease"},
+            },
+        },
+    )
+    by_subject: dict[str, list[ImageSpec]] = {}
+    for spec in images:
+        by_subject.setdefault(spec.subject, []).append(spec)
+    for subject, specs in by_subject.items():
+        lines = ["session_id\tage"] + [f"ses-{s.session}\t{s.age}" for s in specs]
+        write_text(out_dir / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", "\n".join(lines) + "\n")
+
+
+def _plant_problems(
+    out_dir: Path, options: SampleOptions, participants: list[dict[str, Any]], images: list[ImageSpec]
+) -> dict[str, Any]:
+    planted: dict[str, Any] = {}
+    if options.duplicate_subject:
+        source = images[0]
+        width = len(source.subject)
+        label = f"{options.n_subjects + 1:0{width}d}"
+        copy = ImageSpec(**{**asdict(source), "subject": label, "session": "01"})
+        (out_dir / copy.relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_dir / source.relpath, out_dir / copy.relpath)
+        shutil.copyfile(
+            out_dir / source.relpath.with_name(f"{source.stem}.json"),
+            out_dir / copy.relpath.with_name(f"{copy.stem}.json"),
+        )
+        row = next(p for p in participants if p["participant_id"] == f"sub-{source.subject}")
+        participants.append({**row, "participant_id": f"sub-{label}"})
+        images.append(copy)
+        planted["duplicate_subject"] = {"original": f"sub-{source.subject}", "copy": f"sub-{label}"}
+    if options.corrupt_subject:
+        victim = next(
+            s
+            for s in reversed(images)
+            if s.subject != planted.get("duplicate_subject", {}).get("copy", "")[4:]
+        )
+        path = out_dir / victim.relpath
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 3])
+        planted["corrupt_file"] = victim.relpath.as_posix()
+    if options.confound_site:
+        planted["confound_site"] = "site predicts diagnosis: siteA mostly CN, siteC mostly AD"
+    return planted
+
+
+def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any]:
+    """Write the dataset into ``out_dir`` (must be empty or absent); returns a summary."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(out_dir)
+    participants, images = plan_dataset(options)
+    template = anatomy.load_template()
+    _SHARED.update(head=anatomy.head_model(template), affine=template.affine)
+    jobs = [(out_dir, spec, options) for spec in images]
+    if options.n_jobs > 1:
+        with multiprocessing.get_context("fork").Pool(options.n_jobs) as pool:
+            truths = pool.map(_write_image, jobs, chunksize=1)
+    else:
+        truths = [_write_image(job) for job in jobs]
+    _SHARED.clear()
+    planted = _plant_problems(out_dir, options, participants, images)
+    _write_tables(out_dir, participants, images)
+    write_json(
+        out_dir / "dataset_description.json",
+        {
+            "Name": f"bidsdl sample dataset (synthetic, seed {options.seed})",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "raw",
+            "License": "Derived from the MNI ICBM152 2009a template; see README",
+            "Authors": ["bidsdl-sample"],
+            "GeneratedBy": [{"Name": "bidsdl-sample", "Version": __version__}],
+        },
+    )
+    write_text(out_dir / "README", _readme(options, planted))
+    write_json(
+        out_dir / "sourcedata" / "generation.json",
+        {
+            "bidsdl_version": __version__,
+            "options": asdict(options),
+            "planted": planted,
+            "images": [spec.relpath.as_posix() for spec in images],
+        },
+    )
+    LOGGER.info("Wrote %d images of %d participants to %s", len(images), len(participants), out_dir)
+    return {
+        "participants": len(participants),
+        "images": len(images),
+        "planted": planted,
+        "truth_files": len(truths),
+    }
+
+
+def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
+    lines = [
+        "# bidsdl sample dataset",
+        "",
+        "Synthetic T1w images made by `bidsdl-sample` from nilearn's bundled MNI152 2009a template",
+        "(McConnell Brain Imaging Centre; see its copyright notice), placed in a synthetic head.",
+        "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
+        "Every image's true T1w-to-template transform and artefacts are in `sourcedata/truth/`.",
+        "",
+        f"Options: `{json.dumps(asdict(options))}`",
+        f"Planted problems: `{json.dumps(planted)}`",
+        "",
+        "Not real patients. For testing software only.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,95 @@
+"""Top-level workflow builders: one graph for all selected participants.
+
+Only :func:`init_bidsdl_wf` reads the :class:`~pipeline.config.RunConfig`; the builders below it
+take plain arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from copy import deepcopy
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from ..bids.layout import T1wImage
+from ..config import RunConfig
+from ..derivatives import subject_log_dir
+from .anatomical import init_anat_audit_wf
+
+
+def _node_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", text)
+
+
+def image_key(image: T1wImage) -> str:
+    """A name for an image within its subject: its entities other than the subject.
+
+    >>> image_key(T1wImage(Path("x"), "01", "02", {"subject": "01", "session": "02", "run": "1"}))
+    'ses_02_run_1'
+    """
+    short = {"session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run"}
+    parts = [f"{short[k]}_{image.entities[k]}" for k in short if image.entities.get(k)]
+    return _node_name("_".join(parts)) or "T1w"
+
+
+def init_single_subject_wf(
+    *,
+    subject: str,
+    images: Sequence[T1wImage],
+    bids_dir: Path,
+    output_dir: Path,
+    name: str | None = None,
+) -> pe.Workflow:
+    """All processing of one participant: an audit workflow per T1w image.
+
+    Parameters
+    ----------
+    subject
+        Participant label without ``sub-``.
+    images
+        The participant's selected T1w images.
+    bids_dir, output_dir
+        Input BIDS dataset and derivatives root.
+    """
+    workflow = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
+    for image in images:
+        anat_wf = init_anat_audit_wf(
+            bids_dir=bids_dir, output_dir=output_dir, name=f"anat_{image_key(image)}_wf"
+        )
+        anat_wf.inputs.inputnode.t1w = str(image.path)
+        anat_wf.inputs.inputnode.metadata = dict(image.metadata)
+        workflow.add_nodes([anat_wf])
+    return workflow
+
+
+def init_bidsdl_wf(
+    config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
+) -> pe.Workflow:
+    """The participant-level graph: one sub-workflow per participant, isolated from the others.
+
+    Each participant's crash files go to ``sub-<label>/log/<run_id>/`` in the output, so a failure
+    is recorded with its subject and the other participants go on.
+    """
+    workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
+    workflow.config["execution"].update(
+        {
+            "crashfile_format": "txt",
+            "poll_sleep_duration": 0.1,  # the default (2 s) adds seconds per node
+            "stop_on_first_crash": "false",
+            "remove_unnecessary_outputs": "false",
+        }
+    )
+    for subject, images in subjects.items():
+        single = init_single_subject_wf(
+            subject=subject, images=images, bids_dir=config.bids_dir, output_dir=config.output_dir
+        )
+        single.config["execution"] = {
+            **workflow.config["execution"],
+            "crashdump_dir": str(subject_log_dir(config.output_dir, subject) / run_id),
+        }
+        for node in single._get_all_nodes():
+            node.config = deepcopy(single.config)
+        workflow.add_nodes([single])
+    return workflow
