@@ -141,7 +141,8 @@ def header_summary(img: nib.spatialimages.SpatialImage) -> dict[str, Any]:
     hdr = img.header
     shape = [int(n) for n in img.shape]
     zooms = [float(z) for z in hdr.get_zooms()[:3]]
-    slope, inter = hdr.get_slope_inter() if hasattr(hdr, "get_slope_inter") else (None, None)
+    # nibabel moves the header's scaling onto the array proxy when it loads a file
+    slope, inter = getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)
     summary: dict[str, Any] = {
         "format": type(img).__name__,
         "shape": shape,

@@ -5,6 +5,7 @@ Indexing is done by pybids, never writing into BIDS_DIR (no database file is cre
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -57,10 +58,46 @@ def normalize_label(label: str, prefix: str) -> str:
 
 
 def index_dataset(bids_dir: Path):
-    """A pybids layout of BIDS_DIR; pybids' own validation is off (ours reports problems)."""
-    from bids import BIDSLayout
+    """A pybids layout of BIDS_DIR.
 
-    return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    pybids' own validation is off (ours reports problems by file) and so is its metadata indexing,
+    which stops on the first broken sidecar; :func:`sidecar_metadata` reads metadata per image.
+    """
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
+    return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+
+
+def sidecar_metadata(bids_dir: Path, image: Path) -> tuple[dict[str, Any], list[str]]:
+    """Metadata of ``image`` by the BIDS inheritance principle, and the sidecars that failed to read.
+
+    Sidecars from the dataset root down to the image's folder apply when their entities are a
+    subset of the image's and their suffix matches; deeper and more specific ones win.
+    """
+    from ..derivatives import parse_bids_name
+
+    bids_dir = Path(bids_dir)
+    entities, suffix, _ = parse_bids_name(image.name)
+    parts = image.parent.relative_to(bids_dir).parts
+    folders = [bids_dir] + [bids_dir.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+    metadata: dict[str, Any] = {}
+    problems: list[str] = []
+    for folder in folders:
+        candidates = []
+        for sidecar in sorted(folder.glob(f"*{suffix}.json")):
+            try:
+                side_entities, side_suffix, _ = parse_bids_name(sidecar.name)
+            except InputDataError:
+                continue
+            if side_suffix == suffix and side_entities.items() <= entities.items():
+                candidates.append((len(side_entities), sidecar))
+        for _, sidecar in sorted(candidates):
+            try:
+                metadata.update(json.loads(sidecar.read_text()))
+            except (OSError, ValueError) as exc:
+                problems.append(f"{sidecar.relative_to(bids_dir)}: not valid JSON ({exc})")
+    return metadata, problems
 
 
 def subjects_on_disk(bids_dir: Path) -> list[str]:
@@ -88,13 +125,9 @@ def collect_t1w(
             for k, v in bids_file.get_entities().items()
             if k in ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
         }
-        try:
-            metadata = dict(bids_file.get_metadata())
-        except Exception as exc:
-            LOGGER.warning(
-                "Cannot read the sidecar metadata of %s (%s); continuing without it.", bids_file.path, exc
-            )
-            metadata = {}
+        metadata, problems = sidecar_metadata(Path(layout.root), Path(bids_file.path))
+        for problem in problems:
+            LOGGER.warning("Sidecar metadata skipped: %s. Fix the JSON syntax.", problem)
         images.append(
             T1wImage(
                 path=Path(bids_file.path),

@@ -96,6 +96,17 @@ def check_file_names(bids_dir: Path) -> list[Problem]:
     ]
 
 
+def check_json_files(bids_dir: Path) -> list[Problem]:
+    problems = []
+    for rel in iter_checked_files(bids_dir):
+        if rel.endswith(".json"):
+            try:
+                json.loads((Path(bids_dir) / rel).read_text())
+            except (OSError, ValueError) as exc:
+                problems.append(Problem(rel, f"is not valid JSON ({exc}).", "Fix its syntax."))
+    return problems
+
+
 def check_participants_table(bids_dir: Path) -> list[Problem]:
     """Warnings when participants.tsv and the ``sub-*`` folders disagree."""
     try:
@@ -163,7 +174,7 @@ def check_images(bids_dir: Path, paths: Iterable[Path]) -> list[Problem]:
 
 def validate_dataset(bids_dir: Path, *, t1w_paths: Iterable[Path] = ()) -> list[Problem]:
     """Every problem found in BIDS_DIR; those with severity 'error' stop the run (exit 16)."""
-    problems = check_dataset_description(bids_dir) + check_file_names(bids_dir)
+    problems = check_dataset_description(bids_dir) + check_file_names(bids_dir) + check_json_files(bids_dir)
     problems += check_participants_table(bids_dir)
     problems += check_images(bids_dir, t1w_paths)
     return problems

@@ -149,9 +149,9 @@ def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sou
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
         elif isinstance(action, argparse._CountAction):
-            argv += [flag] * int(value)
+            argv += [flag] * int(value) if int(value) >= 0 else ["--quiet"]
         elif isinstance(value, list | tuple):
-            argv += [flag, *map(str, value)]
+            argv += [flag, *map(str, value)] if value else []
         elif value is not None:
             argv += [flag, str(value)]
     return argv
@@ -164,8 +164,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
     merged: dict[str, Any] = {}
     if given.get("config"):
         values = load_config_file(given["config"])
-        for key in POSITIONAL_KEYS:
-            values.pop(key, None)  # positional arguments always come from the command line
+        for key in (*POSITIONAL_KEYS, "config_file"):
+            values.pop(key, None)  # the command line always names the data and the config file
         positionals = [str(given[k]) for k in POSITIONAL_KEYS]
         from_file = build_parser(suppress_defaults=True).parse_args(
             positionals + _config_to_argv(values, build_parser(), given["config"])

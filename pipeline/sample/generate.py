@@ -360,7 +360,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
         out_dir / "sourcedata" / "generation.json",
         {
             "bidsdl_version": __version__,
-            "options": asdict(options),
+            "options": _recorded_options(options),
             "planted": planted,
             "images": [spec.relpath.as_posix() for spec in images],
         },
@@ -374,6 +374,11 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
     }
 
 
+def _recorded_options(options: SampleOptions) -> dict[str, Any]:
+    """The options that shape the data (not how many processes wrote it)."""
+    return {k: v for k, v in asdict(options).items() if k != "n_jobs"}
+
+
 def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
     lines = [
         "# bidsdl sample dataset",
@@ -383,7 +388,7 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
         "Every image's true T1w-to-template transform and artefacts are in `sourcedata/truth/`.",
         "",
-        f"Options: `{json.dumps(asdict(options))}`",
+        f"Options: `{json.dumps(_recorded_options(options))}`",
         f"Planted problems: `{json.dumps(planted)}`",
         "",
         "Not real patients. For testing software only.",

@@ -1,0 +1,62 @@
+"""Shared fixtures: small BIDS datasets made on the fly, read-only, and a way to run the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_bids, set_read_only, snapshot
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+
+@pytest.fixture
+def bids_factory(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Make a read-only BIDS dataset; on teardown check nothing in it changed."""
+    made: list[tuple[Path, dict]] = []
+
+    def factory(name: str = "bids", *, prepare: Callable[[Path], None] | None = None, **kwargs) -> Path:
+        root = make_bids(tmp_path / name, **kwargs)
+        if prepare is not None:
+            prepare(root)
+        made.append((root, snapshot(root)))
+        set_read_only(root)
+        return root
+
+    yield factory
+    for root, before in made:
+        set_read_only(root, False)
+        assert snapshot(root) == before, f"bidsdl changed files in BIDS_DIR {root}"
+
+
+@pytest.fixture(scope="session")
+def sample_bids(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The real sample dataset (3 participants + a planted duplicate), read-only for the session."""
+    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+
+    root = tmp_path_factory.mktemp("sample") / "bids"
+    write_sample_dataset(
+        root, SampleOptions(n_subjects=3, seed=5, two_session_fraction=0.4, duplicate_subject=True, n_jobs=2)
+    )
+    before = snapshot(root)
+    set_read_only(root)
+    yield root
+    set_read_only(root, False)
+    assert snapshot(root) == before, "bidsdl changed files in the sample BIDS_DIR"
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run ``bidsdl`` in this process; returns (exit code, stdout, stderr)."""
+    from pipeline.cli.run import main
+
+    def _run(*args: str | Path) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

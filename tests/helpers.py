@@ -1,0 +1,78 @@
+"""Helpers for building small BIDS datasets and checking that they stay untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def write_nifti(path: Path, data: np.ndarray | None = None, affine: np.ndarray | None = None) -> Path:
+    """A small, plausible T1w-like image (a bright ellipsoid) unless ``data`` is given."""
+    if data is None:
+        grid = np.indices((24, 28, 24)).astype(np.float32)
+        centre = np.array([12, 14, 12], dtype=np.float32)[:, None, None, None]
+        radius = np.array([9, 11, 9], dtype=np.float32)[:, None, None, None]
+        inside = (((grid - centre) / radius) ** 2).sum(axis=0) < 1
+        rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+        data = (inside * 800 + rng.normal(50, 10, inside.shape)).astype(np.int16)
+    if affine is None:
+        affine = np.diag([8.0, 8.0, 8.0, 1.0])  # 192 x 224 x 192 mm: a whole head's field of view
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(data, affine).to_filename(path)
+    return path
+
+
+def make_bids(
+    root: Path,
+    subjects: dict[str, list[str]] | None = None,
+    *,
+    participants: list[str] | None = None,
+    description: dict | None = None,
+) -> Path:
+    """A BIDS dataset: ``subjects`` maps labels to T1w names relative to ``sub-<label>/``."""
+    subjects = (
+        subjects if subjects is not None else {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02", "03")}
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    if description is not False:
+        desc = description or {"Name": "test dataset", "BIDSVersion": "1.9.0"}
+        (root / "dataset_description.json").write_text(json.dumps(desc))
+    rows = participants if participants is not None else [f"sub-{s}" for s in subjects]
+    ages = {pid: 60 + i for i, pid in enumerate(rows)}
+    lines = ["participant_id\tage\tdiagnosis"] + [
+        f"{p}\t{ages[p]}\t{'AD' if i % 2 else 'CN'}" for i, p in enumerate(rows)
+    ]
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    for label, names in subjects.items():
+        for name in names:
+            write_nifti(root / f"sub-{label}" / name)
+            sidecar = (root / f"sub-{label}" / name).with_suffix("").with_suffix(".json")
+            sidecar.write_text(json.dumps({"Manufacturer": "TestVendor", "MagneticFieldStrength": 3}))
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Size and sha256 of every file and the list of folders under ``root``."""
+    state: dict[str, tuple[int, str]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[rel + "/"] = (0, "dir")
+        else:
+            state[rel] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def set_read_only(root: Path, read_only: bool = True) -> None:
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        if read_only:
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        else:
+            path.chmod(mode | stat.S_IWUSR)

@@ -1,0 +1,208 @@
+"""Both levels end to end on the real sample dataset (read-only), and the evidence they leave."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import __version__
+from pipeline.cli.run import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sample_run(sample_bids, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "derivatives"
+    codes = {
+        "participant": main([str(sample_bids), str(out), "participant", "--nprocs", "2"]),
+        "group": main([str(sample_bids), str(out), "group"]),
+    }
+    return sample_bids, out, codes
+
+
+def test_both_levels_succeed(sample_run):
+    _, _, codes = sample_run
+    assert codes == {"participant": 0, "group": 0}
+
+
+def test_audit_records_for_every_image(sample_run):
+    bids, out, _ = sample_run
+    sources = sorted(p.relative_to(bids).as_posix() for p in bids.glob("sub-*/ses-*/anat/*_T1w.nii*"))
+    audits = sorted(out.glob("sub-*/ses-*/anat/*_desc-audit_T1w.json"))
+    assert len(audits) == len(sources) == 5
+    for path in audits:
+        record = json.loads(path.read_text())
+        assert record["source"] in sources and record["readable"]
+        assert set(record) >= {"file", "header", "intensity", "metadata", "flags", "Sources"}
+        assert record["metadata"]["Manufacturer"]
+        assert record["header"]["orientation"] and len(record["header"]["voxel_size_mm"]) == 3
+    assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
+
+
+def test_output_dataset_description(sample_run):
+    bids, out, _ = sample_run
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "bidsdl"
+    assert description["GeneratedBy"][0]["Version"] == __version__
+    assert description["SourceDatasets"][0]["URL"] == bids.resolve().as_uri()
+
+
+def test_status_records(sample_run):
+    _, out, _ = sample_run
+    statuses = [json.loads(p.read_text()) for p in sorted(out.glob("sub-*/log/sub-*_status.json"))]
+    assert len(statuses) == 4 and all(s["state"] == "done" for s in statuses)
+    for status in statuses:
+        assert len(status["config_hash"]) == 64 and status["inputs"][0]["sha256"]
+        assert status["duration_s"] >= 0 and status["errors"] == []
+
+
+def test_logs_hold_log_config_and_environment_per_invocation(sample_run):
+    _, out, _ = sample_run
+    runs = sorted((out / "logs").iterdir())
+    assert [re.sub(r"^\d{8}-\d{6}_", "", r.name).split("_")[0] for r in runs] == ["participant", "group"]
+    for run in runs:
+        assert {p.name for p in run.iterdir()} >= {"bidsdl.log", "config.json", "environment.json"}
+        config = json.loads((run / "config.json").read_text())
+        assert config["seed"] == 42 and config["analysis_level"] in run.name
+        environment = json.loads((run / "environment.json").read_text())
+        assert environment["bidsdl_version"] == __version__ and "nipype" in environment["packages"]
+        assert "bidsdl" in (run / "bidsdl.log").read_text()
+
+
+def test_manifest_and_duplicate_flag(sample_run):
+    bids, out, _ = sample_run
+    manifest = pd.read_csv(out / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(manifest) == 5
+    assert {
+        "participant_id",
+        "session_id",
+        "data_sha256",
+        "orientation",
+        "age",
+        "diagnosis",
+        "site",
+        "duplicate_of",
+        "session_age",
+    } <= set(manifest.columns)
+    planted = json.loads((bids / "sourcedata" / "generation.json").read_text())["planted"][
+        "duplicate_subject"
+    ]
+    flagged = manifest.loc[manifest["duplicate_of"] != "", ["participant_id", "duplicate_of"]].values.tolist()
+    assert sorted(flagged) == sorted(
+        [[planted["original"], planted["copy"]], [planted["copy"], planted["original"]]]
+    )
+    findings = json.loads((out / "group_audit.json").read_text())
+    assert findings["duplicates"] == [sorted([planted["original"], planted["copy"]])]
+    sidecar = json.loads((out / "manifest.json").read_text())
+    assert set(manifest.columns) <= set(sidecar)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_group_report_is_self_contained(sample_run):
+    _, out, _ = sample_run
+    html = (out / "group.html").read_text()
+    parser = _Links()
+    parser.feed(html)
+    assert not [u for u in parser.urls if not u.startswith(("#", "data:"))]
+    assert "Dataset checks" in html and "fail" in html  # the planted duplicate
+    assert "<script" not in html or "src=" not in html
+
+
+def test_rerun_resumes_from_the_work_dir(sample_run):
+    bids, out, _ = sample_run
+    work = out / ".bidsdl_work" / "bidsdl_wf"
+    results = sorted(work.glob("sub_*_wf/anat_*_wf/audit/result_audit.pklz"))
+    assert len(results) == 5
+    stamps = [p.stat().st_mtime_ns for p in results]
+    assert main([str(bids), str(out), "participant", "--participant-label", "01"]) == 0
+    assert [p.stat().st_mtime_ns for p in results] == stamps  # cached steps were not re-run
+
+
+def test_list_participants_and_index(sample_bids, tmp_path, run_cli):
+    code, out, _ = run_cli(sample_bids, tmp_path / "out", "participant", "--list-participants")
+    assert code == 0 and out.split() == ["01", "02", "03", "04"]
+    assert not (tmp_path / "out").exists(), "listing must not write anything"
+    code, out, _ = run_cli(
+        sample_bids,
+        tmp_path / "o",
+        "participant",
+        "--list-participants",
+        "--participant-label",
+        "sub-03",
+        "02",
+        "--participant-index",
+        "1",
+    )
+    assert code == 0 and out.split() == ["03"]
+
+
+def test_participant_index_runs_exactly_one(sample_bids, tmp_path, run_cli):
+    code, _, _ = run_cli(
+        sample_bids, tmp_path / "out", "participant", "--participant-index", "2", "--nprocs", "1"
+    )
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("sub-*")) == ["sub-03"]
+
+
+def test_console_scripts_run_as_processes(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [str(bin_dir / "bidsdl"), "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"bidsdl {__version__}"
+    result = subprocess.run([str(bin_dir / "bidsdl"), "x", "y"], capture_output=True, text=True, check=False)
+    assert result.returncode == 64 and "bidsdl --help" in result.stderr
+    result = subprocess.run(
+        [str(bin_dir / "bidsdl"), str(tmp_path / "missing"), str(tmp_path / "o"), "group"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 66 and "does not exist" in result.stderr
+
+
+def test_parallel_participant_jobs_share_one_output(sample_bids, tmp_path):
+    """Two array tasks at once into the same OUTPUT_DIR both finish and agree on its description."""
+    bidsdl = str(Path(sys.executable).parent / "bidsdl")
+    out = tmp_path / "shared"
+    jobs = [
+        subprocess.Popen(
+            [
+                bidsdl,
+                str(sample_bids),
+                str(out),
+                "participant",
+                "--participant-index",
+                str(i),
+                "--nprocs",
+                "1",
+                "-q",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    assert len(list((out / "logs").iterdir())) == 2
+    assert sorted(p.name for p in out.glob("sub-*")) == ["sub-01", "sub-02"]

@@ -1,0 +1,116 @@
+"""Derivative names, atomic writes and the output dataset's description."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from pipeline import __version__, derivatives
+from pipeline.errors import InputDataError, OutputNotWritable, UsageError
+
+
+@pytest.mark.parametrize(
+    ("entities", "expected"),
+    [
+        ({"sub": "01", "desc": "audit"}, "sub-01/anat/sub-01_desc-audit_T1w.json"),
+        (
+            {"sub": "01", "ses": "02", "run": "1", "acq": "mp", "desc": "audit"},
+            "sub-01/ses-02/anat/sub-01_ses-02_acq-mp_run-1_desc-audit_T1w.json",
+        ),
+        (
+            {"sub": "01", "space": "MNI", "res": "2", "desc": "preproc"},
+            "sub-01/anat/sub-01_space-MNI_res-2_desc-preproc_T1w.json",
+        ),
+    ],
+)
+def test_build_path_orders_entities(entities, expected):
+    assert derivatives.build_path(entities, suffix="T1w", extension=".json").as_posix() == expected
+
+
+def test_build_path_refuses_unknown_entities():
+    with pytest.raises(ValueError, match="Unknown BIDS entities"):
+        derivatives.build_path({"sub": "01", "colour": "red"}, suffix="T1w", extension=".json")
+
+
+def test_source_entities_keep_only_what_carries_over():
+    assert derivatives.source_entities("/x/sub-01_ses-1_acq-a_run-2_T1w.nii.gz") == {
+        "sub": "01",
+        "ses": "1",
+        "acq": "a",
+        "run": "2",
+    }
+    with pytest.raises(InputDataError, match="not a BIDS file name"):
+        derivatives.parse_bids_name("T1w scan.nii.gz")
+
+
+def test_atomic_path_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "out" / "file.json"
+    with pytest.raises(RuntimeError), derivatives.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+    derivatives.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]
+
+
+def test_atomic_nifti_keeps_extension(tmp_path):
+    with derivatives.atomic_path(tmp_path / "x_T1w.nii.gz") as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "x_T1w.nii.gz").read_bytes() == b"x"
+
+
+def _describe(output_dir: str) -> None:
+    description = derivatives.dataset_description(
+        bids_dir=Path("/data"), source_description=None, container=None
+    )
+    derivatives.ensure_dataset_description(Path(output_dir), description)
+
+
+def test_dataset_description_is_safe_under_concurrency(tmp_path):
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_describe, args=(str(tmp_path),)) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(w.exitcode == 0 for w in workers)
+    description = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0] == {
+        "Name": "bidsdl",
+        "Version": __version__,
+        "CodeURL": derivatives.CODE_URL,
+    }
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp.json")] == []
+
+
+def test_dataset_description_records_container_and_source(tmp_path):
+    description = derivatives.dataset_description(
+        bids_dir=tmp_path,
+        source_description={"Name": "ds", "DatasetDOI": "10.1/x"},
+        container={"Type": "docker", "Tag": "bidsdl:0.1"},
+    )
+    assert description["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "bidsdl:0.1"}
+    assert description["SourceDatasets"][0]["DOI"] == "10.1/x"
+    assert description["SourceDatasets"][0]["URL"].startswith("file://")
+
+
+def test_foreign_output_dataset_is_refused(tmp_path):
+    (tmp_path / "dataset_description.json").write_text(
+        json.dumps({"Name": "x", "GeneratedBy": [{"Name": "fMRIPrep"}]})
+    )
+    with pytest.raises(UsageError, match="fMRIPrep"):
+        _describe(str(tmp_path))
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputNotWritable, match="cannot be created or written"):
+        derivatives.check_writable(blocker / "out")

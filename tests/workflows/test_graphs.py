@@ -1,0 +1,62 @@
+"""Graph builds on stub BIDS trees: fast, no processing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.bids.layout import collect_t1w, index_dataset
+from pipeline.cli.parser import parse_args
+from pipeline.workflows.anatomical import init_anat_audit_wf
+from pipeline.workflows.base import image_key, init_bidsdl_wf, init_single_subject_wf
+
+
+def _stub_tree(root: Path) -> Path:
+    """A BIDS tree whose images are empty files: enough to index and build graphs."""
+    (root / "dataset_description.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text('{"Name": "stub", "BIDSVersion": "1.9.0"}')
+    for rel in (
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_run-1_T1w.nii.gz",
+        "sub-02/ses-1/anat/sub-02_ses-1_acq-fast_T1w.nii",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    return root
+
+
+def test_anat_audit_wf_has_io_nodes_and_a_sink(tmp_path):
+    wf = init_anat_audit_wf(bids_dir=tmp_path, output_dir=Path("/out"))
+    assert set(wf.list_node_names()) == {"inputnode", "outputnode", "audit", "ds_audit"}
+    sink = wf.get_node("ds_audit")
+    assert sink.inputs.desc == "audit" and sink.inputs.base_directory == "/out"
+    assert sink.overwrite is True
+
+
+def test_single_subject_wf_has_one_audit_per_image(tmp_path):
+    root = _stub_tree(tmp_path / "bids")
+    images = collect_t1w(index_dataset(root), subjects=["01"])
+    wf = init_single_subject_wf(subject="01", images=images, bids_dir=root, output_dir=tmp_path / "out")
+    assert wf.name == "sub_01_wf"
+    names = sorted(n for n in wf.list_node_names() if n.endswith(".audit"))
+    assert names == ["anat_ses_1_wf.audit", "anat_ses_2_run_1_wf.audit"]
+    assert [image_key(i) for i in images] == ["ses_1", "ses_2_run_1"]
+    node = wf.get_node("anat_ses_1_wf.inputnode")
+    assert node.inputs.t1w.endswith("sub-01_ses-1_T1w.nii.gz")
+
+
+def test_top_level_wf_isolates_subjects_crash_dirs(tmp_path):
+    root = _stub_tree(tmp_path / "bids")
+    config = parse_args([str(root), str(tmp_path / "out"), "participant", "--nprocs", "1"])
+    images = collect_t1w(index_dataset(root))
+    subjects = {s: [i for i in images if i.subject == s] for s in ("01", "02")}
+    wf = init_bidsdl_wf(config, subjects=subjects, run_id="RUN", work_dir=tmp_path / "work")
+    assert wf.base_dir == str(tmp_path / "work")
+    assert float(wf.config["execution"]["poll_sleep_duration"]) <= 0.1
+    for subject in ("01", "02"):
+        sub_wf = wf.get_node(f"sub_{subject}_wf")
+        for name in sub_wf.list_node_names():
+            node = sub_wf.get_node(name)
+            assert node.config["execution"]["crashdump_dir"] == str(
+                tmp_path / "out" / f"sub-{subject}" / "log" / "RUN"
+            )
+    assert len([n for n in wf.list_node_names() if n.endswith(".audit")]) == 3
