@@ -34,6 +34,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check pipeline tests benchmarks templates
+	$(BIN)/mypy pipeline
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

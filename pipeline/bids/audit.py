@@ -14,6 +14,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from .. import __version__
 
@@ -49,7 +50,15 @@ def sha256_array(data: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def header_problems(img: nib.spatialimages.SpatialImage) -> list[str]:
+def load_spatial(path: Path) -> SpatialImage:
+    """Load an image file that must hold a spatial image (NIfTI, ...)."""
+    img = nib.load(path)
+    if not isinstance(img, SpatialImage):
+        raise ValueError(f"{type(img).__name__} is not a spatial image")
+    return img
+
+
+def header_problems(img: SpatialImage) -> list[str]:
     """What is wrong with an image header, in words (empty when it is sane).
 
     >>> header_problems(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)))
@@ -137,7 +146,19 @@ def audit_flags(header: dict[str, Any], intensity: dict[str, Any]) -> list[str]:
     return flags
 
 
-def header_summary(img: nib.spatialimages.SpatialImage) -> dict[str, Any]:
+def _nifti_transforms(hdr: Any) -> dict[str, Any]:
+    """qform/sform codes and matrices (None for formats without them)."""
+    if not isinstance(hdr, nib.Nifti1Header):  # NIfTI-2 headers derive from NIfTI-1's
+        return {"qform_code": None, "sform_code": None, "qform": None, "sform": None}
+    return {
+        "qform_code": int(hdr["qform_code"]),
+        "sform_code": int(hdr["sform_code"]),
+        "qform": hdr.get_qform().tolist(),
+        "sform": hdr.get_sform().tolist(),
+    }
+
+
+def header_summary(img: SpatialImage) -> dict[str, Any]:
     hdr = img.header
     shape = [int(n) for n in img.shape]
     zooms = [float(z) for z in hdr.get_zooms()[:3]]
@@ -152,10 +173,7 @@ def header_summary(img: nib.spatialimages.SpatialImage) -> dict[str, Any]:
         "datatype": str(hdr.get_data_dtype()),
         "scl_slope": None if slope is None else float(slope),
         "scl_inter": None if inter is None else float(inter),
-        "qform_code": int(hdr["qform_code"]) if "qform_code" in hdr else None,
-        "sform_code": int(hdr["sform_code"]) if "sform_code" in hdr else None,
-        "qform": hdr.get_qform().tolist() if hasattr(hdr, "get_qform") else None,
-        "sform": hdr.get_sform().tolist() if hasattr(hdr, "get_sform") else None,
+        **_nifti_transforms(hdr),
         "affine": img.affine.tolist(),
         "xyzt_units": list(hdr.get_xyzt_units()) if hasattr(hdr, "get_xyzt_units") else None,
     }
@@ -198,7 +216,7 @@ def audit_t1w(path: Path, *, bids_dir: Path, metadata: dict[str, Any] | None = N
         record["flags"].append("unreadable")
         return record
     try:
-        img = nib.load(path)
+        img = load_spatial(path)
         problems = header_problems(img)
         if problems:
             raise ValueError("; ".join(problems))

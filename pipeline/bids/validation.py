@@ -9,10 +9,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import nibabel as nib
-
 from ..errors import InputDataError, Problem
-from .audit import _READ_ERRORS, header_problems
+from .audit import _READ_ERRORS, header_problems, load_spatial
 from .layout import read_participants, subjects_on_disk
 
 LOGGER = logging.getLogger(__name__)
@@ -157,7 +155,7 @@ def check_images(bids_dir: Path, paths: Iterable[Path]) -> list[Problem]:
         try:
             if Path(path).stat().st_size == 0:
                 raise ValueError("the file is empty (0 bytes)")
-            issues = header_problems(nib.load(path))
+            issues = header_problems(load_spatial(path))
         except _READ_ERRORS as exc:
             issues = [f"the header cannot be read ({exc})"]
         if issues:

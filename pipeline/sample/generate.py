@@ -64,8 +64,9 @@ SITES: dict[str, dict[str, Any]] = {
     },
 }
 ORIENTATIONS = ("RAS", "LAS", "LPS", "LPI", "PIR", "LIA", "ASL", "RSP")
-#: (voxel size in mm along the voxel axes, probability)
-VOXEL_SIZES = (((1.0, 1.0, 1.0), 0.6), ((1.0, 1.0, 1.3), 0.2), ((1.2, 1.2, 1.2), 0.2))
+#: Voxel sizes (mm, along the voxel axes) and how often each is drawn.
+VOXEL_SIZES = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.3), (1.2, 1.2, 1.2))
+VOXEL_SIZE_WEIGHTS = (0.6, 0.2, 0.2)
 #: Field of view along the world axes (LR, AP, SI), mm; the head's centre in template mm.
 FOV_MM = (200.0, 236.0, 212.0)
 HEAD_CENTRE_MM = (0.0, -18.0, 6.0)
@@ -169,7 +170,6 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
 
 def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[str, Any]:
     """The random placement, grid and artefacts of one image."""
-    sizes, weights = zip(*VOXEL_SIZES, strict=True)
     oblique = rng.random() < 0.25
     return {
         "rotation_deg": rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3).round(3).tolist(),
@@ -177,7 +177,7 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
         .round(3)
         .tolist(),
         "orientation": str(rng.choice(ORIENTATIONS)),
-        "voxel_size_mm": list(sizes[int(rng.choice(len(sizes), p=weights))]),
+        "voxel_size_mm": list(VOXEL_SIZES[int(rng.choice(len(VOXEL_SIZES), p=VOXEL_SIZE_WEIGHTS))]),
         "oblique_deg": (rng.uniform(-12, 12, 3) * (rng.random(3) < 0.5)).round(3).tolist()
         if oblique
         else [0.0] * 3,
