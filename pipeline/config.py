@@ -20,6 +20,7 @@ import yaml
 from .errors import UsageError
 
 #: Fields that change how fast a run goes or what it selects, not what it computes for a subject.
+#: (``omp_nthreads`` is hashed: N4's result depends, in the last bits, on its thread count.)
 _NOT_HASHED = frozenset(
     {
         "bids_dir",
@@ -31,10 +32,10 @@ _NOT_HASHED = frozenset(
         "list_participants",
         "work_dir",
         "nprocs",
-        "omp_nthreads",
         "mem_gb",
         "verbosity",
         "config_file",
+        "stop_on_first_crash",
     }
 )
 
@@ -58,6 +59,8 @@ class RunConfig:
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float = 1.0
+    model_resolution: float = 2.0
+    stop_on_first_crash: bool = False
     seed: int = 42
     verbosity: int = 0
     config_file: Path | None = None

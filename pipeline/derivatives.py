@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -162,6 +164,76 @@ def write_derivative_json(
     """Write a JSON record derived from the BIDS file ``source`` (e.g. the audit)."""
     rel = build_path({**source_entities(source), "desc": desc}, suffix=suffix, extension=".json")
     return write_json(Path(output_dir) / rel, data)
+
+
+def software_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"bidsdl": __version__}
+    for name in ("SimpleITK", "nibabel", "nilearn", "nipype", "numpy", "scipy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def derivative_path(
+    output_dir: Path,
+    source: Path | str,
+    *,
+    suffix: str,
+    extension: str,
+    datatype: str = "anat",
+    **entities: str,
+) -> Path:
+    """Where a derivative of the BIDS file ``source`` goes; figures live in ``sub-<label>/figures/``."""
+    ents = {**source_entities(source), **{k: v for k, v in entities.items() if v}}
+    if datatype == "figures":
+        name = build_path(ents, suffix=suffix, extension=extension, datatype=None).name
+        return Path(output_dir) / f"sub-{ents['sub']}" / "figures" / name
+    return Path(output_dir) / build_path(ents, suffix=suffix, extension=extension, datatype=datatype)
+
+
+def save_derivative(
+    output_dir: Path,
+    in_file: Path,
+    *,
+    source: Path | str,
+    bids_dir: Path,
+    suffix: str,
+    metadata: Mapping[str, Any] | None = None,
+    datatype: str = "anat",
+    **entities: str,
+) -> Path:
+    """Copy ``in_file`` into OUTPUT_DIR under its BIDS-derivative name, atomically.
+
+    NIfTI files and transforms get a JSON sidecar with Sources (BIDS URIs relative to the input
+    and output datasets), the software versions and ``metadata``; JSON records are copied as
+    they are (they carry their own provenance).
+    """
+    in_file = Path(in_file)
+    extension = ".nii.gz" if in_file.suffix in (".nii", ".gz") and ".nii" in in_file.suffixes else in_file.suffix
+    target = derivative_path(output_dir, source, suffix=suffix, extension=extension, datatype=datatype, **entities)
+    with atomic_path(target) as tmp:
+        if in_file.suffix == ".nii":  # compress once, reproducibly (no name or time in the gzip header)
+            with (
+                open(in_file, "rb") as raw,
+                open(tmp, "wb") as handle,
+                gzip.GzipFile(filename="", fileobj=handle, mode="wb", compresslevel=1, mtime=0) as packed,
+            ):
+                shutil.copyfileobj(raw, packed, 1 << 20)
+        else:
+            shutil.copyfile(in_file, tmp)
+    if extension in (".nii.gz", ".nii", ".txt", ".h5"):
+        rel_source = Path(source).relative_to(bids_dir).as_posix() if Path(source).is_absolute() else str(source)
+        sidecar = {
+            "Sources": [f"bids:raw:{rel_source}", *(metadata or {}).get("Sources", [])],
+            **{k: v for k, v in (metadata or {}).items() if k != "Sources"},
+            "SoftwareVersions": software_versions(),
+        }
+        write_json(target.with_name(target.name[: -len(extension)] + ".json"), sidecar)
+    return target
 
 
 def dataset_description(

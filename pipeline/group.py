@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from . import __version__, derivatives
 from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import RunConfig
 from .errors import InputDataError
+from .qc import MAD_TO_SD, SCREENED_METRICS, gather_qc
+from .reports import figures
 from .reports.render import write_report
+from .reports.subject import write_subject_report
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,7 +35,34 @@ _REPORT_COLUMNS = (
 )
 
 
-def _checks(findings: dict[str, Any]) -> list[dict[str, Any]]:
+def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
+    """Write ``qc.tsv`` (+ ``qc.json``) and return what the group report shows of it."""
+    if qc_table.empty:
+        return None
+    derivatives.write_text(out / "qc.tsv", qc_table.to_csv(sep="\t", index=False, na_rep="n/a"))
+    derivatives.write_json(out / "qc.json", {
+        "Description": "Image quality metrics of every preprocessed T1w, with robust outlier flags",
+        "OutlierRule": f"|x - median| > 3 x {MAD_TO_SD} x MAD, per metric; qc_outlier = any",
+        "ScreenedMetrics": list(SCREENED_METRICS),
+    })  # fmt: skip
+    metrics = [m for m in SCREENED_METRICS if m in qc_table.columns]
+    figure = figures.qc_strips(
+        {m: qc_table[m].astype(float).tolist() for m in metrics},
+        {m: qc_table[f"{m}_outlier"].tolist() for m in metrics},
+    )
+    outliers = qc_table[qc_table["qc_outlier"]]
+    return {
+        "n_images": len(qc_table),
+        "figure": "data:image/png;base64," + base64.b64encode(figure).decode(),
+        "outliers": [
+            {"source": row["source"], "metrics": [m for m in metrics if row[f"{m}_outlier"]]}
+            for _, row in outliers.iterrows()
+        ],
+        "medians": {m: float(qc_table[m].astype(float).median()) for m in metrics},
+    }
+
+
+def _checks(findings: dict[str, Any], qc_table: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     def check(name: str, items: list[str], *, fail: bool) -> dict[str, Any]:
         if not items:
             return {"name": name, "result": "pass", "css": "pass", "details": []}
@@ -47,9 +81,7 @@ def _checks(findings: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         check("Every image is readable", findings["unreadable_images"], fail=True),
         check("Every participant has images", findings["participants_without_images"], fail=False),
-        check(
-            "Every image has a participants.tsv row", findings["images_without_participants_row"], fail=False
-        ),
+        check("Every image has a participants.tsv row", findings["images_without_participants_row"], fail=False),
         check(
             "No audit flags",
             [f"{src}: {flags}" for src, flags in findings["flagged_images"].items()],
@@ -70,19 +102,15 @@ def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, An
     participants = read_participants(config.bids_dir)
     on_disk = subjects_on_disk(config.bids_dir)
     sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
-    table, findings = mf.build_manifest(
-        audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk
-    )
+    table, findings = mf.build_manifest(audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk)
     out = config.output_dir
     derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
     participants_json_path = config.bids_dir / "participants.json"
-    participants_json = (
-        json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
-    )
+    participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
     derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
-    derivatives.write_json(
-        out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__}
-    )
+    derivatives.write_json(out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__})
+    qc_table = gather_qc(out, config.participant_label or None)
+    qc_context = _write_qc(out, qc_table)
     for group in findings["duplicates"]:
         LOGGER.warning(
             "Identical voxel data under different participant IDs: %s. One subject may "
@@ -98,6 +126,9 @@ def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, An
         if (config.bids_dir / "dataset_description.json").exists()
         else {}
     )
+    for subject in sorted({pid[4:] for pid in table["participant_id"]}):
+        if derivatives.status_path(out, subject).exists():
+            write_subject_report(out, subject, qc=qc_table if not qc_table.empty else None)
     rows = table.to_dict(orient="records")
     for row in rows:
         row["flags"] = [f for f in str(row["flags"]).split(",") if f]
@@ -107,7 +138,8 @@ def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, An
         {
             "dataset_name": description.get("Name", config.bids_dir.name),
             "findings": findings,
-            "checks": _checks(findings),
+            "checks": _checks(findings, qc_table),
+            "qc": qc_context,
             "manifest_columns": _REPORT_COLUMNS,
             "manifest_rows": rows,
             "version": __version__,

@@ -17,6 +17,9 @@ from typing import Any
 from . import __version__, derivatives
 from .bids.layout import T1wImage
 from .config import RunConfig
+from .qc import load_qc
+from .reports.subject import write_subject_report
+from .workflows.base import image_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +61,10 @@ def subject_status(
         image_records.append(entry)
     crash_dir = derivatives.subject_log_dir(output_dir, subject) / run_id
     crashes = sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []
-    errors += [_crash_summary(c) for c in crashes]
+    for crash in crashes:
+        summary = _crash_summary(crash)
+        source = next((img.relative_to(bids_dir) for img in images if f".anat_{image_key(img)}_wf." in summary), None)
+        errors.append(f"{source}: {summary}" if source else summary)
     missing = [e["source"] for e in image_records if e["audit"] is None]
     if missing and not crashes:
         errors.append(f"no audit was written for {', '.join(missing)}; see the run log.")
@@ -107,8 +113,10 @@ def run_participant_level(
         )
         derivatives.write_json(derivatives.status_path(config.output_dir, subject), status)
         statuses.append(status)
+        report = write_subject_report(config.output_dir, subject, qc=load_qc(config.output_dir))
+        status["report"] = report.name if report else None
         if status["state"] == "failed":
             LOGGER.error("sub-%s failed:\n  %s", subject, "\n  ".join(status["errors"]))
         else:
-            LOGGER.info("sub-%s done (%d image(s)).", subject, len(images))
+            LOGGER.info("sub-%s done (%d image(s)); report: %s", subject, len(images), report)
     return statuses

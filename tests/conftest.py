@@ -60,3 +60,15 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         return code, out, err
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def sample_run(sample_bids, tmp_path_factory):
+    from pipeline.cli.run import main
+
+    out = tmp_path_factory.mktemp("run") / "derivatives"
+    codes = {
+        "participant": main([str(sample_bids), str(out), "participant", "--nprocs", "2"]),
+        "group": main([str(sample_bids), str(out), "group"]),
+    }
+    return sample_bids, out, codes

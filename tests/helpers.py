@@ -12,18 +12,27 @@ import nibabel as nib
 import numpy as np
 
 
+def small_head(name: str, *, voxel_scale: float = 3.0) -> nib.Nifti1Image:
+    """A realistic synthetic head (the sample generator's) on coarse voxels: processes in seconds."""
+    from pipeline.sample import anatomy
+    from pipeline.sample.generate import ImageSpec, SampleOptions, make_image
+
+    seed = zlib.crc32(name.encode())
+    spec = ImageSpec(subject="x", session="01", age=70.0, diagnosis="CN", site="siteA", seed=seed,
+                     ventricles=0.0, hippocampi=0.0)  # fmt: skip
+    img, _ = make_image(spec, anatomy.default_head(), anatomy.load_template(1).affine,
+                        SampleOptions(voxel_scale=voxel_scale))  # fmt: skip
+    return img
+
+
 def write_nifti(path: Path, data: np.ndarray | None = None, affine: np.ndarray | None = None) -> Path:
-    """A small, plausible T1w-like image (a bright ellipsoid) unless ``data`` is given."""
-    if data is None:
-        grid = np.indices((24, 28, 24)).astype(np.float32)
-        centre = np.array([12, 14, 12], dtype=np.float32)[:, None, None, None]
-        radius = np.array([9, 11, 9], dtype=np.float32)[:, None, None, None]
-        inside = (((grid - centre) / radius) ** 2).sum(axis=0) < 1
-        rng = np.random.default_rng(zlib.crc32(path.name.encode()))
-        data = (inside * 800 + rng.normal(50, 10, inside.shape)).astype(np.int16)
-    if affine is None:
-        affine = np.diag([8.0, 8.0, 8.0, 1.0])  # 192 x 224 x 192 mm: a whole head's field of view
+    """Write ``data`` on ``affine`` (default 8 mm voxels), or a small realistic head when ``data`` is None."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        small_head(path.name).to_filename(path)
+        return path
+    if affine is None:
+        affine = np.diag([8.0, 8.0, 8.0, 1.0])  # 192 x 224 x 192 mm for 24 x 28 x 24: a head's field of view
     nib.Nifti1Image(data, affine).to_filename(path)
     return path
 
@@ -36,9 +45,7 @@ def make_bids(
     description: dict | None = None,
 ) -> Path:
     """A BIDS dataset: ``subjects`` maps labels to T1w names relative to ``sub-<label>/``."""
-    subjects = (
-        subjects if subjects is not None else {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02", "03")}
-    )
+    subjects = subjects if subjects is not None else {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02", "03")}
     root.mkdir(parents=True, exist_ok=True)
     if description is not False:
         desc = description or {"Name": "test dataset", "BIDSVersion": "1.9.0"}

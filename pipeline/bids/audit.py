@@ -109,9 +109,7 @@ def intensity_summary(data: np.ndarray) -> dict[str, Any]:
     finite = data[np.isfinite(data)] if nan_count or inf_count else data.ravel()
     out: dict[str, Any] = {"nan_count": nan_count, "inf_count": inf_count, "finite_count": int(finite.size)}
     if finite.size == 0:
-        out.update(
-            {"min": None, "max": None, "mean": None, "std": None, "zero_fraction": None, "percentiles": {}}
-        )
+        out.update({"min": None, "max": None, "mean": None, "std": None, "zero_fraction": None, "percentiles": {}})
         return out
     values = np.percentile(finite, PERCENTILES)
     out.update(

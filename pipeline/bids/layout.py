@@ -51,8 +51,7 @@ def normalize_label(label: str, prefix: str) -> str:
     value = raw[len(prefix) + 1 :] if raw.startswith(f"{prefix}-") else raw
     if not _LABEL_RE.match(value):
         raise UsageError(
-            f"Invalid {prefix} label {raw!r}: BIDS labels hold only letters and digits. "
-            f"Use e.g. '01' or '{prefix}-01'."
+            f"Invalid {prefix} label {raw!r}: BIDS labels hold only letters and digits. Use e.g. '01' or '{prefix}-01'."
         )
     return value
 
@@ -203,9 +202,7 @@ def read_participants(bids_dir: Path) -> pd.DataFrame | None:
             f"{path} has no 'participant_id' column (columns: {', '.join(table.columns)}). "
             "Its first column must be participant_id with values like 'sub-01'."
         )
-    table["participant_id"] = [
-        pid if str(pid).startswith("sub-") else f"sub-{pid}" for pid in table["participant_id"]
-    ]
+    table["participant_id"] = [pid if str(pid).startswith("sub-") else f"sub-{pid}" for pid in table["participant_id"]]
     return table
 
 

@@ -118,9 +118,7 @@ def build_manifest(
     if participants is not None:
         extra = participants.drop_duplicates("participant_id")
         extra = extra.rename(
-            columns={
-                c: f"participant_{c}" for c in extra.columns if c in table.columns and c != "participant_id"
-            }
+            columns={c: f"participant_{c}" for c in extra.columns if c in table.columns and c != "participant_id"}
         )
         table = table.merge(extra, on="participant_id", how="left")
     for subject, ses_table in (sessions or {}).items():
@@ -136,16 +134,12 @@ def build_manifest(
         "n_images": len(table),
         "n_participants": len(with_images),
         "duplicates": groups,
-        "participants_without_images": sorted(
-            ({f"sub-{s}" for s in subjects_on_disk} | listed) - with_images
-        ),
+        "participants_without_images": sorted(({f"sub-{s}" for s in subjects_on_disk} | listed) - with_images),
         "images_without_participants_row": sorted(table.loc[~table["in_participants_tsv"], "source"].tolist())
         if participants is not None
         else [],
         "unreadable_images": sorted(table.loc[~table["readable"].astype(bool), "source"].tolist()),
-        "flagged_images": {
-            src: flags for src, flags in zip(table["source"], table["flags"], strict=True) if flags
-        },
+        "flagged_images": {src: flags for src, flags in zip(table["source"], table["flags"], strict=True) if flags},
     }
     return table, findings
 
@@ -156,9 +150,7 @@ def manifest_sidecar(table: pd.DataFrame, participants_json: dict[str, Any] | No
         if column not in sidecar:
             base = column.removeprefix("session_").removeprefix("participant_")
             described = (participants_json or {}).get(base)
-            sidecar[column] = (
-                described if isinstance(described, dict) else {"Description": f"From {_table_of(column)}"}
-            )
+            sidecar[column] = described if isinstance(described, dict) else {"Description": f"From {_table_of(column)}"}
     return sidecar
 
 

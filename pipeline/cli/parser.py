@@ -89,6 +89,14 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="do not validate BIDS_DIR (problems may then surface later)",
     )
 
+    proc = parser.add_argument_group("preprocessing")
+    proc.add_argument(
+        "--model-resolution",
+        type=_positive_float,
+        metavar="MM",
+        help="voxel size of the cropped template-space array that learning uses (default 2)",
+    )
+
     res = parser.add_argument_group("resources")
     res.add_argument(
         "-w",
@@ -118,6 +126,10 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="memory budget in GB (default: the machine's memory)",
     )
 
+    res.add_argument(
+        "--stop-on-first-crash", action="store_true", help="stop at the first failed step instead of going on"
+    )
+
     other = parser.add_argument_group("other")
     other.add_argument(
         "--config",
@@ -126,9 +138,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="YAML or JSON file whose keys mirror the long options; the command line wins",
     )
     other.add_argument("--seed", type=int, help="random seed (default 42)")
-    other.add_argument(
-        "-v", "--verbose", dest="verbosity", action="count", help="more log output (repeatable)"
-    )
+    other.add_argument("-v", "--verbose", dest="verbosity", action="count", help="more log output (repeatable)")
     other.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     other.add_argument("--version", action="version", version=f"bidsdl {__version__}")
     return parser
@@ -142,9 +152,7 @@ def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sou
         action = options.get(key)
         if key in _NOT_IN_CONFIG or action is None:
             known = sorted(k for k in options if k not in _NOT_IN_CONFIG)
-            raise UsageError(
-                f"Unknown option {key!r} in the config file {source}. Known options: {', '.join(known)}."
-            )
+            raise UsageError(f"Unknown option {key!r} in the config file {source}. Known options: {', '.join(known)}.")
         flag = max(action.option_strings, key=len)
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
@@ -175,9 +183,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
 
     level = merged["analysis_level"]
     if level not in ANALYSIS_LEVELS:
-        raise UnknownAnalysisLevel(
-            f"Unknown analysis level {level!r}: use one of {', '.join(ANALYSIS_LEVELS)}."
-        )
+        raise UnknownAnalysisLevel(f"Unknown analysis level {level!r}: use one of {', '.join(ANALYSIS_LEVELS)}.")
     nprocs = merged.get("nprocs") or available_cpus()
     verbosity = merged.get("verbosity") or 0
     if merged.get("quiet"):
@@ -186,9 +192,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         bids_dir=Path(merged["bids_dir"]).absolute(),
         output_dir=Path(merged["output_dir"]).absolute(),
         analysis_level=level,
-        participant_label=tuple(
-            sorted({normalize_label(x, "sub") for x in merged.get("participant_label") or ()})
-        ),
+        participant_label=tuple(sorted({normalize_label(x, "sub") for x in merged.get("participant_label") or ()})),
         session_label=tuple(sorted({normalize_label(x, "ses") for x in merged.get("session_label") or ()})),
         participant_index=merged.get("participant_index"),
         list_participants=bool(merged.get("list_participants")),
@@ -197,6 +201,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         nprocs=nprocs,
         omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),
+        model_resolution=merged.get("model_resolution") or 2.0,
+        stop_on_first_crash=bool(merged.get("stop_on_first_crash")),
         seed=merged["seed"] if merged.get("seed") is not None else 42,
         verbosity=verbosity,
         config_file=Path(merged["config"]).absolute() if merged.get("config") else None,

@@ -59,7 +59,9 @@ def setup_logging(verbosity: int, log_file: Path | None) -> None:
     from nipype import logging as nipype_logging  # noqa: F401 - sets up Nipype's handlers first
 
     console_level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    nipype_console_level = logging.INFO if verbosity >= 2 else logging.WARNING
+    # Nipype's own console output (tracebacks of failed nodes) is noise next to bidsdl's summary;
+    # all of it is in the log file and the crash files.
+    nipype_console_level = {1: logging.WARNING}.get(verbosity, logging.INFO if verbosity >= 2 else logging.CRITICAL)
     ours = logging.getLogger("pipeline")
     ours.setLevel(logging.DEBUG)
     ours.propagate = False
@@ -86,18 +88,14 @@ def _discover(config: RunConfig):
     from ..bids.layout import collect_t1w, index_dataset, select_participants, subjects_on_disk
 
     layout = index_dataset(config.bids_dir)
-    images = collect_t1w(
-        layout, subjects=config.participant_label or None, sessions=config.session_label or None
-    )
+    images = collect_t1w(layout, subjects=config.participant_label or None, sessions=config.session_label or None)
     with_images = sorted({img.subject for img in images})
     if config.participant_label:
         with_images = sorted(
             set(with_images) | (set(config.participant_label) & set(subjects_on_disk(config.bids_dir)))
         )
         with_images = [s for s in with_images if any(img.subject == s for img in images)]
-    selected = select_participants(
-        with_images, requested=config.participant_label, index=config.participant_index
-    )
+    selected = select_participants(with_images, requested=config.participant_label, index=config.participant_index)
     return {s: [img for img in images if img.subject == s] for s in selected}
 
 
@@ -124,15 +122,9 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
 
     subjects = _discover(config)
     if not config.skip_bids_validation:
-        t1w = (
-            [img.path for imgs in subjects.values() for img in imgs]
-            if config.analysis_level == "participant"
-            else []
-        )
+        t1w = [img.path for imgs in subjects.values() for img in imgs] if config.analysis_level == "participant" else []
         problems = validate_dataset(config.bids_dir, t1w_paths=t1w)
-        derivatives.write_json(
-            log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]}
-        )
+        derivatives.write_json(log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]})
         errors = [p for p in problems if p.severity == "error"]
         for problem in problems:
             if problem.severity != "error":

@@ -39,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="plant a copy of one participant's image under a new participant ID",
     )
+    parser.add_argument("--confound-site", action="store_true", help="plant a site that predicts the diagnosis")
+    parser.add_argument("--corrupt-subject", action="store_true", help="plant a truncated .nii.gz for one participant")
     parser.add_argument(
-        "--confound-site", action="store_true", help="plant a site that predicts the diagnosis"
-    )
-    parser.add_argument(
-        "--corrupt-subject", action="store_true", help="plant a truncated .nii.gz for one participant"
+        "--voxel-scale",
+        type=float,
+        default=1.0,
+        help="multiply every voxel size (e.g. 3 for small, fast test data; default 1)",
     )
     parser.add_argument("--nprocs", type=int, default=available_cpus(), help="worker processes")
     parser.add_argument("--version", action="version", version=f"bidsdl-sample {__version__}")
@@ -74,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duplicate_subject=args.duplicate_subject,
         confound_site=args.confound_site,
         corrupt_subject=args.corrupt_subject,
+        voxel_scale=args.voxel_scale,
         n_jobs=max(1, args.nprocs),
     )
     start = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -19,10 +18,19 @@ from .. import derivatives
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     base_directory = Directory(mandatory=True, desc="OUTPUT_DIR")
+    bids_dir = Directory(mandatory=True, desc="BIDS_DIR (for relative Sources)")
     source_file = File(mandatory=True, desc="the BIDS file the result derives from")
     in_file = File(exists=True, mandatory=True, desc="the result to save")
-    desc = traits.Str(mandatory=True, desc="the 'desc' entity of the derivative")
     suffix = traits.Str("T1w", usedefault=True)
+    datatype = traits.Enum("anat", "figures", usedefault=True)
+    desc = traits.Str(desc="the 'desc' entity")
+    space = traits.Str(desc="the 'space' entity")
+    res = traits.Str(desc="the 'res' entity")
+    from_ = traits.Str(desc="the 'from' entity")
+    to = traits.Str(desc="the 'to' entity")
+    mode = traits.Str(desc="the 'mode' entity")
+    metadata = traits.Dict(desc="extra sidecar fields")
+    metadata_file = File(exists=True, desc="a JSON record whose fields go into the sidecar")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -30,19 +38,31 @@ class _DerivativesSinkOutputSpec(TraitedSpec):
 
 
 class DerivativesSink(SimpleInterface):
-    """Save a JSON record as a BIDS derivative of ``source_file`` (atomically)."""
+    """Save a result as a BIDS derivative of ``source_file`` (atomically, with its sidecar)."""
 
     input_spec = _DerivativesSinkInputSpec
     output_spec = _DerivativesSinkOutputSpec
 
     def _run_interface(self, runtime):
-        data = json.loads(Path(self.inputs.in_file).read_text())
-        out = derivatives.write_derivative_json(
+        import json
+
+        entities = {
+            key.rstrip("_"): getattr(self.inputs, key)
+            for key in ("desc", "space", "res", "from_", "to", "mode")
+            if getattr(self.inputs, key)
+        }
+        metadata = dict(self.inputs.metadata or {})
+        if self.inputs.metadata_file:
+            metadata.update(json.loads(Path(self.inputs.metadata_file).read_text()))
+        out = derivatives.save_derivative(
             Path(self.inputs.base_directory),
-            self.inputs.source_file,
-            data,
-            desc=self.inputs.desc,
+            Path(self.inputs.in_file),
+            source=self.inputs.source_file,
+            bids_dir=Path(self.inputs.bids_dir),
             suffix=self.inputs.suffix,
+            datatype=self.inputs.datatype,
+            metadata=metadata,
+            **entities,
         )
         self._results["out_file"] = str(out)
         return runtime

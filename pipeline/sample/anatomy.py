@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
+from ..ops.template import TEMPLATE_SPACE, Template, load_template
+
+__all__ = ["TEMPLATE_SPACE", "Template", "load_template"]
+
 
 #: Centres (template mm) and widths of the structures the labels act on.
 VENTRICLE_CENTRES = ((-8.0, -2.0, 16.0), (8.0, -2.0, 16.0))
@@ -35,27 +37,10 @@ HEAD_SHELLS = (
 )
 
 
-@dataclass(frozen=True)
-class Template:
-    """The template image (float32, brain-only, WM ~ 0.9), its brain mask and affine."""
-
-    t1: np.ndarray
-    brain_mask: np.ndarray
-    affine: np.ndarray
-
-
 @functools.lru_cache(maxsize=1)
-def load_template() -> Template:
-    """nilearn's bundled 1 mm MNI152 2009a T1 and brain mask (no download)."""
-    from nilearn import datasets
-
-    t1 = datasets.load_mni152_template(resolution=1)
-    mask = datasets.load_mni152_brain_mask(resolution=1)
-    return Template(
-        t1=np.asanyarray(t1.dataobj, dtype=np.float32),
-        brain_mask=np.asanyarray(mask.dataobj) > 0,
-        affine=np.asarray(t1.affine, dtype=float),
-    )
+def default_head() -> np.ndarray:
+    """The head model around the 1 mm template (computed once per process)."""
+    return head_model(load_template(1))
 
 
 def head_model(template: Template, shells: Sequence[tuple[float, float]] = HEAD_SHELLS) -> np.ndarray:

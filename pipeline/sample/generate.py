@@ -85,6 +85,7 @@ class SampleOptions:
     duplicate_subject: bool = False
     confound_site: bool = False
     corrupt_subject: bool = False
+    voxel_scale: float = 1.0
     n_jobs: int = 1
 
 
@@ -110,9 +111,7 @@ class ImageSpec:
         return Path(f"sub-{self.subject}") / f"ses-{self.session}" / "anat" / f"{self.stem}{ext}"
 
 
-def _labels_effects(
-    rng: np.random.Generator, diagnosis: str, age: float, strength: float
-) -> tuple[float, float]:
+def _labels_effects(rng: np.random.Generator, diagnosis: str, age: float, strength: float) -> tuple[float, float]:
     """Ventricular expansion and hippocampal shrinkage for a subject at an age."""
     ad = 1.0 if diagnosis == "AD" else 0.0
     ventricles = strength * 0.22 * ad + 0.005 * (age - 70) + rng.normal(0, 0.02)
@@ -149,9 +148,7 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
         subject_rng = np.random.default_rng(rng.integers(2**32))
         for session in range(1, n_sessions + 1):
             session_age = age + (0.0 if session == 1 else float(subject_rng.uniform(1.0, 2.5)))
-            ventricles, hippocampi = _labels_effects(
-                subject_rng, diagnosis, session_age, options.effect_strength
-            )
+            ventricles, hippocampi = _labels_effects(subject_rng, diagnosis, session_age, options.effect_strength)
             images.append(
                 ImageSpec(
                     subject=label,
@@ -173,14 +170,10 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
     oblique = rng.random() < 0.25
     return {
         "rotation_deg": rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3).round(3).tolist(),
-        "translation_mm": rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3)
-        .round(3)
-        .tolist(),
+        "translation_mm": rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3).round(3).tolist(),
         "orientation": str(rng.choice(ORIENTATIONS)),
         "voxel_size_mm": list(VOXEL_SIZES[int(rng.choice(len(VOXEL_SIZES), p=VOXEL_SIZE_WEIGHTS))]),
-        "oblique_deg": (rng.uniform(-12, 12, 3) * (rng.random(3) < 0.5)).round(3).tolist()
-        if oblique
-        else [0.0] * 3,
+        "oblique_deg": (rng.uniform(-12, 12, 3) * (rng.random(3) < 0.5)).round(3).tolist() if oblique else [0.0] * 3,
         "fov_jitter_mm": rng.uniform(-5, 5, 3).round(3).tolist(),
         "bias_coefficients": rng.normal(0, 0.15, 9).round(4).tolist(),
         "scale_jitter": float(rng.uniform(0.95, 1.05)),
@@ -194,14 +187,13 @@ def make_image(
     """The T1w of one image and its ground truth."""
     rng = np.random.default_rng(spec.seed)
     acq = draw_acquisition(rng, options)
-    anatomy_img = anatomy.deform(
-        head, template_affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi
-    )
+    anatomy_img = anatomy.deform(head, template_affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
     pose = np.eye(4)  # template world -> scanner world
     pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"])
     pose[:3, 3] = acq["translation_mm"]
     ornt = anatomy.orientation_matrix(acq["orientation"])
     world_axis = np.abs(ornt).argmax(axis=0)  # world axis of each voxel axis
+    acq["voxel_size_mm"] = [z * options.voxel_scale for z in acq["voxel_size_mm"]]
     shape = [round(FOV_MM[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
     centre = pose[:3, :3] @ HEAD_CENTRE_MM + pose[:3, 3] + acq["fov_jitter_mm"]
     grid = anatomy.grid_affine(
@@ -279,8 +271,7 @@ def _write_tables(out_dir: Path, participants: list[dict[str, Any]], images: lis
                 "Levels": {s: SITES[s]["Manufacturer"] for s in SITES},
             },
             "diagnosis": {
-                "Description": "Clinical group (synthetic: drives ventricular enlargement "
-                "and hippocampal shrinkage)",
+                "Description": "Clinical group (synthetic: drives ventricular enlargement and hippocampal shrinkage)",
                 "Levels": {"CN": "cognitively normal", "AD": "Alzheimer's disease"},
             },
         },
@@ -314,9 +305,7 @@ def _plant_problems(
         planted["duplicate_subject"] = {"original": f"sub-{source.subject}", "copy": f"sub-{label}"}
     if options.corrupt_subject:
         victim = next(
-            s
-            for s in reversed(images)
-            if s.subject != planted.get("duplicate_subject", {}).get("copy", "")[4:]
+            s for s in reversed(images) if s.subject != planted.get("duplicate_subject", {}).get("copy", "")[4:]
         )
         path = out_dir / victim.relpath
         blob = path.read_bytes()
@@ -333,8 +322,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(out_dir)
     participants, images = plan_dataset(options)
-    template = anatomy.load_template()
-    _SHARED.update(head=anatomy.head_model(template), affine=template.affine)
+    _SHARED.update(head=anatomy.default_head(), affine=anatomy.load_template(1).affine)
     jobs = [(out_dir, spec, options) for spec in images]
     if options.n_jobs > 1:
         with multiprocessing.get_context("fork").Pool(options.n_jobs) as pool:

@@ -1,4 +1,4 @@
-"""Per-image anatomical workflows."""
+"""Per-image anatomical workflows: audit, preprocessing and quality control."""
 
 from __future__ import annotations
 
@@ -9,50 +9,152 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.audit import AuditT1w
 from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.preprocess import (
+    ComputeIQMs,
+    N4BiasCorrection,
+    PrepareT1w,
+    RegisterToTemplate,
+    ResampleToTemplate,
+)
+from ..interfaces.reports import PlotReportlets
+from .outputs import DERIVATIVE_INPUTS, init_anat_derivatives_wf
+
+#: What the preprocessing hands on (outputnode fields of :func:`init_anat_preproc_wf`).
+PREPROC_OUTPUTS = (
+    "t1w_ras", "prepare_record", "t1w_corrected", "bias_field", "n4_record", "transform", "registration_record",
+    "t1w_template", "mask_template", "t1w_model", "mask_model", "mask_t1w", "template_record", "model_record",
+)  # fmt: skip
 
 
 def init_anat_audit_wf(*, bids_dir: Path, output_dir: Path, name: str = "anat_audit_wf") -> pe.Workflow:
     """Audit one T1w image and save the record as ``..._desc-audit_T1w.json``.
 
-    Parameters
-    ----------
-    bids_dir
-        Root of the BIDS dataset (read only).
-    output_dir
-        Root of the derivatives dataset.
-    name
-        Workflow name.
-
-    Inputs
-    ------
-    t1w
-        Path of the T1w image in ``bids_dir``.
-    metadata
-        Its sidecar metadata (dict).
-
-    Outputs
-    -------
-    audit_record
-        The record in the working folder.
-    readable
-        Whether the image could be read.
+    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict).
+    Outputs: ``audit_record`` (JSON in the working folder), ``readable``.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["audit_record", "readable"]), name="outputnode")
     audit = pe.Node(AuditT1w(bids_dir=str(bids_dir)), name="audit")
     ds_audit = pe.Node(
-        DerivativesSink(base_directory=str(output_dir), desc="audit", suffix="T1w"),
+        DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), desc="audit", suffix="T1w"),
         name="ds_audit",
         run_without_submitting=True,
         overwrite=True,  # always re-save: cheap, and restores a deleted output
     )
-    workflow.connect(
-        [
-            (inputnode, audit, [("t1w", "in_file"), ("metadata", "metadata")]),
-            (inputnode, ds_audit, [("t1w", "source_file")]),
-            (audit, ds_audit, [("out_record", "in_file")]),
-            (audit, outputnode, [("out_record", "audit_record"), ("readable", "readable")]),
-        ]
-    )
+    workflow.connect([
+        (inputnode, audit, [("t1w", "in_file"), ("metadata", "metadata")]),
+        (inputnode, ds_audit, [("t1w", "source_file")]),
+        (audit, ds_audit, [("out_record", "in_file")]),
+        (audit, outputnode, [("out_record", "audit_record"), ("readable", "readable")]),
+    ])  # fmt: skip
+    return workflow
+
+
+def init_anat_preproc_wf(
+    *, model_resolution: float, seed: int, omp_nthreads: int, name: str = "anat_preproc_wf"
+) -> pe.Workflow:
+    """Reorient, N4, affine registration to MNI152NLin2009aSym, resampling and normalisation.
+
+    Parameters
+    ----------
+    model_resolution
+        Voxel size (mm) of the cropped template-space grid that learning uses.
+    seed
+        Seed of the registration's random metric sampling.
+    omp_nthreads
+        Threads for SimpleITK in each step.
+
+    Inputs: ``t1w``. Outputs: see :data:`PREPROC_OUTPUTS`.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["t1w"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=list(PREPROC_OUTPUTS)), name="outputnode")
+    prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
+    n4 = pe.Node(N4BiasCorrection(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads, mem_gb=1.5)
+    register = pe.Node(RegisterToTemplate(seed=seed, num_threads=omp_nthreads), name="register",
+                       n_procs=omp_nthreads, mem_gb=1.0)  # fmt: skip
+    to_template = pe.Node(ResampleToTemplate(model_resolution=model_resolution, num_threads=omp_nthreads),
+                          name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
+    workflow.connect([
+        (inputnode, prepare, [("t1w", "in_file")]),
+        (prepare, n4, [("out_file", "in_file")]),
+        (n4, register, [("out_file", "in_file")]),
+        (n4, to_template, [("out_file", "in_file")]),
+        (register, to_template, [("out_transform", "in_transform")]),
+        (prepare, outputnode, [("out_file", "t1w_ras"), ("out_record", "prepare_record")]),
+        (n4, outputnode, [("out_file", "t1w_corrected"), ("out_bias", "bias_field"), ("out_record", "n4_record")]),
+        (register, outputnode, [("out_transform", "transform"), ("out_record", "registration_record")]),
+        (to_template, outputnode, [
+            ("out_t1w", "t1w_template"), ("out_mask", "mask_template"), ("out_t1w_model", "t1w_model"),
+            ("out_mask_model", "mask_model"), ("out_mask_t1w", "mask_t1w"), ("out_record", "template_record"),
+            ("out_record_model", "model_record"),
+        ]),
+    ])  # fmt: skip
+    return workflow
+
+
+def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
+    """Image quality metrics and the report's figures for one preprocessed T1w.
+
+    Inputs: the preprocessing outputs plus ``audit_record``. Outputs: ``iqm_record`` and the figures
+    ``mosaic``, ``registration_subject``, ``registration_template``, ``bias_figure``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["audit_record", *PREPROC_OUTPUTS]), name="inputnode")
+    outputnode = pe.Node(
+        IdentityInterface(fields=["iqm_record", "mosaic", "registration_subject", "registration_template",
+                                  "bias_figure"]), name="outputnode")  # fmt: skip
+    iqms = pe.Node(ComputeIQMs(), name="iqms", mem_gb=2.0)
+    reportlets = pe.Node(PlotReportlets(), name="reportlets", mem_gb=1.5)
+    workflow.connect([
+        (inputnode, iqms, [
+            ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
+            ("mask_t1w", "in_mask_t1w"), ("transform", "in_transform"), ("t1w_template", "in_registered"), ("audit_record", "in_audit"),
+            ("registration_record", "in_registration"), ("prepare_record", "in_prepare"),
+        ]),
+        (inputnode, reportlets, [
+            ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
+            ("mask_t1w", "in_mask_t1w"), ("t1w_template", "in_registered"),
+        ]),
+        (iqms, outputnode, [("out_record", "iqm_record")]),
+        (reportlets, outputnode, [
+            ("out_mosaic", "mosaic"), ("out_registration_subject", "registration_subject"),
+            ("out_registration_template", "registration_template"), ("out_bias", "bias_figure"),
+        ]),
+    ])  # fmt: skip
+    return workflow
+
+
+def init_anat_wf(
+    *,
+    bids_dir: Path,
+    output_dir: Path,
+    model_resolution: float,
+    seed: int,
+    omp_nthreads: int,
+    name: str = "anat_wf",
+) -> pe.Workflow:
+    """Everything done to one T1w: audit, preprocessing, QC, and the derivatives written.
+
+    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict).
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata"]), name="inputnode")
+    audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
+    preproc_wf = init_anat_preproc_wf(model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)
+    qc_wf = init_anat_qc_wf()
+    ds_wf = init_anat_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution)
+    workflow.connect([
+        (inputnode, audit_wf, [("t1w", "inputnode.t1w"), ("metadata", "inputnode.metadata")]),
+        (inputnode, preproc_wf, [("t1w", "inputnode.t1w")]),
+        (inputnode, ds_wf, [("t1w", "inputnode.source_file")]),
+        (audit_wf, qc_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
+    ])  # fmt: skip
+    for field in PREPROC_OUTPUTS:
+        workflow.connect(preproc_wf, f"outputnode.{field}", qc_wf, f"inputnode.{field}")
+        if field in DERIVATIVE_INPUTS:
+            workflow.connect(preproc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
+    for field in ("iqm_record", "mosaic", "registration_subject", "registration_template", "bias_figure"):
+        workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
     return workflow

@@ -16,7 +16,7 @@ from nipype.pipeline import engine as pe
 from ..bids.layout import T1wImage
 from ..config import RunConfig
 from ..derivatives import subject_log_dir
-from .anatomical import init_anat_audit_wf
+from .anatomical import init_anat_wf
 
 
 def _node_name(text: str) -> str:
@@ -40,9 +40,12 @@ def init_single_subject_wf(
     images: Sequence[T1wImage],
     bids_dir: Path,
     output_dir: Path,
+    model_resolution: float = 2.0,
+    seed: int = 42,
+    omp_nthreads: int = 1,
     name: str | None = None,
 ) -> pe.Workflow:
-    """All processing of one participant: an audit workflow per T1w image.
+    """All processing of one participant: one anatomical workflow per T1w image.
 
     Parameters
     ----------
@@ -52,11 +55,18 @@ def init_single_subject_wf(
         The participant's selected T1w images.
     bids_dir, output_dir
         Input BIDS dataset and derivatives root.
+    model_resolution, seed, omp_nthreads
+        See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     """
     workflow = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
     for image in images:
-        anat_wf = init_anat_audit_wf(
-            bids_dir=bids_dir, output_dir=output_dir, name=f"anat_{image_key(image)}_wf"
+        anat_wf = init_anat_wf(
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            model_resolution=model_resolution,
+            seed=seed,
+            omp_nthreads=omp_nthreads,
+            name=f"anat_{image_key(image)}_wf",
         )
         anat_wf.inputs.inputnode.t1w = str(image.path)
         anat_wf.inputs.inputnode.metadata = dict(image.metadata)
@@ -77,13 +87,19 @@ def init_bidsdl_wf(
         {
             "crashfile_format": "txt",
             "poll_sleep_duration": 0.1,  # the default (2 s) adds seconds per node
-            "stop_on_first_crash": "false",
+            "stop_on_first_crash": str(config.stop_on_first_crash).lower(),
             "remove_unnecessary_outputs": "false",
         }
     )
     for subject, images in subjects.items():
         single = init_single_subject_wf(
-            subject=subject, images=images, bids_dir=config.bids_dir, output_dir=config.output_dir
+            subject=subject,
+            images=images,
+            bids_dir=config.bids_dir,
+            output_dir=config.output_dir,
+            model_resolution=config.model_resolution,
+            seed=config.seed,
+            omp_nthreads=config.omp_nthreads,
         )
         single.config["execution"] = {
             **workflow.config["execution"],

@@ -11,10 +11,9 @@ import os
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 
-from tests.helpers import write_nifti
+from tests.helpers import small_head, write_nifti
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +46,10 @@ def test_no_dataset_description(bids_factory, run_cli, tmp_path):
     bids = bids_factory(description=False)
     code, _, err = run_cli(bids, tmp_path / "out", "participant", "--nprocs", "1")
     assert code == 16
-    assert (
-        "dataset_description.json: is missing." in err and "Fix:" in err and "--skip-bids-validation" in err
-    )
+    assert "dataset_description.json: is missing." in err and "Fix:" in err and "--skip-bids-validation" in err
     report = json.loads(next((tmp_path / "out" / "logs").glob("*/bids_validation.json")).read_text())
     assert report["problems"][0]["path"] == "dataset_description.json"
-    code, _, _ = run_cli(bids, tmp_path / "out2", "participant", "--skip-bids-validation", "--nprocs", "1")
+    code, _, _ = run_cli(bids, tmp_path / "out2", "participant", "--skip-bids-validation", "--participant-label", "01")
     assert code == 0
 
 
@@ -103,7 +100,8 @@ def _garbage(path):
 
 @pytest.mark.parametrize("corrupt", [_zero_byte, _truncated, _garbage])
 def test_one_corrupt_image_fails_only_its_subject(bids_factory, run_cli, tmp_path, corrupt):
-    bids = bids_factory(prepare=lambda root: corrupt(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"))
+    subjects = {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")}
+    bids = bids_factory(subjects=subjects, prepare=lambda root: corrupt(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"))
     out = tmp_path / "out"
     code, _, err = run_cli(bids, out, "participant", "--nprocs", "2")
     assert code == 1
@@ -112,7 +110,7 @@ def test_one_corrupt_image_fails_only_its_subject(bids_factory, run_cli, tmp_pat
     assert failed["state"] == "failed"
     assert failed["errors"][0].startswith("sub-02/anat/sub-02_T1w.nii.gz:")
     assert "re-export" in failed["errors"][0] or "Re-export" in failed["errors"][0]
-    for label in ("01", "03"):
+    for label in ("01",):
         assert _status(out, label)["state"] == "done"
         assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-audit_T1w.json").exists()
     # the group level still gathers the dataset and reports the unreadable image
@@ -121,29 +119,39 @@ def test_one_corrupt_image_fails_only_its_subject(bids_factory, run_cli, tmp_pat
     assert findings["unreadable_images"] == ["sub-02/anat/sub-02_T1w.nii.gz"]
 
 
-def test_4d_and_nan_images_are_flagged_not_fatal(bids_factory, run_cli, tmp_path):
+def test_nan_voxels_are_cleaned_and_flagged(bids_factory, run_cli, tmp_path):
     def prepare(root):
-        rng = np.random.default_rng(0)
-        write_nifti(
-            root / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
-            rng.random((24, 28, 24, 2)).astype(np.float32),
-            np.diag([8, 8, 8, 1]),
-        )
-        data = rng.random((24, 28, 24)).astype(np.float32)
-        data[:2] = np.nan
-        write_nifti(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz", data, np.diag([8, 8, 8, 1]))
+        img = small_head("nan")
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        data[:3] = np.nan
+        write_nifti(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz", data, img.affine)
 
     bids = bids_factory(prepare=prepare)
     out = tmp_path / "out"
-    code, _, _ = run_cli(bids, out, "participant", "--nprocs", "1")
-    assert code == 0
-    four_d = json.loads((out / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").read_text())
-    nan = json.loads((out / "sub-02" / "anat" / "sub-02_desc-audit_T1w.json").read_text())
-    assert "4d" in four_d["flags"] and four_d["header"]["shape"] == [24, 28, 24, 2]
-    assert "non_finite" in nan["flags"] and nan["intensity"]["nan_count"] == 2 * 28 * 24
-    assert run_cli(bids, out, "group")[0] == 0
-    manifest = pd.read_csv(out / "manifest.tsv", sep="\t", dtype=str)
-    assert set(manifest["flags"].dropna()) == {"4d", "non_finite"}
+    code, _, err = run_cli(bids, out, "participant", "--nprocs", "2", "--participant-label", "02")
+    assert code == 0, err
+    audit = json.loads((out / "sub-02" / "anat" / "sub-02_desc-audit_T1w.json").read_text())
+    assert "non_finite" in audit["flags"] and audit["intensity"]["nan_count"] > 0
+    iqms = json.loads((out / "sub-02" / "anat" / "sub-02_desc-iqm_T1w.json").read_text())
+    assert iqms["preparation"]["non_finite_voxels_zeroed"] == audit["intensity"]["nan_count"]
+    assert "non_finite" in iqms["flags"]
+    preproc = nib.load(out / "sub-02" / "anat" / "sub-02_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz")
+    assert np.isfinite(np.asanyarray(preproc.dataobj)).all()
+
+
+def test_4d_image_fails_its_subject_with_a_clear_message(bids_factory, run_cli, tmp_path):
+    def prepare(root):
+        rng = np.random.default_rng(0)
+        write_nifti(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", rng.random((24, 28, 24, 2)).astype(np.float32))
+
+    bids = bids_factory(prepare=prepare)
+    out = tmp_path / "out"
+    code, _, err = run_cli(bids, out, "participant", "--nprocs", "2", "--participant-label", "01", "02")
+    assert code == 1
+    assert "sub-01/anat/sub-01_T1w.nii.gz" in err and "holds 2 volumes" in err and "Average or pick one volume" in err
+    audit = json.loads((out / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").read_text())
+    assert "4d" in audit["flags"] and audit["header"]["shape"] == [24, 28, 24, 2]
+    assert _status(out, "02")["state"] == "done"
 
 
 def test_participants_table_mismatches_are_warnings(bids_factory, run_cli, tmp_path):
@@ -189,7 +197,7 @@ def test_unreadable_sidecar_does_not_stop_the_audit(bids_factory, run_cli, tmp_p
         (root / "sub-01" / "anat" / "sub-01_T1w.json").write_text("{not json")
 
     bids = bids_factory(prepare=prepare)
-    code, _, err = run_cli(bids, tmp_path / "out", "participant", "--nprocs", "1", "--skip-bids-validation")
+    code, _, err = run_cli(bids, tmp_path / "out", "participant", "--participant-label", "01", "--skip-bids-validation")
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").read_text())
     assert record["readable"]
@@ -204,6 +212,6 @@ def test_foreign_image_header(bids_factory, run_cli, tmp_path):
         )
 
     bids = bids_factory(prepare=prepare)
-    code, _, err = run_cli(bids, tmp_path / "out", "participant", "--nprocs", "1")
+    code, _, err = run_cli(bids, tmp_path / "out", "participant", "--participant-label", "03")
     assert code == 1 and "2 dimensions" in err
     assert _status(tmp_path / "out", "03")["state"] == "failed"

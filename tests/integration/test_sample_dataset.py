@@ -42,9 +42,7 @@ def test_true_transform_maps_the_head_onto_the_template(sample_bids):
     for path in sorted(sample_bids.glob("sub-*/ses-*/anat/*_T1w.nii*"))[:3]:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj).astype(np.float32)
-        truth = json.loads(
-            (sample_bids / "sourcedata" / "truth" / f"{path.name.split('.')[0]}.json").read_text()
-        )
+        truth = json.loads((sample_bids / "sourcedata" / "truth" / f"{path.name.split('.')[0]}.json").read_text())
         # brain-like voxels: bright, and away from the scalp (the template's brain is the bright core)
         to_template = np.asarray(truth["T1wToTemplate"]) @ img.affine
         ijk = np.argwhere(data > np.percentile(data, 60))
@@ -59,18 +57,13 @@ def test_same_seed_gives_identical_files_whatever_the_parallelism(tmp_path):
     write_sample_dataset(tmp_path / "a", options)
     write_sample_dataset(tmp_path / "b", SampleOptions(**{**options.__dict__, "n_jobs": 2}))
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
-    corrupt = json.loads((tmp_path / "a" / "sourcedata" / "generation.json").read_text())["planted"][
-        "corrupt_file"
-    ]
+    corrupt = json.loads((tmp_path / "a" / "sourcedata" / "generation.json").read_text())["planted"]["corrupt_file"]
     with pytest.raises(Exception):  # noqa: B017 - any read error proves the corruption
         np.asanyarray(nib.load(tmp_path / "a" / corrupt).dataobj)
 
 
 def test_sample_cli(tmp_path, capsys):
-    assert (
-        sample_main([str(tmp_path / "s"), "--subjects", "1", "--two-session-fraction", "0", "--nprocs", "1"])
-        == 0
-    )
+    assert sample_main([str(tmp_path / "s"), "--subjects", "1", "--two-session-fraction", "0", "--nprocs", "1"]) == 0
     assert "1 participants, 1 images" in capsys.readouterr().out
     assert sample_main([str(tmp_path / "s"), "--subjects", "1"]) == 73  # not empty: refuse to overwrite
     assert sample_main([str(tmp_path / "t"), "--subjects", "0"]) == 64

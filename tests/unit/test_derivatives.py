@@ -66,9 +66,7 @@ def test_atomic_nifti_keeps_extension(tmp_path):
 
 
 def _describe(output_dir: str) -> None:
-    description = derivatives.dataset_description(
-        bids_dir=Path("/data"), source_description=None, container=None
-    )
+    description = derivatives.dataset_description(bids_dir=Path("/data"), source_description=None, container=None)
     derivatives.ensure_dataset_description(Path(output_dir), description)
 
 
@@ -102,9 +100,7 @@ def test_dataset_description_records_container_and_source(tmp_path):
 
 
 def test_foreign_output_dataset_is_refused(tmp_path):
-    (tmp_path / "dataset_description.json").write_text(
-        json.dumps({"Name": "x", "GeneratedBy": [{"Name": "fMRIPrep"}]})
-    )
+    (tmp_path / "dataset_description.json").write_text(json.dumps({"Name": "x", "GeneratedBy": [{"Name": "fMRIPrep"}]}))
     with pytest.raises(UsageError, match="fMRIPrep"):
         _describe(str(tmp_path))
 

@@ -100,17 +100,11 @@ def test_sidecar_inheritance_and_broken_sidecars(tmp_path):
     root = make_bids(tmp_path / "bids", {"01": ["ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz"]})
     (root / "T1w.json").write_text('{"Manufacturer": "Top", "EchoTime": 0.003}')
     (root / "sub-01" / "sub-01_T1w.json").write_text('{"FlipAngle": 9}')
-    (root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-1_T1w.json").write_text(
-        '{"Manufacturer": "Deep"}'
-    )
-    (root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-2_T1w.json").write_text(
-        '{"Manufacturer": "Other"}'
-    )
+    (root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-1_T1w.json").write_text('{"Manufacturer": "Deep"}')
+    (root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-2_T1w.json").write_text('{"Manufacturer": "Other"}')
     image = root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_run-1_T1w.nii.gz"
     metadata, problems = sidecar_metadata(root, image)
     assert metadata == {"Manufacturer": "Deep", "EchoTime": 0.003, "FlipAngle": 9} and problems == []
     (root / "sub-01" / "sub-01_T1w.json").write_text("{oops")
     metadata, problems = sidecar_metadata(root, image)
-    assert metadata["Manufacturer"] == "Deep" and problems[0].startswith(
-        "sub-01/sub-01_T1w.json: not valid JSON"
-    )
+    assert metadata["Manufacturer"] == "Deep" and problems[0].startswith("sub-01/sub-01_T1w.json: not valid JSON")

@@ -132,11 +132,15 @@ def test_missing_config_file(tmp_path):
         parse_args(["i", "o", "group", "--config", str(tmp_path / "nope.yml")])
 
 
-def test_config_hash_ignores_resources_but_not_seed():
+def test_config_hash_ignores_resources_but_not_seed_or_threads():
     a = parse_args(["i", "o", "participant", "--nprocs", "1"])
-    b = parse_args(["i", "o", "participant", "--nprocs", "2", "--participant-label", "01"])
-    c = parse_args(["i", "o", "participant", "--seed", "1"])
-    assert a.config_hash() == b.config_hash() != c.config_hash()
+    c = parse_args(["i", "o", "participant", "--nprocs", "1", "--seed", "1"])
+    d = parse_args(["i", "o", "participant", "--nprocs", "1", "--omp-nthreads", "1"])
+    e = parse_args(["i", "o", "participant", "--nprocs", "1", "--omp-nthreads", "2"])
+    assert a.config_hash() != c.config_hash() and d.config_hash() != e.config_hash()
+    assert (
+        parse_args(["i", "o", "participant", "--omp-nthreads", "1", "--mem-gb", "3"]).config_hash() == d.config_hash()
+    )
 
 
 def test_empty_config_file(tmp_path):

@@ -68,8 +68,5 @@ def test_plan_is_deterministic_and_labels_drive_effects():
 
 def test_site_confound_option():
     participants, _ = plan_dataset(SampleOptions(n_subjects=60, seed=1, confound_site=True))
-    rate = {
-        s: np.mean([p["diagnosis"] == "AD" for p in participants if p["site"] == s])
-        for s in ("siteA", "siteC")
-    }
+    rate = {s: np.mean([p["diagnosis"] == "AD" for p in participants if p["site"] == s]) for s in ("siteA", "siteC")}
     assert rate["siteC"] - rate["siteA"] > 0.5

@@ -30,9 +30,7 @@ def test_status_done_failed_and_crashed(tmp_path):
         "finished": started + 2,
     }
     done = subject_status(subject="01", images=[_image(bids, "01")], **kwargs)
-    assert done["state"] == "done" and done["inputs"] == [
-        {"path": "sub-01/anat/sub-01_T1w.nii.gz", "sha256": "f"}
-    ]
+    assert done["state"] == "done" and done["inputs"] == [{"path": "sub-01/anat/sub-01_T1w.nii.gz", "sha256": "f"}]
     assert done["duration_s"] == 2
 
     crash_dir = out / "sub-02" / "log" / "R"

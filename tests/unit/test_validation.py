@@ -20,11 +20,7 @@ def test_valid_dataset_has_no_problems(tmp_path):
 def test_missing_description(tmp_path):
     root = make_bids(tmp_path / "bids", description=False)
     (problem,) = errors(validate_dataset(root))
-    assert (
-        problem.path == "dataset_description.json"
-        and "missing" in problem.issue
-        and "BIDSVersion" in problem.fix
-    )
+    assert problem.path == "dataset_description.json" and "missing" in problem.issue and "BIDSVersion" in problem.fix
 
 
 def test_description_without_name(tmp_path):

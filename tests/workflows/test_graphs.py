@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.bids.layout import collect_t1w, index_dataset
 from pipeline.cli.parser import parse_args
-from pipeline.workflows.anatomical import init_anat_audit_wf
+from pipeline.workflows.anatomical import init_anat_audit_wf, init_anat_wf
 from pipeline.workflows.base import image_key, init_bidsdl_wf, init_single_subject_wf
 
 
@@ -24,6 +24,24 @@ def _stub_tree(root: Path) -> Path:
     return root
 
 
+def test_anat_wf_chains_audit_preprocessing_qc_and_outputs(tmp_path):
+    wf = init_anat_wf(bids_dir=tmp_path, output_dir=tmp_path / "out", model_resolution=2.0, seed=1, omp_nthreads=2)
+    names = set(wf.list_node_names())
+    for step in ("anat_audit_wf.audit", "anat_preproc_wf.prepare", "anat_preproc_wf.n4", "anat_preproc_wf.register",
+                 "anat_preproc_wf.to_template", "anat_qc_wf.iqms", "anat_qc_wf.reportlets",
+                 "anat_derivatives_wf.ds_xfm", "anat_derivatives_wf.ds_t1w_model"):  # fmt: skip
+        assert step in names, step
+    register = wf.get_node("anat_preproc_wf.register")
+    assert register.inputs.seed == 1 and register.n_procs == 2
+    ds_model = wf.get_node("anat_derivatives_wf.ds_t1w_model")
+    assert ds_model.inputs.res == "2" and ds_model.inputs.space == "MNI152NLin2009aSym"
+    ds_xfm = wf.get_node("anat_derivatives_wf.ds_xfm")
+    assert (ds_xfm.inputs.from_, ds_xfm.inputs.to, ds_xfm.inputs.mode, ds_xfm.inputs.suffix) == (
+        "T1w", "MNI152NLin2009aSym", "image", "xfm")  # fmt: skip
+    model_15 = init_anat_wf(bids_dir=tmp_path, output_dir=tmp_path, model_resolution=1.5, seed=1, omp_nthreads=1)
+    assert model_15.get_node("anat_derivatives_wf.ds_t1w_model").inputs.res == "1p5"
+
+
 def test_anat_audit_wf_has_io_nodes_and_a_sink(tmp_path):
     wf = init_anat_audit_wf(bids_dir=tmp_path, output_dir=Path("/out"))
     assert set(wf.list_node_names()) == {"inputnode", "outputnode", "audit", "ds_audit"}
@@ -38,7 +56,7 @@ def test_single_subject_wf_has_one_audit_per_image(tmp_path):
     wf = init_single_subject_wf(subject="01", images=images, bids_dir=root, output_dir=tmp_path / "out")
     assert wf.name == "sub_01_wf"
     names = sorted(n for n in wf.list_node_names() if n.endswith(".audit"))
-    assert names == ["anat_ses_1_wf.audit", "anat_ses_2_run_1_wf.audit"]
+    assert names == ["anat_ses_1_wf.anat_audit_wf.audit", "anat_ses_2_run_1_wf.anat_audit_wf.audit"]
     assert [image_key(i) for i in images] == ["ses_1", "ses_2_run_1"]
     node = wf.get_node("anat_ses_1_wf.inputnode")
     assert node.inputs.t1w.endswith("sub-01_ses-1_T1w.nii.gz")
@@ -56,7 +74,5 @@ def test_top_level_wf_isolates_subjects_crash_dirs(tmp_path):
         sub_wf = wf.get_node(f"sub_{subject}_wf")
         for name in sub_wf.list_node_names():
             node = sub_wf.get_node(name)
-            assert node.config["execution"]["crashdump_dir"] == str(
-                tmp_path / "out" / f"sub-{subject}" / "log" / "RUN"
-            )
+            assert node.config["execution"]["crashdump_dir"] == str(tmp_path / "out" / f"sub-{subject}" / "log" / "RUN")
     assert len([n for n in wf.list_node_names() if n.endswith(".audit")]) == 3

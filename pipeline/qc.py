@@ -1,0 +1,73 @@
+"""Group-level quality control: gather every image's IQMs into ``qc.tsv`` with robust outlier flags."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
+SCREENED_METRICS = ("snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "brain_volume_ml")
+MAD_TO_SD = 1.4826
+
+
+def find_iqm_records(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
+    patterns = [f"sub-{s}" for s in subjects] if subjects else ["sub-*"]
+    return sorted({p for pattern in patterns for p in Path(output_dir).glob(f"{pattern}/**/anat/*_desc-iqm_T1w.json")})
+
+
+def iqm_table(records: Sequence[dict]) -> pd.DataFrame:
+    rows = []
+    for record in records:
+        parts = Path(record["source"]).parts
+        rows.append({
+            "participant_id": parts[0],
+            "session_id": parts[1] if len(parts) > 2 and parts[1].startswith("ses-") else "",
+            "source": record["source"],
+            **record["metrics"],
+            "flags": ",".join(record.get("flags", [])),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def robust_outliers(table: pd.DataFrame, metrics: Sequence[str] = SCREENED_METRICS, k: float = 3.0) -> pd.DataFrame:
+    """Add ``<metric>_outlier`` (beyond ``k`` robust SDs of the median: 1.4826 x MAD) and ``qc_outlier``.
+
+    >>> t = robust_outliers(pd.DataFrame({"cnr": [1.0, 1.1, 0.9, 1.0, 5.0]}), ["cnr"])
+    >>> t["cnr_outlier"].tolist()
+    [False, False, False, False, True]
+    """
+    table = table.copy()
+    outlier_columns = []
+    for metric in metrics:
+        if metric not in table.columns:
+            continue
+        values = pd.to_numeric(table[metric], errors="coerce")
+        median = values.median()
+        spread = MAD_TO_SD * (values - median).abs().median()
+        column = f"{metric}_outlier"
+        table[column] = (values - median).abs() > k * spread if spread > 0 else False
+        outlier_columns.append(column)
+    table["qc_outlier"] = table[outlier_columns].any(axis=1) if outlier_columns else False
+    return table
+
+
+def percentile_of(values: pd.Series, value: float) -> float | None:
+    """Share (0-100) of the group at or below ``value``."""
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    if numbers.empty or value is None or not np.isfinite(value):
+        return None
+    return float((numbers <= value).mean() * 100)
+
+
+def load_qc(output_dir: Path) -> pd.DataFrame | None:
+    path = Path(output_dir) / "qc.tsv"
+    return pd.read_csv(path, sep="\t") if path.exists() else None
+
+
+def gather_qc(output_dir: Path, subjects: Iterable[str] | None = None) -> pd.DataFrame:
+    records = [json.loads(p.read_text()) for p in find_iqm_records(output_dir, subjects)]
+    return robust_outliers(iqm_table(records)) if records else pd.DataFrame()

@@ -1,0 +1,161 @@
+"""Report figures as PNG bytes: pure functions of arrays (RAS-oriented), no global plotting state."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+_VIEWS = ("sagittal", "coronal", "axial")
+
+
+def slice_indices(size: int, n: int, extent: tuple[int, int] | None = None) -> list[int]:
+    """``n`` slices spread over the middle 70% of an axis, or of ``extent`` (first, last) on it.
+
+    >>> slice_indices(100, 3), slice_indices(100, 3, (40, 60))
+    ([15, 50, 84], [43, 50, 57])
+    """
+    first, last = extent if extent is not None else (0, size - 1)
+    span = last - first + 1
+    return [int(i) for i in (first + np.linspace(0.15 * span, 0.85 * span - 1, n)).round()]
+
+
+def _extent(mask: np.ndarray | None, axis: int) -> tuple[int, int] | None:
+    if mask is None or not mask.any():
+        return None
+    along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    return int(along[0]), int(along[-1])
+
+
+def _cut(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    axis = _VIEWS.index(view)
+    return np.take(volume, index, axis=axis).T  # rows: the next axis up, shown with origin="lower"
+
+
+def _png(figure: Figure, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure)  # attaches an Agg canvas: no pyplot, no global state
+    figure.savefig(buffer, format="png", dpi=dpi, facecolor=figure.get_facecolor())
+    return buffer.getvalue()
+
+
+def _window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    values = data[mask] if mask is not None and mask.any() else data[data != 0] if np.any(data) else data.ravel()
+    low, high = np.percentile(values, [1, 99.5])
+    return float(low), float(high if high > low else low + 1)
+
+
+def mosaic(data: np.ndarray, contour: np.ndarray | None = None, *, n: int = 6, dpi: int = 70) -> bytes:
+    """Three rows (sagittal, coronal, axial) of ``n`` slices, with the ``contour`` mask's outline in red."""
+    vmin, vmax = _window(data, contour)
+    figure = Figure(figsize=(n * 1.6, 3 * 1.7), facecolor="black")
+    for row, view in enumerate(_VIEWS):
+        axis = _VIEWS.index(view)
+        for col, index in enumerate(slice_indices(data.shape[axis], n, _extent(contour, axis))):
+            ax = figure.add_subplot(3, n, row * n + col + 1)
+            ax.imshow(
+                _cut(data, view, index),
+                cmap="gray",
+                vmin=vmin,
+                vmax=vmax,
+                origin="lower",
+                interpolation="nearest",
+            )
+            if contour is not None:
+                ax.contour(
+                    _cut(contour.astype(np.float32), view, index),
+                    levels=[0.5],
+                    colors=["#ff3b30"],
+                    linewidths=0.7,
+                )
+            ax.set_axis_off()
+    figure.subplots_adjust(0, 0, 1, 1, 0.02, 0.02)
+    return _png(figure, dpi)
+
+
+def edges(section: np.ndarray, mask: np.ndarray | None = None, percentile: float = 88) -> np.ndarray:
+    """Strong edges of a 2D section (gradient magnitude above a percentile), for overlays."""
+    smooth = ndimage.gaussian_filter(section.astype(np.float32), 1.0)
+    magnitude = np.hypot(ndimage.sobel(smooth, axis=0), ndimage.sobel(smooth, axis=1))
+    region = magnitude[mask] if mask is not None and mask.any() else magnitude[magnitude > 0]
+    return magnitude > np.percentile(region, percentile) if region.size else np.zeros(section.shape, bool)
+
+
+def registration_pair(
+    subject: np.ndarray, template: np.ndarray, template_mask: np.ndarray, *, n: int = 5, dpi: int = 70
+) -> tuple[bytes, bytes]:
+    """The same slices of the registered subject and of the template, both under the template's edges.
+
+    Shown in turn (a flicker or a toggle), a misregistration is seen as edges that slide.
+    """
+    near_brain = ndimage.binary_dilation(template_mask, iterations=3)
+    cuts = [
+        (view, index)
+        for axis, view in enumerate(_VIEWS)
+        for index in slice_indices(template.shape[axis], n, _extent(template_mask, axis))
+    ]
+    outlines = {cut: edges(_cut(template, *cut), _cut(near_brain, *cut)) for cut in cuts}
+    panels = []
+    for image in (subject, template):
+        vmin, vmax = _window(image, template_mask)
+        figure = Figure(figsize=(n * 1.6, 3 * 1.7), facecolor="black")
+        for position, cut in enumerate(cuts, start=1):
+            ax = figure.add_subplot(3, n, position)
+            ax.imshow(_cut(image, *cut), cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
+            outline = outlines[cut]
+            ax.imshow(
+                np.ma.masked_where(~outline, outline), cmap="autumn", alpha=0.8, origin="lower", interpolation="nearest"
+            )
+            ax.set_axis_off()
+        figure.subplots_adjust(0, 0, 1, 1, 0.02, 0.02)
+        panels.append(_png(figure, dpi))
+    return panels[0], panels[1]
+
+
+def bias_panels(
+    before: np.ndarray, after: np.ndarray, field: np.ndarray, mask: np.ndarray | None = None, *, dpi: int = 70
+) -> bytes:
+    """N4 evidence: before, after and the bias field, on a mid coronal and a mid axial slice."""
+    titles: Sequence[str] = ("before N4", "after N4", "bias field")
+    figure = Figure(figsize=(3 * 2.6, 2 * 2.6), facecolor="black")
+    for col, (image, title) in enumerate(zip((before, after, field), titles, strict=True)):
+        vmin, vmax = (
+            _window(image, mask) if col < 2 else (float(np.percentile(field, 1)), float(np.percentile(field, 99)))
+        )
+        for row, view in enumerate(("coronal", "axial")):
+            axis = _VIEWS.index(view)
+            ax = figure.add_subplot(2, 3, row * 3 + col + 1)
+            cmap = "gray" if col < 2 else "magma"
+            ax.imshow(_cut(image, view, image.shape[axis] // 2), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, color="white", fontsize=9)
+    figure.subplots_adjust(0, 0, 1, 0.93, 0.02, 0.02)
+    return _png(figure, dpi)
+
+
+def qc_strips(values: dict[str, Sequence[float]], outliers: dict[str, Sequence[bool]], *, dpi: int = 70) -> bytes:
+    """One strip per metric: every image's value, outliers in red."""
+    names = list(values)
+    figure = Figure(figsize=(8, 0.55 * len(names) + 0.6))
+    ax = figure.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)  # fixed jitter: the same data give the same figure
+    for row, name in enumerate(names):
+        data = np.asarray(values[name], dtype=float)
+        finite = np.isfinite(data)
+        if not finite.any():
+            continue
+        scaled = (data - np.nanmedian(data)) / (np.nanstd(data) or 1.0)
+        flags = np.asarray(outliers.get(name, [False] * len(data)), dtype=bool)
+        jitter = rng.uniform(-0.15, 0.15, len(data))
+        ax.scatter(scaled[~flags], row + jitter[~flags], s=12, color="#2a6f97")
+        ax.scatter(scaled[flags], row + jitter[flags], s=20, color="#b42318")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("standardised value (0 = group median)")
+    ax.invert_yaxis()
+    figure.tight_layout()
+    return _png(figure, dpi)

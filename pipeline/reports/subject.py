@@ -1,0 +1,120 @@
+"""The subject report ``sub-<label>.html``: gathered from the derivatives on disk, then rendered.
+
+Built at the end of the participant level and again by the group level, which adds each metric's
+group percentile. A report that cannot be written is logged; the subject's outputs stand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import __version__, derivatives
+from ..ops.template import TEMPLATE_SPACE
+from ..qc import percentile_of
+from .render import write_report
+
+LOGGER = logging.getLogger(__name__)
+
+#: Metrics shown in the report, with a label and which direction is better.
+METRICS = (
+    ("snr_wm", "SNR (white matter)", "higher"),
+    ("snr_gm", "SNR (grey matter)", "higher"),
+    ("cnr", "CNR (GM/WM)", "higher"),
+    ("cjv", "CJV", "lower"),
+    ("efc", "EFC", "lower"),
+    ("fber", "FBER", "higher"),
+    ("bias_range", "Bias-field range (p1-p99 in brain)", "lower"),
+    ("registration_ncc", "Registration NCC with template", "higher"),
+    ("brain_volume_ml", "Brain-mask volume (ml)", "—"),
+)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _png(path: Path) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.exists() else None
+
+
+def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | None) -> dict[str, Any]:
+    source = entry["source"]
+    find = lambda **kw: derivatives.derivative_path(output_dir, source, **kw)  # noqa: E731
+    audit = _read_json(find(suffix="T1w", extension=".json", desc="audit")) or {}
+    iqm_record = _read_json(find(suffix="T1w", extension=".json", desc="iqm")) or {}
+    registration = _read_json(find(suffix="xfm", extension=".json", **{"from": "T1w", "to": TEMPLATE_SPACE},
+                                   mode="image")) or {}  # fmt: skip
+    template = _read_json(find(suffix="T1w", extension=".json", space=TEMPLATE_SPACE, desc="preproc")) or {}
+    figure = lambda desc: _png(find(suffix="T1w", extension=".png", datatype="figures", desc=desc))  # noqa: E731
+    metrics = []
+    for key, label, better in METRICS:
+        value = iqm_record.get("metrics", {}).get(key)
+        percentile = None
+        if qc is not None and key in qc.columns and value is not None:
+            percentile = percentile_of(qc[key], value)
+        outlier = False
+        if qc is not None and f"{key}_outlier" in qc.columns:
+            rows = qc.loc[qc["source"] == source, f"{key}_outlier"]
+            outlier = bool(rows.iloc[0]) if len(rows) else False
+        metrics.append({"key": key, "label": label, "better": better, "value": value, "percentile": percentile,
+                        "outlier": outlier})  # fmt: skip
+    header = audit.get("header", {})
+    return {
+        "source": source,
+        "state": entry.get("state", "unknown"),
+        "audit": audit,
+        "header": header,
+        "intensity": audit.get("intensity", {}),
+        "flags": sorted(set(audit.get("flags", [])) | set(iqm_record.get("flags", []))),
+        "preparation": iqm_record.get("preparation", {}),
+        "registration": registration.get("Registration", {}),
+        "normalisation": template.get("IntensityNormalization", {}),
+        "metrics": metrics,
+        "figures": {desc: figure(desc) for desc in ("mosaic", "regsubject", "regtemplate", "biasfield")},
+    }
+
+
+def subject_context(output_dir: Path, subject: str, *, qc: pd.DataFrame | None = None) -> dict[str, Any]:
+    output_dir = Path(output_dir)
+    status = _read_json(derivatives.status_path(output_dir, subject)) or {}
+    run_dir = output_dir / "logs" / status.get("run_id", "")
+    config = _read_json(run_dir / "config.json") if status.get("run_id") else None
+    environment = _read_json(run_dir / "environment.json") if status.get("run_id") else None
+    images = [_image_context(output_dir, entry, qc) for entry in status.get("images", [])]
+    sessions = sorted(
+        {Path(img["source"]).parts[1] for img in images if Path(img["source"]).parts[1].startswith("ses-")}
+    )
+    warnings = [f"{img['source']}: {', '.join(img['flags'])}" for img in images if img["flags"]]
+    return {
+        "subject": f"sub-{subject}",
+        "status": status,
+        "images": images,
+        "sessions": sessions,
+        "warnings": warnings,
+        "config_json": json.dumps(config, indent=2) if config else "not recorded",
+        "environment": environment or {},
+        "group_available": qc is not None,
+        "version": __version__,
+        "template_space": TEMPLATE_SPACE,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_subject_report(output_dir: Path, subject: str, *, qc: pd.DataFrame | None = None) -> Path | None:
+    """Write ``OUTPUT_DIR/sub-<label>.html``; returns its path, or None when it could not be written."""
+    try:
+        context = subject_context(output_dir, subject, qc=qc)
+    except (OSError, ValueError, KeyError) as exc:
+        LOGGER.error("Could not gather the report of sub-%s: %s", subject, exc)
+        return None
+    return write_report(Path(output_dir) / f"sub-{subject}.html", "subject.html.j2", context)

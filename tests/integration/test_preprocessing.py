@@ -1,0 +1,160 @@
+"""Participant preprocessing on the real sample dataset: derivatives, accuracy, QC and reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from pipeline.ops.template import TEMPLATE_SPACE, load_template
+
+pytestmark = pytest.mark.integration
+SPACE = TEMPLATE_SPACE
+
+
+def _images(bids: Path) -> list[Path]:
+    return sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii*"))
+
+
+def test_every_derivative_with_a_sidecar(sample_run):
+    bids, out, _ = sample_run
+    for source in _images(bids):
+        stem = source.name.split("_T1w")[0]
+        anat = out / source.parent.relative_to(bids)
+        names = [
+            f"{stem}_desc-preproc_T1w", f"{stem}_desc-biasfield_T1w", f"{stem}_desc-brain_mask",
+            f"{stem}_space-{SPACE}_desc-preproc_T1w", f"{stem}_space-{SPACE}_res-2_desc-preproc_T1w",
+            f"{stem}_space-{SPACE}_desc-brain_mask", f"{stem}_space-{SPACE}_res-2_desc-brain_mask",
+        ]  # fmt: skip
+        for name in names:
+            assert (anat / f"{name}.nii.gz").exists(), name
+            sidecar = json.loads((anat / f"{name}.json").read_text())
+            assert sidecar["Sources"][0] == f"bids:raw:{source.relative_to(bids).as_posix()}"
+            assert "SimpleITK" in sidecar["SoftwareVersions"]
+        xfm = anat / f"{stem}_from-T1w_to-{SPACE}_mode-image_xfm.txt"
+        assert xfm.read_text().startswith("#Insight Transform File")
+        assert json.loads(xfm.with_suffix(".json").read_text())["Registration"]["metric"] == "MattesMutualInformation"
+        model = json.loads((anat / f"{stem}_space-{SPACE}_res-2_desc-preproc_T1w.json").read_text())
+        assert model["IntensityNormalization"]["iqr"] > 0 and model["res"] == "2"
+        for fig in ("mosaic", "regsubject", "regtemplate", "biasfield"):
+            assert (out / source.parts[-4] / "figures" / f"{stem}_desc-{fig}_T1w.png").exists()
+
+
+def test_model_arrays_share_one_grid_and_are_normalised(sample_run):
+    _, out, _ = sample_run
+    paths = sorted(out.glob(f"sub-*/ses-*/anat/*_space-{SPACE}_res-2_desc-preproc_T1w.nii.gz"))
+    images = [nib.load(p) for p in paths]
+    assert len({img.shape for img in images}) == 1
+    assert all(np.allclose(img.affine, images[0].affine) for img in images)
+    assert np.allclose(nib.affines.voxel_sizes(images[0].affine), 2)
+    mask = np.asanyarray(nib.load(str(paths[0]).replace("desc-preproc_T1w", "desc-brain_mask")).dataobj) > 0
+    for img in images:
+        inside = np.asanyarray(img.dataobj)[mask]
+        assert abs(np.median(inside)) < 0.1  # median 0, IQR 1 inside the brain
+        assert 0.8 < np.subtract(*np.percentile(inside, [75, 25])) < 1.2
+
+
+def test_pybids_indexes_the_output_as_derivatives(sample_run):
+    from bids import BIDSLayout
+
+    bids, out, _ = sample_run
+    layout = BIDSLayout(str(bids), derivatives=str(out), validate=False)
+    found = layout.derivatives.get_pipeline("bidsdl").get(space=SPACE, res="2", desc="preproc", suffix="T1w",
+                                                            extension=".nii.gz")  # fmt: skip
+    assert len(found) == len(_images(bids))
+    assert layout.get(scope="bidsdl", space=SPACE, desc="preproc", suffix="T1w", extension=".nii.gz", res=None)
+
+
+def test_registration_matches_the_true_transform(sample_run):
+    """Mean displacement over template brain voxels between estimated and true mapping: < 1 mm."""
+    bids, out, _ = sample_run
+    template = load_template(2)
+    ijk = np.argwhere(template.brain_mask)[::7]
+    xyz = ijk @ template.affine[:3, :3].T + template.affine[:3, 3]
+    for source in _images(bids):
+        stem = source.name.split(".")[0]
+        truth_file = bids / "sourcedata" / "truth" / f"{stem}.json"
+        if not truth_file.exists():  # the planted duplicate is a copy: its truth is its original's
+            continue
+        truth = np.asarray(json.loads(truth_file.read_text())["TemplateToT1w"])
+        xfm = next(out.glob(f"**/{stem.removesuffix('_T1w')}_from-T1w_to-{SPACE}_mode-image_xfm.txt"))
+        transform = sitk.ReadTransform(str(xfm))
+        estimated = np.array([transform.TransformPoint((-x, -y, z)) for x, y, z in xyz]) * [-1, -1, 1]
+        expected = xyz @ truth[:3, :3].T + truth[:3, 3]
+        error = np.linalg.norm(estimated - expected, axis=1).mean()
+        assert error < 1.0, f"{stem}: {error:.2f} mm"
+
+
+def test_iqms_and_group_qc(sample_run):
+    _, out, _ = sample_run
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("sub-*/ses-*/anat/*_desc-iqm_T1w.json"))]
+    for record in records:
+        metrics = record["metrics"]
+        assert metrics["registration_ncc"] > 0.8 and metrics["snr_wm"] > 3 and 0 < metrics["cjv"] < 1
+        assert 1000 < metrics["brain_volume_ml"] < 2500
+        assert "poor_registration" not in record["flags"]
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    assert len(qc) == len(records) and "qc_outlier" in qc and "cnr_outlier" in qc
+    assert json.loads((out / "qc.json").read_text())["OutlierRule"].startswith("|x - median| > 3")
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+        self.ids: set[str] = set()
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+        self.ids |= {attributes["id"]} if "id" in attributes else set()
+        self.images += tag == "img"
+
+
+def test_subject_reports_are_complete_and_self_contained(sample_run):
+    bids, out, _ = sample_run
+    reports = sorted(out.glob("sub-*.html"))
+    assert [r.stem for r in reports] == sorted({p.parts[-4] for p in _images(bids)})
+    for report in reports:
+        html = report.read_text()
+        assert report.stat().st_size < 5 * 1024 * 1024
+        parser = _Collector()
+        parser.feed(html)
+        assert {"summary", "audit", "preprocessing", "iqms", "provenance", "errors"} <= parser.ids
+        assert not [u for u in parser.urls if not u.startswith(("#", "data:"))]
+        assert parser.images >= 4 and "(p" in html  # figures, and group percentiles after the group run
+        assert "No errors." in html and "Registration check" in html
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium to open the report in")
+def test_subject_report_opens_in_a_real_browser_offline(sample_run, tmp_path):
+    _, out, _ = sample_run
+    copy = tmp_path / "copied_report.html"
+    shutil.copy(sorted(out.glob("sub-*.html"))[0], copy)  # opened from a copy: nothing else needed
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", copy.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Quality metrics" in result.stdout and "Registration check" in result.stdout
+
+
+def test_same_inputs_give_identical_outputs(bids_factory, run_cli, tmp_path):
+    bids = bids_factory(subjects={"01": ["anat/sub-01_T1w.nii.gz"]})
+    for name in ("a", "b"):
+        assert run_cli(bids, tmp_path / name, "participant", "--omp-nthreads", "2")[0] == 0
+    produced = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").glob("sub-01/**/*.nii.gz"))
+    assert len(produced) == 7
+    for rel in produced:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
