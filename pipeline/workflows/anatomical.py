@@ -110,8 +110,8 @@ def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
     workflow.connect([
         (inputnode, iqms, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
-            ("mask_t1w", "in_mask_t1w"), ("transform", "in_transform"), ("t1w_template", "in_registered"), ("audit_record", "in_audit"),
-            ("registration_record", "in_registration"), ("prepare_record", "in_prepare"),
+            ("mask_t1w", "in_mask_t1w"), ("transform", "in_transform"), ("t1w_template", "in_registered"),
+            ("audit_record", "in_audit"), ("registration_record", "in_registration"), ("prepare_record", "in_prepare"),
         ]),
         (inputnode, reportlets, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),

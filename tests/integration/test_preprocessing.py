@@ -158,3 +158,77 @@ def test_same_inputs_give_identical_outputs(bids_factory, run_cli, tmp_path):
     assert len(produced) == 7
     for rel in produced:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def _odd_images(root: Path) -> None:
+    """sub-01 anisotropic, sub-02 very low contrast, sub-03 not a T1 (contrast inverted), sub-04 tiny."""
+    from tests.helpers import small_head, write_nifti
+
+    head = small_head("aniso", voxel_scale=2.0)
+    affine = head.affine.copy()
+    affine[:3, 2] *= 3
+    write_nifti(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", np.asanyarray(head.dataobj)[:, :, ::3], affine)
+    head = small_head("low")
+    data = np.asanyarray(head.dataobj).astype(np.float32)
+    rng = np.random.default_rng(0)
+    low = data.mean() + 0.1 * (data - data.mean()) + rng.normal(0, 0.1 * data.std(), data.shape)
+    write_nifti(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz", low.astype(np.float32), head.affine)
+    head = small_head("t2")
+    data = np.asanyarray(head.dataobj).astype(np.float32)
+    inverted = np.where(data > 0.1 * data.max(), data.max() - data, data)  # bright fluid, dark white matter
+    write_nifti(root / "sub-03" / "anat" / "sub-03_T1w.nii.gz", inverted, head.affine)
+    tiny = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    (root / "sub-04" / "anat").mkdir(parents=True)
+    shutil.copyfile(tiny, root / "sub-04" / "anat" / "sub-04_T1w.nii")
+
+
+def test_odd_images_process_or_fail_cleanly(bids_factory, run_cli, tmp_path):
+    subjects = {s: [] for s in ("01", "02", "03", "04")}
+    bids = bids_factory(subjects=subjects, prepare=_odd_images)
+    out = tmp_path / "out"
+    code, _, err = run_cli(bids, out, "participant")
+    assert code == 1  # the tiny image fails; the others finish
+
+    def record(label, desc):
+        return json.loads((out / f"sub-{label}" / "anat" / f"sub-{label}_desc-{desc}_T1w.json").read_text())
+
+    assert "anisotropic" in record("01", "audit")["flags"]
+    assert record("01", "iqm")["metrics"]["registration_ncc"] > 0.6
+    assert {"low_contrast", "low_snr"} & set(record("02", "iqm")["flags"])
+    assert "poor_registration" in record("03", "iqm")["flags"]
+    for label in ("01", "02", "03"):
+        assert json.loads((out / f"sub-{label}" / "log" / f"sub-{label}_status.json").read_text())["state"] == "done"
+    status = json.loads((out / "sub-04" / "log" / "sub-04_status.json").read_text())
+    assert status["state"] == "failed" and "sub-04/anat/sub-04_T1w.nii" in status["errors"][0]
+    assert "covers" in status["errors"][0] and "whole-brain T1w" in status["errors"][0]
+    assert "sub-04 failed" in err and "1 of 4 participant(s) failed: sub-04" in err
+    report = (out / "sub-04.html").read_text()
+    assert "whole-brain T1w" in report and 'class="state-failed"' in report
+
+
+def test_stop_on_first_crash(bids_factory, run_cli, tmp_path):
+    subjects = {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")}
+    bids = bids_factory(
+        subjects=subjects, prepare=lambda r: (r / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"")
+    )
+    code, _, err = run_cli(bids, tmp_path / "out", "participant", "--stop-on-first-crash", "--nprocs", "1")
+    assert code == 1 and "sub-01 failed" in err
+    config = json.loads(next((tmp_path / "out" / "logs").glob("*/config.json")).read_text())
+    assert config["stop_on_first_crash"] is True
+
+
+def test_rerun_after_a_crash_redoes_only_what_failed(tmp_path, run_cli):
+    from tests.helpers import make_bids
+
+    bids = make_bids(tmp_path / "bids", {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")})
+    good = (bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz").read_bytes()
+    (bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    assert run_cli(bids, out, "participant")[0] == 1
+    work = out / ".bidsdl_work" / "bidsdl_wf" / "sub_01_wf"
+    done = sorted(p for p in work.glob("anat_*_wf/*/*/result_*.pklz") if "/ds_" not in str(p))  # sinks always re-save
+    stamps = [p.stat().st_mtime_ns for p in done]
+    (bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(good)  # the file is fixed
+    assert run_cli(bids, out, "participant")[0] == 0
+    assert [p.stat().st_mtime_ns for p in done] == stamps  # sub-01 was not recomputed
+    assert json.loads((out / "sub-02" / "log" / "sub-02_status.json").read_text())["state"] == "done"
