@@ -1,4 +1,5 @@
 # bidsdl: `make demo` runs the tool on generated sample data; `make test` runs lint and the tests.
+# `make benchmark` prints speed, memory and accuracy figures (installs antspyx for the comparison).
 # Both create the virtual environment (.venv) on first use; nothing else needs installing by hand.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ DEMO_DIR ?= demo
 DEMO_SUBJECTS ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint benchmark clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,10 @@ demo: install
 	@echo "Sample dataset:   $(abspath $(DEMO_DIR))/bids"
 	@echo "Derivatives:      $(abspath $(DEMO_DIR))/derivatives"
 	@echo "Manifest:         $(abspath $(DEMO_DIR))/derivatives/manifest.tsv"
+	@echo "Quality metrics:  $(abspath $(DEMO_DIR))/derivatives/qc.tsv"
 	@echo "Group report:     $(abspath $(DEMO_DIR))/derivatives/group.html"
+	@echo "Subject reports:"
+	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html; do echo "  $$report"; done
 	@echo "Logs and configs: $(abspath $(DEMO_DIR))/derivatives/logs/"
 
 lint: install
@@ -38,6 +42,12 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+benchmark: install
+	$(BIN)/pip install --quiet -c constraints.txt ".[benchmark]"
+	$(BIN)/python benchmarks/sample_dataset.py
+	$(BIN)/python benchmarks/audit.py
+	$(BIN)/python benchmarks/preprocess.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

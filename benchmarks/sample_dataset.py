@@ -23,9 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        summary = write_sample_dataset(
-            Path(tmp) / "bids", SampleOptions(n_subjects=args.subjects, n_jobs=args.nprocs)
-        )
+        summary = write_sample_dataset(Path(tmp) / "bids", SampleOptions(n_subjects=args.subjects, n_jobs=args.nprocs))
         elapsed = time.perf_counter() - start
         size_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 1e6
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -28,8 +28,8 @@ class RegistrationSettings:
     min_step: float = 1e-3
     iterations: int = 100
     relaxation: float = 0.5
-    rigid_shrink: tuple[int, ...] = (4, 2, 1)
-    rigid_smoothing_mm: tuple[float, ...] = (4.0, 2.0, 1.0)
+    rigid_shrink: tuple[int, ...] = (4, 2)
+    rigid_smoothing_mm: tuple[float, ...] = (4.0, 2.0)
     affine_shrink: tuple[int, ...] = (2, 1)
     affine_smoothing_mm: tuple[float, ...] = (2.0, 0.0)
     mask_dilation_mm: float = 4.0

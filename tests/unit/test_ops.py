@@ -153,7 +153,7 @@ def test_iqms_known_answers():
     assert iqm.efc(np.r_[1.0, np.zeros(99)]) == pytest.approx(0)
     assert iqm.fber(np.full(5, 3.0), np.zeros(5)) is None
     assert iqm.ncc(wm, -wm) == pytest.approx(-1)
-    assert iqm.qc_flags({"registration_ncc": 0.2, "cjv": 1.5, "snr_wm": 2}) == [
+    assert iqm.qc_flags({"registration_ncc": 0.2, "cjv": 3.5, "snr_wm": 2}) == [
         "poor_registration", "low_contrast", "low_snr"]  # fmt: skip
 
 
