@@ -153,19 +153,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_derivative_json(
-    output_dir: Path,
-    source: Path | str,
-    data: Mapping[str, Any],
-    *,
-    desc: str,
-    suffix: str = "T1w",
-) -> Path:
-    """Write a JSON record derived from the BIDS file ``source`` (e.g. the audit)."""
-    rel = build_path({**source_entities(source), "desc": desc}, suffix=suffix, extension=".json")
-    return write_json(Path(output_dir) / rel, data)
-
-
 def software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

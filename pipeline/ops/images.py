@@ -57,10 +57,6 @@ def reference_image(affine: np.ndarray, shape: Sequence[int]) -> sitk.Image:
     return reference
 
 
-def ras_to_lps_points(points: np.ndarray) -> np.ndarray:
-    return np.asarray(points, dtype=float) * np.array([-1.0, -1.0, 1.0])
-
-
 def transform_matrix_ras(transform: sitk.Transform) -> np.ndarray:
     """4x4 RAS matrix of an affine-like SimpleITK transform (maps RAS points as it maps LPS ones)."""
     if transform.GetDimension() != 3:

@@ -13,7 +13,6 @@ import SimpleITK as sitk
 from .images import array_to_sitk, sitk_affine, sitk_to_array
 
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
-TEMPLATE_SOURCE = "nilearn:mni_icbm152_t1_tal_nlin_sym_09a (brain-only)"
 
 
 #: nilearn's bundled files (read with nibabel: importing nilearn.datasets costs seconds per process).
