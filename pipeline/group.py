@@ -16,7 +16,7 @@ from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import RunConfig
 from .errors import InputDataError
-from .qc import MAD_TO_SD, SCREENED_METRICS, gather_qc
+from .qc import MAD_TO_SD, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc
 from .reports import figures
 from .reports.render import write_report
 from .reports.subject import write_subject_report
@@ -42,7 +42,8 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
     derivatives.write_text(out / "qc.tsv", qc_table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(out / "qc.json", {
         "Description": "Image quality metrics of every preprocessed T1w, with robust outlier flags",
-        "OutlierRule": f"|x - median| > 3 x {MAD_TO_SD} x MAD, per metric; qc_outlier = any",
+        "OutlierRule": f"|x - median| > 3 x max({MAD_TO_SD} x MAD, {MIN_RELATIVE_SPREAD} x |median|), per metric; "
+        "qc_outlier = any",
         "ScreenedMetrics": list(SCREENED_METRICS),
     })  # fmt: skip
     metrics = [m for m in SCREENED_METRICS if m in qc_table.columns]

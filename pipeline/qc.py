@@ -12,6 +12,9 @@ import pandas as pd
 #: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
 SCREENED_METRICS = ("snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "brain_volume_ml")
 MAD_TO_SD = 1.4826
+#: Least spread used, as a share of the median: differences of a few percent are never outliers,
+#: however alike the rest of the group is.
+MIN_RELATIVE_SPREAD = 0.02
 
 
 def find_iqm_records(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
@@ -34,11 +37,15 @@ def iqm_table(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def robust_outliers(table: pd.DataFrame, metrics: Sequence[str] = SCREENED_METRICS, k: float = 3.0) -> pd.DataFrame:
-    """Add ``<metric>_outlier`` (beyond ``k`` robust SDs of the median: 1.4826 x MAD) and ``qc_outlier``.
+    """Add ``<metric>_outlier`` and ``qc_outlier``: beyond ``k`` robust SDs of the median.
+
+    The robust SD is 1.4826 x MAD, but at least 2% of the median's magnitude.
 
     >>> t = robust_outliers(pd.DataFrame({"cnr": [1.0, 1.1, 0.9, 1.0, 5.0]}), ["cnr"])
     >>> t["cnr_outlier"].tolist()
     [False, False, False, False, True]
+    >>> robust_outliers(pd.DataFrame({"v": [100.0, 100.0, 100.0, 100.0, 103.0]}), ["v"])["v_outlier"].tolist()
+    [False, False, False, False, False]
     """
     table = table.copy()
     outlier_columns = []
@@ -47,7 +54,7 @@ def robust_outliers(table: pd.DataFrame, metrics: Sequence[str] = SCREENED_METRI
             continue
         values = pd.to_numeric(table[metric], errors="coerce")
         median = values.median()
-        spread = MAD_TO_SD * (values - median).abs().median()
+        spread = max(MAD_TO_SD * (values - median).abs().median(), MIN_RELATIVE_SPREAD * abs(median))
         column = f"{metric}_outlier"
         table[column] = (values - median).abs() > k * spread if spread > 0 else False
         outlier_columns.append(column)
