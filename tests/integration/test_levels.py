@@ -166,7 +166,7 @@ def test_parallel_participant_jobs_share_one_output(bids_factory, tmp_path):
     """Two array tasks at once into the same OUTPUT_DIR both finish and agree on its description."""
     sample_bids = bids_factory()
     bidsdl = str(Path(sys.executable).parent / "bidsdl")
-    out = tmp_path / "shared"
+    out = tmp_path / "one_output"
     jobs = [
         subprocess.Popen(
             [
