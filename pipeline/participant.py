@@ -100,6 +100,7 @@ def run_participant_level(
         LOGGER.debug("Nipype reported failed nodes: %s", exc)
     finished = time.time()
     statuses = []
+    qc = load_qc(config.output_dir)  # group percentiles in the reports, once a group run exists
     for subject, images in subjects.items():
         status = subject_status(
             subject=subject,
@@ -113,7 +114,7 @@ def run_participant_level(
         )
         derivatives.write_json(derivatives.status_path(config.output_dir, subject), status)
         statuses.append(status)
-        report = write_subject_report(config.output_dir, subject, qc=load_qc(config.output_dir))
+        report = write_subject_report(config.output_dir, subject, qc=qc)
         status["report"] = report.name if report else None
         if status["state"] == "failed":
             LOGGER.error("sub-%s failed:\n  %s", subject, "\n  ".join(status["errors"]))

@@ -85,16 +85,11 @@ def setup_logging(verbosity: int, log_file: Path | None) -> None:
 
 
 def _discover(config: RunConfig):
-    from ..bids.layout import collect_t1w, index_dataset, select_participants, subjects_on_disk
+    from ..bids.layout import collect_t1w, index_dataset, select_participants
 
     layout = index_dataset(config.bids_dir)
     images = collect_t1w(layout, subjects=config.participant_label or None, sessions=config.session_label or None)
     with_images = sorted({img.subject for img in images})
-    if config.participant_label:
-        with_images = sorted(
-            set(with_images) | (set(config.participant_label) & set(subjects_on_disk(config.bids_dir)))
-        )
-        with_images = [s for s in with_images if any(img.subject == s for img in images)]
     selected = select_participants(with_images, requested=config.participant_label, index=config.participant_index)
     return {s: [img for img in images if img.subject == s] for s in selected}
 
