@@ -19,6 +19,30 @@ import yaml
 
 from .errors import UsageError
 
+#: Fields that decide what the group level learns (a resumed training must not change them).
+LEARNING_FIELDS = (
+    "target",
+    "task",
+    "positive_class",
+    "exclude_qc_outliers",
+    "stratify",
+    "test_size",
+    "n_folds",
+    "val_size",
+    "architecture",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "patience",
+    "selection_metric",
+    "class_weighting",
+    "augment",
+    "amp",
+    "seed",
+    "model_resolution",
+)
+
 #: Fields that change how fast a run goes or what it selects, not what it computes for a subject.
 #: (``omp_nthreads`` is hashed: N4's result depends, in the last bits, on its thread count.)
 _NOT_HASHED = frozenset(
@@ -36,6 +60,12 @@ _NOT_HASHED = frozenset(
         "verbosity",
         "config_file",
         "stop_on_first_crash",
+        *(f for f in LEARNING_FIELDS if f not in ("seed", "model_resolution")),
+        "device",
+        "resume",
+        "reports_only",
+        "resplit",
+        "tensorboard",
     }
 )
 
@@ -64,6 +94,30 @@ class RunConfig:
     seed: int = 42
     verbosity: int = 0
     config_file: Path | None = None
+    # group level: learning (without a target, the group level only gathers and reports)
+    target: str | None = None
+    task: str = "auto"
+    positive_class: str | None = None
+    exclude_qc_outliers: bool = False
+    stratify: tuple[str, ...] = ()
+    test_size: float = 0.2
+    n_folds: int = 5
+    val_size: float = 0.2
+    architecture: str = "conv5fc3"
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    selection_metric: str = "loss"
+    class_weighting: str = "loss"
+    augment: tuple[str, ...] = ()
+    device: str = "auto"
+    amp: bool = False
+    resume: bool = False
+    reports_only: bool = False
+    resplit: bool = False
+    tensorboard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict whose keys mirror the long options (usable again with ``--config``)."""
@@ -76,6 +130,11 @@ class RunConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+    def learning_settings(self) -> dict[str, Any]:
+        """The settings that decide what the group level learns."""
+        values = self.to_dict()
+        return {k: values[k] for k in LEARNING_FIELDS}
 
     def config_hash(self) -> str:
         """sha256 of the settings that determine a subject's outputs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -16,8 +17,12 @@ from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import RunConfig
 from .errors import InputDataError
+from .learn.splits import SplitSettings
+from .learn.study import RESULTS, StudySettings, run_study, study_dir
+from .learn.train import TrainSettings
 from .qc import MAD_TO_SD, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc
 from .reports import figures
+from .reports.group_learning import dataset_summary, learning_context
 from .reports.render import write_report
 from .reports.subject import write_subject_report
 
@@ -91,8 +96,79 @@ def _checks(findings: dict[str, Any], qc_table: pd.DataFrame | None = None) -> l
     ]
 
 
-def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, Any]) -> dict[str, Any]:
-    """Write ``manifest.tsv`` (+ ``manifest.json``), ``group_audit.json`` and ``group.html``."""
+def study_settings(config: RunConfig) -> StudySettings:
+    """The learning study the run config asks for (the config is read here, not below)."""
+    assert config.target is not None
+    return StudySettings(
+        target=config.target,
+        task=config.task,
+        positive_class=config.positive_class,
+        exclude_qc_outliers=config.exclude_qc_outliers,
+        stratify=config.stratify,
+        split=SplitSettings(
+            test_size=config.test_size,
+            n_folds=config.n_folds,
+            val_size=config.val_size,
+            seed=config.seed,
+            stratify=config.stratify,
+        ),
+        architecture=config.architecture,
+        train=TrainSettings(
+            task=config.task,
+            n_outputs=0,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            patience=config.patience,
+            selection_metric=config.selection_metric,
+            class_weighting=config.class_weighting,
+            augment=config.augment,
+            amp=config.amp,
+            seed=config.seed,
+        ),
+        model_resolution=config.model_resolution,
+        device=config.device,
+        resume=config.resume,
+        resplit=config.resplit,
+        tensorboard=config.tensorboard,
+        learning_settings=config.learning_settings(),
+    )
+
+
+def _learning_results(
+    config: RunConfig, table: pd.DataFrame, qc_table: pd.DataFrame, *, work_dir: Path, environment: dict[str, Any]
+) -> dict[str, Any] | None:
+    if config.target is None:
+        return None
+    results_path = study_dir(config.output_dir, config.target, config.architecture) / RESULTS
+    if config.reports_only:
+        if not results_path.exists():
+            raise InputDataError(
+                f"--reports-only: no training results for --target {config.target} --architecture "
+                f"{config.architecture} ({results_path} is missing). Run the group level without --reports-only."
+            )
+        return json.loads(results_path.read_text())
+    manifest_sha = hashlib.sha256((config.output_dir / "manifest.tsv").read_bytes()).hexdigest()
+    return run_study(
+        table,
+        output_dir=config.output_dir,
+        cache_dir=work_dir / "learn_cache",
+        qc=qc_table if not qc_table.empty else None,
+        settings=study_settings(config),
+        config_record=config.to_dict(),
+        environment=environment,
+        manifest_sha256=manifest_sha,
+    )
+
+
+def run_group_level(
+    config: RunConfig, *, run_id: str, environment: dict[str, Any], work_dir: Path | None = None
+) -> dict[str, Any]:
+    """Write ``manifest.tsv`` (+ ``manifest.json``), ``group_audit.json``, ``qc.tsv`` and ``group.html``.
+
+    With ``--target``, also train and evaluate a model (:mod:`pipeline.learn.study`).
+    """
     audit_paths = mf.find_audits(config.output_dir, config.participant_label or None)
     if not audit_paths:
         raise InputDataError(
@@ -130,6 +206,9 @@ def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, An
     for subject in sorted({pid[4:] for pid in table["participant_id"]}):
         if derivatives.status_path(out, subject).exists():
             write_subject_report(out, subject, qc=qc_table if not qc_table.empty else None)
+    learning = _learning_results(
+        config, table, qc_table, work_dir=work_dir or out / ".bidsdl_work", environment=environment
+    )
     rows = table.to_dict(orient="records")
     for row in rows:
         row["flags"] = [f for f in str(row["flags"]).split(",") if f]
@@ -148,6 +227,10 @@ def run_group_level(config: RunConfig, *, run_id: str, environment: dict[str, An
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "environment": environment,
             "config_json": json.dumps(config.to_dict(), indent=2),
+            "dataset": dataset_summary(table, config.target),
+            "seed": config.seed,
+            "manifest_sha256": hashlib.sha256((out / "manifest.tsv").read_bytes()).hexdigest(),
+            "learning": learning_context(learning, out) if learning else None,
         },
     )
     LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")

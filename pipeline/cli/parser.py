@@ -16,8 +16,15 @@ from .. import __version__
 from ..bids.layout import normalize_label
 from ..config import POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
 from ..errors import UnknownAnalysisLevel, UsageError
+from ..learn import ARCHITECTURE_NAMES
 
 ANALYSIS_LEVELS = ("participant", "group")
+TASKS = ("auto", "classification", "regression")
+SELECTION_METRICS = ("loss", "balanced_accuracy", "roc_auc", "mae")
+CLASS_WEIGHTING = ("none", "loss", "sampler")
+AUGMENTATIONS = ("affine", "intensity", "noise", "flip")
+DEFAULT_AUGMENT = ("affine", "intensity", "noise")
+DEVICES = ("auto", "cpu", "cuda")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
 
@@ -45,6 +52,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
@@ -96,6 +110,49 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         metavar="MM",
         help="voxel size of the cropped template-space array that learning uses (default 2)",
     )
+
+    learn = parser.add_argument_group("group level: learning (without --target, only gather and report)")
+    learn.add_argument("--target", metavar="COLUMN", help="participants.tsv/sessions.tsv column to predict")
+    learn.add_argument("--task", choices=TASKS, help="auto: categorical -> classification, numeric -> regression")
+    learn.add_argument("--positive-class", metavar="LABEL", help="positive class (default: the rarest class)")
+    learn.add_argument("--exclude-qc-outliers", action="store_true", help="leave out images flagged in qc.tsv")
+    learn.add_argument(
+        "--stratify", nargs="+", metavar="COLUMN", help="columns to stratify the splits by (default: the target)"
+    )
+    learn.add_argument("--test-size", type=_fraction, metavar="F", help="held-out test fraction (default 0.2)")
+    learn.add_argument(
+        "--n-folds", type=_positive_int, metavar="K", help="cross-validation folds; 1: one split by --val-size"
+    )
+    learn.add_argument("--val-size", type=_fraction, metavar="F", help="validation fraction with --n-folds 1")
+    learn.add_argument("--architecture", choices=ARCHITECTURE_NAMES, help="network (default conv5fc3)")
+    learn.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum epochs (default 30)")
+    learn.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size (default 8)")
+    learn.add_argument("--lr", type=_positive_float, metavar="X", help="learning rate of AdamW (default 1e-3)")
+    learn.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (default 1e-4)")
+    learn.add_argument(
+        "--patience", type=_positive_int, metavar="N", help="stop after N epochs without improvement (default 10)"
+    )
+    learn.add_argument(
+        "--selection-metric",
+        choices=SELECTION_METRICS,
+        help="validation metric that picks the kept model (default loss)",
+    )
+    learn.add_argument(
+        "--class-weighting", choices=CLASS_WEIGHTING, help="balance classes in the loss or by sampling (default loss)"
+    )
+    learn.add_argument(
+        "--augment",
+        nargs="*",
+        choices=AUGMENTATIONS,
+        metavar="KIND",
+        help=f"training augmentation; alone: {' '.join(DEFAULT_AUGMENT)} (add 'flip' for left-right flips)",
+    )
+    learn.add_argument("--device", choices=DEVICES, help="auto: cuda when available, else cpu")
+    learn.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
+    learn.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoints")
+    learn.add_argument("--resplit", action="store_true", help="make new splits when the data changed since")
+    learn.add_argument("--reports-only", action="store_true", help="rebuild the reports from existing outputs")
+    learn.add_argument("--tensorboard", action="store_true", help="also log training to TensorBoard")
 
     res = parser.add_argument_group("resources")
     res.add_argument(
@@ -206,4 +263,29 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         seed=merged["seed"] if merged.get("seed") is not None else 42,
         verbosity=verbosity,
         config_file=Path(merged["config"]).absolute() if merged.get("config") else None,
+        **_learning_options(merged),
     )
+
+
+def _learning_options(merged: dict[str, Any]) -> dict[str, Any]:
+    defaults = RunConfig(Path(), Path(), "group")
+    simple = (
+        "target", "task", "positive_class", "test_size", "n_folds", "val_size", "architecture", "epochs",
+        "batch_size", "lr", "weight_decay", "patience", "selection_metric", "class_weighting", "device",
+    )  # fmt: skip
+    options: dict[str, Any] = {k: merged[k] for k in simple if merged.get(k) is not None}
+    for flag in ("exclude_qc_outliers", "amp", "resume", "resplit", "reports_only", "tensorboard"):
+        options[flag] = bool(merged.get(flag))
+    if merged.get("stratify"):
+        options["stratify"] = tuple(dict.fromkeys(merged["stratify"]))
+    if merged.get("augment") is not None:  # '--augment' alone: the anatomically safe default set
+        options["augment"] = tuple(sorted(set(merged["augment"] or DEFAULT_AUGMENT)))
+    task = options.get("task", defaults.task)
+    metric = options.get("selection_metric", defaults.selection_metric)
+    if task == "regression" and metric in ("balanced_accuracy", "roc_auc"):
+        raise UsageError(f"--selection-metric {metric} needs classification; use loss or mae for regression.")
+    if task == "classification" and metric == "mae":
+        raise UsageError("--selection-metric mae needs regression; use loss, balanced_accuracy or roc_auc.")
+    if options.get("n_folds", defaults.n_folds) == 1 and "val_size" not in options:
+        options["val_size"] = defaults.val_size
+    return options

@@ -72,8 +72,10 @@ def init_anat_preproc_wf(
     outputnode = pe.Node(IdentityInterface(fields=list(PREPROC_OUTPUTS)), name="outputnode")
     prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
     n4 = pe.Node(N4BiasCorrection(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads, mem_gb=1.5)
+    # The registration metric runs on one thread (reproducible sums): reserve one core, so that
+    # MultiProc runs several subjects' registrations side by side.
     register = pe.Node(RegisterToTemplate(seed=seed, num_threads=omp_nthreads), name="register",
-                       n_procs=omp_nthreads, mem_gb=1.0)  # fmt: skip
+                       n_procs=1, mem_gb=1.0)  # fmt: skip
     to_template = pe.Node(ResampleToTemplate(model_resolution=model_resolution, num_threads=omp_nthreads),
                           name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     workflow.connect([

@@ -1,0 +1,258 @@
+"""Who the group level learns from: the manifest's images with a target, and their cached arrays.
+
+The learning input of an image is its model-resolution template-space derivative
+(``space-<template>_res-<r>_desc-preproc_T1w.nii.gz``). Reading .nii.gz every epoch is ~10x
+slower than a memory-mapped ``.npy``, so each is cached once as ``.npy`` beside a small JSON
+record of what it was made from; a cache entry whose source changed, or whose bytes no longer
+match their hash, is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .. import derivatives
+from ..errors import InputDataError
+from ..ops.template import TEMPLATE_SPACE, resolution_label
+
+LOGGER = logging.getLogger(__name__)
+
+#: Numeric targets with fewer distinct values than this are taken as classes under ``--task auto``.
+MIN_REGRESSION_VALUES = 5
+
+
+def model_input_path(output_dir: Path, source: str, resolution_mm: float) -> Path:
+    """The model-resolution derivative of the BIDS image ``source`` (relative to BIDS_DIR)."""
+    return derivatives.derivative_path(
+        output_dir,
+        source,
+        suffix="T1w",
+        extension=".nii.gz",
+        space=TEMPLATE_SPACE,
+        res=resolution_label(resolution_mm),
+        desc="preproc",
+    )
+
+
+def target_values(manifest: pd.DataFrame, target: str) -> pd.Series:
+    """Per-image target: the sessions.tsv value where there is one, else participants.tsv's.
+
+    >>> m = pd.DataFrame({"age": [70.0, 70.0], "session_age": [70.0, None]})
+    >>> target_values(m, "age").tolist()
+    [70.0, 70.0]
+    """
+    candidates = [c for c in (f"session_{target}", target, f"participant_{target}") if c in manifest.columns]
+    if not candidates:
+        described = sorted(
+            c.removeprefix("session_").removeprefix("participant_")
+            for c in manifest.columns
+            if c.startswith(("session_", "participant_")) or c not in _MANIFEST_OWN
+        )
+        raise InputDataError(
+            f"--target {target!r} is not a column of participants.tsv or sessions.tsv. "
+            f"Columns found: {', '.join(dict.fromkeys(described)) or 'none'}. Choose one of them."
+        )
+    values = manifest[candidates[0]].copy()
+    for column in candidates[1:]:
+        values = values.where(values.notna(), manifest[column])
+    return values
+
+
+_MANIFEST_OWN = frozenset(
+    {
+        "participant_id", "session_id", "source", "audit", "readable", "file_sha256", "data_sha256", "shape",
+        "voxel_size_mm", "orientation", "obliquity_deg", "datatype", "intensity_p50", "intensity_p99", "nan_count",
+        "inf_count", "flags", "manufacturer", "field_strength", "duplicate_of", "in_participants_tsv",
+    }
+)  # fmt: skip
+
+
+def resolve_task(values: pd.Series, task: str) -> str:
+    """``classification`` or ``regression``; ``auto`` decides by the values.
+
+    >>> resolve_task(pd.Series(["AD", "CN"]), "auto"), resolve_task(pd.Series([1.0, 2, 3, 4, 5]), "auto")
+    ('classification', 'regression')
+    """
+    if task != "auto":
+        return task
+    numeric = pd.to_numeric(values.dropna(), errors="coerce")
+    if numeric.notna().all() and numeric.nunique() >= MIN_REGRESSION_VALUES:
+        return "regression"
+    return "classification"
+
+
+def class_labels(values: pd.Series, positive_class: str | None) -> list[str]:
+    """Class names in index order; with two classes the positive one is index 1.
+
+    The default positive class is the rarer one (ties: the last in sorted order), the usual
+    reading of "positive" for a diagnosis.
+
+    >>> class_labels(pd.Series(["CN", "AD", "CN"]), None)
+    ['CN', 'AD']
+    """
+    counts = values.astype(str).value_counts()
+    labels = sorted(counts.index)
+    if positive_class is not None and positive_class not in labels:
+        raise InputDataError(
+            f"--positive-class {positive_class!r} is not a value of the target; values: {', '.join(labels)}."
+        )
+    if len(labels) == 2:
+        positive = positive_class or min(reversed(labels), key=lambda c: counts[c])
+        labels = [c for c in labels if c != positive] + [positive]
+    return labels
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The images learning uses (one row each) and those left out, with the reason."""
+
+    table: pd.DataFrame
+    excluded: list[dict[str, str]]
+    task: str
+    classes: list[str]
+
+
+def build_cohort(
+    manifest: pd.DataFrame,
+    *,
+    output_dir: Path,
+    target: str,
+    task: str,
+    positive_class: str | None,
+    resolution_mm: float,
+    qc: pd.DataFrame | None,
+    exclude_qc_outliers: bool,
+) -> Cohort:
+    """Join the target to every image and keep those that can be learned from."""
+    table = manifest.copy()
+    table["target"] = target_values(table, target)
+    table["input"] = [model_input_path(output_dir, s, resolution_mm) for s in table["source"]]
+    if qc is not None and "qc_outlier" in qc.columns:
+        flagged = set(qc.loc[qc["qc_outlier"].astype(bool), "source"])
+        table["qc_outlier"] = table["source"].isin(flagged)
+    else:
+        table["qc_outlier"] = False
+    excluded: list[dict[str, str]] = []
+
+    def drop(mask: pd.Series, reason: str) -> None:
+        nonlocal table
+        for source in table.loc[mask, "source"]:
+            excluded.append({"source": source, "reason": reason})
+        table = table.loc[~mask]
+
+    drop(table["target"].isna(), f"no value for {target}")
+    drop(~table["input"].map(Path.exists), "no model-resolution derivative (participant level failed or not run)")
+    if exclude_qc_outliers:
+        drop(table["qc_outlier"], "QC outlier (--exclude-qc-outliers)")
+    if table.empty:
+        raise InputDataError(
+            f"No image can be learned from: {len(excluded)} excluded ({_summary(excluded)}). Run the participant "
+            "level first and check that participants.tsv gives the target."
+        )
+    resolved = resolve_task(table["target"], task)
+    classes: list[str] = []
+    if resolved == "classification":
+        table["target"] = table["target"].astype(str)
+        classes = class_labels(table["target"], positive_class)
+        if len(classes) < 2:
+            raise InputDataError(
+                f"The target {target!r} has one class only ({classes[0]!r}) among the {len(table)} usable images: "
+                "a classifier needs at least two. Check participants.tsv or choose another --target."
+            )
+        table["y"] = table["target"].map({c: i for i, c in enumerate(classes)}).astype(float)
+    else:
+        numeric = pd.to_numeric(table["target"], errors="coerce")
+        if numeric.isna().any():
+            bad = table.loc[numeric.isna(), "participant_id"].tolist()
+            raise InputDataError(
+                f"--task regression needs a numeric target, but {target!r} is not a number for {', '.join(bad)}."
+            )
+        table["y"] = numeric.astype(float)
+    return Cohort(table=table.reset_index(drop=True), excluded=excluded, task=resolved, classes=classes)
+
+
+def _summary(excluded: list[dict[str, str]]) -> str:
+    reasons = pd.Series([e["reason"] for e in excluded]).value_counts()
+    return "; ".join(f"{n} {r}" for r, n in reasons.items()) or "none usable"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
+    """The ``.npy`` cache of ``source`` (float32), rebuilt when missing, stale or corrupt.
+
+    Returns the array path and the sha256 of the source file.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = source.name.removesuffix(".nii.gz")
+    array_path = cache_dir / f"{stem}.npy"
+    record_path = cache_dir / f"{stem}.json"
+    stat = source.stat()
+    record: dict[str, Any] = {}
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:
+            record = {}
+    same_file = record.get("source_size") == stat.st_size and record.get("source_mtime_ns") == stat.st_mtime_ns
+    source_sha = record.get("source_sha256", "") if same_file else _sha256_file(source)
+    if record.get("source_sha256") == source_sha and array_path.exists():
+        try:
+            if _sha256_file(array_path) == record.get("array_sha256"):
+                return array_path, source_sha
+            LOGGER.warning("Cache %s does not match its hash (corrupt?): rebuilding it.", array_path)
+        except OSError:
+            pass
+    elif record:
+        LOGGER.info("Cache of %s is stale (the derivative changed): rebuilding it.", source.name)
+    data = np.asarray(nib.load(source).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+    if not np.isfinite(data).all():
+        raise InputDataError(f"{source} holds NaN or infinite values: re-run the participant level for it.")
+    with derivatives.atomic_path(array_path) as tmp:
+        np.save(tmp, np.ascontiguousarray(data[None]))  # (1, X, Y, Z): the channel axis
+    derivatives.write_json(
+        record_path,
+        {
+            "source": str(source),
+            "source_sha256": source_sha,
+            "source_size": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns,
+            "array_sha256": _sha256_file(array_path),
+            "shape": list(data.shape),
+        },
+    )
+    return array_path, source_sha
+
+
+def cache_cohort(table: pd.DataFrame, cache_dir: Path) -> pd.DataFrame:
+    """Add ``array`` (cached .npy) and ``input_sha256`` columns; all arrays must share one shape."""
+    arrays, hashes, shapes = [], [], set()
+    for source in table["input"]:
+        array_path, sha = cache_array(Path(source), cache_dir)
+        arrays.append(array_path)
+        hashes.append(sha)
+        shapes.add(np.load(array_path, mmap_mode="r").shape)
+    if len(shapes) > 1:
+        raise InputDataError(
+            f"The model-resolution derivatives have different shapes ({sorted(shapes)}): they were made with "
+            "different --model-resolution values or bidsdl versions. Re-run the participant level with one setting."
+        )
+    out = table.copy()
+    out["array"] = arrays
+    out["input_sha256"] = hashes
+    return out

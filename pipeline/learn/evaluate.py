@@ -1,0 +1,225 @@
+"""Evaluation with scikit-learn's metrics: point estimates, subject-level bootstrap CIs, curves.
+
+Images of one subject are not independent, so confidence intervals resample subjects (all their
+images together), not images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import pearsonr
+from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    matthews_corrcoef,
+    mean_absolute_error,
+    precision_recall_curve,
+    precision_score,
+    r2_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+    root_mean_squared_error,
+)
+
+#: Bootstrap resamples for the confidence intervals, and their level.
+N_BOOTSTRAP = 1000
+CI_LEVEL = 0.95
+
+CLASSIFICATION_METRICS = (
+    "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "mcc", "roc_auc", "pr_auc",
+    "brier",
+)  # fmt: skip
+REGRESSION_METRICS = ("mae", "rmse", "r2", "pearson_r", "mean_bias")
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability cut that maximises Youden's J (sensitivity + specificity - 1).
+
+    Chosen on validation data only; 0.5 when validation cannot decide (one class).
+
+    >>> choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.35, 0.9]))
+    0.35
+    """
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y, p)
+    finite = np.isfinite(thresholds)
+    best = int(np.argmax((tpr - fpr)[finite]))
+    return float(np.clip(thresholds[finite][best], 0.0, 1.0))
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every binary metric at ``threshold`` (positive class = 1)."""
+    predicted = (p >= threshold).astype(int)
+    both = len(np.unique(y)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+            "accuracy": float(accuracy_score(y, predicted)),
+            "sensitivity": float(recall_score(y, predicted, pos_label=1, zero_division=np.nan)),
+            "specificity": float(recall_score(y, predicted, pos_label=0, zero_division=np.nan)),
+            "ppv": float(precision_score(y, predicted, pos_label=1, zero_division=np.nan)),
+            "npv": float(precision_score(y, predicted, pos_label=0, zero_division=np.nan)),
+            "f1": float(f1_score(y, predicted, zero_division=np.nan)),
+            "mcc": float(matthews_corrcoef(y, predicted)),
+            "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+            "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
+            "brier": float(brier_score_loss(y, p)),
+        }
+
+
+def multiclass_metrics(y: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    predicted = probabilities.argmax(axis=1)
+    labels = list(range(probabilities.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        out = {
+            "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+            "accuracy": float(accuracy_score(y, predicted)),
+            "f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=np.nan)),
+            "mcc": float(matthews_corrcoef(y, predicted)),
+        }
+        try:
+            out["roc_auc"] = float(roc_auc_score(y, probabilities, multi_class="ovr", labels=labels))
+        except ValueError:
+            out["roc_auc"] = float("nan")
+    return out
+
+
+def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, R^2, Pearson r and mean bias (predicted - true).
+
+    >>> m = regression_metrics(np.array([1.0, 2, 3]), np.array([1.0, 2, 4]))
+    >>> round(m["mae"], 3), round(m["mean_bias"], 3)
+    (0.333, 0.333)
+    """
+    constant = np.ptp(predicted) == 0 or np.ptp(y) == 0
+    return {
+        "mae": float(mean_absolute_error(y, predicted)),
+        "rmse": float(root_mean_squared_error(y, predicted)),
+        "r2": float(r2_score(y, predicted)) if len(y) > 1 else float("nan"),
+        "pearson_r": float("nan") if constant or len(y) < 2 else float(pearsonr(y, predicted)[0]),
+        "mean_bias": float(np.mean(predicted - y)),
+    }
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray], dict[str, float]],
+    groups: Sequence[str],
+    *,
+    seed: int,
+    n: int = N_BOOTSTRAP,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of every metric, resampling groups (subjects) with replacement.
+
+    ``metric(indices)`` computes the metrics on the rows at ``indices``.
+    """
+    labels = np.asarray(groups)
+    unique = np.unique(labels)
+    rows_of = {g: np.flatnonzero(labels == g) for g in unique}
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    with warnings.catch_warnings():  # a resample may hold one class: its undefined metrics are NaN
+        warnings.simplefilter("ignore")
+        for _ in range(n):
+            drawn = rng.choice(unique, size=len(unique), replace=True)
+            indices = np.concatenate([rows_of[g] for g in drawn])
+            for key, value in metric(indices).items():
+                samples.setdefault(key, []).append(value)
+    alpha = (1 - CI_LEVEL) / 2
+    out = {}
+    for key, values in samples.items():
+        finite = np.asarray(values)[np.isfinite(values)]
+        out[key] = (
+            (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha)))
+            if len(finite) >= n // 2
+            else (float("nan"), float("nan"))
+        )
+    return out
+
+
+def evaluate_classification(
+    y: np.ndarray, probabilities: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool = True
+) -> dict[str, Any]:
+    """Metrics (+ CIs), the confusion matrix, ROC / PR / calibration curves of one set."""
+    y = y.astype(int)
+    n_classes = probabilities.shape[1]
+    if n_classes == 2:
+        p = probabilities[:, 1]
+
+        def compute(idx: np.ndarray) -> dict[str, float]:
+            return binary_metrics(y[idx], p[idx], threshold)
+
+        predicted = (p >= threshold).astype(int)
+    else:
+
+        def compute(idx: np.ndarray) -> dict[str, float]:
+            return multiclass_metrics(y[idx], probabilities[idx])
+
+        predicted = probabilities.argmax(axis=1)
+    result: dict[str, Any] = {
+        "n": len(y),
+        "n_subjects": len(set(groups)),
+        "metrics": compute(np.arange(len(y))),
+        "confusion": confusion_matrix(y, predicted, labels=list(range(n_classes))).tolist(),
+    }
+    if ci:
+        result["ci"] = bootstrap_ci(compute, groups, seed=seed)
+    if n_classes == 2 and len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        precision, recall, _ = precision_recall_curve(y, p)
+        bins = int(min(10, max(2, len(y) // 5)))
+        true_frac, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+        result["curves"] = {
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+            "pr": {"recall": recall.tolist(), "precision": precision.tolist()},
+            "calibration": {"predicted": mean_pred.tolist(), "observed": true_frac.tolist()},
+        }
+    return result
+
+
+def evaluate_regression(
+    y: np.ndarray, predicted: np.ndarray, *, groups: Sequence[str], seed: int, ci: bool = True
+) -> dict[str, Any]:
+    def compute(idx: np.ndarray) -> dict[str, float]:
+        return regression_metrics(y[idx], predicted[idx])
+
+    result: dict[str, Any] = {
+        "n": len(y),
+        "n_subjects": len(set(groups)),
+        "metrics": compute(np.arange(len(y))),
+    }
+    if ci:
+        result["ci"] = bootstrap_ci(compute, groups, seed=seed)
+    return result
+
+
+def fold_summary(per_fold: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation (ddof 1) of each metric over folds.
+
+    >>> fold_summary([{"mae": 1.0}, {"mae": 3.0}])
+    {'mae': {'mean': 2.0, 'std': 1.4142135623730951}}
+    """
+    keys = list(dict.fromkeys(k for fold in per_fold for k in fold))
+    out = {}
+    for key in keys:
+        values = np.array([fold.get(key, np.nan) for fold in per_fold], dtype=float)
+        finite = values[np.isfinite(values)]
+        out[key] = {
+            "mean": float(finite.mean()) if len(finite) else float("nan"),
+            "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
+        }
+    return out

@@ -1,0 +1,145 @@
+"""What the group report shows of the dataset and of a learning study (data for the template)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import learning as figures
+
+LOGGER = logging.getLogger(__name__)
+
+#: participants.tsv columns summarised in the Dataset section when present.
+_SUMMARY_COLUMNS = ("diagnosis", "group", "site", "sex", "scanner", "manufacturer")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def dataset_summary(manifest: pd.DataFrame, target: str | None) -> dict[str, Any]:
+    """Counts of subjects by target, site, sex (...), and their ages, from the manifest."""
+    subjects = manifest.drop_duplicates("participant_id")
+    columns = [c for c in dict.fromkeys([*([target] if target else []), *_SUMMARY_COLUMNS]) if c in subjects.columns]
+    counts: dict[str, dict[str, int]] = {}
+    for column in columns:
+        values = subjects[column]
+        if pd.to_numeric(values, errors="coerce").notna().all() and values.nunique() > 6:
+            continue  # numeric: summarised as a distribution
+        counts[column] = {
+            str(k): int(v) for k, v in values.fillna("n/a").astype(str).value_counts().sort_index().items()
+        }
+    age = pd.to_numeric(subjects["age"], errors="coerce").dropna().tolist() if "age" in subjects.columns else None
+    numeric = {}
+    for column in [c for c in columns if c not in counts] + (["age"] if age else []):
+        values = pd.to_numeric(subjects[column], errors="coerce").dropna()
+        numeric[column] = {"mean": float(values.mean()), "sd": float(values.std()), "min": float(values.min()),
+                           "max": float(values.max()), "n": len(values)}  # fmt: skip
+    figure = figures.dataset_counts(counts, age) if counts or age else None
+    return {
+        "n_subjects": len(subjects),
+        "n_images": len(manifest),
+        "counts": counts,
+        "numeric": numeric,
+        "figure": _data_uri(figure) if figure else None,
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _metric_rows(evaluation: dict[str, Any]) -> list[dict[str, str]]:
+    ci = evaluation.get("ci", {})
+    rows = []
+    for name, value in evaluation["metrics"].items():
+        low, high = ci.get(name, (None, None))
+        rows.append({"metric": name, "value": _fmt(value), "ci": f"{_fmt(low)} – {_fmt(high)}" if ci else ""})
+    return rows
+
+
+def _fold_table(results: dict[str, Any]) -> dict[str, Any]:
+    names = list(results["validation_summary"])
+    rows = []
+    for fold in results["folds"]:
+        rows.append(
+            {
+                "fold": fold["fold"],
+                "epochs": len(fold["history"]),
+                "stopped_early": fold["stopped_early"],
+                "best": ", ".join(f"{k} @ {v['epoch']}" for k, v in fold["best"].items()),
+                "threshold": _fmt(fold["threshold"]),
+                "validation": [_fmt(fold["validation"]["metrics"].get(n)) for n in names],
+                "test": [_fmt(fold["test"]["metrics"].get(n)) for n in names],
+            }
+        )
+    def mean_sd(summary: dict[str, dict[str, float]]) -> list[str]:
+        return [f"{_fmt(summary[n]['mean'])} ± {_fmt(summary[n]['std'])}" for n in names]
+
+    summary = {"validation": mean_sd(results["validation_summary"]), "test": mean_sd(results["test_fold_summary"])}
+    return {"metrics": names, "rows": rows, "summary": summary}
+
+
+def _worst(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
+    from ..learn.cohort import model_input_path
+
+    resolution = float(results.get("model_resolution", 2.0))
+    cases = []
+    for case in results["worst"]:
+        case = dict(case)
+        path = model_input_path(output_dir, case["source"], resolution)
+        case["figure"] = None
+        if path.exists():
+            try:
+                import nibabel as nib
+
+                case["figure"] = _data_uri(figures.orthogonal_slices(np.asanyarray(nib.load(path).dataobj)))  # type: ignore[attr-defined]
+            except Exception as exc:  # a figure must not sink the report
+                LOGGER.warning("Could not draw %s: %s", path, exc)
+        case["error"] = _fmt(case["error"])
+        case["predicted"] = _fmt(case["predicted"], 2) if isinstance(case["predicted"], float) else case["predicted"]
+        cases.append(case)
+    return cases
+
+
+def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Figures and tables of a study's ``results.json`` for the group report."""
+    classification = results["task"] == "classification"
+    test = results["test"]
+    if classification:
+        evaluation_figure = figures.classification_panels(test, results["classes"])
+    else:
+        import pandas as pd
+
+        predictions = pd.read_csv(output_dir / results["package"] / "predictions.tsv", sep="\t")
+        ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
+        evaluation_figure = figures.regression_panels(ensemble["y"], ensemble["predicted"])
+    return {
+        **{k: results[k] for k in ("target", "task", "classes", "positive_class", "architecture", "package")},
+        "content_sha256": results["content_sha256"],
+        "n_images": results["n_images"],
+        "n_subjects": results["n_subjects"],
+        "excluded": results["excluded"],
+        "splits": results["splits"],
+        "splits_reused": results["splits_reused"],
+        "checks": results["checks"],
+        "near_pairs": results["near_pairs"],
+        "curves": _data_uri(figures.training_curves([f["history"] for f in results["folds"]])),
+        "folds": _fold_table(results),
+        "test_metrics": _metric_rows(test),
+        "test_n": test["n"],
+        "test_subjects": test["n_subjects"],
+        "threshold": _fmt(results["threshold"]),
+        "evaluation_figure": _data_uri(evaluation_figure),
+        "worst": _worst(results, output_dir),
+        "device": results["device"],
+        "wall_time_s": results["wall_time_s"],
+    }

@@ -1,0 +1,165 @@
+"""The group level's learning, end to end on a small real sample (participant level at 4 mm, short training)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.learn.package import load_package, read_package
+from pipeline.learn.train import Volumes, predict
+from tests.helpers import set_read_only, snapshot
+
+#: A small, fast training configuration (the model grid at 4 mm: 39 x 48 x 41 voxels).
+FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
+        "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def learning_sample(tmp_path_factory):
+    """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session."""
+    from pipeline.cli.run import main
+    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+
+    root = tmp_path_factory.mktemp("learning")
+    bids = root / "bids"
+    write_sample_dataset(bids, SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2))
+    before = snapshot(bids)
+    set_read_only(bids)
+    out = root / "derivatives"
+    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4"]) == 0
+    yield bids, out
+    set_read_only(bids, False)
+    assert snapshot(bids) == before
+
+
+def fresh_output(source: Path, target: Path) -> Path:
+    """A copy of the participant derivatives (without Nipype's work folder) for one group run."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".bidsdl_work", "group.html", "learn", "models"))
+    return target
+
+
+def the_package(out: Path) -> Path:
+    (package,) = sorted((out / "models").iterdir())
+    return package
+
+
+def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, tmp_path, run_cli):
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "a")
+    code, _, err = run_cli(bids, out, "group", *FAST)
+    assert code == 0, err
+
+    # splits: subject level, every session of a participant together, test used once
+    splits = pd.read_csv(out / "learn" / "target-diagnosis" / "splits.tsv", sep="\t")
+    assert set(splits["split"]) == {"train", "validation", "test"}
+    test = set(splits.loc[splits["split"] == "test", "participant_id"])
+    assert test and not test & set(splits.loc[splits["split"] != "test", "participant_id"])
+    for _, fold in splits.dropna(subset=["fold"]).groupby("fold"):
+        assert fold["participant_id"].is_unique
+
+    # the package: complete, checked, loadable alone, and it reproduces its own test predictions
+    package = the_package(out)
+    assert package.name.startswith("diagnosis_conv5fc3_")
+    for name in ("model.json", "fold-0.safetensors", "fold-1.safetensors", "config.json", "environment.json",
+                 "splits.tsv", "predictions.tsv", "logs/history_fold-0.tsv"):  # fmt: skip
+        assert (package / name).exists(), name
+    assert not list(package.glob("*.pt")) and not list(package.glob("*.pkl"))
+    record = read_package(package)
+    assert record["classes"] == ["CN", "AD"] and record["positive_class"] == "AD"
+    assert record["input"]["shape"] == record["model"]["in_shape"]
+    assert {s["participant_id"] for s in record["training_subjects"]}.isdisjoint(record["test_subjects"])
+    assert all(img["data_sha256"] for s in record["training_subjects"] for img in s["images"])
+    environment = json.loads((package / "environment.json").read_text())
+    assert environment["determinism"]["deterministic_algorithms"] and environment["hardware"]["cpu_model"] is not None
+    assert "seed" in environment
+    predictions = pd.read_csv(package / "predictions.tsv", sep="\t", dtype={"fold": str})
+    assert {"train", "validation", "test"} <= set(predictions["split"])
+    ensemble = predictions[predictions["fold"] == "ensemble"].reset_index(drop=True)
+    _, networks = load_package(package)
+    cache = sorted((out / ".bidsdl_work" / "learn_cache").glob("*.npy"))
+    stems = [Path(src).name.split("_T1w")[0] + "_" for src in ensemble["source"]]
+    data = Volumes([next(p for p in cache if p.name.startswith(stem)) for stem in stems], np.zeros(len(stems)))
+    cpu = torch.device("cpu")
+    mean = np.mean([predict(n, data, task="classification", device=cpu)[:, 1] for n in networks], axis=0)
+    np.testing.assert_allclose(mean, ensemble["probability"], atol=1e-5)
+
+    # the report shows every learning section, self-contained
+    html = (out / "group.html").read_text()
+    for anchor in ('id="dataset"', 'id="splits"', 'id="leakage"', 'id="training"', 'id="evaluation"', 'id="worst"',
+                   'id="provenance"', "No near-identical image", "Site/scanner", "95% CI"):  # fmt: skip
+        assert anchor in html, anchor
+    assert "http://" not in html.replace("http://www.w3.org", "") and 'src="http' not in html
+
+    # the same command in a fresh copy gives the same package, bit for bit
+    again = fresh_output(derivatives, tmp_path / "b")
+    assert run_cli(bids, again, "group", *FAST)[0] == 0
+    assert the_package(again).name == package.name
+    for weights in package.glob("fold-*.safetensors"):
+        assert weights.read_bytes() == (the_package(again) / weights.name).read_bytes()
+
+    # --resume with other settings is refused, naming the difference; with the same ones it finishes at once
+    code, _, err = run_cli(bids, out, "group", *FAST, "--resume", "--lr", "0.01")
+    assert code == 64 and "lr: 0.001 -> 0.01" in err
+    checkpoint = out / "learn" / "target-diagnosis" / "arch-conv5fc3" / "fold-0" / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert run_cli(bids, out, "group", *FAST, "--resume")[0] == 0
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert the_package(out).name == package.name
+
+    # --reports-only re-renders from results.json without training
+    (out / "group.html").unlink()
+    assert run_cli(bids, out, "group", *FAST, "--reports-only")[0] == 0
+    assert 'id="evaluation"' in (out / "group.html").read_text() and checkpoint.stat().st_mtime_ns == stamp
+
+    # the data changed (a participant left): the old splits are not silently reused
+    code, _, err = run_cli(bids, out, "group", *FAST, "--participant-label", *[f"{i:02d}" for i in range(1, 8)])
+    assert code == 65 and "--resplit" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (("--target", "handedness"), 65, "Columns found: age, sex, site, diagnosis"),
+        (("--participant-label", "02", "04", "05", "07"), 65, "has one class only"),
+        (("--n-folds", "4"), 65, "at least"),
+        (("--model-resolution", "2"), 65, "Run the participant level first"),
+    ],
+)
+def test_bad_learning_input(learning_sample, tmp_path, run_cli, extra, code, message):
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "out")
+    got, _, err = run_cli(bids, out, "group", *FAST, *extra)
+    assert got == code and message in err, err
+    assert not (out / "models").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_requested_without_gpu(learning_sample, tmp_path, run_cli):
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "out")
+    code, _, err = run_cli(bids, out, "group", *FAST, "--device", "cuda")
+    assert code == 64 and "no CUDA GPU" in err
+
+
+def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path, run_cli):
+    bids, derivatives = learning_sample
+    copy = tmp_path / "bids"
+    shutil.copytree(bids, copy)
+    set_read_only(copy, False)
+    table = pd.read_csv(copy / "participants.tsv", sep="\t")
+    table.loc[table["participant_id"] == "sub-08", "diagnosis"] = "n/a"
+    table.to_csv(copy / "participants.tsv", sep="\t", index=False)
+    out = fresh_output(derivatives, tmp_path / "out")
+    code, _, err = run_cli(copy, out, "group", *FAST, "--epochs", "1", "--skip-bids-validation")
+    assert code == 0, err
+    assert "Not learning from sub-08/ses-01/anat/sub-08_ses-01_T1w.nii.gz: no value for diagnosis" in err
+    results = json.loads((out / "learn" / "target-diagnosis" / "arch-conv5fc3" / "results.json").read_text())
+    assert [e["source"] for e in results["excluded"]] == ["sub-08/ses-01/anat/sub-08_ses-01_T1w.nii.gz"]
+    assert "sub-08" not in (out / "learn" / "target-diagnosis" / "splits.tsv").read_text()
+    assert "no value for diagnosis" in (out / "group.html").read_text()
