@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
-DEMO_SUBJECTS ?= 10
+DEMO_SUBJECTS ?= 16
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint benchmark clean
@@ -25,13 +25,15 @@ demo: install
 	@test -f $(DEMO_DIR)/bids/dataset_description.json || \
 		$(BIN)/bidsdl-sample $(DEMO_DIR)/bids --subjects $(DEMO_SUBJECTS) --seed 42 --duplicate-subject
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work
-	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
+		--target diagnosis --positive-class AD --n-folds 3
 	@echo
 	@echo "Sample dataset:   $(abspath $(DEMO_DIR))/bids"
 	@echo "Derivatives:      $(abspath $(DEMO_DIR))/derivatives"
 	@echo "Manifest:         $(abspath $(DEMO_DIR))/derivatives/manifest.tsv"
 	@echo "Quality metrics:  $(abspath $(DEMO_DIR))/derivatives/qc.tsv"
 	@echo "Group report:     $(abspath $(DEMO_DIR))/derivatives/group.html"
+	@echo "Model package:    $$(ls -d $(abspath $(DEMO_DIR))/derivatives/models/*/ | head -1)"
 	@echo "Subject reports:"
 	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html; do echo "  $$report"; done
 	@echo "Logs and configs: $(abspath $(DEMO_DIR))/derivatives/logs/"

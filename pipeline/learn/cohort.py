@@ -52,14 +52,11 @@ def target_values(manifest: pd.DataFrame, target: str) -> pd.Series:
     """
     candidates = [c for c in (f"session_{target}", target, f"participant_{target}") if c in manifest.columns]
     if not candidates:
-        described = sorted(
-            c.removeprefix("session_").removeprefix("participant_")
-            for c in manifest.columns
-            if c.startswith(("session_", "participant_")) or c not in _MANIFEST_OWN
-        )
+        own = _MANIFEST_OWN | {"session_id"}
+        described = sorted({c.removeprefix("session_").removeprefix("participant_") for c in manifest.columns} - own)
         raise InputDataError(
             f"--target {target!r} is not a column of participants.tsv or sessions.tsv. "
-            f"Columns found: {', '.join(dict.fromkeys(described)) or 'none'}. Choose one of them."
+            f"Columns found: {', '.join(described) or 'none'}. Choose one of them."
         )
     values = manifest[candidates[0]].copy()
     for column in candidates[1:]:

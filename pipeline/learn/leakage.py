@@ -80,7 +80,13 @@ def check_identical_images(images: pd.DataFrame, splits: pd.DataFrame) -> dict[s
             for a, b in itertools.combinations(owners, 2):
                 where = "across splits" if _separated(a, b, membership) else "within one split"
                 problems.append(f"{a} and {b} have identical {column[:-7]} ({digest[:12]}…), {where}")
-    return _check("No identical image under two participant IDs", sorted(set(problems)))
+    across = any("across splits" in p for p in problems)
+    return _check(
+        "No identical image under two participant IDs across splits",
+        sorted(set(problems)),
+        severity="fail" if across else "warning",
+        detail="IDs sharing an identical image are kept in one split",
+    )
 
 
 def downsampled(arrays: list[np.ndarray], factor: int = 3) -> np.ndarray:
@@ -129,10 +135,11 @@ def check_near_duplicates(
             break
         where = "across splits" if _separated(ids[i], ids[j], membership) else "within one split"
         problems.append(f"{images['source'].iloc[i]} ~ {images['source'].iloc[j]}: r = {r:.3f}, {where}")
+    severity = "fail" if any("across splits" in p for p in problems) else "warning"
     top = [{"a": images["source"].iloc[i], "b": images["source"].iloc[j], "r": round(r, 4)} for r, i, j in pairs[:5]]
     median = float(np.median([p[0] for p in pairs])) if pairs else float("nan")
     detail = f"residual r > {threshold} flags a pair; median over {len(pairs)} pairs of subjects: {median:.3f}"
-    return _check("No near-identical image under two participant IDs", problems, detail=detail), top
+    return _check("No near-identical image under two participant IDs", problems, severity=severity, detail=detail), top
 
 
 def check_site_leakage(subjects: pd.DataFrame, *, task: str, seed: int) -> dict[str, Any]:

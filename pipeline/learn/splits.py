@@ -92,8 +92,53 @@ def minimum_subjects(n_folds: int, test_size: float) -> int:
     return max(math.ceil(development / (1 - test_size)), development + 2)
 
 
-def make_splits(subjects: pd.DataFrame, settings: SplitSettings, *, task: str) -> pd.DataFrame:
-    """The long splits table: test rows, then a train and a validation row set per fold."""
+def identical_image_units(images: pd.DataFrame) -> dict[str, str]:
+    """participant -> the first participant ID of its group of IDs that share an identical image.
+
+    Such IDs are one person until shown otherwise: the splits keep them together.
+
+    >>> df = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"], "data_sha256": ["a", "b", "a"]})
+    >>> identical_image_units(df)
+    {'sub-1': 'sub-1', 'sub-2': 'sub-2', 'sub-3': 'sub-1'}
+    """
+    unit = {pid: pid for pid in sorted(images["participant_id"])}
+
+    def root(pid: str) -> str:
+        while unit[pid] != pid:
+            pid = unit[pid]
+        return pid
+
+    for column in ("data_sha256", "input_sha256"):
+        if column not in images.columns:
+            continue
+        for _, group in images[images[column].astype(bool)].groupby(column):
+            owners = sorted({root(p) for p in group["participant_id"]})
+            for other in owners[1:]:
+                unit[other] = owners[0]
+    return {pid: root(pid) for pid in unit}
+
+
+def make_splits(
+    subjects: pd.DataFrame, settings: SplitSettings, *, task: str, units: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """The long splits table: test rows, then a train and a validation row set per fold.
+
+    ``units`` maps participants to the unit they are split with (see :func:`identical_image_units`).
+    """
+    if units and any(units.get(p, p) != p for p in subjects["participant_id"]):
+        representatives = subjects[[units.get(p, p) == p for p in subjects["participant_id"]]]
+        table = make_splits(representatives.reset_index(drop=True), settings, task=task)
+        members: dict[str, list[str]] = {}
+        for pid in subjects["participant_id"]:
+            members.setdefault(units.get(pid, pid), []).append(pid)
+        expanded = [
+            {**row, "participant_id": member}
+            for row in table.to_dict(orient="records")
+            for member in members[row["participant_id"]]
+        ]
+        out = pd.DataFrame(expanded)
+        out["fold"] = out["fold"].astype("Int64")
+        return out
     n = len(subjects)
     needed = minimum_subjects(settings.n_folds, settings.test_size)
     if n < needed:
@@ -167,7 +212,14 @@ def save_splits(folder: Path, table: pd.DataFrame, *, settings: SplitSettings, d
 
 
 def load_or_make_splits(
-    folder: Path, subjects: pd.DataFrame, settings: SplitSettings, *, task: str, data_fingerprint: str, resplit: bool
+    folder: Path,
+    subjects: pd.DataFrame,
+    settings: SplitSettings,
+    *,
+    task: str,
+    data_fingerprint: str,
+    resplit: bool,
+    units: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, bool]:
     """Reuse ``splits.tsv`` when it was made from the same data and settings; returns (table, reused)."""
     record_path = folder / "splits.json"
@@ -189,7 +241,7 @@ def load_or_make_splits(
         table = pd.read_csv(folder / "splits.tsv", sep="\t", dtype={"participant_id": str})
         table["fold"] = table["fold"].astype("Int64")
         return table, True
-    table = make_splits(subjects, settings, task=task)
+    table = make_splits(subjects, settings, task=task, units=units)
     save_splits(folder, table, settings=settings, data_fingerprint=data_fingerprint)
     return table, False
 

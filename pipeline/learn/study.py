@@ -27,7 +27,7 @@ from . import evaluate, leakage
 from .cohort import build_cohort, cache_cohort
 from .models import ModelConfig, build_model
 from .package import hardware_record, write_package
-from .splits import SplitSettings, fold_members, load_or_make_splits, subject_table
+from .splits import SplitSettings, fold_members, identical_image_units, load_or_make_splits, subject_table
 from .train import (
     TargetScale,
     TrainSettings,
@@ -144,6 +144,7 @@ def run_study(
         task=task,
         data_fingerprint=fingerprint(images),
         resplit=settings.resplit,
+        units=identical_image_units(images),
     )
     LOGGER.info("Splits %s: %s", "reused" if reused else "made", run_dir.parent / "splits.tsv")
     arrays = [np.load(p, mmap_mode="r") for p in images["array"]]
@@ -157,10 +158,11 @@ def run_study(
     for check in checks:
         log = LOGGER.warning if check["result"] != "pass" else LOGGER.info
         log("Leakage check '%s': %s%s", check["name"], check["result"], "".join(f"; {d}" for d in check["details"]))
-    if any(c["result"] == "fail" for c in checks[:3]):
+    leaks = [d for c in checks[:3] if c["result"] == "fail" for d in c["details"] if "across splits" in d]
+    if leaks:
         raise InputDataError(
             "The splits leak: "
-            + "; ".join(d for c in checks[:3] for d in c["details"])
+            + "; ".join(leaks)
             + ". The same person appears under two participant IDs: remove the copy from the dataset (or the "
             "selection with --participant-label) and run the group level again with --resplit."
         )

@@ -125,7 +125,7 @@ def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, tmp_
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        (("--target", "handedness"), 65, "Columns found: age, sex, site, diagnosis"),
+        (("--target", "handedness"), 65, "Columns found: age, diagnosis, sex, site."),
         (("--participant-label", "02", "04", "05", "07"), 65, "has one class only"),
         (("--n-folds", "4"), 65, "at least"),
         (("--model-resolution", "2"), 65, "Run the participant level first"),

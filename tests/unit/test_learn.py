@@ -256,13 +256,12 @@ def test_target_lookup_and_task():
 
 
 def test_package_refuses_tampering(tmp_path):
-    model = Conv5FC3(2, channels=(2, 2, 2, 2, 2), hidden=(4,))
-    weights = tmp_path / "w.safetensors"
     from pipeline.learn.train import save_weights
 
-    save_weights(model, weights)
-    record = {"target": "diagnosis", "model": ModelConfig("conv5fc3", 2, (16, 16, 16),
-              {"channels": [2, 2, 2, 2, 2], "hidden": [4]}).to_dict()}  # fmt: skip
+    config = ModelConfig("conv5fc3", 2, (16, 16, 16), {"channels": [2, 2, 2, 2, 2], "hidden": [4]})
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_model(config), weights)
+    record = {"target": "diagnosis", "model": config.to_dict()}
     folder = package.write_package(tmp_path / "models", record=record, weights={"fold-0.safetensors": weights},
                                    files={"config.json": {"seed": 1}})  # fmt: skip
     assert folder.name.startswith("diagnosis_conv5fc3_")
