@@ -137,7 +137,13 @@ def study_settings(config: RunConfig) -> StudySettings:
 
 
 def _learning_results(
-    config: RunConfig, table: pd.DataFrame, qc_table: pd.DataFrame, *, work_dir: Path, environment: dict[str, Any]
+    config: RunConfig,
+    table: pd.DataFrame,
+    qc_table: pd.DataFrame,
+    *,
+    work_dir: Path,
+    environment: dict[str, Any],
+    manifest_sha256: str,
 ) -> dict[str, Any] | None:
     if config.target is None:
         return None
@@ -149,7 +155,6 @@ def _learning_results(
                 f"{config.architecture} ({results_path} is missing). Run the group level without --reports-only."
             )
         return json.loads(results_path.read_text())
-    manifest_sha = hashlib.sha256((config.output_dir / "manifest.tsv").read_bytes()).hexdigest()
     return run_study(
         table,
         output_dir=config.output_dir,
@@ -158,7 +163,7 @@ def _learning_results(
         settings=study_settings(config),
         config_record=config.to_dict(),
         environment=environment,
-        manifest_sha256=manifest_sha,
+        manifest_sha256=manifest_sha256,
     )
 
 
@@ -206,8 +211,14 @@ def run_group_level(
     for subject in sorted({pid[4:] for pid in table["participant_id"]}):
         if derivatives.status_path(out, subject).exists():
             write_subject_report(out, subject, qc=qc_table if not qc_table.empty else None)
+    manifest_sha256 = hashlib.sha256((out / "manifest.tsv").read_bytes()).hexdigest()
     learning = _learning_results(
-        config, table, qc_table, work_dir=work_dir or out / ".bidsdl_work", environment=environment
+        config,
+        table,
+        qc_table,
+        work_dir=work_dir or out / ".bidsdl_work",
+        environment=environment,
+        manifest_sha256=manifest_sha256,
     )
     rows = table.to_dict(orient="records")
     for row in rows:
@@ -229,7 +240,7 @@ def run_group_level(
             "config_json": json.dumps(config.to_dict(), indent=2),
             "dataset": dataset_summary(table, config.target),
             "seed": config.seed,
-            "manifest_sha256": hashlib.sha256((out / "manifest.tsv").read_bytes()).hexdigest(),
+            "manifest_sha256": manifest_sha256,
             "learning": learning_context(learning, out) if learning else None,
         },
     )

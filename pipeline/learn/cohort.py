@@ -9,7 +9,6 @@ match their hash, is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .. import derivatives
+from ..bids.audit import sha256_file
 from ..errors import InputDataError
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 
@@ -182,14 +182,6 @@ def _summary(excluded: list[dict[str, str]]) -> str:
     return "; ".join(f"{n} {r}" for r, n in reasons.items()) or "none usable"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
     """The ``.npy`` cache of ``source`` (float32), rebuilt when missing, stale or corrupt.
 
@@ -207,10 +199,10 @@ def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
         except ValueError:
             record = {}
     same_file = record.get("source_size") == stat.st_size and record.get("source_mtime_ns") == stat.st_mtime_ns
-    source_sha = record.get("source_sha256", "") if same_file else _sha256_file(source)
+    source_sha = record.get("source_sha256", "") if same_file else sha256_file(source)
     if record.get("source_sha256") == source_sha and array_path.exists():
         try:
-            if _sha256_file(array_path) == record.get("array_sha256"):
+            if sha256_file(array_path) == record.get("array_sha256"):
                 return array_path, source_sha
             LOGGER.warning("Cache %s does not match its hash (corrupt?): rebuilding it.", array_path)
         except OSError:
@@ -229,7 +221,7 @@ def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
             "source_sha256": source_sha,
             "source_size": stat.st_size,
             "source_mtime_ns": stat.st_mtime_ns,
-            "array_sha256": _sha256_file(array_path),
+            "array_sha256": sha256_file(array_path),
             "shape": list(data.shape),
         },
     )

@@ -22,19 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__, derivatives
+from ..bids.audit import sha256_file
 from ..errors import InputDataError
 from .models import ModelConfig, Standardized, build_model
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_hash(record: dict[str, Any]) -> str:

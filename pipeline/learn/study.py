@@ -27,7 +27,14 @@ from . import evaluate, leakage
 from .cohort import build_cohort, cache_cohort
 from .models import ModelConfig, build_model
 from .package import hardware_record, write_package
-from .splits import SplitSettings, fold_members, identical_image_units, load_or_make_splits, subject_table
+from .splits import (
+    SplitSettings,
+    fingerprint,
+    fold_members,
+    identical_image_units,
+    load_or_make_splits,
+    subject_table,
+)
 from .train import (
     TargetScale,
     TrainSettings,
@@ -135,8 +142,6 @@ def run_study(
     subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task)
     split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
     run_dir = study_dir(output_dir, settings.target, settings.architecture)
-    from .splits import fingerprint
-
     splits, reused = load_or_make_splits(
         run_dir.parent,
         subjects,
