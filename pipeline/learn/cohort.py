@@ -52,8 +52,13 @@ def target_values(manifest: pd.DataFrame, target: str) -> pd.Series:
     """
     candidates = [c for c in (f"session_{target}", target, f"participant_{target}") if c in manifest.columns]
     if not candidates:
-        own = _MANIFEST_OWN | {"session_id"}
-        described = sorted({c.removeprefix("session_").removeprefix("participant_") for c in manifest.columns} - own)
+        described = sorted(
+            {
+                c.removeprefix("session_").removeprefix("participant_")
+                for c in manifest.columns
+                if c not in _MANIFEST_OWN
+            }
+        )
         raise InputDataError(
             f"--target {target!r} is not a column of participants.tsv or sessions.tsv. "
             f"Columns found: {', '.join(described) or 'none'}. Choose one of them."
@@ -159,12 +164,13 @@ def build_cohort(
     classes: list[str] = []
     if resolved == "classification":
         table["target"] = table["target"].astype(str)
-        classes = class_labels(table["target"], positive_class)
-        if len(classes) < 2:
+        present = sorted(set(table["target"]))
+        if len(present) < 2:
             raise InputDataError(
-                f"The target {target!r} has one class only ({classes[0]!r}) among the {len(table)} usable images: "
+                f"The target {target!r} has one class only ({present[0]!r}) among the {len(table)} usable images: "
                 "a classifier needs at least two. Check participants.tsv or choose another --target."
             )
+        classes = class_labels(table["target"], positive_class)
         table["y"] = table["target"].map({c: i for i, c in enumerate(classes)}).astype(float)
     else:
         numeric = pd.to_numeric(table["target"], errors="coerce")
