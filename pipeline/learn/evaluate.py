@@ -24,9 +24,8 @@ from sklearn.metrics import (
     matthews_corrcoef,
     mean_absolute_error,
     precision_recall_curve,
-    precision_score,
+    precision_recall_fscore_support,
     r2_score,
-    recall_score,
     roc_auc_score,
     roc_curve,
     root_mean_squared_error,
@@ -66,14 +65,16 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
+        # one call for the four predictive values and F1 (the bootstrap calls this 1000 times)
+        precision, recall, f1, _ = precision_recall_fscore_support(y, predicted, labels=[0, 1], zero_division=np.nan)
         return {
             "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
             "accuracy": float(accuracy_score(y, predicted)),
-            "sensitivity": float(recall_score(y, predicted, pos_label=1, zero_division=np.nan)),
-            "specificity": float(recall_score(y, predicted, pos_label=0, zero_division=np.nan)),
-            "ppv": float(precision_score(y, predicted, pos_label=1, zero_division=np.nan)),
-            "npv": float(precision_score(y, predicted, pos_label=0, zero_division=np.nan)),
-            "f1": float(f1_score(y, predicted, zero_division=np.nan)),
+            "sensitivity": float(recall[1]),
+            "specificity": float(recall[0]),
+            "ppv": float(precision[1]),
+            "npv": float(precision[0]),
+            "f1": float(f1[1]),
             "mcc": float(matthews_corrcoef(y, predicted)),
             "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
             "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),

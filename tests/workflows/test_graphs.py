@@ -32,7 +32,9 @@ def test_anat_wf_chains_audit_preprocessing_qc_and_outputs(tmp_path):
                  "anat_derivatives_wf.ds_xfm", "anat_derivatives_wf.ds_t1w_model"):  # fmt: skip
         assert step in names, step
     register = wf.get_node("anat_preproc_wf.register")
-    assert register.inputs.seed == 1 and register.n_procs == 2
+    # the registration metric is single-threaded: it reserves one core; N4 gets omp_nthreads
+    assert register.inputs.seed == 1 and register.n_procs == 1
+    assert wf.get_node("anat_preproc_wf.n4").n_procs == 2
     ds_model = wf.get_node("anat_derivatives_wf.ds_t1w_model")
     assert ds_model.inputs.res == "2" and ds_model.inputs.space == "MNI152NLin2009aSym"
     ds_xfm = wf.get_node("anat_derivatives_wf.ds_xfm")
