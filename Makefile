@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 DEMO_SUBJECTS ?= 16
+DEMO_NEW_SUBJECTS ?= 6
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint benchmark clean
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the constraints file keeps pip from pulling CUDA builds.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,export]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,19 +25,29 @@ install: $(STAMP)
 demo: install
 	@test -f $(DEMO_DIR)/bids/dataset_description.json || \
 		$(BIN)/bidsdl-sample $(DEMO_DIR)/bids --subjects $(DEMO_SUBJECTS) --seed 42 --duplicate-subject
+	@test -f $(DEMO_DIR)/new/dataset_description.json || \
+		$(BIN)/bidsdl-sample $(DEMO_DIR)/new --subjects $(DEMO_NEW_SUBJECTS) --seed 7 --label-prefix ext
+	# 1. preprocess the training cohort; 2. train and evaluate (group level)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
 		--target diagnosis --positive-class AD --n-folds 3
+	# 3. predict new subjects (participant --model); 4. evaluate the model on them (group --model); 5. export
+	model=$$(ls -td $(DEMO_DIR)/derivatives/models/diagnosis_*/ | head -1) && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_derivatives participant -w $(DEMO_DIR)/work_new --model $$model && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_derivatives group -w $(DEMO_DIR)/work_new --model $$model && \
+	$(BIN)/bidsdl-export $$model --format torchscript -o $(DEMO_DIR)/exported/model.pt && \
+	$(BIN)/bidsdl-export $$model --format onnx -o $(DEMO_DIR)/exported/model.onnx
 	@echo
-	@echo "Sample dataset:   $(abspath $(DEMO_DIR))/bids"
-	@echo "Derivatives:      $(abspath $(DEMO_DIR))/derivatives"
-	@echo "Manifest:         $(abspath $(DEMO_DIR))/derivatives/manifest.tsv"
-	@echo "Quality metrics:  $(abspath $(DEMO_DIR))/derivatives/qc.tsv"
-	@echo "Group report:     $(abspath $(DEMO_DIR))/derivatives/group.html"
-	@echo "Model package:    $$(ls -d $(abspath $(DEMO_DIR))/derivatives/models/*/ | head -1)"
-	@echo "Subject reports:"
-	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html; do echo "  $$report"; done
-	@echo "Logs and configs: $(abspath $(DEMO_DIR))/derivatives/logs/"
+	@echo "Training cohort:      $(abspath $(DEMO_DIR))/bids"
+	@echo "Its derivatives:      $(abspath $(DEMO_DIR))/derivatives (manifest.tsv, qc.tsv, logs/)"
+	@echo "Group report:         $(abspath $(DEMO_DIR))/derivatives/group.html"
+	@echo "Model package:        $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/diagnosis_*/ | head -1)"
+	@echo "New cohort:           $(abspath $(DEMO_DIR))/new"
+	@echo "External evaluation:  $(abspath $(DEMO_DIR))/new_derivatives/group.html (predictions.tsv beside it)"
+	@echo "Exported model:       $(abspath $(DEMO_DIR))/exported/"
+	@echo "Subject reports (training cohort, then new cohort with predictions):"
+	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html $(abspath $(DEMO_DIR))/new_derivatives/sub-*.html; do \
+		echo "  $$report"; done
 
 lint: install
 	$(BIN)/ruff check pipeline tests benchmarks templates

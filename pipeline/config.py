@@ -118,6 +118,9 @@ class RunConfig:
     reports_only: bool = False
     resplit: bool = False
     tensorboard: bool = False
+    # inference (participant level) and external evaluation (group level)
+    models: tuple[Path, ...] = ()
+    allow_training_subjects: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict whose keys mirror the long options (usable again with ``--config``)."""
@@ -127,7 +130,7 @@ class RunConfig:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, Path) else v for v in value]
             out[f.name] = value
         return out
 

@@ -200,7 +200,12 @@ def save_derivative(
     they are (they carry their own provenance).
     """
     in_file = Path(in_file)
-    extension = ".nii.gz" if in_file.suffix in (".nii", ".gz") and ".nii" in in_file.suffixes else in_file.suffix
+    if in_file.suffix in (".nii", ".gz") and ".nii" in in_file.suffixes:
+        extension = ".nii.gz"
+    elif in_file.name.endswith(".surf.gii"):
+        extension = ".surf.gii"
+    else:
+        extension = in_file.suffix
     target = derivative_path(output_dir, source, suffix=suffix, extension=extension, datatype=datatype, **entities)
     with atomic_path(target) as tmp:
         if in_file.suffix == ".nii":  # compress once, reproducibly (no name or time in the gzip header)
@@ -212,7 +217,7 @@ def save_derivative(
                 shutil.copyfileobj(raw, packed, 1 << 20)
         else:
             shutil.copyfile(in_file, tmp)
-    if extension in (".nii.gz", ".nii", ".txt", ".h5"):
+    if extension in (".nii.gz", ".nii", ".txt", ".h5", ".surf.gii"):
         rel_source = Path(source).relative_to(bids_dir).as_posix() if Path(source).is_absolute() else str(source)
         sidecar = {
             "Sources": [f"bids:raw:{rel_source}", *(metadata or {}).get("Sources", [])],

@@ -22,7 +22,7 @@ from .learn.study import RESULTS, StudySettings, run_study, study_dir
 from .learn.train import TrainSettings
 from .qc import MAD_TO_SD, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc
 from .reports import figures
-from .reports.group_learning import dataset_summary, learning_context
+from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.render import write_report
 from .reports.subject import write_subject_report
 
@@ -145,7 +145,7 @@ def _learning_results(
     environment: dict[str, Any],
     manifest_sha256: str,
 ) -> dict[str, Any] | None:
-    if config.target is None:
+    if config.target is None or config.models:
         return None
     results_path = study_dir(config.output_dir, config.target, config.architecture) / RESULTS
     if config.reports_only:
@@ -172,7 +172,8 @@ def run_group_level(
 ) -> dict[str, Any]:
     """Write ``manifest.tsv`` (+ ``manifest.json``), ``group_audit.json``, ``qc.tsv`` and ``group.html``.
 
-    With ``--target``, also train and evaluate a model (:mod:`pipeline.learn.study`).
+    With ``--target``, also train and evaluate a model (:mod:`pipeline.learn.study`); with ``--model``,
+    train nothing but gather the predictions and evaluate them (:mod:`pipeline.learn.external`).
     """
     audit_paths = mf.find_audits(config.output_dir, config.participant_label or None)
     if not audit_paths:
@@ -220,6 +221,13 @@ def run_group_level(
         environment=environment,
         manifest_sha256=manifest_sha256,
     )
+    external = None
+    if config.models:
+        from .learn.external import run_external_evaluation
+
+        external = run_external_evaluation(
+            table, output_dir=out, model_dirs=list(config.models), target=config.target, seed=config.seed
+        )
     rows = table.to_dict(orient="records")
     for row in rows:
         row["flags"] = [f for f in str(row["flags"]).split(",") if f]
@@ -242,6 +250,7 @@ def run_group_level(
             "seed": config.seed,
             "manifest_sha256": manifest_sha256,
             "learning": learning_context(learning, out) if learning else None,
+            "external": external_context(external) if external else None,
         },
     )
     LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")

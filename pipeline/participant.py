@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__, derivatives
 from .bids.layout import T1wImage
 from .config import RunConfig
@@ -85,14 +87,60 @@ def subject_status(
     }
 
 
+def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) -> list[str]:
+    """Before anything runs with ``--model``: the packages are complete and untampered, they expect
+    this run's resolution, and no selected image was seen in training (the leakage guard).
+
+    Returns the packages' content hashes; raises :class:`~pipeline.errors.InputDataError` (65)
+    listing the training subjects found, unless ``--allow-training-subjects``.
+    """
+    from .bids.audit import load_spatial, sha256_array
+    from .errors import InputDataError
+    from .learn.infer import check_ensemble, check_resolution, training_matches
+    from .learn.package import read_package
+    from .learn.train import resolve_device
+
+    resolve_device(config.device)  # --device cuda without a GPU: say so before anything runs
+    records = [read_package(folder) for folder in config.models]
+    check_ensemble(records, list(config.models))
+    check_resolution(records, config.model_resolution, list(config.models))
+    seen = []
+    for subject, images in subjects.items():
+        hashes = []
+        for image in images:
+            try:
+                hashes.append(sha256_array(np.asanyarray(load_spatial(image.path).dataobj)))
+            except Exception:  # unreadable: the audit reports it, with what to do
+                continue
+        seen += training_matches(records, f"sub-{subject}", hashes)
+    if seen and not config.allow_training_subjects:
+        raise InputDataError(
+            "The model saw these participants in training or validation: "
+            + "; ".join(seen)
+            + ". Predictions on them would look better than the model is. Leave them out with --participant-label, "
+            "or give --allow-training-subjects to predict them anyway (the outputs are then marked seen-in-training)."
+        )
+    for reason in seen:
+        LOGGER.warning("Predicting with --allow-training-subjects: %s (marked seen-in-training).", reason)
+    for folder, record in zip(config.models, records, strict=True):
+        LOGGER.info("Model %s (%s, content %s)", folder, record["name"], record["content_sha256"][:8])
+    return [r["content_sha256"] for r in records]
+
+
 def run_participant_level(
     config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
 ) -> list[dict[str, Any]]:
     """Build and run the graph for ``subjects``; write and return their status records."""
     from .workflows.base import init_bidsdl_wf
 
-    workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir)
-    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    model_hashes = check_models(config, subjects) if config.models else []
+    workflow = init_bidsdl_wf(
+        config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes
+    )
+    plugin_args: dict[str, Any] = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    if config.models:
+        # torch's thread pools do not survive fork(): workers that run networks start from a clean process
+        plugin_args["mp_context"] = "forkserver"
     started = time.time()
     try:
         workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import stat
 import zlib
 from pathlib import Path
@@ -83,3 +84,19 @@ def set_read_only(root: Path, read_only: bool = True) -> None:
             path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         else:
             path.chmod(mode | stat.S_IWUSR)
+
+
+#: A small, fast training configuration (the model grid at 4 mm: 39 x 48 x 41 voxels).
+FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
+        "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
+
+
+def fresh_output(source: Path, target: Path) -> Path:
+    """A copy of the participant derivatives (without Nipype's work folder) for one group run."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".bidsdl_work", "group.html", "learn", "models"))
+    return target
+
+
+def the_package(out: Path) -> Path:
+    (package,) = sorted((out / "models").iterdir())
+    return package

@@ -154,6 +154,22 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     learn.add_argument("--reports-only", action="store_true", help="rebuild the reports from existing outputs")
     learn.add_argument("--tensorboard", action="store_true", help="also log training to TensorBoard")
 
+    infer = parser.add_argument_group("inference (participant) and external evaluation (group)")
+    infer.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="a model package (OUTPUT_DIR/models/<name>); repeat for an ensemble. Participant: predict each "
+        "image; group: gather the predictions and evaluate them against --target (no training)",
+    )
+    infer.add_argument(
+        "--allow-training-subjects",
+        action="store_true",
+        help="predict subjects the model saw in training or validation (marked so) instead of refusing",
+    )
+
     res = parser.add_argument_group("resources")
     res.add_argument(
         "-w",
@@ -215,6 +231,9 @@ def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sou
             argv += [flag] if value else []
         elif isinstance(action, argparse._CountAction):
             argv += [flag] * int(value) if int(value) >= 0 else ["--quiet"]
+        elif isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list | tuple) else [value]
+            argv += [token for item in items for token in (flag, str(item))]
         elif isinstance(value, list | tuple):
             argv += [flag, *map(str, value)] if value else []
         elif value is not None:
@@ -263,6 +282,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         seed=merged["seed"] if merged.get("seed") is not None else 42,
         verbosity=verbosity,
         config_file=Path(merged["config"]).absolute() if merged.get("config") else None,
+        models=tuple(Path(m).absolute() for m in merged.get("models") or ()),
+        allow_training_subjects=bool(merged.get("allow_training_subjects")),
         **_learning_options(merged),
     )
 

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="multiply every voxel size (e.g. 3 for small, fast test data; default 1)",
     )
+    parser.add_argument(
+        "--label-prefix",
+        default="",
+        help="letters before each participant number (e.g. 'ext' gives sub-ext01): a second cohort whose IDs "
+        "cannot be mistaken for the first's",
+    )
     parser.add_argument("--nprocs", type=int, default=available_cpus(), help="worker processes")
     parser.add_argument("--version", action="version", version=f"bidsdl-sample {__version__}")
     return parser
@@ -64,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help, --version, or a usage error argparse reports itself
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    if not args.label_prefix.isalnum() and args.label_prefix:
+        print("bidsdl-sample: error: --label-prefix must be letters and digits only (a BIDS label)", file=sys.stderr)
+        return EXIT_USAGE
     if args.subjects < 1:
         print("bidsdl-sample: error: --subjects must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -77,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         confound_site=args.confound_site,
         corrupt_subject=args.corrupt_subject,
         voxel_scale=args.voxel_scale,
+        label_prefix=args.label_prefix,
         n_jobs=max(1, args.nprocs),
     )
     start = time.monotonic()

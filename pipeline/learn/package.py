@@ -117,14 +117,36 @@ def write_package(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+_PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"})
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the length of its JSON header, then ``{``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return True  # missing: reported below as an incomplete package
+    if len(head) < 9:
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
 def read_package(folder: Path) -> dict[str, Any]:
     """``model.json`` of a package, after checking that the folder is complete and untampered."""
     folder = Path(folder)
     path = folder / MODEL_JSON
     if not folder.is_dir():
         raise InputDataError(f"Model folder {folder} does not exist. Give the folder under OUTPUT_DIR/models/.")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if not path.exists():
-        raise InputDataError(f"{folder} is not a bidsdl model package: it has no {MODEL_JSON}.")
+        hint = (
+            f" It holds {', '.join(pickles)}: pickle checkpoints are refused (loading one can run arbitrary code); "
+            "bidsdl loads only its own packages, whose weights are safetensors."
+            if pickles
+            else " Give a folder made by 'bidsdl ... group --target ...' (OUTPUT_DIR/models/<name>)."
+        )
+        raise InputDataError(f"{folder} is not a bidsdl model package: it has no {MODEL_JSON}.{hint}")
     try:
         record = json.loads(path.read_text())
     except ValueError as exc:
@@ -141,6 +163,11 @@ def read_package(folder: Path) -> dict[str, Any]:
         raise InputDataError(f"{path} does not match its content_sha256: it was edited after training. Refused.")
     for entry in record.get("weights", []):
         weights = folder / entry["file"]
+        if not entry["file"].endswith(".safetensors") or not _is_safetensors(weights):
+            raise InputDataError(
+                f"{weights} is not a safetensors file: only safetensors weights load; pickle checkpoints "
+                "(.pt, .pth, .ckpt, .pkl) are refused because loading one can run arbitrary code."
+            )
         if not weights.exists():
             raise InputDataError(f"{folder} is incomplete: {entry['file']} is missing. Re-copy the whole folder.")
         if sha256_file(weights) != entry["sha256"]:

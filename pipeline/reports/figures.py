@@ -159,3 +159,60 @@ def qc_strips(values: dict[str, Sequence[float]], outliers: dict[str, Sequence[b
     ax.invert_yaxis()
     figure.tight_layout()
     return _png(figure, dpi)
+
+
+def mesh_views(vertices: np.ndarray, faces: np.ndarray, *, dpi: int = 70) -> bytes:
+    """A shaded surface seen from the left, the front and above (RAS world coordinates)."""
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    triangles = np.asarray(vertices, dtype=np.float64)[np.asarray(faces)]
+    normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    centre = vertices.mean(axis=0)
+    if np.einsum("ij,ij->i", triangles.mean(axis=1) - centre, normals).mean() < 0:
+        normals = -normals  # point them outwards
+    half = float((vertices.max(axis=0) - vertices.min(axis=0)).max()) / 2
+    figure = Figure(figsize=(7.5, 2.7), facecolor="white")
+    for i, (title, elevation, azimuth) in enumerate((("left", 0, 180), ("front", 0, 90), ("top", 90, -90))):
+        ax = figure.add_subplot(1, 3, i + 1, projection="3d")
+        view = np.array([np.cos(np.radians(elevation)) * np.cos(np.radians(azimuth)),
+                         np.cos(np.radians(elevation)) * np.sin(np.radians(azimuth)),
+                         np.sin(np.radians(elevation))])  # fmt: skip
+        facing = normals @ view
+        front = facing > 0  # back faces hidden: no depth-sorting artefacts, half the drawing
+        shade = 0.3 + 0.7 * facing[front]
+        colours = np.column_stack([0.85 * shade, 0.62 * shade, 0.55 * shade, np.ones_like(shade)])
+        ax.add_collection3d(Poly3DCollection(triangles[front], facecolors=colours, edgecolors="none"))
+        ax.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half),
+               zlim=(centre[2] - half, centre[2] + half))  # fmt: skip
+        ax.set_box_aspect((1, 1, 1))
+        ax.view_init(elev=elevation, azim=azimuth)
+        ax.set_proj_type("ortho")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9)
+    figure.subplots_adjust(0, 0, 1, 0.92, 0, 0)
+    return _png(figure, dpi)
+
+
+def attribution_overlay(
+    image: np.ndarray, maps: dict[str, np.ndarray], *, mask: np.ndarray | None = None, dpi: int = 70
+) -> bytes:
+    """Each attribution map (in [0, 1]) over the model input: sagittal, coronal and axial slices
+    through the map's strongest region, one row per map, with a colour bar."""
+    data = np.asarray(image, dtype=float)
+    low, high = _window(data, mask)
+    figure = Figure(figsize=(6.6, 2.1 * len(maps)), facecolor="black")
+    for row, (name, volume) in enumerate(maps.items()):
+        smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=float), 1.0)
+        peak = [int(i) for i in np.unravel_index(int(np.argmax(smooth)), smooth.shape)]
+        for col, view in enumerate(_VIEWS):
+            ax = figure.add_subplot(len(maps), 3, row * 3 + col + 1)
+            ax.imshow(_cut(data, view, peak[col]), cmap="gray", origin="lower", vmin=low, vmax=high)
+            overlay = np.ma.masked_less(_cut(np.asarray(volume, dtype=float), view, peak[col]), 0.2)
+            shown = ax.imshow(overlay, cmap="hot", origin="lower", vmin=0, vmax=1, alpha=0.7)
+            ax.set_axis_off()
+            if col == 0:
+                ax.set_title(name, color="white", fontsize=9, loc="left")
+        colour_bar = figure.colorbar(shown, ax=figure.axes[-3:], fraction=0.03, pad=0.01)
+        colour_bar.ax.tick_params(colors="white", labelsize=7)
+    return _png(figure, dpi)

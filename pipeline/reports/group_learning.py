@@ -143,3 +143,26 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
         "device": results["device"],
         "wall_time_s": results["wall_time_s"],
     }
+
+
+def external_context(results: dict[str, Any]) -> dict[str, Any]:
+    """What the group report shows of an external evaluation (``group --model``)."""
+    evaluation = results.get("evaluation")
+    figure = None
+    if evaluation and results["task"] == "classification":
+        figure = _data_uri(figures.classification_panels(evaluation, results["classes"]))
+    elif evaluation:
+        figure = _data_uri(figures.regression_panels(results["truth"], results["predicted"]))
+    training_test = results["training"]["test"]
+    return {
+        **{k: results[k] for k in ("models", "ensemble_id", "task", "target", "classes", "positive_class")},
+        "n_predicted": results["n_predicted"],
+        "n_evaluated": results["n_evaluated"],
+        "skipped": results["skipped"],
+        "excluded": results["excluded"],
+        "seen_in_training": results["seen_in_training"],
+        "metrics": _metric_rows(evaluation) if evaluation else [],
+        "training_metrics": {row["metric"]: row for row in _metric_rows(training_test)},
+        "training_subjects": results["training"]["n_subjects"],
+        "figure": figure,
+    }

@@ -36,6 +36,10 @@ METRICS = (
 )
 
 
+#: The figures of one image (``desc`` of ``sub-<label>/figures/*_T1w.png``).
+FIGURES = ("mosaic", "regsubject", "regtemplate", "biasfield", "mesh", "attribution")
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -68,6 +72,9 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
             outlier = bool(rows.iloc[0]) if len(rows) else False
         metrics.append({"key": key, "label": label, "better": better, "value": value, "percentile": percentile,
                         "outlier": outlier})  # fmt: skip
+    prediction = _read_json(find(suffix="prediction", extension=".json"))
+    mesh = find(suffix="mesh", extension=".surf.gii", desc="brainmask")
+    surface = (_read_json(mesh.with_name(mesh.name.replace(".surf.gii", ".json"))) or {}).get("Surface")
     header = audit.get("header", {})
     return {
         "source": source,
@@ -80,7 +87,10 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
         "registration": registration.get("Registration", {}),
         "normalisation": template.get("IntensityNormalization", {}),
         "metrics": metrics,
-        "figures": {desc: figure(desc) for desc in ("mosaic", "regsubject", "regtemplate", "biasfield")},
+        "figures": {desc: figure(desc) for desc in FIGURES},
+        "prediction": prediction,
+        "surface": surface,
+        "mesh_file": mesh.relative_to(output_dir).as_posix(),
     }
 
 
@@ -104,6 +114,7 @@ def subject_context(output_dir: Path, subject: str, *, qc: pd.DataFrame | None =
         "config_json": json.dumps(config, indent=2) if config else "not recorded",
         "environment": environment or {},
         "group_available": qc is not None,
+        "predictions": any(img["prediction"] for img in images),
         "version": __version__,
         "template_space": TEMPLATE_SPACE,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -86,6 +86,7 @@ class SampleOptions:
     confound_site: bool = False
     corrupt_subject: bool = False
     voxel_scale: float = 1.0
+    label_prefix: str = ""
     n_jobs: int = 1
 
 
@@ -126,7 +127,7 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
     sites = sorted(SITES)
     participants, images = [], []
     for index in range(options.n_subjects):
-        label = f"{index + 1:0{width}d}"
+        label = f"{options.label_prefix}{index + 1:0{width}d}"
         if options.confound_site:
             site = sites[index % len(sites)]
             p_ad = {sites[0]: 0.1, sites[-1]: 0.9}.get(site, 0.5)
@@ -291,7 +292,7 @@ def _plant_problems(
     if options.duplicate_subject:
         source = images[0]
         width = len(source.subject)
-        label = f"{options.n_subjects + 1:0{width}d}"
+        label = f"{options.label_prefix}{options.n_subjects + 1:0{width}d}"
         copy = ImageSpec(**{**asdict(source), "subject": label, "session": "01"})
         (out_dir / copy.relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out_dir / source.relpath, out_dir / copy.relpath)

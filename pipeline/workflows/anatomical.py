@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from ..interfaces.audit import AuditT1w
 from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.inference import MaskSurface, RunInference
 from ..interfaces.preprocess import (
     ComputeIQMs,
     N4BiasCorrection,
@@ -17,12 +20,17 @@ from ..interfaces.preprocess import (
     ResampleToTemplate,
 )
 from ..interfaces.reports import PlotReportlets
-from .outputs import DERIVATIVE_INPUTS, init_anat_derivatives_wf
+from .outputs import DERIVATIVE_INPUTS, INFERENCE_INPUTS, init_anat_derivatives_wf, init_inference_derivatives_wf
 
 #: What the preprocessing hands on (outputnode fields of :func:`init_anat_preproc_wf`).
 PREPROC_OUTPUTS = (
     "t1w_ras", "prepare_record", "t1w_corrected", "bias_field", "n4_record", "transform", "registration_record",
     "t1w_template", "mask_template", "t1w_model", "mask_model", "mask_t1w", "template_record", "model_record",
+)  # fmt: skip
+#: What quality control hands on (outputnode fields of :func:`init_anat_qc_wf`).
+QC_OUTPUTS = (
+    "iqm_record", "mosaic", "registration_subject", "registration_template", "bias_figure", "surface",
+    "surface_record", "mesh_figure",
 )  # fmt: skip
 
 
@@ -99,17 +107,18 @@ def init_anat_preproc_wf(
 def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
     """Image quality metrics and the report's figures for one preprocessed T1w.
 
-    Inputs: the preprocessing outputs plus ``audit_record``. Outputs: ``iqm_record`` and the figures
-    ``mosaic``, ``registration_subject``, ``registration_template``, ``bias_figure``.
+    Inputs: the preprocessing outputs plus ``audit_record``. Outputs: see :data:`QC_OUTPUTS`.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["audit_record", *PREPROC_OUTPUTS]), name="inputnode")
-    outputnode = pe.Node(
-        IdentityInterface(fields=["iqm_record", "mosaic", "registration_subject", "registration_template",
-                                  "bias_figure"]), name="outputnode")  # fmt: skip
+    outputnode = pe.Node(IdentityInterface(fields=list(QC_OUTPUTS)), name="outputnode")
     iqms = pe.Node(ComputeIQMs(), name="iqms", mem_gb=2.0)
     reportlets = pe.Node(PlotReportlets(), name="reportlets", mem_gb=1.5)
+    mesh = pe.Node(MaskSurface(), name="mesh", mem_gb=1.0)
     workflow.connect([
+        (inputnode, mesh, [("mask_t1w", "in_mask")]),
+        (mesh, outputnode, [("out_surface", "surface"), ("out_record", "surface_record"),
+                            ("out_figure", "mesh_figure")]),
         (inputnode, iqms, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
             ("mask_t1w", "in_mask_t1w"), ("transform", "in_transform"), ("t1w_template", "in_registered"),
@@ -135,14 +144,19 @@ def init_anat_wf(
     model_resolution: float,
     seed: int,
     omp_nthreads: int,
+    inference: dict[str, Any] | None = None,
     name: str = "anat_wf",
 ) -> pe.Workflow:
-    """Everything done to one T1w: audit, preprocessing, QC, and the derivatives written.
+    """Everything done to one T1w: audit, preprocessing, QC, inference with ``--model``, the derivatives.
 
-    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict).
+    ``inference``: the keyword arguments of :func:`init_anat_inference_wf` but ``omp_nthreads``,
+    or None for no inference.
+
+    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict), and with ``inference``
+    ``source`` (the path relative to ``bids_dir``) and ``participant_id``.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata"]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id"]), name="inputnode")
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
     preproc_wf = init_anat_preproc_wf(model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)
     qc_wf = init_anat_qc_wf()
@@ -157,6 +171,74 @@ def init_anat_wf(
         workflow.connect(preproc_wf, f"outputnode.{field}", qc_wf, f"inputnode.{field}")
         if field in DERIVATIVE_INPUTS:
             workflow.connect(preproc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
-    for field in ("iqm_record", "mosaic", "registration_subject", "registration_template", "bias_figure"):
+    for field in QC_OUTPUTS:
         workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
+    if inference is not None:
+        infer_wf = init_anat_inference_wf(**inference, omp_nthreads=omp_nthreads)
+        ds_infer_wf = init_inference_derivatives_wf(
+            bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution
+        )
+        workflow.connect([
+            (inputnode, infer_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id")]),
+            (audit_wf, infer_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
+            (preproc_wf, infer_wf, [("outputnode.t1w_model", "inputnode.t1w_model"),
+                                    ("outputnode.mask_model", "inputnode.mask_model"),
+                                    ("outputnode.model_record", "inputnode.model_record")]),
+            (inputnode, ds_infer_wf, [("t1w", "inputnode.source_file")]),
+        ])  # fmt: skip
+        for field in INFERENCE_INPUTS:
+            workflow.connect(infer_wf, f"outputnode.{field}", ds_infer_wf, f"inputnode.{field}")
+    return workflow
+
+
+def init_anat_inference_wf(
+    *,
+    model_dirs: Sequence[str],
+    model_hashes: Sequence[str],
+    allow_training_subjects: bool,
+    device: str,
+    omp_nthreads: int,
+    name: str = "anat_inference_wf",
+) -> pe.Workflow:
+    """Predict one preprocessed T1w with the model packages (an ensemble when several).
+
+    Parameters
+    ----------
+    model_dirs, model_hashes
+        The packages and their ``content_sha256`` (a changed package re-runs the node).
+    allow_training_subjects
+        Predict subjects the models saw in training (marked as such) instead of refusing.
+    device, omp_nthreads
+        Where the networks run, and torch's threads on CPU.
+
+    Inputs: ``source`` (relative to BIDS_DIR), ``participant_id``, ``audit_record``, ``t1w_model``,
+    ``mask_model``, ``model_record`` (the resampling record: its space).
+    Outputs: see :data:`~pipeline.workflows.outputs.INFERENCE_INPUTS`.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=["source", "participant_id", "audit_record", "t1w_model", "mask_model", "model_record"]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(IdentityInterface(fields=list(INFERENCE_INPUTS)), name="outputnode")
+    infer = pe.Node(
+        RunInference(
+            model_dirs=list(model_dirs),
+            model_hashes=list(model_hashes),
+            allow_training_subjects=allow_training_subjects,
+            device=device,
+            num_threads=omp_nthreads,
+        ),
+        name="infer",
+        n_procs=omp_nthreads,
+        mem_gb=1.5,
+    )
+    workflow.connect([
+        (inputnode, infer, [("source", "source"), ("participant_id", "participant_id"), ("audit_record", "in_audit"),
+                            ("t1w_model", "in_file"), ("mask_model", "in_mask"), ("model_record", "in_record")]),
+        (infer, outputnode, [("out_record", "prediction"), ("out_saliency", "saliency"), ("out_gradcam", "gradcam"),
+                             ("out_metadata", "attribution_record"), ("out_figure", "attribution_figure")]),
+    ])  # fmt: skip
     return workflow

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 from nipype.pipeline import engine as pe
 
@@ -43,6 +44,7 @@ def init_single_subject_wf(
     model_resolution: float = 2.0,
     seed: int = 42,
     omp_nthreads: int = 1,
+    inference: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """All processing of one participant: one anatomical workflow per T1w image.
@@ -55,7 +57,7 @@ def init_single_subject_wf(
         The participant's selected T1w images.
     bids_dir, output_dir
         Input BIDS dataset and derivatives root.
-    model_resolution, seed, omp_nthreads
+    model_resolution, seed, omp_nthreads, inference
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     """
     workflow = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
@@ -66,22 +68,39 @@ def init_single_subject_wf(
             model_resolution=model_resolution,
             seed=seed,
             omp_nthreads=omp_nthreads,
+            inference=inference,
             name=f"anat_{image_key(image)}_wf",
         )
         anat_wf.inputs.inputnode.t1w = str(image.path)
         anat_wf.inputs.inputnode.metadata = dict(image.metadata)
+        anat_wf.inputs.inputnode.source = image.relative_to(bids_dir)
+        anat_wf.inputs.inputnode.participant_id = f"sub-{subject}"
         workflow.add_nodes([anat_wf])
     return workflow
 
 
 def init_bidsdl_wf(
-    config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
+    config: RunConfig,
+    *,
+    subjects: Mapping[str, Sequence[T1wImage]],
+    run_id: str,
+    work_dir: Path,
+    model_hashes: Sequence[str] = (),
 ) -> pe.Workflow:
     """The participant-level graph: one sub-workflow per participant, isolated from the others.
 
     Each participant's crash files go to ``sub-<label>/log/<run_id>/`` in the output, so a failure
-    is recorded with its subject and the other participants go on.
+    is recorded with its subject and the other participants go on. With ``--model``, every image
+    is also predicted (``model_hashes``: the packages' content hashes, checked before the run).
     """
+    inference = None
+    if config.models:
+        inference = {
+            "model_dirs": [str(m) for m in config.models],
+            "model_hashes": list(model_hashes),
+            "allow_training_subjects": config.allow_training_subjects,
+            "device": config.device,
+        }
     workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
     workflow.config["execution"].update(
         {
@@ -100,6 +119,7 @@ def init_bidsdl_wf(
             model_resolution=config.model_resolution,
             seed=config.seed,
             omp_nthreads=config.omp_nthreads,
+            inference=inference,
         )
         single.config["execution"] = {
             **workflow.config["execution"],

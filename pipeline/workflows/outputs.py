@@ -32,7 +32,23 @@ _OUTPUTS: tuple[tuple[str, str, dict[str, str], dict[str, Any], str | None], ...
     ("ds_fig_reg_subject", "registration_subject", {"desc": "regsubject", "datatype": "figures"}, {}, None),
     ("ds_fig_reg_template", "registration_template", {"desc": "regtemplate", "datatype": "figures"}, {}, None),
     ("ds_fig_bias", "bias_figure", {"desc": "biasfield", "datatype": "figures"}, {}, None),
+    ("ds_mesh", "surface", {"desc": "brainmask", "suffix": "mesh"}, {}, "surface_record"),
+    ("ds_fig_mesh", "mesh_figure", {"desc": "mesh", "datatype": "figures"}, {}, None),
 )  # fmt: skip
+
+#: The outputs of the inference node (participant level with --model).
+_INFERENCE_OUTPUTS: tuple[tuple[str, str, dict[str, str], dict[str, Any], str | None], ...] = (
+    ("ds_prediction", "prediction", {"suffix": "prediction"}, {}, None),
+    ("ds_saliency", "saliency", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "saliency", "suffix": "attribution"},
+     {"Description": "Gradient saliency |d score / d input| of the model ensemble, in [0, 1]"}, "attribution_record"),
+    ("ds_gradcam", "gradcam", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "gradcam", "suffix": "attribution"},
+     {"Description": "Grad-CAM on the networks' last feature maps, upsampled to the input grid, in [0, 1]"},
+     "attribution_record"),
+    ("ds_fig_attribution", "attribution_figure", {"desc": "attribution", "datatype": "figures"}, {}, None),
+)  # fmt: skip
+
+#: The inputs of :func:`init_inference_derivatives_wf` besides ``source_file``.
+INFERENCE_INPUTS = ("prediction", "saliency", "gradcam", "attribution_record", "attribution_figure")
 
 
 #: The inputs of :func:`init_anat_derivatives_wf` besides ``source_file``.
@@ -46,15 +62,33 @@ def init_anat_derivatives_wf(
 
     Inputs: ``source_file`` (the T1w in BIDS_DIR) and the preprocessing and QC outputs.
     """
+    return _sinks(_OUTPUTS, DERIVATIVE_INPUTS, bids_dir, output_dir, model_resolution, name)
+
+
+def init_inference_derivatives_wf(
+    *, bids_dir: Path, output_dir: Path, model_resolution: float, name: str = "inference_derivatives_wf"
+) -> pe.Workflow:
+    """Save a prediction, its attribution maps (with the models named in their sidecars) and figure."""
+    return _sinks(_INFERENCE_OUTPUTS, INFERENCE_INPUTS, bids_dir, output_dir, model_resolution, name)
+
+
+def _sinks(
+    outputs: tuple[tuple[str, str, dict[str, str], dict[str, Any], str | None], ...],
+    fields: tuple[str, ...],
+    bids_dir: Path,
+    output_dir: Path,
+    model_resolution: float,
+    name: str,
+) -> pe.Workflow:
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["source_file", *DERIVATIVE_INPUTS]), name="inputnode")
-    for node_name, field, entities, metadata, metadata_field in _OUTPUTS:
+    inputnode = pe.Node(IdentityInterface(fields=["source_file", *fields]), name="inputnode")
+    for node_name, field, entities, metadata, metadata_field in outputs:
         ents = {k: (resolution_label(model_resolution) if v == "MODEL" else v) for k, v in entities.items()}
         sink = pe.Node(
             DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), metadata=metadata, **ents),
             name=node_name,
             # JSON records are tiny: save them in the scheduler; images are compressed in a worker
-            run_without_submitting=field.endswith("record"),
+            run_without_submitting=field.endswith("record") or field == "prediction",
             overwrite=True,
         )
         workflow.connect(inputnode, "source_file", sink, "source_file")

@@ -13,40 +13,7 @@ import torch
 
 from pipeline.learn.package import load_package, read_package
 from pipeline.learn.train import Volumes, predict
-from tests.helpers import set_read_only, snapshot
-
-#: A small, fast training configuration (the model grid at 4 mm: 39 x 48 x 41 voxels).
-FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
-        "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def learning_sample(tmp_path_factory):
-    """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session."""
-    from pipeline.cli.run import main
-    from pipeline.sample.generate import SampleOptions, write_sample_dataset
-
-    root = tmp_path_factory.mktemp("learning")
-    bids = root / "bids"
-    write_sample_dataset(bids, SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2))
-    before = snapshot(bids)
-    set_read_only(bids)
-    out = root / "derivatives"
-    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4"]) == 0
-    yield bids, out
-    set_read_only(bids, False)
-    assert snapshot(bids) == before
-
-
-def fresh_output(source: Path, target: Path) -> Path:
-    """A copy of the participant derivatives (without Nipype's work folder) for one group run."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".bidsdl_work", "group.html", "learn", "models"))
-    return target
-
-
-def the_package(out: Path) -> Path:
-    (package,) = sorted((out / "models").iterdir())
-    return package
+from tests.helpers import FAST, fresh_output, set_read_only, the_package
 
 
 def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, tmp_path, run_cli):

@@ -44,8 +44,15 @@ def test_every_derivative_with_a_sidecar(sample_run):
         assert json.loads(xfm.with_suffix(".json").read_text())["Registration"]["metric"] == "MattesMutualInformation"
         model = json.loads((anat / f"{stem}_space-{SPACE}_res-2_desc-preproc_T1w.json").read_text())
         assert model["IntensityNormalization"]["iqr"] > 0 and model["res"] == "2"
-        for fig in ("mosaic", "regsubject", "regtemplate", "biasfield"):
+        for fig in ("mosaic", "regsubject", "regtemplate", "biasfield", "mesh"):
             assert (out / source.parts[-4] / "figures" / f"{stem}_desc-{fig}_T1w.png").exists()
+        # the brain-mask surface: a closed GIFTI mesh in world mm whose volume is the mask's
+        mesh = nib.load(anat / f"{stem}_desc-brainmask_mesh.surf.gii")
+        surface = json.loads((anat / f"{stem}_desc-brainmask_mesh.json").read_text())["Surface"]
+        assert len(mesh.darrays) == 2 and surface["n_faces"] == len(mesh.darrays[1].data)
+        mask = nib.load(anat / f"{stem}_desc-brain_mask.nii.gz")
+        mask_ml = float(np.asanyarray(mask.dataobj).astype(bool).sum() * np.prod(mask.header.get_zooms()[:3])) / 1000
+        assert abs(surface["volume_ml"] - mask_ml) / mask_ml < 0.05
 
 
 def test_model_arrays_share_one_grid_and_are_normalised(sample_run):

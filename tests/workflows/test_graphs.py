@@ -78,3 +78,26 @@ def test_top_level_wf_isolates_subjects_crash_dirs(tmp_path):
             node = sub_wf.get_node(name)
             assert node.config["execution"]["crashdump_dir"] == str(tmp_path / "out" / f"sub-{subject}" / "log" / "RUN")
     assert len([n for n in wf.list_node_names() if n.endswith(".audit")]) == 3
+
+
+def test_model_adds_an_inference_node_and_its_sinks_per_image(tmp_path):
+    root = _stub_tree(tmp_path / "bids")
+    config = parse_args([str(root), str(tmp_path / "out"), "participant", "--model", str(tmp_path / "m"),
+                         "--allow-training-subjects", "--omp-nthreads", "2"])  # fmt: skip
+    images = collect_t1w(index_dataset(root))
+    wf = init_bidsdl_wf(config, subjects={"01": images[:2]}, run_id="RUN", work_dir=tmp_path / "w",
+                        model_hashes=["abc"])  # fmt: skip
+    infer = [n for n in wf.list_node_names() if n.endswith("anat_inference_wf.infer")]
+    assert len(infer) == 2
+    node = wf.get_node(infer[0])
+    assert node.inputs.model_dirs == [str(tmp_path / "m")] and node.inputs.model_hashes == ["abc"]
+    assert node.inputs.allow_training_subjects is True and node.n_procs == 2
+    sinks = {n.rsplit(".", 1)[1] for n in wf.list_node_names() if ".inference_derivatives_wf." in n}
+    assert sinks == {"inputnode", "ds_prediction", "ds_saliency", "ds_gradcam", "ds_fig_attribution"}
+    inputs = wf.get_node("sub_01_wf.anat_ses_1_wf.inputnode").inputs
+    assert inputs.participant_id == "sub-01" and inputs.source == "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    # without --model: no inference, but every image gets its brain-mask mesh
+    plain = init_anat_wf(bids_dir=root, output_dir=tmp_path / "out", model_resolution=2.0, seed=1, omp_nthreads=1)
+    names = set(plain.list_node_names())
+    assert not any("inference" in n for n in names)
+    assert {"anat_qc_wf.mesh", "anat_derivatives_wf.ds_mesh", "anat_derivatives_wf.ds_fig_mesh"} <= names

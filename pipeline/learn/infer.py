@@ -1,0 +1,307 @@
+"""Inference with one or more model packages: the input contract, the leakage guard, predictions and attribution.
+
+Pure functions over plain arrays and package records; the participant workflow calls them through a
+thin Nipype interface (:class:`~pipeline.interfaces.inference.RunInference`).
+
+Attribution maps: gradient saliency (``|d score / d input|``) and Grad-CAM on the network's last
+feature maps, where the score is the positive class's log-odds (binary), the predicted class's
+logit (several classes) or the value (regression). Each fold's map is scaled to [0, 1] before the
+folds and models are averaged, so every network counts equally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..bids.audit import load_spatial
+from ..errors import InputDataError, UsageError
+from .models import Standardized
+from .package import load_package
+
+#: Model-record fields that all models of an ensemble must share.
+_CONTRACT = ("space", "resolution_mm", "shape")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked package: its folder, its ``model.json`` and one network per fold."""
+
+    folder: Path
+    record: dict[str, Any]
+    networks: list[Standardized]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What every output made with this model records about it."""
+        return {
+            "name": self.record["name"],
+            "package": self.folder.name,
+            "content_sha256": self.record["content_sha256"],
+            "bidsdl_version": self.record["bidsdl_version"],
+            "task": self.record["task"],
+            "target": self.record["target"],
+        }
+
+
+def load_models(folders: Sequence[Path | str], device: str | torch.device = "cpu") -> list[LoadedModel]:
+    """Load and check every package; an ensemble's models must share task, classes and input."""
+    models = []
+    for folder in folders:
+        record, networks = load_package(Path(folder), device)
+        models.append(LoadedModel(Path(folder), record, networks))
+    check_ensemble([m.record for m in models], [m.folder for m in models])
+    return models
+
+
+def check_ensemble(records: Sequence[dict[str, Any]], folders: Sequence[Path]) -> None:
+    """Refuse models that cannot be averaged (naming both values)."""
+    first, first_folder = records[0], folders[0]
+    for record, folder in zip(records[1:], folders[1:], strict=True):
+        for key, a, b in [("task", first["task"], record["task"]), ("classes", first["classes"], record["classes"])] + [
+            (f"input {k}", first["input"][k], record["input"][k]) for k in _CONTRACT
+        ]:
+            if a != b:
+                raise UsageError(
+                    f"--model {first_folder} and --model {folder} cannot form an ensemble: {key} is {a!r} in the "
+                    f"first and {b!r} in the second. Give models trained for the same target on the same input."
+                )
+
+
+def ensemble_id(records: Sequence[dict[str, Any]]) -> str:
+    """A short identifier of a set of models (its members' content hashes, in order)."""
+    if len(records) == 1:
+        return str(records[0]["content_sha256"][:8])
+    joined = ",".join(r["content_sha256"] for r in records)
+    return hashlib.sha256(joined.encode()).hexdigest()[:8]
+
+
+def check_resolution(records: Sequence[dict[str, Any]], resolution_mm: float, folders: Sequence[Path]) -> None:
+    """The participant level's ``--model-resolution`` must be the one the models were trained at."""
+    for record, folder in zip(records, folders, strict=True):
+        expected = float(record["input"]["resolution_mm"])
+        if abs(expected - float(resolution_mm)) > 1e-6:
+            raise UsageError(
+                f"The model {folder} expects input at {expected:g} mm (res-{record['input']['res']}); this run "
+                f"prepares {resolution_mm:g} mm (--model-resolution {resolution_mm:g}). "
+                f"Run with --model-resolution {expected:g}, or use a model trained at {resolution_mm:g} mm."
+            )
+
+
+def check_input_image(record: dict[str, Any], path: Path, *, space: str | None = None) -> np.ndarray:
+    """The model input array of ``path``, after checking its space, voxel size and shape against ``record``.
+
+    ``space``: the image's template space (default: the ``space-`` entity of its file name).
+    """
+    path = Path(path)
+    expected = record["input"]
+    if space is None:
+        space = next((p.split("-", 1)[1] for p in path.name.split("_") if p.startswith("space-")), None)
+    if space != expected["space"]:
+        raise InputDataError(
+            f"{path} is in space {space!r}; the model {record['name']} expects {expected['space']!r}. "
+            "Preprocess the data with the bidsdl version and template the model was trained with."
+        )
+    img = load_spatial(path)
+    zooms = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
+    want = float(expected["resolution_mm"])
+    if any(abs(z - want) > 1e-3 for z in zooms):
+        raise InputDataError(
+            f"{path} has voxels of {'x'.join(f'{z:g}' for z in zooms)} mm; the model {record['name']} expects "
+            f"{want:g} mm. Run the participant level with --model-resolution {want:g} (in a new OUTPUT_DIR "
+            "or after removing these derivatives)."
+        )
+    shape = tuple(int(s) for s in img.shape[:3])
+    if list(shape) != list(expected["shape"]):
+        raise InputDataError(
+            f"{path} has shape {shape}; the model {record['name']} expects {tuple(expected['shape'])}. "
+            "The template grid differs from training: preprocess with the bidsdl version the model was trained with."
+        )
+    return np.asarray(img.dataobj, dtype=np.float32)
+
+
+def training_matches(records: Sequence[dict[str, Any]], participant_id: str, data_sha256: Sequence[str]) -> list[str]:
+    """Why this participant was seen in training or validation by any of the models (empty: never).
+
+    Matched by participant ID and by voxel-data hash, so a renamed copy of a training subject is caught.
+
+    >>> rec = {"name": "m", "training_subjects": [{"participant_id": "sub-01", "images": [{"data_sha256": "a"}]}]}
+    >>> training_matches([rec], "sub-02", ["a"])
+    ["sub-02's image has the voxel data of sub-01, a training subject of m"]
+    """
+    reasons = []
+    hashes = set(data_sha256)
+    for record in records:
+        for subject in record.get("training_subjects", []):
+            if subject["participant_id"] == participant_id:
+                reasons.append(f"{participant_id} is a training subject of {record['name']}")
+            elif hashes & {img.get("data_sha256") for img in subject["images"]}:
+                reasons.append(
+                    f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
+                    f"a training subject of {record['name']}"
+                )
+    return reasons
+
+
+def _feature_layer(network: nn.Module) -> nn.Module:
+    """The layer Grad-CAM explains: the network's last block of feature maps."""
+    for name in ("features", "layer4"):
+        layer = getattr(network, name, None)
+        if isinstance(layer, nn.Module):
+            return layer
+    convs = [m for m in network.modules() if isinstance(m, nn.Conv3d)]
+    return convs[-1]
+
+
+def _score(outputs: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "regression":
+        return outputs[:, 0]
+    if outputs.shape[1] == 2:
+        return outputs[:, 1] - outputs[:, 0]  # the positive class's log-odds
+    return outputs.gather(1, outputs.argmax(1, keepdim=True))[:, 0]
+
+
+def _unit(volume: np.ndarray) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] by its 99.9th percentile (a few extreme voxels do not rule)."""
+    top = float(np.percentile(volume, 99.9))
+    return np.clip(volume / top, 0, 1) if top > 0 else np.zeros_like(volume)
+
+
+def explain(network: Standardized, x: torch.Tensor, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One network's outputs, gradient saliency and Grad-CAM for one input ``(1, 1, X, Y, Z)``."""
+    layer = _feature_layer(network.net)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        captured["activation"] = output
+        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+        return output.clone()  # later in-place operations must not touch what Grad-CAM reads
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        network.zero_grad(set_to_none=True)
+        outputs = network(x)
+        _score(outputs, task).sum().backward()
+    finally:
+        handle.remove()
+    saliency = x.grad.detach().abs()[0, 0].float().cpu().numpy()  # type: ignore[union-attr]
+    activation, gradient = captured["activation"].detach(), captured["gradient"].detach()
+    weights = gradient.mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
+    cam = torch.relu((weights * activation).sum(1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam.float(), size=tuple(x.shape[-3:]), mode="trilinear", align_corners=False)
+    return outputs.detach().float().cpu().numpy()[0], _unit(saliency), _unit(cam[0, 0].cpu().numpy())
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The ensemble's output for one image, each model's, and the averaged attribution maps."""
+
+    output: np.ndarray  # class probabilities, or the regression value (length 1)
+    per_model: list[np.ndarray]
+    saliency: np.ndarray
+    gradcam: np.ndarray
+
+
+def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu") -> Inference:
+    """Predict one model-input array with every fold of every model; average them."""
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, 1, *array.shape[-3:]).to(device)
+    per_model, saliency, gradcam = [], [], []
+    for model in models:
+        task = model.record["task"]
+        fold_outputs = []
+        for fold, network in enumerate(model.networks):
+            raw, sal, cam = explain(network, x, task)
+            if task == "classification":
+                fold_outputs.append(torch.softmax(torch.from_numpy(raw), 0).numpy())
+            else:
+                scale = (model.record.get("target_scale") or [{"mean": 0.0, "sd": 1.0}] * len(model.networks))[fold]
+                fold_outputs.append(raw * float(scale["sd"]) + float(scale["mean"]))
+            saliency.append(sal)
+            gradcam.append(cam)
+        per_model.append(np.mean(fold_outputs, axis=0))
+    return Inference(
+        output=np.mean(per_model, axis=0),
+        per_model=per_model,
+        saliency=np.mean(saliency, axis=0).astype(np.float32),
+        gradcam=np.mean(gradcam, axis=0).astype(np.float32),
+    )
+
+
+def prediction_record(
+    models: Sequence[LoadedModel],
+    result: Inference,
+    *,
+    source: str,
+    participant_id: str,
+    seen_in_training: Sequence[str],
+) -> dict[str, Any]:
+    """The JSON-ready prediction of one image, with the model card the subject report shows."""
+    first = models[0].record
+    task = first["task"]
+    record: dict[str, Any] = {
+        "source": source,
+        "participant_id": participant_id,
+        "task": task,
+        "target": first["target"],
+        "models": [m.identity for m in models],
+        "ensemble_id": ensemble_id([m.record for m in models]),
+        "seen_in_training": bool(seen_in_training),
+        "seen_in_training_reasons": list(seen_in_training),
+    }
+    if task == "classification":
+        classes = first["classes"]
+        probabilities = {c: float(p) for c, p in zip(classes, result.output, strict=True)}
+        record["probabilities"] = probabilities
+        record["per_model"] = [{c: float(p) for c, p in zip(classes, out, strict=True)} for out in result.per_model]
+        if len(classes) == 2:
+            threshold = float(np.mean([m.record["threshold"] for m in models]))
+            record.update(
+                positive_class=classes[1],
+                probability=probabilities[classes[1]],
+                threshold=threshold,
+                predicted=classes[1] if probabilities[classes[1]] >= threshold else classes[0],
+            )
+        else:
+            record["predicted"] = classes[int(np.argmax(result.output))]
+    else:
+        record["predicted"] = float(result.output[0])
+        record["per_model"] = [float(out[0]) for out in result.per_model]
+    record["model_card"] = [model_card(m) for m in models]
+    return record
+
+
+def model_card(model: LoadedModel) -> dict[str, Any]:
+    """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
+    record = model.record
+    test = record.get("metrics", {}).get("test", {})
+    keys = (
+        ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+        if record["task"] == "classification"
+        else ("mae", "rmse", "r2", "pearson_r")
+    )
+    metrics = []
+    for key in keys:
+        value = test.get("metrics", {}).get(key)
+        if value is None or not np.isfinite(value):
+            continue
+        ci = test.get("ci", {}).get(key)
+        metrics.append({"name": key, "value": value, "ci": ci if ci and all(np.isfinite(ci)) else None})
+    return {
+        **model.identity,
+        "classes": record.get("classes"),
+        "n_training_subjects": len(record.get("training_subjects", [])),
+        "n_training_images": sum(len(s["images"]) for s in record.get("training_subjects", [])),
+        "n_test_subjects": len(record.get("test_subjects", [])),
+        "test_metrics": metrics,
+        "intended_use": record.get("model_card", {}).get("intended_use"),
+        "limitations": record.get("model_card", {}).get("limitations"),
+        "not_for_clinical_use": True,
+    }

@@ -1,0 +1,36 @@
+"""Session fixtures of the learning and inference tests: one small preprocessed sample, one trained model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import FAST, fresh_output, set_read_only, snapshot, the_package
+
+
+@pytest.fixture(scope="session")
+def learning_sample(tmp_path_factory):
+    """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session."""
+    from pipeline.cli.run import main
+    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+
+    root = tmp_path_factory.mktemp("learning")
+    bids = root / "bids"
+    write_sample_dataset(bids, SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2))
+    before = snapshot(bids)
+    set_read_only(bids)
+    out = root / "derivatives"
+    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4"]) == 0
+    yield bids, out
+    set_read_only(bids, False)
+    assert snapshot(bids) == before
+
+
+@pytest.fixture(scope="session")
+def trained_package(learning_sample, tmp_path_factory):
+    """A model package trained with the FAST configuration on the learning sample."""
+    from pipeline.cli.run import main
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path_factory.mktemp("trained") / "derivatives")
+    assert main([str(bids), str(out), "group", *FAST]) == 0
+    return the_package(out)

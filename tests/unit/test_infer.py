@@ -1,0 +1,193 @@
+"""Inference, the leakage guard, export and meshes on small packages and arrays."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InputDataError, UsageError
+from pipeline.learn import export, infer, package
+from pipeline.learn.models import ModelConfig, build_model
+from pipeline.learn.train import save_weights
+from pipeline.ops.mesh import mask_surface, surface_summary, write_gifti
+
+SHAPE = (16, 18, 16)
+TINY = {"channels": [2, 2, 4, 4, 4], "hidden": [8], "dropout": 0.0}
+
+
+def make_package(
+    folder: Path, *, task: str = "classification", n_folds: int = 2, seed: int = 0, resolution: float = 4.0,
+    training: list[tuple[str, str]] = (("sub-01", "hash01"),), space: str = "MNI152NLin2009aSym",
+) -> Path:  # fmt: skip
+    """A complete package of a small untrained network (every fold differently initialised)."""
+    n_outputs = 2 if task == "classification" else 1
+    config = ModelConfig("conv5fc3", n_outputs, SHAPE, TINY)
+    weights = {}
+    for fold in range(n_folds):
+        torch.manual_seed(seed * 10 + fold)
+        network = build_model(config)
+        network.set_reference(torch.full((1, 1, *SHAPE), 0.5), 2.0)
+        weights[f"fold-{fold}.safetensors"] = folder / f"w{seed}-{fold}.safetensors"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(network, weights[f"fold-{fold}.safetensors"])
+    record = {
+        "name": f"diagnosis_conv5fc3_{seed}",
+        "task": task,
+        "target": "diagnosis" if task == "classification" else "age",
+        "classes": ["CN", "AD"] if task == "classification" else [],
+        "positive_class": "AD" if task == "classification" else None,
+        "threshold": 0.4,
+        "model": config.to_dict(),
+        "input": {"space": space, "resolution_mm": resolution, "res": f"{resolution:g}", "shape": list(SHAPE)},
+        "target_scale": [{"mean": 70.0, "sd": 5.0}] * n_folds if task == "regression" else None,
+        "training_subjects": [
+            {"participant_id": p, "splits": ["train"], "images": [{"data_sha256": h}]} for p, h in training
+        ],
+        "test_subjects": ["sub-09"],
+        "metrics": {"test": {"metrics": {"roc_auc": 0.9}, "ci": {"roc_auc": [0.8, 1.0]}}},
+        "data": {"n_subjects": 4},
+        "model_card": {"intended_use": "tests", "limitations": "none"},
+    }
+    return package.write_package(folder / "models", record=record, weights=weights, files={"config.json": {}})
+
+
+def model_input(folder: Path, *, zoom: float = 4.0, shape=SHAPE, space="MNI152NLin2009aSym") -> Path:
+    rng = np.random.default_rng(0)
+    path = folder / f"sub-02_space-{space}_res-{zoom:g}_desc-preproc_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(0.5, 1, shape).astype(np.float32), np.diag([zoom, zoom, zoom, 1])), path)
+    return path
+
+
+def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
+    models = infer.load_models([make_package(tmp_path / "a"), make_package(tmp_path / "b", seed=1)])
+    array = infer.check_input_image(models[0].record, model_input(tmp_path))
+    result = infer.infer(models, array)
+    assert result.output.shape == (2,) and np.isclose(result.output.sum(), 1)
+    assert np.allclose(result.output, np.mean(result.per_model, axis=0))
+    for volume in (result.saliency, result.gradcam):
+        assert volume.shape == SHAPE and volume.min() >= 0 and volume.max() <= 1 and volume.max() > 0
+    again = infer.infer(models, array)
+    assert np.array_equal(result.output, again.output) and np.array_equal(result.gradcam, again.gradcam)
+    record = infer.prediction_record(models, result, source="sub-02/anat/x.nii.gz", participant_id="sub-02",
+                                     seen_in_training=[])  # fmt: skip
+    assert record["predicted"] in ("CN", "AD") and record["threshold"] == pytest.approx(0.4)
+    assert [m["content_sha256"] for m in record["models"]] == [m.record["content_sha256"] for m in models]
+    assert record["model_card"][0]["not_for_clinical_use"] and not record["seen_in_training"]
+    json.dumps(record)  # JSON-ready
+
+
+def test_regression_outputs_are_back_on_the_target_scale(tmp_path):
+    models = infer.load_models([make_package(tmp_path, task="regression")])
+    result = infer.infer(models, infer.check_input_image(models[0].record, model_input(tmp_path)))
+    assert 40 < float(result.output[0]) < 100  # 70 +- a few SD of 5
+
+
+def test_leakage_guard_matches_ids_and_image_hashes(tmp_path):
+    record = package.read_package(make_package(tmp_path, training=[("sub-01", "aaa"), ("sub-03", "bbb")]))
+    assert infer.training_matches([record], "sub-02", ["ccc"]) == []
+    assert "sub-01 is a training subject" in infer.training_matches([record], "sub-01", ["ccc"])[0]
+    renamed = infer.training_matches([record], "sub-77", ["bbb"])
+    assert len(renamed) == 1 and "voxel data of sub-03" in renamed[0]
+
+
+def test_input_in_another_space_resolution_or_grid_is_refused(tmp_path):
+    record = package.read_package(make_package(tmp_path))
+    with pytest.raises(InputDataError, match=r"2x2x2 mm; the model .* expects 4 mm"):
+        infer.check_input_image(record, model_input(tmp_path, zoom=2.0))
+    with pytest.raises(InputDataError, match=r"space 'MNI152NLin6Asym'; the model .* expects 'MNI152NLin2009aSym'"):
+        infer.check_input_image(record, model_input(tmp_path, space="MNI152NLin6Asym"))
+    with pytest.raises(InputDataError, match=r"shape \(16, 16, 16\)"):
+        infer.check_input_image(record, model_input(tmp_path, shape=(16, 16, 16)))
+    with pytest.raises(UsageError, match=r"expects input at 4 mm .* prepares 2 mm"):
+        infer.check_resolution([record], 2.0, [tmp_path])
+
+
+def test_models_that_cannot_be_averaged_are_refused(tmp_path):
+    a = make_package(tmp_path / "a")
+    b = make_package(tmp_path / "b", task="regression")
+    with pytest.raises(UsageError, match="cannot form an ensemble: task is 'classification' in the first"):
+        infer.load_models([a, b])
+
+
+def test_bad_packages_are_refused_with_what_to_do(tmp_path):
+    good = make_package(tmp_path / "ok")
+    with pytest.raises(InputDataError, match="does not exist"):
+        package.read_package(tmp_path / "missing")
+    # incomplete: a weights file lost in the copy
+    incomplete = tmp_path / "incomplete"
+    subprocess.run(["cp", "-r", str(good), str(incomplete)], check=True)
+    (incomplete / "fold-1.safetensors").unlink()
+    with pytest.raises(InputDataError, match=r"incomplete: fold-1\.safetensors is missing"):
+        package.read_package(incomplete)
+    # a pickle checkpoint, alone or in place of the weights
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"state_dict": {}}, pickled / "model.pt")
+    with pytest.raises(InputDataError, match=r"model\.pt: pickle checkpoints are refused"):
+        package.read_package(pickled)
+    swapped = tmp_path / "swapped"
+    subprocess.run(["cp", "-r", str(good), str(swapped)], check=True)
+    torch.save({"w": torch.zeros(2)}, swapped / "fold-0.safetensors")
+    with pytest.raises(InputDataError, match="not a safetensors file"):
+        package.read_package(swapped)
+    # made by an incompatible bidsdl: another package format
+    future = tmp_path / "future"
+    subprocess.run(["cp", "-r", str(good), str(future)], check=True)
+    record = json.loads((future / "model.json").read_text())
+    record.update(format_version=99, bidsdl_version="9.0.0")
+    record["content_sha256"] = package.content_hash(record)
+    (future / "model.json").write_text(json.dumps(record))
+    with pytest.raises(
+        InputDataError, match=r"made by bidsdl 9.0.0 in package format 99; this bidsdl .* reads format 1"
+    ):
+        package.read_package(future)
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_export_gives_the_same_outputs_as_the_package(tmp_path, fmt):
+    if fmt == "onnx" and not export.onnx_available():
+        pytest.skip("onnx, onnxscript or onnxruntime is not installed")
+    folder = make_package(tmp_path)
+    out = tmp_path / f"exported{export.SUFFIX[fmt]}"
+    code = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli.export", str(folder), "--format", fmt, "-o", str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert code.returncode == 0, code.stderr
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["PackageContentSha256"] == package.read_package(folder)["content_sha256"]
+    # independent check on new inputs: the export and the package's networks agree
+    _, networks = package.load_package(folder)
+    x = torch.randn(3, 1, *SHAPE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(n(x), 1) for n in networks]).mean(0).numpy()
+    assert np.abs(export.run_exported(out, fmt, x) - expected).max() < 1e-4
+
+
+def test_export_refuses_writing_into_the_package(tmp_path):
+    folder = make_package(tmp_path)
+    with pytest.raises(UsageError, match="inside the package"):
+        export.export_package(folder, "torchscript", folder / "model.pt")
+
+
+def test_mask_surface_is_closed_and_measures_the_mask(tmp_path):
+    grid = np.indices((40, 40, 40)).astype(float)
+    ball = ((grid - 19.5) ** 2).sum(axis=0) <= 12**2
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    vertices, faces = mask_surface(ball, affine, step_size=1)
+    summary = surface_summary(vertices, faces)
+    true_ml = ball.sum() * 8 / 1000
+    assert abs(summary["volume_ml"] - true_ml) / true_ml < 0.05
+    assert all(47 < e < 51 for e in summary["extent_mm"])  # diameter 24 voxels of 2 mm
+    path = write_gifti(vertices, faces, tmp_path / "mask.surf.gii")
+    loaded = nib.load(path)
+    assert np.allclose(loaded.darrays[0].data, vertices) and np.array_equal(loaded.darrays[1].data, faces)
+    with pytest.raises(ValueError, match="empty"):
+        mask_surface(np.zeros((4, 4, 4)), affine)
