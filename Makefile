@@ -7,8 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
-DEMO_SUBJECTS ?= 16
-DEMO_NEW_SUBJECTS ?= 6
+DEMO_SUBJECTS ?= 12
+DEMO_NEW_SUBJECTS ?= 5
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint benchmark clean

@@ -137,10 +137,7 @@ def run_participant_level(
     workflow = init_bidsdl_wf(
         config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes
     )
-    plugin_args: dict[str, Any] = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
-    if config.models:
-        # torch's thread pools do not survive fork(): workers that run networks start from a clean process
-        plugin_args["mp_context"] = "forkserver"
+    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
     started = time.time()
     try:
         workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)

@@ -1,4 +1,4 @@
-"""Nipype interfaces over :mod:`pipeline.learn.infer` and :mod:`pipeline.ops.mesh` (thin: checks and I/O only)."""
+"""Nipype interfaces over :mod:`pipeline.learn.infer` and :mod:`pipeline.ops.mesh` (thin: I/O only)."""
 
 from __future__ import annotations
 
@@ -46,56 +46,41 @@ class RunInference(SimpleInterface):
     output_spec = _RunInferenceOutputSpec
 
     def _run_interface(self, runtime):
-        import torch
+        import subprocess
+        import sys
 
         from ..errors import InputDataError
-        from ..learn.infer import check_input_image, infer, load_models, prediction_record, training_matches
-        from ..learn.train import resolve_device
-        from ..reports.figures import attribution_overlay
 
-        torch.set_num_threads(max(1, self.inputs.num_threads))
-        device = resolve_device(self.inputs.device)
-        models = load_models(self.inputs.model_dirs, device)
-        hashes = [m.record["content_sha256"] for m in models]
-        if hashes != list(self.inputs.model_hashes):
-            raise InputDataError(f"The model packages changed while this run used them ({self.inputs.model_dirs}).")
-        audit = json.loads(Path(self.inputs.in_audit).read_text())
-        data_hashes = [audit.get("intensity", {}).get("data_sha256", "")]
-        seen = training_matches([m.record for m in models], self.inputs.participant_id, data_hashes)
-        if seen and not self.inputs.allow_training_subjects:
-            raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
-        space = json.loads(Path(self.inputs.in_record).read_text()).get("SpatialReference")
-        array = check_input_image(models[0].record, Path(self.inputs.in_file), space=space)
-        result = infer(models, array, device)
-        record = prediction_record(
-            models, result, source=self.inputs.source, participant_id=self.inputs.participant_id, seen_in_training=seen
-        )
         cwd = Path(runtime.cwd)
-        img = nib.load(self.inputs.in_file)
-        for key, volume in (("out_saliency", result.saliency), ("out_gradcam", result.gradcam)):
-            path = cwd / f"{key[4:]}.nii"
-            out = nib.Nifti1Image(volume.astype(np.float32), img.affine)
-            out.header.set_xyzt_units("mm")
-            nib.save(out, str(path))
-            self._results[key] = str(path)
-        metadata = {
-            "Models": record["models"],
-            "EnsembleID": record["ensemble_id"],
-            "SeenInTraining": record["seen_in_training"],
-            "Score": "positive-class log-odds"
-            if len(record.get("probabilities", {})) == 2
-            else ("predicted class logit" if record["task"] == "classification" else "predicted value"),
-            "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
+        spec = {
+            "in_file": self.inputs.in_file,
+            "mask": self.inputs.in_mask,
+            "audit": self.inputs.in_audit,
+            "resampling_record": self.inputs.in_record,
+            "source": self.inputs.source,
+            "participant_id": self.inputs.participant_id,
+            "model_dirs": list(self.inputs.model_dirs),
+            "model_hashes": list(self.inputs.model_hashes),
+            "allow_training_subjects": bool(self.inputs.allow_training_subjects),
+            "device": self.inputs.device,
+            "num_threads": self.inputs.num_threads,
         }
-        (cwd / "prediction.json").write_text(json.dumps(record, indent=2) + "\n")
-        (cwd / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        mask = np.asarray(nib.load(self.inputs.in_mask).dataobj) > 0
-        png = attribution_overlay(array, {"saliency": result.saliency, "Grad-CAM": result.gradcam}, mask=mask)
-        (cwd / "attribution.png").write_bytes(png)
+        (cwd / "inference.json").write_text(json.dumps(spec, indent=2) + "\n")
+        # A fresh interpreter: torch's thread pools do not survive the fork() that made this worker.
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.learn.infer", str(cwd / "inference.json"), str(cwd)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+            raise InputDataError(lines[-1] if lines else f"inference exited with {done.returncode}")
+        outputs = json.loads(done.stdout.strip().splitlines()[-1])
         self._results.update(
-            out_record=str(cwd / "prediction.json"),
-            out_metadata=str(cwd / "metadata.json"),
-            out_figure=str(cwd / "attribution.png"),
+            out_record=outputs["record"],
+            out_saliency=outputs["saliency"],
+            out_gradcam=outputs["gradcam"],
+            out_metadata=outputs["metadata"],
+            out_figure=outputs["figure"],
         )
         return runtime
 

@@ -12,17 +12,19 @@ folds and models are averaged, so every network counts equally.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
 
 from ..bids.audit import load_spatial
-from ..errors import InputDataError, UsageError
+from ..errors import BidsdlError, InputDataError, UsageError
 from .models import Standardized
 from .package import load_package
 
@@ -305,3 +307,73 @@ def model_card(model: LoadedModel) -> dict[str, Any]:
         "limitations": record.get("model_card", {}).get("limitations"),
         "not_for_clinical_use": True,
     }
+def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Everything the inference node does, in this process: load and check the models, check the input and
+    the leakage guard, predict, write the maps, the records and the figure into ``out_dir``."""
+    from ..reports.figures import attribution_overlay
+    from .train import resolve_device
+
+    torch.set_num_threads(max(1, int(spec["num_threads"])))
+    device = resolve_device(spec["device"])
+    models = load_models(spec["model_dirs"], device)
+    if [m.record["content_sha256"] for m in models] != list(spec["model_hashes"]):
+        raise InputDataError(f"The model packages changed while this run used them ({', '.join(spec['model_dirs'])}).")
+    audit = json.loads(Path(spec["audit"]).read_text())
+    seen = training_matches(
+        [m.record for m in models], spec["participant_id"], [audit.get("intensity", {}).get("data_sha256", "")]
+    )
+    if seen and not spec["allow_training_subjects"]:
+        raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
+    space = json.loads(Path(spec["resampling_record"]).read_text()).get("SpatialReference")
+    array = check_input_image(models[0].record, Path(spec["in_file"]), space=space)
+    result = infer(models, array, device)
+    record = prediction_record(
+        models, result, source=spec["source"], participant_id=spec["participant_id"], seen_in_training=seen
+    )
+    img = load_spatial(Path(spec["in_file"]))
+    outputs = {}
+    for key, volume in (("saliency", result.saliency), ("gradcam", result.gradcam)):
+        out = nib.Nifti1Image(volume.astype(np.float32), img.affine)
+        out.header.set_xyzt_units("mm")
+        outputs[key] = str(out_dir / f"{key}.nii")
+        nib.save(out, outputs[key])
+    binary = len(record.get("probabilities", {})) == 2
+    metadata = {
+        "Models": record["models"],
+        "EnsembleID": record["ensemble_id"],
+        "SeenInTraining": record["seen_in_training"],
+        "Score": "positive-class log-odds" if binary else
+        ("predicted class logit" if record["task"] == "classification" else "predicted value"),
+        "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
+    }  # fmt: skip
+    outputs["record"] = str(out_dir / "prediction.json")
+    outputs["metadata"] = str(out_dir / "metadata.json")
+    outputs["figure"] = str(out_dir / "attribution.png")
+    Path(outputs["record"]).write_text(json.dumps(record, indent=2) + "\n")
+    Path(outputs["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
+    mask = np.asarray(load_spatial(Path(spec["mask"])).dataobj) > 0
+    maps = {"saliency": result.saliency, "Grad-CAM": result.gradcam}
+    Path(outputs["figure"]).write_bytes(attribution_overlay(array, maps, mask=mask))
+    return outputs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.learn.infer SPEC.json OUT_DIR``: the inference node's work in a fresh process.
+
+    torch's thread pools do not survive ``fork()``; Nipype's workers are forked, so the node runs the
+    networks in a new interpreter. Errors print one line (what is wrong and what to do) and exit 65.
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        outputs = run_node(json.loads(Path(args[0]).read_text()), Path(args[1]))
+    except BidsdlError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(outputs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

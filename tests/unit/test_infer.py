@@ -191,3 +191,37 @@ def test_mask_surface_is_closed_and_measures_the_mask(tmp_path):
     assert np.allclose(loaded.darrays[0].data, vertices) and np.array_equal(loaded.darrays[1].data, faces)
     with pytest.raises(ValueError, match="empty"):
         mask_surface(np.zeros((4, 4, 4)), affine)
+
+
+def test_the_inference_node_work_writes_maps_records_and_guards(tmp_path):
+    folder = make_package(tmp_path, training=[("sub-01", "hash01")])
+    image = model_input(tmp_path)
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"intensity": {"data_sha256": "other"}}))
+    resampling = tmp_path / "resampling.json"
+    resampling.write_text(json.dumps({"SpatialReference": "MNI152NLin2009aSym"}))
+    spec = {"in_file": str(image), "mask": str(image), "audit": str(audit), "resampling_record": str(resampling),
+            "source": "sub-02/anat/sub-02_T1w.nii.gz", "participant_id": "sub-02", "model_dirs": [str(folder)],
+            "model_hashes": [package.read_package(folder)["content_sha256"]], "allow_training_subjects": False,
+            "device": "auto", "num_threads": 1}  # fmt: skip
+    out = tmp_path / "node"
+    out.mkdir()
+    outputs = infer.run_node(spec, out)
+    assert json.loads(Path(outputs["record"]).read_text())["participant_id"] == "sub-02"
+    assert nib.load(outputs["gradcam"]).shape == SHAPE and Path(outputs["figure"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(Path(outputs["metadata"]).read_text())["SeenInTraining"] is False
+    # a training subject is refused; with the flag it is predicted and marked
+    audit.write_text(json.dumps({"intensity": {"data_sha256": "hash01"}}))
+    with pytest.raises(InputDataError, match="voxel data of sub-01"):
+        infer.run_node(spec, out)
+    marked = infer.run_node({**spec, "allow_training_subjects": True}, out)
+    assert json.loads(Path(marked["record"]).read_text())["seen_in_training"] is True
+    # the package changed since the run was planned
+    with pytest.raises(InputDataError, match="changed while this run used them"):
+        infer.run_node({**spec, "model_hashes": ["0" * 64]}, out)
+    # the same work through the command the Nipype node runs, in a fresh interpreter
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "allow_training_subjects": True}))
+    done = subprocess.run([sys.executable, "-m", "pipeline.learn.infer", str(tmp_path / "spec.json"), str(out)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"saliency", "gradcam", "record", "metadata", "figure"}
