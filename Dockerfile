@@ -12,6 +12,9 @@ ARG REVISION=unknown
 ARG CREATED=unknown
 # Where pip finds torch: CPU wheels by default; a CUDA index (e.g. .../whl/cu126) for GPU images.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# More pip options for the build machine, e.g. "--find-links /wheels" with a wheel folder mounted
+# (podman build --volume WHEEL_FOLDER:/wheels:ro); the recipe itself needs none.
+ARG PIP_EXTRA_ARGS=""
 
 LABEL org.opencontainers.image.title="bidsdl" \
       org.opencontainers.image.description="BIDS App for reproducible deep learning on brain MRI" \
@@ -22,7 +25,6 @@ LABEL org.opencontainers.image.title="bidsdl" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="bidsdl developers"
 
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
@@ -38,13 +40,14 @@ RUN python3 -m venv /opt/venv
 
 # torch first and pinned (the constraints file): an unpinned resolve pulls multi-GB CUDA builds.
 COPY constraints.txt /opt/bidsdl/constraints.txt
-RUN pip install -c /opt/bidsdl/constraints.txt --extra-index-url "${TORCH_INDEX_URL}" torch==2.13.0
+# hadolint ignore=SC2086
+RUN pip install ${PIP_EXTRA_ARGS} -c /opt/bidsdl/constraints.txt --extra-index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
 # The dependencies of pyproject.toml (runtime + export), without bidsdl itself: cached until they change.
 COPY pyproject.toml /opt/bidsdl/src/pyproject.toml
 RUN python3 -c "import tomllib; p = tomllib.load(open('/opt/bidsdl/src/pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['export']))" > /tmp/requirements.txt \
- && pip install -c /opt/bidsdl/constraints.txt -r /tmp/requirements.txt \
+ && pip install ${PIP_EXTRA_ARGS} -c /opt/bidsdl/constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 COPY README.md /opt/bidsdl/src/README.md
