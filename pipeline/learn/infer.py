@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..bids.audit import load_spatial
+from ..derivatives import parse_bids_name
 from ..errors import BidsdlError, InputDataError, UsageError
 from .models import Standardized
 from .package import load_package
@@ -105,7 +106,7 @@ def check_input_image(record: dict[str, Any], path: Path, *, space: str | None =
     path = Path(path)
     expected = record["input"]
     if space is None:
-        space = next((p.split("-", 1)[1] for p in path.name.split("_") if p.startswith("space-")), None)
+        space = parse_bids_name(path.name)[0].get("space")
     if space != expected["space"]:
         raise InputDataError(
             f"{path} is in space {space!r}; the model {record['name']} expects {expected['space']!r}. "
