@@ -60,6 +60,7 @@ _NOT_HASHED = frozenset(
         "verbosity",
         "config_file",
         "stop_on_first_crash",
+        "force",
         *(f for f in LEARNING_FIELDS if f not in ("seed", "model_resolution")),
         "device",
         "resume",
@@ -91,6 +92,7 @@ class RunConfig:
     mem_gb: float = 1.0
     model_resolution: float = 2.0
     stop_on_first_crash: bool = False
+    force: bool = False
     seed: int = 42
     verbosity: int = 0
     config_file: Path | None = None

@@ -58,6 +58,22 @@ class OutputNotWritable(BidsdlError, PermissionError):
     exit_code = EXIT_CANT_CREATE
 
 
+class RunInterrupted(BaseException):
+    """A termination signal (SLURM's time limit or ``scancel``, ``docker stop``) reached bidsdl.
+
+    A ``BaseException``, like :class:`KeyboardInterrupt`, so that nothing on the way up swallows it;
+    the command line records what was running and exits with ``128 + signal``.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signal_name}")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One finding of the BIDS validation: a file, what is wrong, and how to fix it."""

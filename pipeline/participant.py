@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -19,6 +21,7 @@ import numpy as np
 from . import __version__, derivatives
 from .bids.layout import T1wImage
 from .config import RunConfig
+from .errors import RunInterrupted
 from .qc import load_qc
 from .reports.subject import write_subject_report
 from .workflows.base import image_key
@@ -44,8 +47,13 @@ def subject_status(
     config_hash: str,
     started: float,
     finished: float,
+    model_hashes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The status record of one participant after a run, from its outputs and crash files."""
+    """The status record of one participant after a run, from its outputs and crash files.
+
+    It is what a re-run compares against (:func:`rerun_reason`): the state, the bidsdl version,
+    the config hash, the models' content hashes, every input's sha256 and every output's size.
+    """
     image_records, errors, inputs = [], [], []
     for image in images:
         audit_path = Path(output_dir) / derivatives.build_path(
@@ -77,14 +85,100 @@ def subject_status(
         "run_id": run_id,
         "bidsdl_version": __version__,
         "config_hash": config_hash,
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds"),
+        "model_hashes": list(model_hashes),
+        "host": socket.gethostname(),
+        "started": _iso(started),
+        "finished": _iso(finished),
         "duration_s": round(finished - started, 2),
         "inputs": inputs,
         "images": image_records,
+        "outputs": output_records(output_dir, subject),
         "errors": errors,
         "crash_files": [c.relative_to(output_dir).as_posix() for c in crashes],
     }
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def output_records(output_dir: Path, subject: str) -> list[dict[str, Any]]:
+    """Every derivative of a participant (not its logs nor leftovers), with its size."""
+    root = Path(output_dir) / f"sub-{subject}"
+    if not root.is_dir():
+        return []
+    files = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [
+        {"path": p.relative_to(output_dir).as_posix(), "size": p.stat().st_size}
+        for p in sorted(files)
+        if p.relative_to(root).parts[0] != "log"
+    ]
+
+
+def input_records(images: Sequence[T1wImage], bids_dir: Path) -> list[dict[str, Any]]:
+    """The selected images with the sha256 of their files, as the audit records them."""
+    from .bids.audit import sha256_file
+
+    records = []
+    for image in images:
+        try:
+            digest: str | None = sha256_file(image.path)
+        except OSError:
+            digest = None
+        records.append({"path": image.relative_to(bids_dir), "sha256": digest})
+    return records
+
+
+def rerun_reason(
+    previous: Mapping[str, Any] | None,
+    *,
+    inputs: Sequence[Mapping[str, Any]],
+    config_hash: str,
+    model_hashes: Sequence[str] = (),
+    output_dir: Path,
+) -> str | None:
+    """Why a participant must run again, or None when its last run is done and still valid.
+
+    Valid means: the same bidsdl version, configuration, models and input files (by sha256), and
+    every output of that run still there with its size. Anything else (no record, a failed,
+    interrupted or killed run) is a reason to run.
+    """
+    if previous is None:
+        return "never processed into this OUTPUT_DIR"
+    state = previous.get("state")
+    if state != "done":
+        where = f" (run {previous.get('run_id')})" if previous.get("run_id") else ""
+        return {
+            "running": f"its last run{where} never finished (killed?)",
+            "interrupted": f"its last run{where} was interrupted",
+        }.get(str(state), f"its last run{where} failed")
+    if previous.get("bidsdl_version") != __version__:
+        return f"it was processed by bidsdl {previous.get('bidsdl_version')}, this is {__version__}"
+    if previous.get("config_hash") != config_hash:
+        return "the configuration changed"
+    if sorted(previous.get("model_hashes") or []) != sorted(model_hashes):
+        return "the models changed"
+    before = {i["path"]: i.get("sha256") for i in previous.get("inputs") or []}
+    now = {i["path"]: i.get("sha256") for i in inputs}
+    if before != now:
+        changed = sorted(p for p in before.keys() | now.keys() if before.get(p) != now.get(p) or p not in before)
+        return f"its inputs changed: {', '.join(changed)}"
+    for record in previous.get("outputs") or []:
+        path = Path(output_dir) / record["path"]
+        if not path.is_file() or path.stat().st_size != record["size"]:
+            return f"an output of its last run is missing or changed: {record['path']}"
+    return None
+
+
+def _remove_leftovers(output_dir: Path, subject: str) -> list[Path]:
+    """Temporary files of a killed run of this participant (never a complete-looking name)."""
+    candidates = [
+        *(Path(output_dir) / f"sub-{subject}").rglob(".*.tmp*"),
+        *Path(output_dir).glob(f".sub-{subject}.*.tmp*"),  # its report
+    ]
+    for path in candidates:
+        path.unlink(missing_ok=True)
+    return candidates
 
 
 def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) -> list[str]:
@@ -127,24 +221,84 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) 
     return [r["content_sha256"] for r in records]
 
 
+def plan_participants(
+    config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]], model_hashes: Sequence[str]
+) -> tuple[dict[str, Sequence[T1wImage]], list[dict[str, Any]]]:
+    """Split ``subjects`` into those to run and the status records of those already done.
+
+    A re-submitted array job thus redoes only failed, interrupted or changed participants;
+    ``--force`` runs every selected one.
+    """
+    to_run: dict[str, Sequence[T1wImage]] = {}
+    skipped: list[dict[str, Any]] = []
+    config_hash = config.config_hash()
+    for subject, images in subjects.items():
+        path = derivatives.status_path(config.output_dir, subject)
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        reason = rerun_reason(
+            previous,
+            inputs=input_records(images, config.bids_dir),
+            config_hash=config_hash,
+            model_hashes=model_hashes,
+            output_dir=config.output_dir,
+        )
+        if reason is None and not config.force:
+            assert previous is not None
+            LOGGER.info(
+                "sub-%s is up to date (run %s, same inputs, config and version): skipped. "
+                "Give --force to run it again.",
+                subject,
+                previous.get("run_id"),
+            )
+            skipped.append({**previous, "skipped": True})
+            continue
+        if previous is not None:
+            LOGGER.info("sub-%s runs again: %s.", subject, "--force" if reason is None else reason)
+        to_run[subject] = images
+    return to_run, skipped
+
+
 def run_participant_level(
     config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
 ) -> list[dict[str, Any]]:
-    """Build and run the graph for ``subjects``; write and return their status records."""
+    """Build and run the graph for ``subjects``; write and return their status records.
+
+    Participants whose last run is done and still valid are skipped (:func:`plan_participants`).
+    Each one to run is marked ``running`` first, so a killed process leaves that behind; a
+    termination signal marks them ``interrupted``.
+    """
     from .workflows.base import init_bidsdl_wf
 
     model_hashes = check_models(config, subjects) if config.models else []
-    workflow = init_bidsdl_wf(
-        config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes
-    )
-    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    subjects, statuses = plan_participants(config, subjects, model_hashes)
+    if not subjects:
+        return statuses
     started = time.time()
+    for subject in subjects:
+        for leftover in _remove_leftovers(config.output_dir, subject):
+            LOGGER.info("Removed a temporary file of an earlier, killed run: %s", leftover)
+        derivatives.write_json(
+            derivatives.status_path(config.output_dir, subject),
+            _transient_status(subject, "running", run_id=run_id, config_hash=config.config_hash(), started=started),
+        )
+    workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes)
+    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
     try:
         workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)
     except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly"
         LOGGER.debug("Nipype reported failed nodes: %s", exc)
+    except RunInterrupted as exc:
+        for subject in subjects:
+            record = _transient_status(
+                subject, "interrupted", run_id=run_id, config_hash=config.config_hash(), started=started
+            )
+            record["errors"] = [f"{exc} after {time.time() - started:.0f} s; re-run the same command to resume."]
+            derivatives.write_json(derivatives.status_path(config.output_dir, subject), record)
+        raise
     finished = time.time()
-    statuses = []
     qc = load_qc(config.output_dir)  # group percentiles in the reports, once a group run exists
     for subject, images in subjects.items():
         status = subject_status(
@@ -156,6 +310,7 @@ def run_participant_level(
             config_hash=config.config_hash(),
             started=started,
             finished=finished,
+            model_hashes=model_hashes,
         )
         derivatives.write_json(derivatives.status_path(config.output_dir, subject), status)
         statuses.append(status)
@@ -166,3 +321,18 @@ def run_participant_level(
         else:
             LOGGER.info("sub-%s done (%d image(s)); report: %s", subject, len(images), report)
     return statuses
+
+
+def _transient_status(subject: str, state: str, *, run_id: str, config_hash: str, started: float) -> dict[str, Any]:
+    """The record of a run in progress (``running``) or stopped by a signal (``interrupted``)."""
+    return {
+        "participant_id": f"sub-{subject}",
+        "state": state,
+        "run_id": run_id,
+        "bidsdl_version": __version__,
+        "config_hash": config_hash,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _iso(started),
+        "errors": [],
+    }

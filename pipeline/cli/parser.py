@@ -202,6 +202,12 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     res.add_argument(
         "--stop-on-first-crash", action="store_true", help="stop at the first failed step instead of going on"
     )
+    res.add_argument(
+        "--force",
+        action="store_true",
+        help="participant: run the selected participants again even when their status record says they are "
+        "done with the same inputs, config and version (the work dir still skips unchanged steps)",
+    )
 
     other = parser.add_argument_group("other")
     other.add_argument(
@@ -279,6 +285,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),
         model_resolution=merged.get("model_resolution") or 2.0,
         stop_on_first_crash=bool(merged.get("stop_on_first_crash")),
+        force=bool(merged.get("force")),
         seed=merged["seed"] if merged.get("seed") is not None else 42,
         verbosity=verbosity,
         config_file=Path(merged["config"]).absolute() if merged.get("config") else None,

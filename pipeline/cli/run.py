@@ -21,9 +21,11 @@ from ..errors import (
     BidsDirMissing,
     BidsdlError,
     BidsValidationError,
+    RunInterrupted,
     UsageError,
 )
 from .parser import parse_args
+from .signals import interrupt_on_signals, terminate_descendants
 
 LOGGER = logging.getLogger("pipeline.cli")
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -151,7 +153,13 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
                 ", ".join(failed),
             )
             return EXIT_PARTICIPANT_FAILED
-        LOGGER.info("All %d participant(s) finished. Outputs: %s", len(statuses), config.output_dir)
+        skipped = sum(bool(s.get("skipped")) for s in statuses)
+        LOGGER.info(
+            "All %d participant(s) finished%s. Outputs: %s",
+            len(statuses),
+            f" ({skipped} already up to date, skipped)" if skipped else "",
+            config.output_dir,
+        )
         return EXIT_OK
 
     from ..group import run_group_level
@@ -182,7 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bidsdl: error: {exc}", file=sys.stderr)
         return exc.exit_code
     try:
-        return run(config, argv)
+        with interrupt_on_signals():
+            return run(config, argv)
+    except RunInterrupted as exc:
+        stopped = terminate_descendants()
+        message = (
+            f"{exc}: stopped {len(stopped)} worker process(es). What was running is marked 'interrupted' in "
+            "its status record; re-run the same command to resume"
+            + (" (group level: add --resume to continue training)." if config.analysis_level == "group" else ".")
+        )
+        if logging.getLogger("pipeline").handlers:
+            LOGGER.error("%s", message)
+        else:
+            print(f"bidsdl: {message}", file=sys.stderr)
+        return exc.exit_code
     except BidsdlError as exc:
         if logging.getLogger("pipeline").handlers:
             LOGGER.error("%s", exc)

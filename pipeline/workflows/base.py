@@ -108,6 +108,8 @@ def init_bidsdl_wf(
             "poll_sleep_duration": 0.1,  # the default (2 s) adds seconds per node
             "stop_on_first_crash": str(config.stop_on_first_crash).lower(),
             "remove_unnecessary_outputs": "false",
+            # no graph.json/d3.js/index.html at the top of the work dir: array jobs share it
+            "create_report": "false",
         }
     )
     for subject, images in subjects.items():

@@ -160,34 +160,3 @@ def test_console_scripts_run_as_processes(tmp_path):
         check=False,
     )
     assert result.returncode == 66 and "does not exist" in result.stderr
-
-
-def test_parallel_participant_jobs_share_one_output(bids_factory, tmp_path):
-    """Two array tasks at once into the same OUTPUT_DIR both finish and agree on its description."""
-    sample_bids = bids_factory()
-    bidsdl = str(Path(sys.executable).parent / "bidsdl")
-    out = tmp_path / "one_output"
-    jobs = [
-        subprocess.Popen(
-            [
-                bidsdl,
-                str(sample_bids),
-                str(out),
-                "participant",
-                "--participant-index",
-                str(i),
-                "--nprocs",
-                "1",
-                "-q",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for job in jobs:
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, err
-    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
-    assert len(list((out / "logs").iterdir())) == 2
-    assert sorted(p.name for p in out.glob("sub-*") if p.is_dir()) == ["sub-01", "sub-02"]

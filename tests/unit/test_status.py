@@ -6,8 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from pipeline import __version__
 from pipeline.bids.layout import T1wImage
-from pipeline.participant import subject_status
+from pipeline.participant import output_records, rerun_reason, subject_status
 
 
 def _image(bids: Path, label: str) -> T1wImage:
@@ -62,3 +63,69 @@ def test_stale_audit_from_an_earlier_run_does_not_count(tmp_path):
         finished=later + 1,
     )
     assert status["state"] == "failed" and "no audit was written" in status["errors"][0]
+
+
+def _done_status(out: Path, **changes) -> dict:
+    sub = out / "sub-01" / "anat"
+    sub.mkdir(parents=True, exist_ok=True)
+    if not (sub / "sub-01_desc-audit_T1w.json").exists():
+        (sub / "sub-01_desc-audit_T1w.json").write_text("{}")
+    record = {
+        "state": "done",
+        "run_id": "R",
+        "bidsdl_version": __version__,
+        "config_hash": "c",
+        "model_hashes": [],
+        "inputs": [{"path": "sub-01/anat/sub-01_T1w.nii.gz", "sha256": "a"}],
+        "outputs": [{"path": "sub-01/anat/sub-01_desc-audit_T1w.json", "size": 2}],
+    }
+    return {**record, **changes}
+
+
+def test_rerun_reason_names_what_changed(tmp_path):
+    inputs = [{"path": "sub-01/anat/sub-01_T1w.nii.gz", "sha256": "a"}]
+    check = {"inputs": inputs, "config_hash": "c", "output_dir": tmp_path}
+    assert rerun_reason(_done_status(tmp_path), **check) is None
+    assert "never processed" in rerun_reason(None, **check)
+    assert "failed" in rerun_reason(_done_status(tmp_path, state="failed"), **check)
+    assert "never finished" in rerun_reason(_done_status(tmp_path, state="running"), **check)
+    assert "interrupted" in rerun_reason(_done_status(tmp_path, state="interrupted"), **check)
+    assert "bidsdl 0.0.1" in rerun_reason(_done_status(tmp_path, bidsdl_version="0.0.1"), **check)
+    assert "configuration" in rerun_reason(_done_status(tmp_path, config_hash="other"), **check)
+    assert "models" in rerun_reason(_done_status(tmp_path), **{**check, "model_hashes": ["m"]})
+    changed = [{"path": "sub-01/anat/sub-01_T1w.nii.gz", "sha256": "b"}]
+    assert "inputs changed: sub-01/anat/sub-01_T1w.nii.gz" in rerun_reason(
+        _done_status(tmp_path), **{**check, "inputs": changed}
+    )
+    added = [*inputs, {"path": "sub-01/anat/sub-01_run-2_T1w.nii.gz", "sha256": "x"}]
+    assert "run-2" in rerun_reason(_done_status(tmp_path), **{**check, "inputs": added})
+    (tmp_path / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").write_text("{ }")  # size changed
+    assert "missing or changed: sub-01/anat/sub-01_desc-audit_T1w.json" in rerun_reason(_done_status(tmp_path), **check)
+    gone = {**_done_status(tmp_path), "outputs": [{"path": "sub-01/x.json", "size": 1}]}
+    assert "missing or changed: sub-01/x.json" in rerun_reason(gone, **check)
+
+
+def test_output_records_leave_out_logs_and_leftovers(tmp_path):
+    for name in ("anat/sub-01_desc-preproc_T1w.nii.gz", "log/sub-01_status.json", "anat/.x.nii.gz.1234.tmp.nii.gz"):
+        (tmp_path / "sub-01" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sub-01" / name).write_text("abc")
+    assert output_records(tmp_path, "01") == [{"path": "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz", "size": 3}]
+    assert output_records(tmp_path, "02") == []
+
+
+def test_descendants_and_their_termination():
+    import subprocess
+    import sys
+
+    from pipeline.cli.signals import descendants, terminate_descendants
+
+    sleeper = "import time; time.sleep(60)"
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", script])
+    time.sleep(1.0)
+    found = descendants()
+    assert child.pid in found and len(descendants(child.pid)) == 1
+    grandchild = descendants(child.pid)[0]
+    stopped = terminate_descendants(grace_s=2)
+    assert {child.pid, grandchild} <= set(stopped)
+    assert child.wait(timeout=5) != 0

@@ -1,0 +1,133 @@
+"""The repository's SLURM recipe, submitted to a real cluster with the local ``bidsdl`` command.
+
+Skipped where no SLURM answers (``../shared/slurm/setup-slurm.sh`` starts a single-node one; ``.ci/run``
+does so when the script exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_bids
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBMIT = ROOT / "scripts" / "slurm" / "submit.sh"
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no SLURM here: sbatch is not on PATH (../shared/slurm/setup-slurm.sh starts a test cluster)"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"SLURM does not answer: {exc}"
+    if result.returncode != 0 or "up" not in result.stdout:
+        return f"SLURM has no partition up: {result.stdout.strip() or result.stderr.strip()}"
+    return None
+
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slurm,
+    pytest.mark.skipif(bool(_cluster_problem()), reason=str(_cluster_problem())),
+]
+
+
+def _job_states(job_id: str) -> list[str]:
+    """JobState of a job, or of every task of an array job."""
+    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=False)
+    return re.findall(r"\bJobState=(\S+)", result.stdout)
+
+
+def _reason(job_id: str) -> str:
+    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=False)
+    found = re.search(r"\bReason=(\S+)", result.stdout)
+    return found.group(1) if found else ""
+
+
+def _wait(job_id: str, *, timeout: float = 600) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _job_states(job_id)
+        if states and all(s not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING") for s in states):
+            return states
+        if states and all(s == "PENDING" for s in states) and _reason(job_id) == "DependencyNeverSatisfied":
+            return ["NEVER_RAN"]
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], check=False)
+            pytest.fail(f"SLURM job {job_id} still {states} after {timeout} s")
+        time.sleep(1)
+
+
+def _submit(bids: Path, out: Path) -> tuple[str, str]:
+    env = {
+        **os.environ,
+        "BIDS_DIR": str(bids),
+        "OUTPUT_DIR": str(out),
+        "BIDSDL": str(Path(sys.executable).parent / "bidsdl"),  # the same recipe, without a container
+        "PARTICIPANT_ARGS": "--model-resolution 4",
+    }
+    # the test cluster has 2 CPUs: ask for less than the recipe's defaults (options win over #SBATCH)
+    result = subprocess.run(
+        ["bash", str(SUBMIT), "--cpus-per-task=1", "--mem=3G", "--time=00:20:00"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=out.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    array_id, group_id = result.stdout.split()
+    return array_id, group_id
+
+
+def test_participant_array_then_group_on_slurm(tmp_path):
+    labels = ("01", "02", "03", "04")
+    bids = make_bids(tmp_path / "bids", {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in labels})
+    good = (bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz").read_bytes()
+    (bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz").write_bytes(good[: len(good) // 3])  # truncated download
+    out = tmp_path / "derivatives"
+
+    # 1. one task fails: the others finish, and the group job never starts
+    array_id, group_id = _submit(bids, out)
+    states = _wait(array_id)
+    assert sorted(states) == ["COMPLETED"] * 3 + ["FAILED"], states
+    assert _wait(group_id, timeout=120)[0] in ("CANCELLED", "NEVER_RAN")
+    subprocess.run(["scancel", group_id], check=False)
+    assert not (out / "group.html").exists()
+    assert json.loads((out / "sub-04" / "log" / "sub-04_status.json").read_text())["state"] == "failed"
+    first_runs = {s: json.loads((out / f"sub-{s}" / "log" / f"sub-{s}_status.json").read_text()) for s in labels[:3]}
+    assert {r["state"] for r in first_runs.values()} == {"done"}
+    logs = sorted((out / "logs" / "slurm").glob("participant-*.log"))
+    assert len(logs) == 4
+
+    # 2. the file is fixed and the same recipe re-submitted: only sub-04 runs; then the group job
+    (bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz").write_bytes(good)
+    array_id, group_id = _submit(bids, out)
+    assert sorted(_wait(array_id)) == ["COMPLETED"] * 4
+    assert _wait(group_id, timeout=300) == ["COMPLETED"]
+    for label in labels:
+        status = json.loads((out / f"sub-{label}" / "log" / f"sub-{label}_status.json").read_text())
+        assert status["state"] == "done"
+        if label in first_runs:
+            assert status["run_id"] == first_runs[label]["run_id"], f"sub-{label} was redone"
+        assert (out / f"sub-{label}.html").exists()
+        assert list((out / f"sub-{label}" / "anat").glob("*_space-MNI152NLin2009aSym_res-4_desc-preproc_T1w.nii.gz"))
+    skipped = [
+        p for p in (out / "logs" / "slurm").glob(f"participant-{array_id}_*.log") if "up to date" in p.read_text()
+    ]
+    assert len(skipped) == 3
+    assert (out / "group.html").exists() and (out / "manifest.tsv").exists()
+    manifest = (out / "manifest.tsv").read_text().splitlines()
+    assert len(manifest) == 1 + 4
+    group_log = (out / "logs" / "slurm" / f"group-{group_id}.log").read_text()
+    assert "Group report" in group_log
