@@ -306,5 +306,7 @@ def check_writable(output_dir: Path) -> None:
     except OSError as exc:
         raise OutputNotWritable(
             f"OUTPUT_DIR {output_dir} cannot be created or written ({exc.strerror or exc}). "
-            "Choose a folder you can write to (in a container, mount it without ':ro')."
+            "Choose a folder you can write to. In a container: mount it writable (without ':ro'), e.g. "
+            f"'-v /path/on/host:{output_dir}', and let the container's user write there (docker run "
+            "--user \"$(id -u):$(id -g)\")."
         ) from exc

@@ -73,6 +73,28 @@ def test_entrypoint_says_how_to_mount_a_missing_bids_dir(entrypoint_env, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_entrypoint_refuses_an_output_that_is_not_mounted(entrypoint_env, tmp_path):
+    """Inside the image (BIDSDL_CONTAINER set), an OUTPUT_DIR on the image's own filesystem would vanish."""
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    env = {**entrypoint_env, "BIDSDL_CONTAINER": "docker"}
+    done = subprocess.run([str(ROOT / "entrypoint"), str(bids), "/bidsdl-unmounted-out", "participant"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 73, done.stderr
+    assert "OUTPUT_DIR /bidsdl-unmounted-out is not a folder mounted from the host" in done.stderr
+    assert "-v /path/to/derivatives:/bidsdl-unmounted-out" in done.stderr
+    assert not Path("/bidsdl-unmounted-out").exists()
+
+
+def test_shell_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    scripts = [ROOT / "entrypoint", ROOT / ".ci" / "run", *sorted((ROOT / "scripts" / "slurm").iterdir())]
+    done = subprocess.run([shellcheck, "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    for script in scripts:
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
 def test_singularity_recipe_parses_and_agrees_with_the_dockerfile():
     spython = pytest.importorskip("spython.main.parse.parsers")
     text = (ROOT / "Singularity.def").read_text()
