@@ -262,6 +262,24 @@ def output_lock(output_dir: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def participant_lock(output_dir: Path, subject: str) -> Iterator[bool]:
+    """Try to hold ``sub-<label>/log/.bidsdl.lock`` for the block; yields False when another
+    process holds it (the same participant submitted twice), without waiting."""
+    lock_file = subject_log_dir(output_dir, subject) / ".bidsdl.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_dataset_description(output_dir: Path, description: Mapping[str, Any]) -> Path:
     """Create ``dataset_description.json`` once; safe when several jobs start together.
 

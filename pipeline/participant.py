@@ -6,6 +6,7 @@ each participant's outcome is read from its own outputs and crash files afterwar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -268,14 +269,38 @@ def run_participant_level(
 
     Participants whose last run is done and still valid are skipped (:func:`plan_participants`).
     Each one to run is marked ``running`` first, so a killed process leaves that behind; a
-    termination signal marks them ``interrupted``.
+    termination signal marks them ``interrupted``. A participant another process is running into the
+    same OUTPUT_DIR (submitted twice) is left to it and reported as failed here.
     """
-    from .workflows.base import init_bidsdl_wf
-
     model_hashes = check_models(config, subjects) if config.models else []
     subjects, statuses = plan_participants(config, subjects, model_hashes)
-    if not subjects:
-        return statuses
+    with contextlib.ExitStack() as locks:
+        busy = [s for s in subjects if not locks.enter_context(derivatives.participant_lock(config.output_dir, s))]
+        for subject in busy:
+            message = (
+                f"sub-{subject} is being processed by another bidsdl process into this OUTPUT_DIR (the same "
+                "participant submitted twice?); left to it. Re-run once that process has ended."
+            )
+            LOGGER.error("%s", message)
+            statuses.append({"participant_id": f"sub-{subject}", "state": "failed", "errors": [message]})
+        subjects = {s: images for s, images in subjects.items() if s not in busy}
+        if subjects:
+            statuses += _run_locked(config, subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes)
+    return statuses
+
+
+def _run_locked(
+    config: RunConfig,
+    subjects: Mapping[str, Sequence[T1wImage]],
+    *,
+    run_id: str,
+    work_dir: Path,
+    model_hashes: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Run the graph for participants whose locks this process holds."""
+    from .workflows.base import init_bidsdl_wf
+
+    statuses = []
     started = time.time()
     for subject in subjects:
         for leftover in _remove_leftovers(config.output_dir, subject):

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.derivatives import participant_lock
+
 pytestmark = pytest.mark.integration
 
 BIDSDL = str(Path(sys.executable).parent / "bidsdl")
@@ -136,6 +138,13 @@ def test_sigterm_stops_workers_and_records_the_interruption(bids_factory, tmp_pa
     )
     assert forced.returncode == 0, forced.stderr
     assert _status(out, "02")["run_id"] != done["02"]["run_id"]
+    assert _status(out, "01")["run_id"] == done["01"]["run_id"]
+
+    # the same participant submitted twice: the second process leaves it to the first
+    with participant_lock(out, "01"):
+        twice = subprocess.run(_command(bids, out, "--participant-label", "01", "--force"),
+                               capture_output=True, text=True, check=False)  # fmt: skip
+    assert twice.returncode == 1 and "being processed by another bidsdl process" in twice.stderr, twice.stderr
     assert _status(out, "01")["run_id"] == done["01"]["run_id"]
 
 

@@ -110,3 +110,17 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputNotWritable, match="cannot be created or written"):
         derivatives.check_writable(blocker / "out")
+
+
+def test_participant_lock_is_exclusive_and_does_not_wait(tmp_path):
+    from pipeline.derivatives import participant_lock
+
+    with (
+        participant_lock(tmp_path, "01") as first,
+        participant_lock(tmp_path, "01") as second,
+        participant_lock(tmp_path, "02") as other,
+    ):
+        assert first and not second and other
+    with participant_lock(tmp_path, "01") as again:
+        assert again
+    assert (tmp_path / "sub-01" / "log" / ".bidsdl.lock").exists()
