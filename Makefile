@@ -11,7 +11,7 @@ DEMO_SUBJECTS ?= 12
 DEMO_NEW_SUBJECTS ?= 5
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint benchmark clean
+.PHONY: install demo test test-infra lint benchmark clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +53,13 @@ lint: install
 	$(BIN)/ruff check pipeline tests benchmarks templates
 	$(BIN)/mypy pipeline
 
+# The suite; the container image and SLURM tests (minutes each, skipped without an engine or a
+# cluster) run with `make test-infra`, which .ci/run calls after it.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not container and not slurm" $(PYTEST_ARGS)
+
+test-infra: install
+	$(BIN)/python -m pytest -m "container or slurm" $(PYTEST_ARGS)
 
 benchmark: install
 	$(BIN)/pip install --quiet -c constraints.txt ".[benchmark]"
