@@ -81,14 +81,8 @@ def subject_status(
         errors.append(f"no audit was written for {', '.join(missing)}; see the run log.")
     state = "done" if not errors and all(e["state"] == "done" for e in image_records) else "failed"
     return {
-        "participant_id": f"sub-{subject}",
-        "state": state,
-        "run_id": run_id,
-        "bidsdl_version": __version__,
-        "config_hash": config_hash,
+        **_status_header(subject, state, run_id=run_id, config_hash=config_hash, started=started),
         "model_hashes": list(model_hashes),
-        "host": socket.gethostname(),
-        "started": _iso(started),
         "finished": _iso(finished),
         "duration_s": round(finished - started, 2),
         "inputs": inputs,
@@ -301,13 +295,14 @@ def _run_locked(
     from .workflows.base import init_bidsdl_wf
 
     statuses = []
+    config_hash = config.config_hash()
     started = time.time()
     for subject in subjects:
         for leftover in _remove_leftovers(config.output_dir, subject):
             LOGGER.info("Removed a temporary file of an earlier, killed run: %s", leftover)
         derivatives.write_json(
             derivatives.status_path(config.output_dir, subject),
-            _transient_status(subject, "running", run_id=run_id, config_hash=config.config_hash(), started=started),
+            _status_header(subject, "running", run_id=run_id, config_hash=config_hash, started=started),
         )
     workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes)
     plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
@@ -317,9 +312,7 @@ def _run_locked(
         LOGGER.debug("Nipype reported failed nodes: %s", exc)
     except RunInterrupted as exc:
         for subject in subjects:
-            record = _transient_status(
-                subject, "interrupted", run_id=run_id, config_hash=config.config_hash(), started=started
-            )
+            record = _status_header(subject, "interrupted", run_id=run_id, config_hash=config_hash, started=started)
             record["errors"] = [f"{exc} after {time.time() - started:.0f} s; re-run the same command to resume."]
             derivatives.write_json(derivatives.status_path(config.output_dir, subject), record)
         raise
@@ -332,7 +325,7 @@ def _run_locked(
             output_dir=config.output_dir,
             bids_dir=config.bids_dir,
             run_id=run_id,
-            config_hash=config.config_hash(),
+            config_hash=config_hash,
             started=started,
             finished=finished,
             model_hashes=model_hashes,
@@ -348,8 +341,9 @@ def _run_locked(
     return statuses
 
 
-def _transient_status(subject: str, state: str, *, run_id: str, config_hash: str, started: float) -> dict[str, Any]:
-    """The record of a run in progress (``running``) or stopped by a signal (``interrupted``)."""
+def _status_header(subject: str, state: str, *, run_id: str, config_hash: str, started: float) -> dict[str, Any]:
+    """What every status record starts with; alone, the record of a run in progress (``running``)
+    or stopped by a signal (``interrupted``)."""
     return {
         "participant_id": f"sub-{subject}",
         "state": state,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import stat
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nibabel as nib
@@ -100,3 +102,19 @@ def fresh_output(source: Path, target: Path) -> Path:
 def the_package(out: Path) -> Path:
     (package,) = sorted((out / "models").iterdir())
     return package
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def external_links(html: str) -> list[str]:
+    """Links of a report that leave it (anything but anchors, data: URIs and sibling subject reports)."""
+    parser = _Links()
+    parser.feed(html)
+    return [u for u in parser.urls if not u.startswith(("#", "data:")) and not re.fullmatch(r"sub-\w+\.html", u)]

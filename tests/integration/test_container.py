@@ -10,19 +10,19 @@ The produced file list is compared with ``tests/data/expected_outputs.txt`` (fMR
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from pipeline import __version__
-from tests.helpers import FAST, set_read_only
+from tests.helpers import FAST, external_links, set_read_only
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = ROOT / "tests" / "data" / "expected_outputs.txt"
@@ -47,7 +47,7 @@ def _engine() -> tuple[str | None, str]:
     if found.returncode != 0 and "--pull=never" in os.environ.get("BIDSDL_CONTAINER_BUILD_ARGS", ""):
         return (
             None,
-            f"the base image {base.group(1)} is not in {name}'s storage (../shared/container/setup-container-env.sh)",
+            f"the base image {base.group(1)} is not in {name}'s storage (.ci/run prepares one where it can)",
         )
     return name, ""
 
@@ -56,6 +56,7 @@ ENGINE, WHY_NOT = _engine()
 pytestmark = [pytest.mark.integration, pytest.mark.container, pytest.mark.skipif(ENGINE is None, reason=WHY_NOT)]
 
 
+@functools.cache
 def _is_podman() -> bool:
     version = subprocess.run([str(ENGINE), "--version"], capture_output=True, text=True, check=False).stdout
     return "podman" in version.lower()
@@ -98,21 +99,6 @@ def _writable(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o777)
     return path
-
-
-class _Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
-
-
-def _external_links(html: str) -> list[str]:
-    parser = _Links()
-    parser.feed(html)
-    return [u for u in parser.urls if not u.startswith(("#", "data:")) and not re.fullmatch(r"sub-\w+\.html", u)]
 
 
 def _file_list(out: Path, prefix: str) -> list[str]:
@@ -190,7 +176,7 @@ def test_image_runs_every_level_read_only_offline_as_any_user(image, tmp_path):
     assert description["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": f"bidsdl:{__version__}"}
     for report in [*out.glob("sub-*.html"), *new_out.glob("sub-*.html"), out / "group.html"]:
         html = report.read_text()
-        assert not _external_links(html), report.name
+        assert not external_links(html), report.name
         assert "data:image/png;base64," in html, report.name
     assert len(list(out.glob("sub-*.html"))) == 8
     group = (out / "group.html").read_text()

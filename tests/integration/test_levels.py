@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ import pytest
 
 from pipeline import __version__
 from pipeline.cli.run import main
+from tests.helpers import external_links
 
 pytestmark = pytest.mark.integration
 
@@ -92,22 +92,10 @@ def test_manifest_and_duplicate_flag(sample_run):
     assert set(manifest.columns) <= set(sidecar)
 
 
-class _Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
-
-
 def test_group_report_is_self_contained(sample_run):
     _, out, _ = sample_run
     html = (out / "group.html").read_text()
-    parser = _Links()
-    parser.feed(html)
-    external = [u for u in parser.urls if not u.startswith(("#", "data:")) and not re.fullmatch(r"sub-\w+\.html", u)]
-    assert not external
+    assert not external_links(html)
     assert "Dataset checks" in html and "fail" in html  # the planted duplicate
     assert "<script" not in html or "src=" not in html
     assert "Image quality" in html and "data:image/png;base64," in html
