@@ -54,15 +54,18 @@ lint: install
 	$(BIN)/mypy pipeline
 
 # The suite; the container image and SLURM tests (minutes each, skipped without an engine or a
-# cluster) run with `make test-infra`, which .ci/run calls after it.
+# cluster), the process-fault tests (runs killed, signalled and run concurrently) and the hard-heads
+# run (ten hard or bad heads end to end) run with `make test-infra`, which .ci/run calls after it.
+INFRA := container or slurm or faults or robustness
 test: lint
-	$(BIN)/python -m pytest -m "not container and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not ($(INFRA))" $(PYTEST_ARGS)
 
 test-infra: install
-	$(BIN)/python -m pytest -m "container or slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(INFRA)" $(PYTEST_ARGS)
 
 benchmark: install
-	$(BIN)/pip install --quiet -c constraints.txt ".[benchmark]"
+	# editable, as `make install` made it: a plain install would freeze a copy of the code in the venv
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,export,benchmark]"
 	$(BIN)/python benchmarks/sample_dataset.py
 	$(BIN)/python benchmarks/audit.py
 	$(BIN)/python benchmarks/preprocess.py

@@ -25,6 +25,7 @@ LEARNING_FIELDS = (
     "task",
     "positive_class",
     "exclude_qc_outliers",
+    "include_failed_qc",
     "stratify",
     "test_size",
     "n_folds",
@@ -101,6 +102,7 @@ class RunConfig:
     task: str = "auto"
     positive_class: str | None = None
     exclude_qc_outliers: bool = False
+    include_failed_qc: bool = False
     stratify: tuple[str, ...] = ()
     test_size: float = 0.2
     n_folds: int = 5

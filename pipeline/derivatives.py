@@ -157,7 +157,7 @@ def software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"bidsdl": __version__}
-    for name in ("SimpleITK", "nibabel", "nilearn", "nipype", "numpy", "scipy"):
+    for name in ("SimpleITK", "nibabel", "nilearn", "nipype", "numpy", "scipy", "deepbet"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

@@ -24,6 +24,7 @@ KEY_PACKAGES = (
     "pybids",
     "SimpleITK",
     "torch",
+    "deepbet",
     "monai",
     "scikit-learn",
     "jinja2",

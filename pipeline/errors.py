@@ -50,6 +50,13 @@ class InputDataError(BidsdlError, ValueError):
     exit_code = EXIT_DATA
 
 
+class QualityCheckFailed(BidsdlError, ValueError):
+    """An image's preprocessing is judged failed (registration, brain extraction): its outputs are
+    kept for inspection but its participant fails."""
+
+    exit_code = EXIT_DATA
+
+
 class BidsDirMissing(BidsdlError, FileNotFoundError):
     exit_code = EXIT_NO_INPUT
 

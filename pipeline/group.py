@@ -57,8 +57,14 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
         {m: qc_table[f"{m}_outlier"].tolist() for m in metrics},
     )
     outliers = qc_table[qc_table["qc_outlier"]]
+    verdicts = qc_table["qc_verdict"] if "qc_verdict" in qc_table else pd.Series("n/a", index=qc_table.index)
     return {
         "n_images": len(qc_table),
+        "failed": [
+            {"source": row["source"], "flags": [f for f in str(row["flags"]).split(",") if f]}
+            for _, row in qc_table[verdicts == "fail"].iterrows()
+        ],
+        "verdicts": {v: int(n) for v, n in verdicts.value_counts().items()},
         "figure": "data:image/png;base64," + base64.b64encode(figure).decode(),
         "outliers": [
             {"source": row["source"], "metrics": [m for m in metrics if row[f"{m}_outlier"]]}
@@ -68,7 +74,7 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
     }
 
 
-def _checks(findings: dict[str, Any], qc_table: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     def check(name: str, items: list[str], *, fail: bool) -> dict[str, Any]:
         if not items:
             return {"name": name, "result": "pass", "css": "pass", "details": []}
@@ -86,6 +92,12 @@ def _checks(findings: dict[str, Any], qc_table: pd.DataFrame | None = None) -> l
             fail=True,
         ),
         check("Every image is readable", findings["unreadable_images"], fail=True),
+        check(
+            "Every image passed quality control (registration, brain extraction)",
+            [f"{f['source']}: {', '.join(f['flags'])}; left out of learning unless --include-failed-qc"
+             for f in (qc or {}).get("failed", [])],
+            fail=True,
+        ),
         check("Every participant has images", findings["participants_without_images"], fail=False),
         check("Every image has a participants.tsv row", findings["images_without_participants_row"], fail=False),
         check(
@@ -104,6 +116,7 @@ def study_settings(config: RunConfig) -> StudySettings:
         task=config.task,
         positive_class=config.positive_class,
         exclude_qc_outliers=config.exclude_qc_outliers,
+        include_failed_qc=config.include_failed_qc,
         stratify=config.stratify,
         split=SplitSettings(
             test_size=config.test_size,
@@ -237,7 +250,7 @@ def run_group_level(
         {
             "dataset_name": description.get("Name", config.bids_dir.name),
             "findings": findings,
-            "checks": _checks(findings, qc_table),
+            "checks": _checks(findings, qc_context),
             "qc": qc_context,
             "manifest_columns": _REPORT_COLUMNS,
             "manifest_rows": rows,

@@ -23,6 +23,7 @@ from . import __version__, derivatives
 from .bids.layout import T1wImage
 from .config import RunConfig
 from .errors import RunInterrupted
+from .interfaces import brain_service
 from .qc import load_qc
 from .reports.subject import write_subject_report
 from .workflows.base import image_key
@@ -69,6 +70,11 @@ def subject_status(
                 entry["state"] = "done"
             else:
                 errors += record["errors"]
+            verdict = _qc_verdict(audit_path.with_name(audit_path.name.replace("_desc-audit_", "_desc-iqm_")), started)
+            if verdict is not None:
+                entry["qc_verdict"] = verdict
+                if verdict == "fail":
+                    entry["state"] = "failed"
         image_records.append(entry)
     crash_dir = derivatives.subject_log_dir(output_dir, subject) / run_id
     crashes = sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []
@@ -91,6 +97,16 @@ def subject_status(
         "errors": errors,
         "crash_files": [c.relative_to(output_dir).as_posix() for c in crashes],
     }
+
+
+def _qc_verdict(iqm_path: Path, started: float) -> str | None:
+    """The quality verdict in an image's IQM record written by this run, if any."""
+    try:
+        if iqm_path.stat().st_mtime < started - 1:
+            return None
+        return json.loads(iqm_path.read_text()).get("qc", {}).get("verdict")
+    except (OSError, ValueError):
+        return None
 
 
 def _iso(timestamp: float) -> str:
@@ -304,8 +320,11 @@ def _run_locked(
             derivatives.status_path(config.output_dir, subject),
             _status_header(subject, "running", run_id=run_id, config_hash=config_hash, started=started),
         )
-    workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes)
     plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    # one brain-extraction helper for the process (already loading when the command line started it)
+    helper = brain_service.process_helper(config.device)
+    workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir,
+                              model_hashes=model_hashes, brain_helper=helper.contact)  # fmt: skip
     try:
         workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)
     except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly"

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 #: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
-SCREENED_METRICS = ("snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "brain_volume_ml")
+SCREENED_METRICS = (
+    "snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "mask_dice", "wm_dice", "brain_volume_ml",
+)  # fmt: skip
 MAD_TO_SD = 1.4826
 #: Least spread used, as a share of the median: differences of a few percent are never outliers,
 #: however alike the rest of the group is.
@@ -31,6 +33,7 @@ def iqm_table(records: Sequence[dict]) -> pd.DataFrame:
             "session_id": parts[1] if len(parts) > 2 and parts[1].startswith("ses-") else "",
             "source": record["source"],
             **record["metrics"],
+            "qc_verdict": (record.get("qc") or {}).get("verdict", "n/a"),
             "flags": ",".join(record.get("flags", [])),
         })  # fmt: skip
     return pd.DataFrame(rows)

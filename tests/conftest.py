@@ -34,12 +34,14 @@ def bids_factory(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 @pytest.fixture(scope="session")
 def sample_bids(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The real sample dataset (3 participants + a planted duplicate), read-only for the session."""
+    """The real sample dataset (3 participants + a planted duplicate) on 1.5x coarser voxels (the demo and
+    the benchmark run the 1 mm ones), read-only for the session."""
     from pipeline.sample.generate import SampleOptions, write_sample_dataset
 
     root = tmp_path_factory.mktemp("sample") / "bids"
     write_sample_dataset(
-        root, SampleOptions(n_subjects=3, seed=5, two_session_fraction=0.4, duplicate_subject=True, n_jobs=2)
+        root, SampleOptions(n_subjects=3, seed=5, two_session_fraction=0.4, large_fov_fraction=0.5,
+                            duplicate_subject=True, voxel_scale=1.5, n_jobs=2),
     )
     before = snapshot(root)
     set_read_only(root)

@@ -115,7 +115,17 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     learn.add_argument("--target", metavar="COLUMN", help="participants.tsv/sessions.tsv column to predict")
     learn.add_argument("--task", choices=TASKS, help="auto: categorical -> classification, numeric -> regression")
     learn.add_argument("--positive-class", metavar="LABEL", help="positive class (default: the rarest class)")
-    learn.add_argument("--exclude-qc-outliers", action="store_true", help="leave out images flagged in qc.tsv")
+    learn.add_argument(
+        "--exclude-qc-outliers",
+        action="store_true",
+        help="leave out the group's outliers in qc.tsv and the images quality control flagged",
+    )
+    learn.add_argument(
+        "--include-failed-qc",
+        action="store_true",
+        help="learn also from images that failed quality control (a failed registration or brain extraction; "
+        "left out by default)",
+    )
     learn.add_argument(
         "--stratify", nargs="+", metavar="COLUMN", help="columns to stratify the splits by (default: the target)"
     )
@@ -302,7 +312,7 @@ def _learning_options(merged: dict[str, Any]) -> dict[str, Any]:
         "batch_size", "lr", "weight_decay", "patience", "selection_metric", "class_weighting", "device",
     )  # fmt: skip
     options: dict[str, Any] = {k: merged[k] for k in simple if merged.get(k) is not None}
-    for flag in ("exclude_qc_outliers", "amp", "resume", "resplit", "reports_only", "tensorboard"):
+    for flag in ("exclude_qc_outliers", "include_failed_qc", "amp", "resume", "resplit", "reports_only", "tensorboard"):
         options[flag] = bool(merged.get(flag))
     if merged.get("stratify"):
         options["stratify"] = tuple(dict.fromkeys(merged["stratify"]))

@@ -105,6 +105,11 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
 
     from .. import derivatives
     from ..bids.validation import validate_dataset
+
+    if config.analysis_level == "participant":
+        from ..interfaces.brain_service import process_helper
+
+        process_helper(config.device)  # the brain-extraction helper loads torch while the dataset is read
     from ..environment import detect_container, environment_record
 
     derivatives.check_writable(config.output_dir)

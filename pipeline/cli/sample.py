@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of participants with a second session (default 0.3)",
     )
     parser.add_argument(
+        "--large-fov-fraction",
+        type=float,
+        default=0.3,
+        help="fraction of images whose field of view reaches the neck and shoulders (270 mm head to foot "
+        "instead of 212; default 0.3)",
+    )
+    parser.add_argument(
         "--duplicate-subject",
         action="store_true",
         help="plant a copy of one participant's image under a new participant ID",
@@ -73,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.label_prefix.isalnum() and args.label_prefix:
         print("bidsdl-sample: error: --label-prefix must be letters and digits only (a BIDS label)", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 <= args.large_fov_fraction <= 1:
+        print("bidsdl-sample: error: --large-fov-fraction must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
     if args.subjects < 1:
         print("bidsdl-sample: error: --subjects must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -82,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         effect_strength=args.effect_strength,
         two_session_fraction=args.two_session_fraction,
+        large_fov_fraction=args.large_fov_fraction,
         duplicate_subject=args.duplicate_subject,
         confound_site=args.confound_site,
         corrupt_subject=args.corrupt_subject,

@@ -8,10 +8,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from ..bids.audit import load_spatial
-from ..ops import bias, iqm, orient, registration, resample
+from ..errors import QualityCheckFailed
+from ..ops import bias, iqm, orient, registration, resample, tissues
 from ..ops.images import nib_to_sitk, sitk_to_nib
 from ..ops.template import TEMPLATE_SPACE, load_template, resolution_label
 
@@ -72,6 +73,7 @@ class PrepareT1w(SimpleInterface):
 
 class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
+    in_mask = File(exists=True, desc="brain mask on the same grid (the field is fitted inside it, grown)")
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -89,19 +91,56 @@ class N4BiasCorrection(SimpleInterface):
 
     def _run_interface(self, runtime):
         _threads(self.inputs.num_threads)
-        corrected, field = bias.n4_correct(nib_to_sitk(nib.load(self.inputs.in_file)))
+        mask = nib_to_sitk(nib.load(self.inputs.in_mask), np.uint8) if isdefined(self.inputs.in_mask) else None
+        corrected, field, fitted_in = bias.n4_correct(nib_to_sitk(nib.load(self.inputs.in_file)), mask)
         cwd = Path(runtime.cwd)
         self._results.update(
             out_file=_save_sitk(corrected, cwd / "t1w_n4.nii", np.int16),
             out_bias=_save_sitk(field, cwd / "bias_field.nii", np.int16),
         )
-        record = {"BiasFieldCorrection": {"Method": "N4 (SimpleITK)", **bias.N4_DEFAULTS}}
+        record = {"BiasFieldCorrection": {"Method": "N4 (SimpleITK)", **bias.N4_DEFAULTS, "FittedIn": fitted_in}}
         self._results["out_record"] = _write_json(record, cwd / "n4.json")
+        return runtime
+
+
+class _ExtractBrainInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="prepared T1w (RAS)")
+    source_name = traits.Str(mandatory=True, desc="the T1w's file name, for messages")
+    device = traits.Str("cpu", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+    helper = traits.Str(nohash=True, desc="contact of the run's brain-extraction helper (else one of this process's)")
+
+
+class _ExtractBrainOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="brain mask (uint8, T1w space)")
+    out_record = File(exists=True, desc="what ran: deepbet's version, the networks' sha256, the volume")
+
+
+class ExtractBrain(SimpleInterface):
+    """Brain mask by deepbet (see :mod:`pipeline.ops.brain_extraction`), computed by the run's helper
+    interpreter (:mod:`pipeline.interfaces.brain_service`), which loads the networks once."""
+
+    input_spec = _ExtractBrainInputSpec
+    output_spec = _ExtractBrainOutputSpec
+
+    def _run_interface(self, runtime):
+        from . import brain_service
+
+        outputs = brain_service.extract(
+            Path(self.inputs.in_file),
+            Path(runtime.cwd),
+            name=self.inputs.source_name,
+            num_threads=self.inputs.num_threads,
+            device=self.inputs.device,
+            helper=self.inputs.helper if isdefined(self.inputs.helper) else None,
+        )
+        self._results.update(out_mask=outputs["mask"], out_record=outputs["record"])
         return runtime
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask (same grid)")
     seed = traits.Int(42, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
@@ -122,6 +161,7 @@ class RegisterToTemplate(SimpleInterface):
         template = load_template(2)
         transform, record = registration.register_to_template(
             nib_to_sitk(nib.load(self.inputs.in_file)),
+            nib_to_sitk(nib.load(self.inputs.in_mask), np.uint8),
             resample.array_to_sitk(template.t1, template.affine),
             template.brain_mask,
             template.affine,
@@ -142,6 +182,7 @@ class RegisterToTemplate(SimpleInterface):
 
 class _ResampleInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="bias-corrected T1w")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask (T1w space)")
     in_transform = File(exists=True, mandatory=True)
     model_resolution = traits.Float(2.0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
@@ -149,16 +190,17 @@ class _ResampleInputSpec(BaseInterfaceInputSpec):
 
 class _ResampleOutputSpec(TraitedSpec):
     out_t1w = File(exists=True, desc="template space, 1 mm, normalised")
-    out_mask = File(exists=True, desc="template brain mask, 1 mm")
+    out_mask = File(exists=True, desc="the brain mask in template space, 1 mm")
     out_t1w_model = File(exists=True, desc="template space, model grid, normalised")
-    out_mask_model = File(exists=True, desc="template brain mask, model grid")
-    out_mask_t1w = File(exists=True, desc="brain mask in T1w space")
+    out_mask_model = File(exists=True, desc="the brain mask on the model grid")
+    out_template_mask_t1w = File(exists=True, desc="the template's brain mask brought into T1w space")
     out_record = File(exists=True, desc="sidecar fields of the template-space T1w")
     out_record_model = File(exists=True, desc="sidecar fields of the model-grid T1w")
 
 
 class ResampleToTemplate(SimpleInterface):
-    """Template-space images at 1 mm and on the model grid, brain masks in both spaces."""
+    """Template-space images at 1 mm and on the model grid with the brain mask, and the template's
+    brain mask in T1w space (a second opinion on the brain mask)."""
 
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
@@ -167,24 +209,29 @@ class ResampleToTemplate(SimpleInterface):
         _threads(self.inputs.num_threads)
         template = load_template(1)
         subject = nib.load(self.inputs.in_file)
+        mask = nib.load(self.inputs.in_mask)
         transform = sitk.ReadTransform(self.inputs.in_transform)
         out = resample.template_space_outputs(
             nib_to_sitk(subject),
+            nib_to_sitk(mask),
             transform,
             template_t1=template.t1,
             template_mask=template.brain_mask,
             template_affine=template.affine,
             model_resolution=self.inputs.model_resolution,
         )
-        mask_t1w = resample.to_subject(template.brain_mask, template.affine, transform, subject.affine, subject.shape)
+        template_mask_t1w = resample.to_subject(
+            template.brain_mask, template.affine, transform, subject.affine, subject.shape
+        )
         cwd = Path(runtime.cwd)
         self._results.update(
             out_t1w=_save(out["t1w_1mm"], out["affine_1mm"], cwd / "t1w_template.nii", np.int16, code=4),
             out_mask=_save(out["mask_1mm"], out["affine_1mm"], cwd / "mask_template.nii", np.uint8, code=4),
             out_t1w_model=_save(out["t1w_model"], out["affine_model"], cwd / "t1w_model.nii", code=4),
             out_mask_model=_save(out["mask_model"], out["affine_model"], cwd / "mask_model.nii", np.uint8, code=4),
-            out_mask_t1w=_save(mask_t1w > 0.5, subject.affine, cwd / "mask_t1w.nii", np.uint8),
-        )
+            out_template_mask_t1w=_save(template_mask_t1w > 0.5, subject.affine, cwd / "template_mask_t1w.nii",
+                                        np.uint8),
+        )  # fmt: skip
         resolution = self.inputs.model_resolution
         common = {
             "SpatialReference": TEMPLATE_SPACE,
@@ -210,11 +257,13 @@ class _IQMInputSpec(BaseInterfaceInputSpec):
     in_raw = File(exists=True, mandatory=True, desc="prepared T1w (RAS, before N4)")
     in_corrected = File(exists=True, mandatory=True, desc="bias-corrected T1w")
     in_bias = File(exists=True, mandatory=True)
-    in_mask_t1w = File(exists=True, mandatory=True)
-    in_transform = File(exists=True, mandatory=True)
+    in_mask = File(exists=True, mandatory=True, desc="the extracted brain mask (T1w space)")
+    in_template_mask = File(exists=True, mandatory=True, desc="the template's brain mask in T1w space")
+    in_transform = File(exists=True, mandatory=True, desc="the registration (template to T1w points)")
     in_registered = File(exists=True, mandatory=True, desc="T1w in template space, 1 mm")
     in_audit = File(exists=True, mandatory=True)
     in_registration = File(exists=True, mandatory=True)
+    in_brain = File(exists=True, mandatory=True, desc="the brain-extraction record")
     in_prepare = File(exists=True, mandatory=True)
 
 
@@ -223,7 +272,8 @@ class _IQMOutputSpec(TraitedSpec):
 
 
 class ComputeIQMs(SimpleInterface):
-    """Image quality metrics with GM/WM from the template's tissue maps brought into T1w space."""
+    """Image quality metrics (GM/WM from the subject's own tissue classes inside its brain mask) and
+    the quality verdict (:func:`pipeline.ops.iqm.assess`)."""
 
     input_spec = _IQMInputSpec
     output_spec = _IQMOutputSpec
@@ -231,37 +281,65 @@ class ComputeIQMs(SimpleInterface):
     def _run_interface(self, runtime):
         template = load_template(1)
         raw = nib.load(self.inputs.in_raw)
-        transform = sitk.ReadTransform(self.inputs.in_transform)
-        gm, wm = (
-            resample.to_subject(m, template.affine, transform, raw.affine, raw.shape) > 0.5
-            for m in (template.gm, template.wm)
-        )
+        load = lambda name, dtype=np.float32: np.asanyarray(nib.load(getattr(self.inputs, name)).dataobj, dtype=dtype)  # noqa: E731
+        corrected = load("in_corrected")
+        brain = load("in_mask", np.uint8) > 0
+        zooms = tuple(float(z) for z in raw.header.get_zooms()[:3])
+        classes, tissue_record = tissues.classify_tissues(corrected, brain, voxel_volume_mm3=float(np.prod(zooms)))
         metrics = iqm.compute_iqms(
             raw=np.asanyarray(raw.dataobj, dtype=np.float32),
-            corrected=np.asanyarray(nib.load(self.inputs.in_corrected).dataobj, dtype=np.float32),
-            bias_field=np.asanyarray(nib.load(self.inputs.in_bias).dataobj, dtype=np.float32),
-            brain=np.asanyarray(nib.load(self.inputs.in_mask_t1w).dataobj) > 0,
-            gm=gm & ~wm,
-            wm=wm,
-            voxel_volume_mm3=float(np.prod(raw.header.get_zooms()[:3])),
-            registered=np.asanyarray(nib.load(self.inputs.in_registered).dataobj, dtype=np.float32),
+            corrected=corrected,
+            bias_field=load("in_bias"),
+            brain=brain,
+            template_brain_t1w=load("in_template_mask", np.uint8) > 0,
+            template_wm_t1w=resample.to_subject(
+                template.wm, template.affine, sitk.ReadTransform(self.inputs.in_transform), raw.affine, raw.shape
+            )
+            > 0.5,
+            tissues=classes,
+            tissue_volumes_ml={name: c["volume_ml"] for name, c in tissue_record["classes"].items()},
+            zooms=zooms,
+            registered=load("in_registered"),
             template=template.t1,
             template_brain=template.brain_mask,
         )
         audit = json.loads(Path(self.inputs.in_audit).read_text())
         registration_record = json.loads(Path(self.inputs.in_registration).read_text())["Registration"]
-        prepare = json.loads(Path(self.inputs.in_prepare).read_text())
         metrics["registration_mi"] = registration_record["final_metric"]
-        flags = list(audit.get("flags", [])) + iqm.qc_flags(metrics)
+        assessment = iqm.assess(metrics)
         record = {
             "source": audit["source"],
             "Sources": audit["Sources"],
             "metrics": metrics,
-            "flags": flags,
-            "qc_thresholds": iqm.QC_THRESHOLDS,
-            "tissues": "template probability maps brought into T1w space by the registration, thresholded",
-            "tissue_thresholds": iqm.TISSUE_THRESHOLDS,
-            "preparation": prepare,
+            "flags": list(audit.get("flags", [])) + assessment["flags"],
+            "qc": assessment,
+            "tissues": tissue_record,
+            "brain_extraction": json.loads(Path(self.inputs.in_brain).read_text()),
+            "preparation": json.loads(Path(self.inputs.in_prepare).read_text()),
         }
         self._results["out_record"] = _write_json(record, Path(runtime.cwd) / "iqms.json")
+        return runtime
+
+
+class _QualityGateInputSpec(BaseInterfaceInputSpec):
+    in_record = File(exists=True, mandatory=True, desc="the IQM record with its verdict")
+    in_file = File(exists=True, mandatory=True, desc="what passes on when the image passed")
+
+
+class _QualityGateOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class QualityGate(SimpleInterface):
+    """Fail the image (and so its participant) when its quality verdict is ``fail``; else hand
+    ``in_file`` on, so that nothing downstream (a prediction) is made from a failed image."""
+
+    input_spec = _QualityGateInputSpec
+    output_spec = _QualityGateOutputSpec
+
+    def _run_interface(self, runtime):
+        record = json.loads(Path(self.inputs.in_record).read_text())
+        if record["qc"]["verdict"] == "fail":
+            raise QualityCheckFailed(iqm.failure_message(record["source"], record["qc"]))
+        self._results["out_file"] = self.inputs.in_file
         return runtime

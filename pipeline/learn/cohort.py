@@ -133,16 +133,24 @@ def build_cohort(
     resolution_mm: float,
     qc: pd.DataFrame | None,
     exclude_qc_outliers: bool,
+    include_failed_qc: bool = False,
 ) -> Cohort:
-    """Join the target to every image and keep those that can be learned from."""
+    """Join the target to every image and keep those that can be learned from.
+
+    Images that failed quality control (``qc_verdict`` fail in ``qc``: a failed registration or brain
+    extraction) are left out unless ``include_failed_qc``; the group's outliers and the images quality
+    control flagged only with ``exclude_qc_outliers``.
+    """
     table = manifest.copy()
     table["target"] = target_values(table, target)
     table["input"] = [model_input_path(output_dir, s, resolution_mm) for s in table["source"]]
+    outliers: set[str] = set()
     if qc is not None and "qc_outlier" in qc.columns:
-        flagged = set(qc.loc[qc["qc_outlier"].astype(bool), "source"])
-        table["qc_outlier"] = table["source"].isin(flagged)
-    else:
-        table["qc_outlier"] = False
+        outliers = set(qc.loc[qc["qc_outlier"].astype(bool), "source"])
+    verdicts = qc.set_index("source")["qc_verdict"] if qc is not None and "qc_verdict" in qc else pd.Series()
+    # "outliers" on request: the group's outliers and the images quality control flagged
+    table["qc_outlier"] = table["source"].isin(outliers | set(verdicts.index[verdicts == "flag"]))
+    table["qc_failed"] = table["source"].isin(set(verdicts.index[verdicts == "fail"]))
     excluded: list[dict[str, str]] = []
 
     def drop(mask: pd.Series, reason: str) -> None:
@@ -153,8 +161,11 @@ def build_cohort(
 
     drop(table["target"].isna(), f"no value for {target}")
     drop(~table["input"].map(Path.exists), "no model-resolution derivative (participant level failed or not run)")
+    if not include_failed_qc:
+        drop(table["qc_failed"], "failed quality control (registration or brain extraction; --include-failed-qc "
+             "keeps it)")  # fmt: skip
     if exclude_qc_outliers:
-        drop(table["qc_outlier"], "QC outlier (--exclude-qc-outliers)")
+        drop(table["qc_outlier"], "QC outlier or flagged by quality control (--exclude-qc-outliers)")
     if table.empty:
         raise InputDataError(
             f"No image can be learned from: {len(excluded)} excluded ({_summary(excluded)}). Run the participant "

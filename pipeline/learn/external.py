@@ -34,6 +34,14 @@ def prediction_path(output_dir: Path, source: str) -> Path:
     return derivatives.derivative_path(output_dir, source, suffix="prediction", extension=".json")
 
 
+def _failed_quality_control(output_dir: Path, source: str) -> bool:
+    iqm = derivatives.derivative_path(output_dir, source, suffix="T1w", extension=".json", desc="iqm")
+    try:
+        return json.loads(iqm.read_text()).get("qc", {}).get("verdict") == "fail"
+    except (OSError, ValueError):
+        return False
+
+
 def gather_predictions(
     manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
@@ -44,9 +52,10 @@ def gather_predictions(
     for _, image in manifest.iterrows():
         path = prediction_path(output_dir, image["source"])
         if not path.exists():
-            skipped.append(
-                {"source": image["source"], "reason": "no prediction (run the participant level with --model)"}
-            )
+            reason = "no prediction (run the participant level with --model)"
+            if _failed_quality_control(output_dir, image["source"]):
+                reason = "failed quality control (registration or brain extraction; see its report): not predicted"
+            skipped.append({"source": image["source"], "reason": reason})
             continue
         record = json.loads(path.read_text())
         made_by = [m["content_sha256"] for m in record["models"]]

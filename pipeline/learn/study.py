@@ -61,6 +61,7 @@ class StudySettings:
     task: str
     positive_class: str | None
     exclude_qc_outliers: bool
+    include_failed_qc: bool
     stratify: tuple[str, ...]
     split: SplitSettings
     architecture: str
@@ -128,6 +129,7 @@ def run_study(
         resolution_mm=settings.model_resolution,
         qc=qc,
         exclude_qc_outliers=settings.exclude_qc_outliers,
+        include_failed_qc=settings.include_failed_qc,
     )
     for item in cohort.excluded:
         LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])

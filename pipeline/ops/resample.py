@@ -65,6 +65,7 @@ def robust_normalize(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, di
 
 def template_space_outputs(
     corrected: sitk.Image,
+    brain_mask: sitk.Image,
     transform: sitk.Transform,
     *,
     template_t1: np.ndarray,
@@ -72,10 +73,10 @@ def template_space_outputs(
     template_affine: np.ndarray,
     model_resolution: float,
 ) -> dict[str, Any]:
-    """The subject in template space at 1 mm and on the cropped model grid, normalised alike.
+    """The subject and its brain mask in template space, at 1 mm and on the cropped model grid.
 
-    Normalisation numbers come from the 1 mm image inside the template brain mask and are
-    applied to both resolutions, so the two differ only by resampling.
+    Normalisation numbers come from the 1 mm image inside the subject's own brain mask (brought into
+    template space) and are applied to both resolutions, so the two differ only by resampling.
     """
     from .template import cropped_grid
 
@@ -88,22 +89,24 @@ def template_space_outputs(
             f"{size[0]} x {size[1]} x {size[2]} mm). bidsdl needs a whole-brain T1w: check the image "
             "(a partial field of view, or not a brain image), or exclude it."
         )
-    t1w_1mm = resample(corrected, transform, template_affine, shape_1mm)
-    t1w_1mm, normalisation = robust_normalize(t1w_1mm, template_mask)
+    brain = sitk.Cast(brain_mask, sitk.sitkFloat32)
     model_affine, model_shape = cropped_grid(template_mask, template_affine, model_resolution)
+    mask_1mm = resample(brain, transform, template_affine, shape_1mm) > 0.5
+    mask_model = resample(brain, transform, model_affine, model_shape) > 0.5
+    t1w_1mm = resample(corrected, transform, template_affine, shape_1mm)
+    t1w_1mm, normalisation = robust_normalize(t1w_1mm, mask_1mm)
     t1w_model = resample(corrected, transform, model_affine, model_shape)
     t1w_model = ((t1w_model - normalisation["median"]) / normalisation["iqr"]).astype(np.float32)
-    mask_image = array_to_sitk(template_mask.astype(np.float32), template_affine)
-    identity = sitk.Transform(3, sitk.sitkIdentity)
-    mask_model = resample(mask_image, identity, model_affine, model_shape) > 0.5
     return {
         "t1w_1mm": t1w_1mm,
         "affine_1mm": template_affine,
-        "mask_1mm": template_mask,
+        "mask_1mm": mask_1mm,
         "t1w_model": t1w_model,
         "mask_model": mask_model,
         "affine_model": model_affine,
-        "normalisation": {**normalisation, "brain_coverage": coverage},
+        "normalisation": {
+            **normalisation, "mask": "the subject's brain mask in template space", "brain_coverage": coverage
+        },
     }
 
 

@@ -6,6 +6,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
@@ -33,7 +34,9 @@ def _extent(mask: np.ndarray | None, axis: int) -> tuple[int, int] | None:
 
 def _cut(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     axis = _VIEWS.index(view)
-    return np.take(volume, index, axis=axis).T  # rows: the next axis up, shown with origin="lower"
+    # basic indexing (a view): np.take copies the whole volume first, ~30 ms a slice at 1 mm
+    section = volume[(slice(None),) * axis + (index,)]
+    return np.asarray(section).T  # rows: the next axis up, shown with origin="lower"
 
 
 def _png(figure: Figure, dpi: int) -> bytes:
@@ -49,31 +52,93 @@ def _window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
-def mosaic(data: np.ndarray, contour: np.ndarray | None = None, *, n: int = 6, dpi: int = 70) -> bytes:
-    """Three rows (sagittal, coronal, axial) of ``n`` slices, with the ``contour`` mask's outline in red."""
+#: Contour colours: the brain mask (red) and a second opinion on it (cyan, dashed).
+CONTOUR_COLOURS = ("#ff3b30", "#22d3ee")
+#: Grey scale whose NaN (a montage's padding) is black.
+_GREY = colormaps["gray"].with_extremes(bad="black")
+
+
+def _panel(volume: np.ndarray, view: str, index: int, zooms: Sequence[float], order: int) -> np.ndarray:
+    """One section, resampled to square pixels of the finest in-plane voxel size."""
+    section = _cut(volume, view, index)
+    axis = _VIEWS.index(view)
+    across = [zooms[a] for a in range(3) if a != axis]  # (columns, rows) of the section after .T
+    step = min(across)
+    factors = (across[1] / step, across[0] / step)
+    if max(factors) > 1.01:
+        section = ndimage.zoom(section.astype(np.float32), factors, order=order)
+    return section
+
+
+def montage(
+    volumes: Sequence[np.ndarray],
+    cuts: Sequence[tuple[str, int]],
+    *,
+    columns: int,
+    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+    orders: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """The same ``cuts`` of several volumes on one grid each (``columns`` panels a row, every panel
+    padded to the largest, rows read bottom-up as the image is shown with origin="lower").
+
+    Drawing one montage in one axes is ~10x faster than one axes per slice.
+
+    >>> a = np.zeros((4, 5, 6)); [m.shape for m in montage([a], [("axial", 1), ("axial", 2)], columns=2)]
+    [(5, 8)]
+    >>> bool(np.isnan(montage([a], [("axial", 1), ("sagittal", 2)], columns=2)[0]).any())  # padding
+    True
+    """
+    orders = orders or [1] * len(volumes)
+    panels = [[_panel(v, view, i, zooms, o) for view, i in cuts] for v, o in zip(volumes, orders, strict=True)]
+    height = max(p.shape[0] for p in panels[0])
+    width = max(p.shape[1] for p in panels[0])
+    rows = -(-len(cuts) // columns)
+    grids = []
+    for sections, order in zip(panels, orders, strict=True):
+        # images pad with NaN (drawn black whatever the window), masks with 0
+        grid = np.full((rows * height, columns * width), np.nan if order else 0.0, dtype=np.float32)
+        for k, section in enumerate(sections):
+            row = rows - 1 - k // columns  # first row on top
+            top, left = row * height + (height - section.shape[0]) // 2, (k % columns) * width
+            left += (width - section.shape[1]) // 2
+            grid[top : top + section.shape[0], left : left + section.shape[1]] = section
+        grids.append(grid)
+    return grids
+
+
+def _mosaic_cuts(shape: Sequence[int], mask: np.ndarray | None, n: int) -> list[tuple[str, int]]:
+    """``n`` cuts along each view, spread over the mask's extent."""
+    spread = [slice_indices(shape[axis], n, _extent(mask, axis)) for axis in range(3)]
+    return [(view, index) for view, indices in zip(_VIEWS, spread, strict=True) for index in indices]
+
+
+def mosaic(
+    data: np.ndarray,
+    contour: np.ndarray | None = None,
+    *,
+    second_contour: np.ndarray | None = None,
+    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+    n: int = 6,
+    dpi: int = 70,
+) -> bytes:
+    """Three rows (sagittal, coronal, axial) of ``n`` slices, with the ``contour`` mask's outline in red
+    and ``second_contour``'s dashed in cyan; ``zooms`` (mm) keep anisotropic voxels in proportion."""
     vmin, vmax = _window(data, contour)
-    figure = Figure(figsize=(n * 1.6, 3 * 1.7), facecolor="black")
-    for row, view in enumerate(_VIEWS):
-        axis = _VIEWS.index(view)
-        for col, index in enumerate(slice_indices(data.shape[axis], n, _extent(contour, axis))):
-            ax = figure.add_subplot(3, n, row * n + col + 1)
-            ax.imshow(
-                _cut(data, view, index),
-                cmap="gray",
-                vmin=vmin,
-                vmax=vmax,
-                origin="lower",
-                interpolation="nearest",
-            )
-            if contour is not None:
-                ax.contour(
-                    _cut(contour.astype(np.float32), view, index),
-                    levels=[0.5],
-                    colors=["#ff3b30"],
-                    linewidths=0.7,
-                )
-            ax.set_axis_off()
-    figure.subplots_adjust(0, 0, 1, 1, 0.02, 0.02)
+    masks = [m for m in (contour, second_contour) if m is not None and m.any()]
+    shown = np.logical_or.reduce(masks) if masks else None  # slices span both masks
+    cuts = _mosaic_cuts(data.shape, shown, n)
+    volumes = [data] + [m.astype(np.float32) for m in (contour, second_contour) if m is not None]
+    grids = montage(volumes, cuts, columns=n, zooms=zooms, orders=[1] + [0] * (len(volumes) - 1))
+    height, width = grids[0].shape
+    figure = Figure(figsize=(n * 2.2, n * 2.2 * height / width), facecolor="black")
+    ax = figure.add_axes((0, 0, 1, 1))
+    ax.imshow(grids[0], cmap=_GREY, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+    styles = [(CONTOUR_COLOURS[0], "solid")] if contour is not None else []
+    styles += [(CONTOUR_COLOURS[1], "dashed")] if second_contour is not None else []
+    for grid, (colour, style) in zip(grids[1:], styles, strict=True):
+        if grid.any():
+            ax.contour(grid, levels=[0.5], colors=[colour], linewidths=1.7, linestyles=style)
+    ax.set_axis_off()
     return _png(figure, dpi)
 
 
@@ -93,25 +158,23 @@ def registration_pair(
     Shown in turn (a flicker or a toggle), a misregistration is seen as edges that slide.
     """
     near_brain = ndimage.binary_dilation(template_mask, iterations=3)
-    cuts = [
-        (view, index)
-        for axis, view in enumerate(_VIEWS)
-        for index in slice_indices(template.shape[axis], n, _extent(template_mask, axis))
-    ]
-    outlines = {cut: edges(_cut(template, *cut), _cut(near_brain, *cut)) for cut in cuts}
+    cuts = _mosaic_cuts(template.shape, template_mask, n)
+    subject_grid, template_grid, near_grid = montage(
+        [subject, template, near_brain.astype(np.float32)], cuts, columns=n, orders=[1, 1, 0]
+    )
+    outline = edges(template_grid, near_grid > 0.5)
+    # edges across panel borders are not anatomy: keep those inside the template's (dilated) brain
+    outline &= near_grid > 0.5
+    height, width = subject_grid.shape
     panels = []
-    for image in (subject, template):
-        vmin, vmax = _window(image, template_mask)
-        figure = Figure(figsize=(n * 1.6, 3 * 1.7), facecolor="black")
-        for position, cut in enumerate(cuts, start=1):
-            ax = figure.add_subplot(3, n, position)
-            ax.imshow(_cut(image, *cut), cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
-            outline = outlines[cut]
-            ax.imshow(
-                np.ma.masked_where(~outline, outline), cmap="autumn", alpha=0.8, origin="lower", interpolation="nearest"
-            )
-            ax.set_axis_off()
-        figure.subplots_adjust(0, 0, 1, 1, 0.02, 0.02)
+    for image, volume in ((subject_grid, subject), (template_grid, template)):
+        vmin, vmax = _window(volume, template_mask)
+        figure = Figure(figsize=(n * 2.0, n * 2.0 * height / width), facecolor="black")
+        ax = figure.add_axes((0, 0, 1, 1))
+        ax.imshow(image, cmap=_GREY, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+        ax.imshow(np.ma.masked_where(~outline, outline), cmap="autumn", alpha=0.8, origin="lower",
+                  interpolation="nearest")  # fmt: skip
+        ax.set_axis_off()
         panels.append(_png(figure, dpi))
     return panels[0], panels[1]
 

@@ -32,12 +32,18 @@ METRICS = (
     ("fber", "FBER", "higher"),
     ("bias_range", "Bias-field range (p1-p99 in brain)", "lower"),
     ("registration_ncc", "Registration NCC with template", "higher"),
+    ("mask_dice", "Brain-mask agreement (Dice, deepbet vs template)", "higher"),
+    ("wm_dice", "White-matter agreement with the template (Dice)", "higher"),
     ("brain_volume_ml", "Brain-mask volume (ml)", "—"),
+    ("gm_volume_ml", "Grey matter (ml)", "—"),
+    ("wm_volume_ml", "White matter (ml)", "—"),
+    ("csf_volume_ml", "CSF inside the brain mask (ml)", "—"),
+    ("brain_fov_edge_mm2", "Brain mask on the FOV edge (mm², worst side)", "lower"),
 )
 
 
 #: The figures of one image (``desc`` of ``sub-<label>/figures/*_T1w.png``).
-FIGURES = ("mosaic", "regsubject", "regtemplate", "biasfield", "mesh", "attribution")
+FIGURES = ("mosaic", "brainmask", "regsubject", "regtemplate", "biasfield", "mesh", "attribution")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -83,6 +89,9 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
         "header": header,
         "intensity": audit.get("intensity", {}),
         "flags": sorted(set(audit.get("flags", [])) | set(iqm_record.get("flags", []))),
+        "qc": iqm_record.get("qc"),
+        "mask_dice": iqm_record.get("metrics", {}).get("mask_dice"),
+        "brain_extraction": iqm_record.get("brain_extraction"),
         "preparation": iqm_record.get("preparation", {}),
         "registration": registration.get("Registration", {}),
         "normalisation": template.get("IntensityNormalization", {}),

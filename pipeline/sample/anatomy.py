@@ -1,15 +1,17 @@
 """Synthetic anatomy for the sample dataset, built from nilearn's bundled MNI152 2009a template.
 
-The template is brain-only; :func:`head_model` wraps it in scalp- and skull-like shells so that
-registration and masking meet a head, as with real scans. :func:`deform` applies smooth, local,
-invertible radial deformations (ventricular enlargement, hippocampal shrinkage) that carry the
-diagnosis and age effects of the sample labels.
+The template is brain-only; :func:`head_model` wraps it in scalp- and skull-like shells and adds a
+neck and shoulders below it (muscle, fat, vertebrae, the spinal cord, the airway), so that brain
+extraction and registration meet a whole head with a large field of view, as with real scans.
+:func:`deform` applies smooth, local, invertible radial deformations (ventricular enlargement,
+hippocampal shrinkage) that carry the diagnosis and age effects of the sample labels.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -37,23 +39,75 @@ HEAD_SHELLS = (
 )
 
 
+#: How far the head model reaches below the template's grid (mm): the neck and the top of the shoulders.
+NECK_LENGTH_MM = 100.0
+#: Below this height (template mm) the neck replaces the shells that close the head under the brainstem.
+NECK_TOP_MM = -74.0
+
+
+@dataclass(frozen=True)
+class Head:
+    """A synthetic head on an RAS grid: intensities (WM ~ 0.9) and the true brain mask."""
+
+    data: np.ndarray
+    brain: np.ndarray
+    affine: np.ndarray
+
+
 @functools.lru_cache(maxsize=1)
-def default_head() -> np.ndarray:
-    """The head model around the 1 mm template (computed once per process)."""
+def default_head() -> Head:
+    """The head model around the 1 mm template, with neck and shoulders (computed once per process)."""
     return head_model(load_template(1))
 
 
-def head_model(template: Template, shells: Sequence[tuple[float, float]] = HEAD_SHELLS) -> np.ndarray:
-    """The template brain inside smooth scalp/skull-like shells, on the template grid."""
-    distance = ndimage.distance_transform_edt(~template.brain_mask).astype(np.float32)
-    head = np.zeros_like(template.t1)
+def head_model(
+    template: Template, shells: Sequence[tuple[float, float]] = HEAD_SHELLS, neck_mm: float = NECK_LENGTH_MM
+) -> Head:
+    """The template brain inside smooth scalp/skull-like shells, on the template grid extended
+    ``neck_mm`` downwards, where a neck and shoulders continue the head."""
+    voxel = float(abs(template.affine[2, 2]))
+    pad = round(neck_mm / voxel)
+    affine = template.affine.copy()
+    affine[2, 3] -= pad * voxel
+    brain = np.pad(template.brain_mask, ((0, 0), (0, 0), (pad, 0)))
+    t1 = np.pad(template.t1, ((0, 0), (0, 0), (pad, 0)))
+    distance = ndimage.distance_transform_edt(~brain).astype(np.float32)
+    head = np.zeros(brain.shape, dtype=np.float32)
     inner = 0.0
     for outer, value in shells:
         head[(distance > inner) & (distance <= outer)] = value
         inner = outer
+    neck = neck_and_shoulders(brain.shape, affine)
+    z = (np.arange(brain.shape[2]) * affine[2, 2] + affine[2, 3])[None, None, :]
+    below = (z < NECK_TOP_MM) & ~brain
+    head = np.where(below | (head == 0), neck, head)
     head = ndimage.gaussian_filter(head, sigma=0.8)
-    head[template.brain_mask] = template.t1[template.brain_mask]
-    return head
+    head[brain] = t1[brain]
+    return Head(data=head, brain=brain, affine=affine)
+
+
+def neck_and_shoulders(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """Intensities of a neck (skin, fat, muscle, vertebral bodies, the spinal cord in its canal, the
+    airway) from below the skull down, widening into shoulders; 0 outside the body."""
+    x, y, z = (
+        (np.arange(n) * affine[i, i] + affine[i, 3]).astype(np.float32).reshape([-1 if j == i else 1 for j in range(3)])
+        for i, n in enumerate(shape)
+    )
+    depth = np.clip(-120.0 - z, 0, None)  # below the base of the neck
+    half_width = 55.0 + 4.0 * depth  # the shoulders widen quickly
+    half_depth = 55.0 + 0.8 * depth
+    radial = np.sqrt((x / half_width) ** 2 + ((y + 20.0) / half_depth) ** 2)
+    inside = (radial <= 1.0) & (z < -40.0)
+    from_surface = (1.0 - radial) * np.minimum(half_width, half_depth)  # ~ mm to the skin
+    out = np.where(from_surface < 1.5, 0.45, np.where(from_surface < 6.0, 0.85, 0.42)).astype(np.float32)
+    disc = lambda cy, r: x**2 + (y - cy) ** 2 <= r**2  # noqa: E731
+    out = np.where(disc(-22.0, 13.0), 0.05, out)  # vertebral body: cortical rim ...
+    out = np.where(disc(-22.0, 11.5), 0.62, out)  # ... and marrow
+    out = np.where(disc(-44.0, 10.0), 0.05, out)  # the canal's bone
+    out = np.where(disc(-44.0, 8.0), 0.10, out)  # cerebrospinal fluid
+    out = np.where(disc(-44.0, 5.0), 0.75, out)  # the spinal cord
+    out = np.where(disc(8.0, 7.0) & (z > -150.0), 0.0, out)  # the airway
+    return np.where(inside, out, 0.0).astype(np.float32)
 
 
 def radial_deform(

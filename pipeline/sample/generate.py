@@ -1,10 +1,11 @@
 """Write a realistic sample BIDS dataset with known ground truth (``bidsdl-sample``).
 
-Each subject is nilearn's MNI152 brain inside a synthetic head, deformed by its labels
+Each subject is nilearn's MNI152 brain inside a synthetic head with a neck, deformed by its labels
 (diagnosis: ventricles and hippocampi; age: a smaller effect), placed in the scanner with a
 random rigid misplacement, sampled on a grid with a random header orientation (sometimes
-oblique) and voxel size, then given a smooth bias field, a per-site intensity scale and Rician
-noise. The true T1w-to-template transform of every image is written under ``sourcedata/truth/``.
+oblique) and voxel size, sometimes with a large field of view reaching the shoulders, then given
+a smooth bias field, a per-site intensity scale and Rician noise. The true T1w-to-template
+transform and the true brain mask of every image are written under ``sourcedata/truth/``.
 The same options and seed give byte-identical files.
 """
 
@@ -63,13 +64,16 @@ SITES: dict[str, dict[str, Any]] = {
         "noise": 0.04,
     },
 }
-ORIENTATIONS = ("RAS", "LAS", "LPS", "LPI", "PIR", "LIA", "ASL", "RSP")
+ORIENTATIONS = ("RAS", "LAS", "LPS", "LPI", "RPI", "PIR", "LIA", "ASL", "RSP")
 #: Voxel sizes (mm, along the voxel axes) and how often each is drawn.
 VOXEL_SIZES = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.3), (1.2, 1.2, 1.2))
 VOXEL_SIZE_WEIGHTS = (0.6, 0.2, 0.2)
 #: Field of view along the world axes (LR, AP, SI), mm; the head's centre in template mm.
 FOV_MM = (200.0, 236.0, 212.0)
 HEAD_CENTRE_MM = (0.0, -18.0, 6.0)
+#: A large field of view (head, neck and the top of the shoulders, as in UK Biobank or ADNI sagittal
+#: scans): the same top, reaching this far down.
+LARGE_FOV_SI_MM = 270.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class SampleOptions:
     two_session_fraction: float = 0.3
     max_rotation_deg: float = 15.0
     max_translation_mm: float = 20.0
+    large_fov_fraction: float = 0.3
     duplicate_subject: bool = False
     confound_site: bool = False
     corrupt_subject: bool = False
@@ -176,6 +181,7 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
         "voxel_size_mm": list(VOXEL_SIZES[int(rng.choice(len(VOXEL_SIZES), p=VOXEL_SIZE_WEIGHTS))]),
         "oblique_deg": (rng.uniform(-12, 12, 3) * (rng.random(3) < 0.5)).round(3).tolist() if oblique else [0.0] * 3,
         "fov_jitter_mm": rng.uniform(-5, 5, 3).round(3).tolist(),
+        "large_fov": bool(rng.random() < options.large_fov_fraction),
         "bias_coefficients": rng.normal(0, 0.15, 9).round(4).tolist(),
         "scale_jitter": float(rng.uniform(0.95, 1.05)),
         "noise_jitter": float(rng.uniform(0.8, 1.2)),
@@ -183,20 +189,25 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
 
 
 def make_image(
-    spec: ImageSpec, head: np.ndarray, template_affine: np.ndarray, options: SampleOptions
-) -> tuple[nib.Nifti1Image, dict[str, Any]]:
-    """The T1w of one image and its ground truth."""
+    spec: ImageSpec, head: anatomy.Head, options: SampleOptions
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
+    """The T1w of one image, its true brain mask (same grid) and its ground truth."""
     rng = np.random.default_rng(spec.seed)
     acq = draw_acquisition(rng, options)
-    anatomy_img = anatomy.deform(head, template_affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
+    deform = lambda image: anatomy.deform(  # noqa: E731
+        image, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi
+    )
+    anatomy_img = deform(head.data)
     pose = np.eye(4)  # template world -> scanner world
     pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"])
     pose[:3, 3] = acq["translation_mm"]
     ornt = anatomy.orientation_matrix(acq["orientation"])
     world_axis = np.abs(ornt).argmax(axis=0)  # world axis of each voxel axis
     acq["voxel_size_mm"] = [z * options.voxel_scale for z in acq["voxel_size_mm"]]
-    shape = [round(FOV_MM[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
-    centre = pose[:3, :3] @ HEAD_CENTRE_MM + pose[:3, 3] + acq["fov_jitter_mm"]
+    fov = (*FOV_MM[:2], LARGE_FOV_SI_MM) if acq["large_fov"] else FOV_MM
+    shape = [round(fov[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
+    head_centre = np.add(HEAD_CENTRE_MM, (0.0, 0.0, (FOV_MM[2] - fov[2]) / 2))  # the same top
+    centre = pose[:3, :3] @ head_centre + pose[:3, 3] + acq["fov_jitter_mm"]
     grid = anatomy.grid_affine(
         orientation=acq["orientation"],
         voxel_size=acq["voxel_size_mm"],
@@ -205,7 +216,11 @@ def make_image(
         oblique_deg=acq["oblique_deg"],
     )
     to_template = np.linalg.inv(pose)
-    signal = anatomy.resample_into(anatomy_img, template_affine, grid, shape, to_template)
+    signal = anatomy.resample_into(anatomy_img, head.affine, grid, shape, to_template)
+    brain = anatomy.resample_into(deform(head.brain.astype(np.float32)), head.affine, grid, shape, to_template) > 0.5
+    mask = nib.Nifti1Image(brain.astype(np.uint8), grid)
+    mask.set_qform(grid, code=1)
+    mask.set_sform(grid, code=1)
     site = SITES[spec.site]
     scale = site["scale"] * acq["scale_jitter"]
     signal *= anatomy.bias_field(shape, acq["bias_coefficients"])
@@ -225,6 +240,8 @@ def make_image(
         "TransformConvention": "4x4 RAS+ world-to-world (mm): x_template = T1wToTemplate @ x_T1w",
         **acq,
         "shape": shape,
+        "BrainMask": mask_name(spec),
+        "BrainVolumeMl": round(float(brain.sum() * abs(np.linalg.det(grid[:3, :3]))) / 1000, 3),
         "site_scale": scale,
         "noise_sigma": sigma,
         "deformation": {"ventricles": spec.ventricles, "hippocampi": spec.hippocampi},
@@ -232,7 +249,12 @@ def make_image(
         "diagnosis": spec.diagnosis,
         "site": spec.site,
     }
-    return img, truth
+    return img, mask, truth
+
+
+def mask_name(spec: ImageSpec) -> str:
+    """The file name of an image's true brain mask in ``sourcedata/truth/``."""
+    return f"{spec.stem.removesuffix('_T1w')}_desc-brain_mask.nii.gz"
 
 
 def sidecar(site: str) -> dict[str, Any]:
@@ -249,12 +271,15 @@ _SHARED: dict[str, Any] = {}
 
 def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     out_dir, spec, options = job
-    img, truth = make_image(spec, _SHARED["head"], _SHARED["affine"], options)
+    img, mask, truth = make_image(spec, _SHARED["head"], options)
     target = out_dir / spec.relpath
     with atomic_path(target) as tmp:
         img.to_filename(tmp)
     write_json(target.with_name(f"{spec.stem}.json"), sidecar(spec.site))
-    write_json(out_dir / "sourcedata" / "truth" / f"{spec.stem}.json", truth)
+    truth_dir = out_dir / "sourcedata" / "truth"
+    with atomic_path(truth_dir / mask_name(spec)) as tmp:
+        mask.to_filename(tmp)
+    write_json(truth_dir / f"{spec.stem}.json", truth)
     return truth
 
 
@@ -323,7 +348,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(out_dir)
     participants, images = plan_dataset(options)
-    _SHARED.update(head=anatomy.default_head(), affine=anatomy.load_template(1).affine)
+    _SHARED.update(head=anatomy.default_head())
     jobs = [(out_dir, spec, options) for spec in images]
     if options.n_jobs > 1:
         with multiprocessing.get_context("fork").Pool(options.n_jobs) as pool:
@@ -375,7 +400,8 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "Synthetic T1w images made by `bidsdl-sample` from nilearn's bundled MNI152 2009a template",
         "(McConnell Brain Imaging Centre; see its copyright notice), placed in a synthetic head.",
         "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
-        "Every image's true T1w-to-template transform and artefacts are in `sourcedata/truth/`.",
+        "Some images have a large field of view reaching the neck and shoulders.",
+        "Every image's true T1w-to-template transform, artefacts and brain mask are in `sourcedata/truth/`.",
         "",
         f"Options: `{json.dumps(_recorded_options(options))}`",
         f"Planted problems: `{json.dumps(planted)}`",

@@ -14,8 +14,10 @@ from ..interfaces.derivatives import DerivativesSink
 from ..interfaces.inference import MaskSurface, RunInference
 from ..interfaces.preprocess import (
     ComputeIQMs,
+    ExtractBrain,
     N4BiasCorrection,
     PrepareT1w,
+    QualityGate,
     RegisterToTemplate,
     ResampleToTemplate,
 )
@@ -24,13 +26,15 @@ from .outputs import DERIVATIVE_INPUTS, INFERENCE_INPUTS, init_anat_derivatives_
 
 #: What the preprocessing hands on (outputnode fields of :func:`init_anat_preproc_wf`).
 PREPROC_OUTPUTS = (
-    "t1w_ras", "prepare_record", "t1w_corrected", "bias_field", "n4_record", "transform", "registration_record",
-    "t1w_template", "mask_template", "t1w_model", "mask_model", "mask_t1w", "template_record", "model_record",
+    "t1w_ras", "prepare_record", "t1w_corrected", "bias_field", "n4_record", "mask_t1w", "brain_record",
+    "transform", "registration_record", "t1w_template", "mask_template", "t1w_model", "mask_model",
+    "template_mask_t1w", "template_record", "model_record",
 )  # fmt: skip
-#: What quality control hands on (outputnode fields of :func:`init_anat_qc_wf`).
+#: What quality control hands on (outputnode fields of :func:`init_anat_qc_wf`); ``t1w_model_passed`` is
+#: the model-grid T1w, handed on only when the image passed quality control.
 QC_OUTPUTS = (
-    "iqm_record", "mosaic", "registration_subject", "registration_template", "bias_figure", "surface",
-    "surface_record", "mesh_figure",
+    "iqm_record", "mosaic", "brain_figure", "registration_subject", "registration_template", "bias_figure",
+    "surface", "surface_record", "mesh_figure", "t1w_model_passed",
 )  # fmt: skip
 
 
@@ -60,9 +64,16 @@ def init_anat_audit_wf(*, bids_dir: Path, output_dir: Path, name: str = "anat_au
 
 
 def init_anat_preproc_wf(
-    *, model_resolution: float, seed: int, omp_nthreads: int, name: str = "anat_preproc_wf"
+    *,
+    model_resolution: float,
+    seed: int,
+    omp_nthreads: int,
+    device: str = "cpu",
+    brain_helper: str | None = None,
+    name: str = "anat_preproc_wf",
 ) -> pe.Workflow:
-    """Reorient, N4, affine registration to MNI152NLin2009aSym, resampling and normalisation.
+    """Reorient, brain extraction (deepbet), N4 inside the brain, brain-to-brain affine registration to
+    MNI152NLin2009aSym, resampling and normalisation.
 
     Parameters
     ----------
@@ -71,7 +82,12 @@ def init_anat_preproc_wf(
     seed
         Seed of the registration's random metric sampling.
     omp_nthreads
-        Threads for SimpleITK in each step.
+        Threads for SimpleITK and torch in each step.
+    device
+        Where the brain-extraction networks run (``cpu``, ``cuda`` or ``auto``).
+    brain_helper
+        Contact of the run's brain-extraction helper (:mod:`pipeline.interfaces.brain_service`); None: each
+        process starts its own.
 
     Inputs: ``t1w``. Outputs: see :data:`PREPROC_OUTPUTS`.
     """
@@ -79,6 +95,13 @@ def init_anat_preproc_wf(
     inputnode = pe.Node(IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=list(PREPROC_OUTPUTS)), name="outputnode")
     prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
+    # deepbet on the RAS image; N4 then fits its field inside the brain (not the neck and shoulders). The
+    # networks run in the process's one helper, which serves one request at a time: the node itself only
+    # waits, so it holds one slot, and another image's steps run meanwhile.
+    brain = pe.Node(ExtractBrain(device=device, num_threads=omp_nthreads), name="brain_extraction",
+                    n_procs=1, mem_gb=0.5)  # fmt: skip
+    if brain_helper:
+        brain.inputs.helper = brain_helper
     n4 = pe.Node(N4BiasCorrection(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads, mem_gb=1.5)
     # The registration metric runs on one thread (reproducible sums): reserve one core, so that
     # MultiProc runs several subjects' registrations side by side.
@@ -88,24 +111,33 @@ def init_anat_preproc_wf(
                           name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     workflow.connect([
         (inputnode, prepare, [("t1w", "in_file")]),
+        (inputnode, brain, [("t1w", "source_name")]),
+        (prepare, brain, [("out_file", "in_file")]),
         (prepare, n4, [("out_file", "in_file")]),
+        (brain, n4, [("out_mask", "in_mask")]),
         (n4, register, [("out_file", "in_file")]),
+        (brain, register, [("out_mask", "in_mask")]),
         (n4, to_template, [("out_file", "in_file")]),
+        (brain, to_template, [("out_mask", "in_mask")]),
         (register, to_template, [("out_transform", "in_transform")]),
         (prepare, outputnode, [("out_file", "t1w_ras"), ("out_record", "prepare_record")]),
+        (brain, outputnode, [("out_mask", "mask_t1w"), ("out_record", "brain_record")]),
         (n4, outputnode, [("out_file", "t1w_corrected"), ("out_bias", "bias_field"), ("out_record", "n4_record")]),
         (register, outputnode, [("out_transform", "transform"), ("out_record", "registration_record")]),
         (to_template, outputnode, [
             ("out_t1w", "t1w_template"), ("out_mask", "mask_template"), ("out_t1w_model", "t1w_model"),
-            ("out_mask_model", "mask_model"), ("out_mask_t1w", "mask_t1w"), ("out_record", "template_record"),
-            ("out_record_model", "model_record"),
+            ("out_mask_model", "mask_model"), ("out_template_mask_t1w", "template_mask_t1w"),
+            ("out_record", "template_record"), ("out_record_model", "model_record"),
         ]),
     ])  # fmt: skip
     return workflow
 
 
 def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
-    """Image quality metrics and the report's figures for one preprocessed T1w.
+    """Image quality metrics, the quality verdict and the report's figures for one preprocessed T1w.
+
+    The quality gate fails the image when its verdict is ``fail`` (after the metrics, figures and
+    derivatives are saved, so the report shows the evidence) and hands ``t1w_model`` on otherwise.
 
     Inputs: the preprocessing outputs plus ``audit_record``. Outputs: see :data:`QC_OUTPUTS`.
     """
@@ -113,6 +145,7 @@ def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
     inputnode = pe.Node(IdentityInterface(fields=["audit_record", *PREPROC_OUTPUTS]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=list(QC_OUTPUTS)), name="outputnode")
     iqms = pe.Node(ComputeIQMs(), name="iqms", mem_gb=2.0)
+    gate = pe.Node(QualityGate(), name="quality_gate", run_without_submitting=True)
     reportlets = pe.Node(PlotReportlets(), name="reportlets", mem_gb=1.5)
     mesh = pe.Node(MaskSurface(), name="mesh", mem_gb=1.0)
     workflow.connect([
@@ -121,16 +154,23 @@ def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
                             ("out_figure", "mesh_figure")]),
         (inputnode, iqms, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
-            ("mask_t1w", "in_mask_t1w"), ("transform", "in_transform"), ("t1w_template", "in_registered"),
-            ("audit_record", "in_audit"), ("registration_record", "in_registration"), ("prepare_record", "in_prepare"),
+            ("mask_t1w", "in_mask"), ("template_mask_t1w", "in_template_mask"), ("transform", "in_transform"),
+            ("t1w_template", "in_registered"),
+            ("audit_record", "in_audit"), ("registration_record", "in_registration"), ("brain_record", "in_brain"),
+            ("prepare_record", "in_prepare"),
         ]),
         (inputnode, reportlets, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
-            ("mask_t1w", "in_mask_t1w"), ("t1w_template", "in_registered"),
+            ("mask_t1w", "in_mask_t1w"), ("template_mask_t1w", "in_template_mask_t1w"),
+            ("t1w_template", "in_registered"), ("mask_template", "in_mask_template"),
         ]),
         (iqms, outputnode, [("out_record", "iqm_record")]),
+        (iqms, gate, [("out_record", "in_record")]),
+        (inputnode, gate, [("t1w_model", "in_file")]),
+        (gate, outputnode, [("out_file", "t1w_model_passed")]),
         (reportlets, outputnode, [
-            ("out_mosaic", "mosaic"), ("out_registration_subject", "registration_subject"),
+            ("out_mosaic", "mosaic"), ("out_brain", "brain_figure"),
+            ("out_registration_subject", "registration_subject"),
             ("out_registration_template", "registration_template"), ("out_bias", "bias_figure"),
         ]),
     ])  # fmt: skip
@@ -144,13 +184,16 @@ def init_anat_wf(
     model_resolution: float,
     seed: int,
     omp_nthreads: int,
+    device: str = "cpu",
+    brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
     name: str = "anat_wf",
 ) -> pe.Workflow:
     """Everything done to one T1w: audit, preprocessing, QC, inference with ``--model``, the derivatives.
 
-    ``inference``: the keyword arguments of :func:`init_anat_inference_wf` but ``omp_nthreads``,
-    or None for no inference.
+    ``device``, ``brain_helper``: see :func:`init_anat_preproc_wf`. ``inference``: the keyword arguments of
+    :func:`init_anat_inference_wf` but ``omp_nthreads``, or None for no inference. An image that fails
+    quality control is not predicted.
 
     Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict), and with ``inference``
     ``source`` (the path relative to ``bids_dir``) and ``participant_id``.
@@ -158,7 +201,10 @@ def init_anat_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id"]), name="inputnode")
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
-    preproc_wf = init_anat_preproc_wf(model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)
+    preproc_wf = init_anat_preproc_wf(
+        model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads, device=device,
+        brain_helper=brain_helper,
+    )
     qc_wf = init_anat_qc_wf()
     ds_wf = init_anat_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution)
     workflow.connect([
@@ -172,7 +218,8 @@ def init_anat_wf(
         if field in DERIVATIVE_INPUTS:
             workflow.connect(preproc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
     for field in QC_OUTPUTS:
-        workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
+        if field in DERIVATIVE_INPUTS:
+            workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
     if inference is not None:
         infer_wf = init_anat_inference_wf(**inference, omp_nthreads=omp_nthreads)
         ds_infer_wf = init_inference_derivatives_wf(
@@ -181,8 +228,8 @@ def init_anat_wf(
         workflow.connect([
             (inputnode, infer_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id")]),
             (audit_wf, infer_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
-            (preproc_wf, infer_wf, [("outputnode.t1w_model", "inputnode.t1w_model"),
-                                    ("outputnode.mask_model", "inputnode.mask_model"),
+            (qc_wf, infer_wf, [("outputnode.t1w_model_passed", "inputnode.t1w_model")]),
+            (preproc_wf, infer_wf, [("outputnode.mask_model", "inputnode.mask_model"),
                                     ("outputnode.model_record", "inputnode.model_record")]),
             (inputnode, ds_infer_wf, [("t1w", "inputnode.source_file")]),
         ])  # fmt: skip

@@ -44,6 +44,8 @@ def init_single_subject_wf(
     model_resolution: float = 2.0,
     seed: int = 42,
     omp_nthreads: int = 1,
+    device: str = "cpu",
+    brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
@@ -57,7 +59,7 @@ def init_single_subject_wf(
         The participant's selected T1w images.
     bids_dir, output_dir
         Input BIDS dataset and derivatives root.
-    model_resolution, seed, omp_nthreads, inference
+    model_resolution, seed, omp_nthreads, device, brain_helper, inference
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     """
     workflow = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
@@ -68,6 +70,8 @@ def init_single_subject_wf(
             model_resolution=model_resolution,
             seed=seed,
             omp_nthreads=omp_nthreads,
+            device=device,
+            brain_helper=brain_helper,
             inference=inference,
             name=f"anat_{image_key(image)}_wf",
         )
@@ -86,12 +90,14 @@ def init_bidsdl_wf(
     run_id: str,
     work_dir: Path,
     model_hashes: Sequence[str] = (),
+    brain_helper: str | None = None,
 ) -> pe.Workflow:
     """The participant-level graph: one sub-workflow per participant, isolated from the others.
 
     Each participant's crash files go to ``sub-<label>/log/<run_id>/`` in the output, so a failure
     is recorded with its subject and the other participants go on. With ``--model``, every image
     is also predicted (``model_hashes``: the packages' content hashes, checked before the run).
+    ``brain_helper``: the contact of the run's brain-extraction helper.
     """
     inference = None
     if config.models:
@@ -121,6 +127,8 @@ def init_bidsdl_wf(
             model_resolution=config.model_resolution,
             seed=config.seed,
             omp_nthreads=config.omp_nthreads,
+            device=config.device,
+            brain_helper=brain_helper,
             inference=inference,
         )
         single.config["execution"] = {

@@ -14,21 +14,30 @@ from ..ops.template import TEMPLATE_SPACE, resolution_label
 #: (node name, input field, entities, extra sidecar metadata, metadata-file field)
 _OUTPUTS: tuple[tuple[str, str, dict[str, str], dict[str, Any], str | None], ...] = (
     ("ds_t1w_preproc", "t1w_corrected", {"desc": "preproc"},
-     {"Description": "T1w reoriented to RAS (no resampling) and bias-corrected (N4)"}, "n4_record"),
-    ("ds_bias", "bias_field", {"desc": "biasfield"}, {"Description": "Multiplicative N4 bias field"}, "n4_record"),
+     {"Description": "T1w reoriented to RAS (no resampling) and bias-corrected (N4)", "SkullStripped": False},
+     "n4_record"),
+    ("ds_bias", "bias_field", {"desc": "biasfield"},
+     {"Description": "Multiplicative N4 bias field", "SkullStripped": False}, "n4_record"),
     ("ds_mask_t1w", "mask_t1w", {"desc": "brain", "suffix": "mask"},
-     {"Type": "Brain", "Description": "Template brain mask brought into T1w space (linear, > 0.5)"}, None),
+     {"Type": "Brain", "Description": "Brain mask by deepbet (learned brain extraction) on the RAS T1w"},
+     "brain_record"),
+    ("ds_template_mask_t1w", "template_mask_t1w", {"desc": "template", "suffix": "mask"},
+     {"Type": "Brain", "Description": "The template's brain mask brought into T1w space through the affine "
+      "registration (linear, > 0.5): a second, independent opinion on the brain mask; its Dice with "
+      "desc-brain is the quality metric mask_dice"}, None),
     ("ds_xfm", "transform", {"from_": "T1w", "to": TEMPLATE_SPACE, "mode": "image", "suffix": "xfm"},
      {"Description": "Affine T1w-to-template transform (ITK text; SimpleITK and ANTs read it)"},
      "registration_record"),
     ("ds_t1w_template", "t1w_template", {"space": TEMPLATE_SPACE, "desc": "preproc"}, {}, "template_record"),
     ("ds_mask_template", "mask_template", {"space": TEMPLATE_SPACE, "desc": "brain", "suffix": "mask"},
-     {"Type": "Brain", "Description": "The template's brain mask"}, None),
+     {"Type": "Brain", "Description": "The brain mask (deepbet) brought into template space (linear, > 0.5)"},
+     None),
     ("ds_t1w_model", "t1w_model", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "preproc"}, {}, "model_record"),
     ("ds_mask_model", "mask_model", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "brain", "suffix": "mask"},
-     {"Type": "Brain", "Description": "The template's brain mask on the model grid"}, None),
+     {"Type": "Brain", "Description": "The brain mask (deepbet) on the model grid (linear, > 0.5)"}, None),
     ("ds_iqm", "iqm_record", {"desc": "iqm"}, {}, None),
     ("ds_fig_mosaic", "mosaic", {"desc": "mosaic", "datatype": "figures"}, {}, None),
+    ("ds_fig_brain", "brain_figure", {"desc": "brainmask", "datatype": "figures"}, {}, None),
     ("ds_fig_reg_subject", "registration_subject", {"desc": "regsubject", "datatype": "figures"}, {}, None),
     ("ds_fig_reg_template", "registration_template", {"desc": "regtemplate", "datatype": "figures"}, {}, None),
     ("ds_fig_bias", "bias_figure", {"desc": "biasfield", "datatype": "figures"}, {}, None),
@@ -87,8 +96,10 @@ def _sinks(
         sink = pe.Node(
             DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), metadata=metadata, **ents),
             name=node_name,
-            # JSON records are tiny: save them in the scheduler; images are compressed in a worker
-            run_without_submitting=field.endswith("record") or field == "prediction",
+            # records and figures are copied in the scheduler; images are compressed in a worker
+            run_without_submitting=(
+                field.endswith("record") or field in ("prediction", "surface") or entities.get("datatype") == "figures"
+            ),
             overwrite=True,
         )
         workflow.connect(inputnode, "source_file", sink, "source_file")

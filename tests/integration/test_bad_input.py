@@ -98,25 +98,33 @@ def _garbage(path):
     path.write_bytes(gzip.compress(os.urandom(4000)))
 
 
-@pytest.mark.parametrize("corrupt", [_zero_byte, _truncated, _garbage])
-def test_one_corrupt_image_fails_only_its_subject(bids_factory, run_cli, tmp_path, corrupt):
-    subjects = {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")}
-    bids = bids_factory(subjects=subjects, prepare=lambda root: corrupt(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"))
+CORRUPTIONS = {"02": _zero_byte, "03": _truncated, "04": _garbage}
+
+
+def test_corrupt_images_fail_only_their_subjects(bids_factory, run_cli, tmp_path):
+    """A zero-byte, a truncated and a garbage .nii.gz, each its own participant's; sub-01 is sound."""
+    subjects = {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", *CORRUPTIONS)}
+
+    def prepare(root):
+        for label, corrupt in CORRUPTIONS.items():
+            corrupt(root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz")
+
+    bids = bids_factory(subjects=subjects, prepare=prepare)
     out = tmp_path / "out"
     code, _, err = run_cli(bids, out, "participant", "--nprocs", "2")
     assert code == 1
-    assert "sub-02 failed" in err and "sub-02/anat/sub-02_T1w.nii.gz" in err
-    failed = _status(out, "02")
-    assert failed["state"] == "failed"
-    assert failed["errors"][0].startswith("sub-02/anat/sub-02_T1w.nii.gz:")
-    assert "re-export" in failed["errors"][0] or "Re-export" in failed["errors"][0]
-    for label in ("01",):
-        assert _status(out, label)["state"] == "done"
-        assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-audit_T1w.json").exists()
-    # the group level still gathers the dataset and reports the unreadable image
+    for label in CORRUPTIONS:
+        assert f"sub-{label} failed" in err and f"sub-{label}/anat/sub-{label}_T1w.nii.gz" in err
+        failed = _status(out, label)
+        assert failed["state"] == "failed"
+        assert failed["errors"][0].startswith(f"sub-{label}/anat/sub-{label}_T1w.nii.gz:")
+        assert "re-export" in failed["errors"][0] or "Re-export" in failed["errors"][0]
+    assert _status(out, "01")["state"] == "done"
+    assert (out / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").exists()
+    # the group level still gathers the dataset and reports the unreadable images
     assert run_cli(bids, out, "group")[0] == 0
     findings = json.loads((out / "group_audit.json").read_text())
-    assert findings["unreadable_images"] == ["sub-02/anat/sub-02_T1w.nii.gz"]
+    assert findings["unreadable_images"] == [f"sub-{s}/anat/sub-{s}_T1w.nii.gz" for s in CORRUPTIONS]
 
 
 def test_nan_voxels_are_cleaned_and_flagged(bids_factory, run_cli, tmp_path):
@@ -155,7 +163,8 @@ def test_4d_image_fails_its_subject_with_a_clear_message(bids_factory, run_cli, 
 
 
 def test_participants_table_mismatches_are_warnings(bids_factory, run_cli, tmp_path):
-    bids = bids_factory(participants=["sub-01", "sub-02", "sub-07"])  # sub-03 has data but no row
+    subjects = {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "03")}
+    bids = bids_factory(subjects=subjects, participants=["sub-01", "sub-07"])  # sub-03 has data but no row
     out = tmp_path / "out"
     code, _, err = run_cli(bids, out, "participant", "--nprocs", "2")
     assert code == 0

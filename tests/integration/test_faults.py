@@ -1,6 +1,7 @@
 """Processes that die or are stopped, jobs that share an output, and re-submissions.
 
-Each test runs the ``bidsdl`` console script as its own process, as a SLURM array task would.
+Each test runs the ``bidsdl`` console script as its own process, as a SLURM array task would; with the
+container and SLURM tests, they run in ``make test-infra`` (minutes of real runs that are killed and resumed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 
 from pipeline.derivatives import participant_lock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 BIDSDL = str(Path(sys.executable).parent / "bidsdl")
 

@@ -275,3 +275,23 @@ def test_package_refuses_tampering(tmp_path):
         package.read_package(folder)
     with pytest.raises(InputDataError, match="does not exist"):
         package.read_package(tmp_path / "nowhere")
+
+
+def test_images_that_failed_quality_control_are_left_out_unless_asked(tmp_path):
+    sources = [f"sub-0{i}/anat/sub-0{i}_T1w.nii.gz" for i in range(1, 5)]
+    manifest = pd.DataFrame({"participant_id": [s.split("/")[0] for s in sources], "source": sources,
+                             "diagnosis": ["AD", "CN", "AD", "CN"]})  # fmt: skip
+    for source in sources:  # the model-resolution derivatives exist, failed image included
+        path = cohort.model_input_path(tmp_path, source, 2.0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    qc = pd.DataFrame({"source": sources, "qc_outlier": [False] * 4, "qc_verdict": ["pass", "fail", "flag", "pass"]})
+    common = {"output_dir": tmp_path, "target": "diagnosis", "task": "auto", "positive_class": "AD",
+              "resolution_mm": 2.0, "qc": qc, "exclude_qc_outliers": False}  # fmt: skip
+    kept = cohort.build_cohort(manifest, **common)
+    assert sources[1] not in set(kept.table["source"]) and len(kept.table) == 3  # a flagged image stays
+    assert kept.excluded == [{"source": sources[1], "reason": "failed quality control (registration or brain "
+                                                              "extraction; --include-failed-qc keeps it)"}]
+    assert len(cohort.build_cohort(manifest, **common, include_failed_qc=True).table) == 4
+    strict = cohort.build_cohort(manifest, **{**common, "exclude_qc_outliers": True})
+    assert sorted(strict.table["source"]) == [sources[0], sources[3]]  # the flagged image only on request
