@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import stat
+import subprocess
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -117,3 +118,21 @@ def external_links(html: str) -> list[str]:
     parser = _Links()
     parser.feed(html)
     return [u for u in parser.urls if not u.startswith(("#", "data:")) and not re.fullmatch(r"sub-\w+\.html", u)]
+
+
+#: Skip reason of the tests that open a report in a real browser.
+NO_CHROMIUM = "no chromium to open the report in"
+
+
+def browser_dom(report: Path, tmp_path: Path) -> str:
+    """The DOM of ``report`` as headless chromium renders it, offline, from a copy of the file alone."""
+    copy = tmp_path / f"copied_{report.name}"
+    shutil.copy(report, copy)
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", copy.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -193,6 +193,7 @@ def compute_iqms(
         "gm_volume_ml": tissue_volumes_ml["gm"],
         "wm_volume_ml": tissue_volumes_ml["wm"],
         "csf_volume_ml": tissue_volumes_ml["csf"],
+        "gm_wm_ratio": tissue_volumes_ml["gm"] / tissue_volumes_ml["wm"] if tissue_volumes_ml["wm"] > 0 else None,
         "brain_fov_edge_mm2": max(area for face, area in contact.items() if face != "inferior"),
         "brain_fov_bottom_mm2": contact["inferior"],
     }
@@ -282,6 +283,11 @@ QC_CHECKS: tuple[Check, ...] = (
           "Check the image; motion, a non-T1 contrast or heavy noise lower the contrast.", flag_above=1.0),
     Check("snr_wm", "low_snr", "White-matter SNR", "the image is noisy", "Check the image for noise or motion.",
           flag_below=5.0),
+    Check("gm_wm_ratio", "implausible_tissue_classes", "Grey/white matter volume ratio of the tissue classes",
+          "the tissue classes look wrong: grey and white matter volumes far from a brain's",
+          "The contrast metrics (CJV, SNR, CNR) and the white-matter check rest on these classes: read them with "
+          "care. Averages of many scans, heavy post-processing or a non-T1w contrast can do this.",
+          flag_below=0.5, flag_above=5.0),
 )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ METRICS = (
     ("gm_volume_ml", "Grey matter (ml)", "—"),
     ("wm_volume_ml", "White matter (ml)", "—"),
     ("csf_volume_ml", "CSF inside the brain mask (ml)", "—"),
+    ("gm_wm_ratio", "Grey/white matter volume ratio", "—"),
     ("brain_fov_edge_mm2", "Brain mask on the FOV edge (mm², worst side)", "lower"),
 )
 

@@ -210,8 +210,10 @@ def test_iqms_known_answers():
 
 def test_quality_verdict_fails_flags_and_passes_by_the_checks():
     good = {"registration_ncc": 0.55, "mask_dice": 0.96, "wm_dice": 0.5, "brain_volume_ml": 1450.0,
-            "brain_fov_edge_mm2": 0.0, "cjv": 0.5, "snr_wm": 30.0}  # fmt: skip
+            "brain_fov_edge_mm2": 0.0, "cjv": 0.5, "snr_wm": 30.0, "gm_wm_ratio": 1.8}  # fmt: skip
     assert iqm.assess(good)["verdict"] == "pass" and iqm.assess(good)["flags"] == []
+    # tissue classes that are not a brain's (colin27, an average of 27 scans, gives 0.11): shown, not failed
+    assert iqm.assess({**good, "gm_wm_ratio": 0.11})["flags"] == ["implausible_tissue_classes"]
     flagged = iqm.assess({**good, "brain_fov_edge_mm2": 900.0, "registration_ncc": 0.35})
     assert flagged["verdict"] == "flag" and flagged["flags"] == ["poor_registration", "brain_at_fov_edge"]
     failed = iqm.assess({**good, "mask_dice": 0.62, "brain_volume_ml": 250.0})
