@@ -3,7 +3,8 @@
 Usage: python benchmarks/preprocess.py [--subjects 6] [--nprocs 2] [--large-fov-fraction 0.5] [--real-dir DIR]
 
 1. One 1 mm sample head alone through `bidsdl participant` (what one SLURM array task does): wall time
-   and peak RSS of the whole process tree (workers and the brain-extraction helper included), and the
+   and peak memory of the whole process tree (workers and the brain-extraction helper included; RSS,
+   which counts the pages forked workers share in each of them, and PSS, which divides them), and the
    wall time of each step (from Nipype's records).
 2. Every sample head (some with neck and shoulders in a 270 mm field of view, misplaced up to 15 degrees
    and 20 mm, in various axis orders): registration error against the recorded true transform (mean
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,41 +41,47 @@ from pipeline.sample.generate import SampleOptions, write_sample_dataset
 STEPS = ("prepare", "audit", "brain_extraction", "n4", "register", "to_template", "iqms", "reportlets", "mesh")
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of a process and all its descendants (MB), from /proc."""
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """Memory of a process and all its descendants (MB), from /proc: the sum of their RSS (pages shared by
+    forked workers counted in each) and of their PSS (shared pages divided among their sharers)."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             parents[int(entry.name)] = int(fields[1])
-            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root]
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Rss:", "Pss:")):
+                    kb = int(line.split()[1])
+                    rss, pss = (rss + kb, pss) if line.startswith("Rss:") else (rss, pss + kb)
+        except (OSError, ValueError):
+            pass
         stack += [child for child, parent in parents.items() if parent == pid]
-    return total / 1e6
+    return rss / 1e3, pss / 1e3
 
 
-def run_participant(
-    bids: Path, out: Path, work: Path, labels: list[str] | None, nprocs: int
-) -> tuple[float, float, int]:
+def run_participant(bids: Path, out: Path, work: Path, labels: list[str] | None, nprocs: int) -> tuple[float, str, int]:
     command = [str(Path(sys.executable).parent / "bidsdl"), str(bids), str(out), "participant", "-w", str(work),
                "--nprocs", str(nprocs), "-q"]  # fmt: skip
     if labels:
         command += ["--participant-label", *labels]
     start = time.perf_counter()
     process = subprocess.Popen(command)
-    peak = 0.0
+    peak_rss = peak_pss = 0.0
     while process.poll() is None:
-        peak = max(peak, tree_rss_mb(process.pid))
+        rss, pss = tree_memory_mb(process.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.2)
-    return time.perf_counter() - start, peak, process.returncode
+    memory = f"peak_rss_mb={peak_rss:.0f} peak_pss_mb={peak_pss:.0f}"
+    return time.perf_counter() - start, memory, process.returncode
 
 
 def step_times(work: Path) -> dict[str, float]:
@@ -193,7 +199,7 @@ def real_heads(real_dir: Path, tmp: Path, nprocs: int) -> None:
     wall, peak, code = run_participant(bids, out, tmp / "real_work", None, nprocs)
     n = len(list(bids.glob("sub-*")))
     print(f"\nReal heads ({n} images: each as stored and re-stored LIA, rotated <= 12 deg, shifted <= 15 mm): "
-          f"exit={code} wall_s={wall:.1f} ({wall / n:.1f} per head) peak_rss_mb={peak:.0f}")  # fmt: skip
+          f"exit={code} wall_s={wall:.1f} ({wall / n:.1f} per head) {peak}")  # fmt: skip
     keys = ("registration_ncc", "mask_dice", "brain_volume_ml", "gm_volume_ml", "wm_volume_ml", "cjv", "snr_wm",
             "brain_fov_edge_mm2")  # fmt: skip
     for record_path in sorted(out.glob("sub-*/anat/*_desc-iqm_T1w.json")):
@@ -209,6 +215,7 @@ def main() -> None:
     parser.add_argument("--large-fov-fraction", type=float, default=0.5)
     parser.add_argument("--real-dir", type=Path)
     parser.add_argument("--no-ants", action="store_true", help="skip antspyx even when it is installed")
+    parser.add_argument("--alone-only", action="store_true", help="only the one-head-alone runs (step 1)")
     args = parser.parse_args()
     try:
         import ants  # noqa: F401
@@ -231,13 +238,15 @@ def main() -> None:
             fov = "x".join(str(n) for n in truth["shape"])
             print(f"participant level, one 1 mm head alone (sub-{label}, {fov} voxels, "
                   f"{'270' if truth['large_fov'] else '212'} mm head to foot): exit={code} wall_s={wall:.1f} "
-                  f"peak_rss_mb={peak:.0f}")  # fmt: skip
+                  f"{peak}")  # fmt: skip
             print("  steps (s): " + "  ".join(f"{s}={steps[s]:.1f}" for s in (*STEPS, "sinks") if s in steps))
+        if args.alone_only:
+            return
         out = tmp / "out"
         wall, peak, code = run_participant(bids, out, tmp / "work", None, args.nprocs)
         n = len(list(bids.glob("sub-*/ses-*/anat/*_T1w.nii*")))
         print(f"participant level, all {n} heads, --nprocs {args.nprocs}: exit={code} wall_s={wall:.1f} "
-              f"({wall / n:.1f} per head) peak_rss_mb={peak:.0f}")  # fmt: skip
+              f"({wall / n:.1f} per head) {peak}")  # fmt: skip
         sample_heads(bids, out, ants_kinds, tmp)
         if ants_kinds:
             one = next(bids.glob("sub-01/ses-*/anat/*_T1w.nii*"))

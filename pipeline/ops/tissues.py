@@ -147,7 +147,11 @@ def classify_tissues(
     >>> [round(record["classes"][c]["mean"] / 10) for c in ("csf", "gm", "wm")], int(masks.pure["wm"].sum()) > 3500
     ([3, 8, 12], True)
     """
-    values = np.asarray(corrected, dtype=np.float32)[brain]
+    corrected = np.asarray(corrected, dtype=np.float32)
+    # voxels without signal (exact zeros: a skull-stripped or masked image's background inside a mask
+    # that reaches past its edge) are not tissue; left in, they become a "CSF" class and merge GM with WM
+    brain = brain & (corrected > 0)
+    values = corrected[brain]
     if values.size < 100:
         raise ValueError(f"the brain mask holds {values.size} voxels: too few to classify tissues")
     means, sds, weights, converged = fit_mixture(values, len(CLASSES))
@@ -170,7 +174,8 @@ def classify_tissues(
         }
     record = {
         "method": "3-class Gaussian mixture (EM on a histogram of the bias-corrected intensities inside the brain "
-        "mask); a voxel belongs to the class of highest posterior (volumes), and is pure tissue at posterior >= "
+        "mask, voxels without signal (0) left out); a voxel belongs to the class of highest posterior (volumes), "
+        "and is pure tissue at posterior >= "
         f"{PURE_POSTERIOR} (or the class's median posterior, when lower); the contrast metrics use the classes "
         f"of the posteriors smoothed by {SMOOTHING_VOXELS:g} voxel (coherent tissue), the registration check the "
         "white matter of the unsmoothed ones",

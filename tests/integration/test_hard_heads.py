@@ -114,10 +114,12 @@ def test_the_participant_level_fails_only_what_is_garbage(hard_run):
 @pytest.mark.parametrize("label", ["stripped", "lowres", "brightneck"])
 def test_hard_but_sound_heads_pass(hard_run, label):
     """Skull-stripped, 4 mm, and a neck four times brighter than the brain: brain extraction and registration
-    still succeed."""
+    still succeed. The skull-stripped head's tissue mixture splits grey from white matter wrongly: that is
+    flagged and shown (its contrast metrics rest on those classes), not hidden."""
     _, out, _ = hard_run
     record = _record(out, label)
-    assert record["qc"]["verdict"] == "pass", record["qc"]["flags"]
+    allowed = {"implausible_tissue_classes"} if label == "stripped" else set()
+    assert record["qc"]["verdict"] != "fail" and set(record["qc"]["flags"]) <= allowed, record["qc"]["flags"]
     assert record["metrics"]["mask_dice"] > 0.94 and record["metrics"]["registration_ncc"] > 0.6
     assert _status(out, label)["state"] == "done"
 

@@ -259,6 +259,13 @@ def test_tissue_classes_of_a_three_tissue_image():
         truth = ((labels == index) & brain).sum() * 8 / 1000
         assert record["classes"][name]["volume_ml"] == pytest.approx(truth, rel=0.05)
     assert record["converged"]
+    # skull-stripped: zeros inside the mask's rim are background, not a tissue class of their own
+    stripped = np.where(radius < 16, image, 0.0)
+    _, stripped_record = classify_tissues(stripped, brain, voxel_volume_mm3=8.0)
+    for name in ("gm", "wm"):
+        assert stripped_record["classes"][name]["volume_ml"] == pytest.approx(
+            record["classes"][name]["volume_ml"], rel=0.05
+        )
     # noise without tissue contrast: the smoothed classes no longer separate well (what CJV then shows)
     from pipeline.ops.iqm import cjv
 
