@@ -254,7 +254,7 @@ _REGISTRATION_ADVICE = (
 #: give Dice 0.93-0.945 and NCC 0.38-0.44; by 10 mm or 10 degrees Dice 0.88-0.91 and NCC 0.26-0.30; by
 #: 20 mm or 20 degrees Dice 0.78-0.85 and NCC 0.17-0.21. NCC depends on the contrast (the
 #: contrast-enhanced image gives 0.44 when right), so it only fails what no contrast explains. The
-#: white-matter Dice is 0.41-0.60 when right, 0.28-0.49 at 10 degrees off, and 0.20-0.23 for sample
+#: white-matter Dice is 0.38-0.60 when right, 0.28-0.49 at 10 degrees off, and 0.20-0.23 for sample
 #: heads stored upside down or with swapped axes (whose outlines still give a mask Dice of 0.80-0.90).
 QC_CHECKS: tuple[Check, ...] = (
     Check("registration_ncc", "poor_registration", "Registration: correlation with the template inside its brain",
