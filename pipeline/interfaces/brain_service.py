@@ -93,15 +93,16 @@ class Helper:
             self.process.wait()
 
 
-_HELPERS: dict[int, Helper] = {}
+_HELPERS: dict[tuple[int, str], Helper] = {}
 
 
 def process_helper(device: str = "cpu") -> Helper:
-    """This process's helper, started on first use and kept until the process ends (a forked child's
-    inherited one is not its own). ``device``: where a new helper loads the networks first."""
-    helper = _HELPERS.get(os.getpid())
+    """This process's helper for ``device``, started on first use and kept until the process ends (a
+    forked child's inherited one is not its own)."""
+    key = (os.getpid(), device)
+    helper = _HELPERS.get(key)
     if helper is None or not helper.alive():
-        helper = _HELPERS[os.getpid()] = Helper(device)
+        helper = _HELPERS[key] = Helper(device)
         atexit.register(helper.close)
     return helper
 
