@@ -14,6 +14,7 @@ import fcntl
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,28 +31,23 @@ LOGGER = logging.getLogger(__name__)
 CODE_URL = "https://github.com/bidsdl/bidsdl"
 BIDS_VERSION = "1.9.0"
 
-#: Entity order of BIDS file names (the subset bidsdl reads or writes).
+#: Entity order of BIDS file names (the subset bidsdl reads or writes, in the BIDS schema's order;
+#: ``from``/``to``/``mode`` of transforms, which the schema does not order, before ``space``).
 ENTITY_ORDER = (
-    "sub",
-    "ses",
-    "task",
-    "acq",
-    "ce",
-    "rec",
-    "run",
-    "from",
-    "to",
-    "mode",
-    "space",
-    "res",
-    "den",
-    "label",
-    "desc",
-)
-#: Entities of a source T1w that carry over to its derivatives.
-SOURCE_ENTITIES = ("sub", "ses", "acq", "ce", "rec", "run")
+    "sub", "ses", "task", "acq", "ce", "rec", "run", "echo", "flip", "inv", "mt", "part",
+    "from", "to", "mode", "space", "chunk", "res", "den", "label", "desc",
+)  # fmt: skip
+#: Entities that can tell two T1w of one participant apart (those BIDS allows on a T1w): they carry
+#: over to the derivatives' names.
+SOURCE_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "run", "echo", "part", "chunk")
+#: pybids' names of :data:`SOURCE_ENTITIES`.
+PYBIDS_ENTITIES = {
+    "subject": "sub", "session": "ses", "task": "task", "acquisition": "acq", "ceagent": "ce",
+    "reconstruction": "rec", "run": "run", "echo": "echo", "part": "part", "chunk": "chunk",
+}  # fmt: skip
 
-_NAME_RE = re.compile(r"^(?P<entities>(?:[a-zA-Z]+-[a-zA-Z0-9]+_)*)(?P<suffix>[a-zA-Z0-9]+)(?P<ext>\..+)$")
+#: BIDS labels are letters, digits and "+" (``space-MNIInfant+1``).
+_NAME_RE = re.compile(r"^(?P<entities>(?:[a-zA-Z]+-[a-zA-Z0-9+]+_)*)(?P<suffix>[a-zA-Z0-9]+)(?P<ext>\..+)$")
 
 
 def parse_bids_name(name: str) -> tuple[dict[str, str], str, str]:
@@ -140,7 +136,27 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write strict JSON (what other tools and the BIDS validator read): a value that is not a finite
+    number (an undefined metric) is written as ``null``, never as ``NaN``."""
+    text = json.dumps(finite_json(data), indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    return write_text(path, text + "\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity (also inside lists, dicts and numpy values) made None.
+
+    >>> finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": "NaN"})
+    {'a': None, 'b': [1.0, None], 'c': 'NaN'}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalars and arrays
+        return finite_json(value.tolist())
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -153,16 +169,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def software_versions() -> dict[str, str]:
+#: The packages whose versions every sidecar names (``SoftwareVersions``).
+SOFTWARE = ("SimpleITK", "nibabel", "nilearn", "nipype", "numpy", "scipy", "deepbet")
+
+
+def software_versions() -> str:
+    """``SoftwareVersions`` of a sidecar: a string, as BIDS defines it (``bidsdl 0.1.0, SimpleITK 2.4.1, ...``).
+    The whole environment is in each run's ``logs/<run>/environment.json``."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"bidsdl": __version__}
-    for name in ("SimpleITK", "nibabel", "nilearn", "nipype", "numpy", "scipy", "deepbet"):
+    versions = [f"bidsdl {__version__}"]
+    for name in SOFTWARE:
         try:
-            versions[name] = version(name)
+            versions.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             continue
-    return versions
+    return ", ".join(versions)
 
 
 def derivative_path(
@@ -182,6 +204,13 @@ def derivative_path(
     return Path(output_dir) / build_path(ents, suffix=suffix, extension=extension, datatype=datatype)
 
 
+def spatial_reference(output_dir: Path, source: Path | str, *, suffix: str, **entities: str) -> str:
+    """``SpatialReference`` of a derivative of ``source`` that lies on the grid of another one (``entities``,
+    ``suffix``): that image's path relative to OUTPUT_DIR (BIDS' dataset-relative form)."""
+    path = derivative_path(output_dir, source, suffix=suffix, extension=".nii.gz", **entities)
+    return path.relative_to(output_dir).as_posix()
+
+
 def save_derivative(
     output_dir: Path,
     in_file: Path,
@@ -196,8 +225,8 @@ def save_derivative(
     """Copy ``in_file`` into OUTPUT_DIR under its BIDS-derivative name, atomically.
 
     NIfTI files and transforms get a JSON sidecar with Sources (BIDS URIs relative to the input
-    and output datasets), the software versions and ``metadata``; JSON records are copied as
-    they are (they carry their own provenance).
+    and output datasets), the software versions and ``metadata``; JSON records are rewritten as
+    strict JSON (they carry their own provenance).
     """
     in_file = Path(in_file)
     if in_file.suffix in (".nii", ".gz") and ".nii" in in_file.suffixes:
@@ -207,6 +236,9 @@ def save_derivative(
     else:
         extension = in_file.suffix
     target = derivative_path(output_dir, source, suffix=suffix, extension=extension, datatype=datatype, **entities)
+    if extension == ".json":  # records: strict JSON whatever their writer
+        write_json(target, json.loads(in_file.read_text()))
+        return target
     with atomic_path(target) as tmp:
         if in_file.suffix == ".nii":  # compress once, reproducibly (no name or time in the gzip header)
             with (
@@ -280,8 +312,62 @@ def participant_lock(output_dir: Path, subject: str) -> Iterator[bool]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+#: OUTPUT_DIR's ``.bidsignore``: bidsdl's files that BIDS does not define, which the BIDS validator
+#: then skips. bidsdl's own readers find them by the names built in this module.
+BIDSIGNORE = """\
+# Files of bidsdl's outputs that the BIDS specification does not define (written by bidsdl {version}).
+# Reports, figures, logs and status records:
+*.html
+logs
+sub-*/figures
+sub-*/log
+# JSON-only records of each T1w (the audit; image quality metrics and the quality verdict):
+*_desc-audit_T1w.json
+*_desc-iqm_T1w.json
+# Affine transforms (ITK text) and brain-mask meshes: BIDS has no name for them yet:
+*_xfm.txt
+*_xfm.json
+*_mesh.surf.gii
+*_mesh.json
+# Predictions and attribution maps (participant level with --model):
+*_prediction.json
+*_attribution.nii.gz
+*_attribution.json
+# The group level: dataset audit, manifest, quality table, splits, training runs, model packages:
+group_audit.json
+manifest.json
+manifest.tsv
+qc.json
+qc.tsv
+learn
+models
+"""
+
+README = """\
+# bidsdl derivatives
+
+Outputs of bidsdl {version} (<{url}>), a BIDS App for deep learning on brain MRI. `dataset_description.json`
+names the input dataset and the software; every image has a JSON sidecar (its sources, the software
+versions, what was done); `logs/<run>/` holds each run's log, effective configuration and environment.
+
+- `sub-<label>[/ses-<label>]/anat/`: per T1w, the bias-corrected image (`desc-preproc_T1w`), the N4 field
+  (`desc-biasfield_T1w`), the brain mask (`desc-brain_mask`, deepbet) and the template's mask brought
+  back (`desc-template_mask`), the affine to {space} (`from-T1w_to-{space}_mode-image_xfm.txt`), the
+  images and mask in template space (1 mm, and `res-<label>`: the grid models learn on), a brain-mask mesh,
+  the audit (`desc-audit_T1w.json`) and the quality metrics with the verdict (`desc-iqm_T1w.json`).
+- `sub-<label>.html`: the participant's report (self-contained; its figures are in `sub-<label>/figures/`).
+- `sub-<label>/log/`: the participant's status record and the crash files of failed steps.
+- Group level: `group.html`, `group_audit.json`, `manifest.tsv`, `qc.tsv`, `learn/` (splits, training
+  runs, results) and `models/` (self-describing model packages).
+
+`.bidsignore` lists the files the BIDS specification does not define, so that the BIDS validator checks
+the rest.
+"""
+
+
 def ensure_dataset_description(output_dir: Path, description: Mapping[str, Any]) -> Path:
-    """Create ``dataset_description.json`` once; safe when several jobs start together.
+    """Create ``dataset_description.json`` once (and ``README.md`` when missing; ``.bidsignore`` always
+    matches this version); safe when several jobs start together.
 
     An existing description written by bidsdl is kept (a version change is logged); one written
     by another tool means OUTPUT_DIR belongs to another dataset, and is refused.
@@ -309,8 +395,23 @@ def ensure_dataset_description(output_dir: Path, description: Mapping[str, Any])
                     generator.get("Version"),
                     __version__,
                 )
-            return path
-        return write_json(path, description)
+        else:
+            write_json(path, description)
+        _ensure_dataset_files(Path(output_dir))
+        return path
+
+
+def _ensure_dataset_files(output_dir: Path) -> None:
+    """README.md when missing, and .bidsignore as this version writes it (under the output lock)."""
+    from .ops.template import TEMPLATE_SPACE
+
+    ignore = BIDSIGNORE.format(version=__version__)
+    bidsignore = output_dir / ".bidsignore"
+    if not bidsignore.exists() or bidsignore.read_text() != ignore:
+        write_text(bidsignore, ignore)
+    readme = output_dir / "README.md"
+    if not readme.exists():
+        write_text(readme, README.format(version=__version__, url=CODE_URL, space=TEMPLATE_SPACE))
 
 
 def check_writable(output_dir: Path) -> None:

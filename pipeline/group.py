@@ -20,7 +20,7 @@ from .errors import InputDataError
 from .learn.splits import SplitSettings
 from .learn.study import RESULTS, StudySettings, run_study, study_dir
 from .learn.train import TrainSettings
-from .qc import MAD_TO_SD, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc
+from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc, robust_z
 from .reports import figures
 from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.render import write_report
@@ -47,19 +47,20 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
     derivatives.write_text(out / "qc.tsv", qc_table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(out / "qc.json", {
         "Description": "Image quality metrics of every preprocessed T1w, with robust outlier flags",
-        "OutlierRule": f"|x - median| > 3 x max({MAD_TO_SD} x MAD, {MIN_RELATIVE_SPREAD} x |median|), per metric; "
-        "qc_outlier = any",
+        "OutlierRule": f"|x - median| > 3 x max({MAD_TO_SD} x MAD, {MIN_RELATIVE_SPREAD} x |median|), per metric, "
+        f"when the metric is measured on at least {MIN_IMAGES_FOR_OUTLIERS} images; qc_outlier = any",
         "ScreenedMetrics": list(SCREENED_METRICS),
     })  # fmt: skip
     metrics = [m for m in SCREENED_METRICS if m in qc_table.columns]
     figure = figures.qc_strips(
-        {m: qc_table[m].astype(float).tolist() for m in metrics},
+        {m: robust_z(qc_table[m]).tolist() for m in metrics},
         {m: qc_table[f"{m}_outlier"].tolist() for m in metrics},
     )
     outliers = qc_table[qc_table["qc_outlier"]]
     verdicts = qc_table["qc_verdict"] if "qc_verdict" in qc_table else pd.Series("n/a", index=qc_table.index)
     return {
         "n_images": len(qc_table),
+        "min_images": MIN_IMAGES_FOR_OUTLIERS,
         "failed": [
             {"source": row["source"], "flags": [f for f in str(row["flags"]).split(",") if f]}
             for _, row in qc_table[verdicts == "fail"].iterrows()
@@ -199,6 +200,11 @@ def run_group_level(
     on_disk = subjects_on_disk(config.bids_dir)
     sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
     table, findings = mf.build_manifest(audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk)
+    # participants with T1w in BIDS_DIR but no participant-level outputs yet are not "without images"
+    not_run = [pid for pid in findings["participants_without_images"]
+               if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
+    findings["participants_not_preprocessed"] = not_run
+    findings["participants_without_images"] = [p for p in findings["participants_without_images"] if p not in not_run]
     out = config.output_dir
     derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
     participants_json_path = config.bids_dir / "participants.json"
@@ -213,8 +219,11 @@ def run_group_level(
             "appear twice; remove the copy before learning.",
             ", ".join(group),
         )
+    for pid in not_run:
+        LOGGER.warning("%s has T1w images in BIDS_DIR but no participant-level outputs: run the participant level "
+                       "for it (--participant-label %s), then the group level again.", pid, pid[4:])  # fmt: skip
     for pid in findings["participants_without_images"]:
-        LOGGER.warning("%s has no T1w image in the audit.", pid)
+        LOGGER.warning("%s has no T1w image in BIDS_DIR.", pid)
     for source in findings["images_without_participants_row"]:
         LOGGER.warning("%s has no row in participants.tsv: add one so its labels are known.", source)
     description = (

@@ -17,6 +17,9 @@ MAD_TO_SD = 1.4826
 #: Least spread used, as a share of the median: differences of a few percent are never outliers,
 #: however alike the rest of the group is.
 MIN_RELATIVE_SPREAD = 0.02
+#: Fewest images a metric needs before any is called an outlier: the median and MAD of fewer are
+#: too unstable (with 3 images, one is "beyond 3 robust SDs" by chance alone).
+MIN_IMAGES_FOR_OUTLIERS = 5
 
 
 def find_iqm_records(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
@@ -42,27 +45,43 @@ def iqm_table(records: Sequence[dict]) -> pd.DataFrame:
 def robust_outliers(table: pd.DataFrame, metrics: Sequence[str] = SCREENED_METRICS, k: float = 3.0) -> pd.DataFrame:
     """Add ``<metric>_outlier`` and ``qc_outlier``: beyond ``k`` robust SDs of the median.
 
-    The robust SD is 1.4826 x MAD, but at least 2% of the median's magnitude.
+    The robust SD is 1.4826 x MAD, but at least 2% of the median's magnitude (:func:`robust_z`); a metric
+    measured on fewer than :data:`MIN_IMAGES_FOR_OUTLIERS` images flags none.
 
     >>> t = robust_outliers(pd.DataFrame({"cnr": [1.0, 1.1, 0.9, 1.0, 5.0]}), ["cnr"])
     >>> t["cnr_outlier"].tolist()
     [False, False, False, False, True]
     >>> robust_outliers(pd.DataFrame({"v": [100.0, 100.0, 100.0, 100.0, 103.0]}), ["v"])["v_outlier"].tolist()
     [False, False, False, False, False]
+    >>> robust_outliers(pd.DataFrame({"cnr": [1.0, 1.1, 5.0]}), ["cnr"])["cnr_outlier"].tolist()
+    [False, False, False]
     """
     table = table.copy()
     outlier_columns = []
     for metric in metrics:
         if metric not in table.columns:
             continue
-        values = pd.to_numeric(table[metric], errors="coerce")
-        median = values.median()
-        spread = max(MAD_TO_SD * (values - median).abs().median(), MIN_RELATIVE_SPREAD * abs(median))
+        z = robust_z(table[metric])
         column = f"{metric}_outlier"
-        table[column] = (values - median).abs() > k * spread if spread > 0 else False
+        enough = int(np.isfinite(z).sum()) >= MIN_IMAGES_FOR_OUTLIERS
+        table[column] = np.abs(np.nan_to_num(z)) > k if enough else False
         outlier_columns.append(column)
     table["qc_outlier"] = table[outlier_columns].any(axis=1) if outlier_columns else False
     return table
+
+
+def robust_z(values: Sequence[float] | pd.Series) -> np.ndarray:
+    """(x - median) / robust SD, the robust SD being max(1.4826 x MAD, 2% of |median|) (NaN where x is missing;
+    0 when the spread is 0). What the outlier rule thresholds and the report's strip plot shows.
+
+    >>> robust_z([10.0, 11.0, 9.0, 10.0, 30.0]).round(2).tolist()
+    [0.0, 0.67, -0.67, 0.0, 13.49]
+    """
+    numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
+    median = np.nanmedian(numbers) if np.isfinite(numbers).any() else np.nan
+    spread = max(MAD_TO_SD * np.nanmedian(np.abs(numbers - median)), MIN_RELATIVE_SPREAD * abs(median)) \
+        if np.isfinite(median) else 0.0
+    return (numbers - median) / spread if spread > 0 else np.where(np.isfinite(numbers), 0.0, np.nan)
 
 
 def percentile_of(values: pd.Series, value: float) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..derivatives import PYBIDS_ENTITIES
 from ..errors import InputDataError, NoDataSelected, UsageError
 
 LOGGER = logging.getLogger(__name__)
@@ -119,11 +120,9 @@ def collect_t1w(
         query["session"] = list(sessions)
     images = []
     for bids_file in layout.get(**query):
-        entities = {
-            k: str(v)
-            for k, v in bids_file.get_entities().items()
-            if k in ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
-        }
+        entities = {k: str(v) for k, v in bids_file.get_entities().items() if k in PYBIDS_ENTITIES}
+        if "subject" not in entities:  # a template's T1w (tpl-*), not a participant's
+            continue
         metadata, problems = sidecar_metadata(Path(layout.root), Path(bids_file.path))
         for problem in problems:
             LOGGER.warning("Sidecar metadata skipped: %s. Fix the JSON syntax.", problem)

@@ -5,6 +5,7 @@ This is the only place that turns errors into exit codes (BIDS execution specifi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -96,15 +97,42 @@ def _discover(config: RunConfig):
     return {s: [img for img in images if img.subject == s] for s in selected}
 
 
+def _validated_subjects(config: RunConfig, *, log_dir: Path | None, check_headers: bool):
+    """Validate BIDS_DIR (unless --skip-bids-validation), then find the selected participants' T1w and
+    check their headers (warnings: a bad image fails its own participant). Problems are logged and,
+    with ``log_dir``, recorded; errors raise :class:`BidsValidationError` (exit 16)."""
+    from .. import derivatives
+    from ..bids.validation import check_images, validate_dataset
+
+    if config.skip_bids_validation:
+        LOGGER.warning("BIDS validation skipped (--skip-bids-validation).")
+        return _discover(config)
+    # the dataset first: a derivatives dataset or one without participants is said so, not "no T1w found"
+    problems = validate_dataset(config.bids_dir)
+    errors = [p for p in problems if p.severity == "error"]
+    subjects = {}
+    if not errors:
+        subjects = _discover(config)
+        if check_headers:
+            problems += check_images(config.bids_dir, [img.path for imgs in subjects.values() for img in imgs])
+    if log_dir is not None:
+        derivatives.write_json(log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]})
+    for problem in problems:
+        if problem.severity != "error":
+            LOGGER.warning("BIDS: %s", problem)
+    if errors:
+        raise BidsValidationError(errors)
+    return subjects
+
+
 def run(config: RunConfig, argv: Sequence[str]) -> int:
     work_dir = check_paths(config)
-    if config.list_participants:
-        for subject in _discover(config):
+    if config.list_participants:  # the dataset's validation as in a run, nothing written
+        for subject in _validated_subjects(config, log_dir=None, check_headers=False):
             print(subject)
         return EXIT_OK
 
     from .. import derivatives
-    from ..bids.validation import validate_dataset
 
     if config.analysis_level == "participant":
         from ..interfaces.brain_service import process_helper
@@ -122,19 +150,7 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     LOGGER.info("bidsdl %s, %s level, run %s", __version__, config.analysis_level, run_id)
     LOGGER.info("Log, effective config and environment: %s", log_dir)
 
-    subjects = _discover(config)
-    if not config.skip_bids_validation:
-        t1w = [img.path for imgs in subjects.values() for img in imgs] if config.analysis_level == "participant" else []
-        problems = validate_dataset(config.bids_dir, t1w_paths=t1w)
-        derivatives.write_json(log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]})
-        errors = [p for p in problems if p.severity == "error"]
-        for problem in problems:
-            if problem.severity != "error":
-                LOGGER.warning("BIDS: %s", problem)
-        if errors:
-            raise BidsValidationError(errors)
-    else:
-        LOGGER.warning("BIDS validation skipped (--skip-bids-validation).")
+    subjects = _validated_subjects(config, log_dir=log_dir, check_headers=config.analysis_level == "participant")
 
     description = derivatives.dataset_description(
         bids_dir=config.bids_dir,
@@ -219,7 +235,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bidsdl: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
     finally:
-        _close_log_files()
+        _release_logging()
+
+
+def console() -> int:
+    """The ``bidsdl`` console script: :func:`main`, then an exit that skips the interpreter's last
+    garbage collection over every object the run loaded (~1 s; nothing left needs it)."""
+    code = main()
+    gc.freeze()
+    return code
+
+
+def _release_logging() -> None:
+    """Leave logging as it was before :func:`main` (a later call in the same process, a test or a
+    notebook, must not write to this run's handlers): log files closed, bidsdl's console handler gone."""
+    _close_log_files()
+    ours = logging.getLogger("pipeline")
+    for handler in list(ours.handlers):
+        ours.removeHandler(handler)
+    ours.propagate = True
 
 
 def _close_log_files() -> None:
@@ -232,4 +266,4 @@ def _close_log_files() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -31,6 +31,10 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     mode = traits.Str(desc="the 'mode' entity")
     metadata = traits.Dict(desc="extra sidecar fields")
     metadata_file = File(exists=True, desc="a JSON record whose fields go into the sidecar")
+    reference = traits.Dict(
+        desc="entities (desc, space, res, suffix) of the derivative of the same source whose grid this one lies on: "
+        "its path becomes the sidecar's SpatialReference"
+    )
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -54,6 +58,10 @@ class DerivativesSink(SimpleInterface):
         metadata = dict(self.inputs.metadata or {})
         if self.inputs.metadata_file:
             metadata.update(json.loads(Path(self.inputs.metadata_file).read_text()))
+        if self.inputs.reference:
+            metadata["SpatialReference"] = derivatives.spatial_reference(
+                Path(self.inputs.base_directory), self.inputs.source_file, **self.inputs.reference
+            )
         out = derivatives.save_derivative(
             Path(self.inputs.base_directory),
             Path(self.inputs.in_file),

@@ -14,7 +14,7 @@ from ..bids.audit import load_spatial
 from ..errors import QualityCheckFailed
 from ..ops import bias, iqm, orient, registration, resample, tissues
 from ..ops.images import nib_to_sitk, sitk_to_nib
-from ..ops.template import TEMPLATE_SPACE, load_template, resolution_label
+from ..ops.template import TEMPLATE_SPACE, load_template, model_grid_description, resolution_label
 
 
 def _threads(n: int) -> None:
@@ -92,13 +92,13 @@ class N4BiasCorrection(SimpleInterface):
     def _run_interface(self, runtime):
         _threads(self.inputs.num_threads)
         mask = nib_to_sitk(nib.load(self.inputs.in_mask), np.uint8) if isdefined(self.inputs.in_mask) else None
-        corrected, field, fitted_in = bias.n4_correct(nib_to_sitk(nib.load(self.inputs.in_file)), mask)
+        corrected, field, fit = bias.n4_correct(nib_to_sitk(nib.load(self.inputs.in_file)), mask)
         cwd = Path(runtime.cwd)
         self._results.update(
             out_file=_save_sitk(corrected, cwd / "t1w_n4.nii", np.int16),
             out_bias=_save_sitk(field, cwd / "bias_field.nii", np.int16),
         )
-        record = {"BiasFieldCorrection": {"Method": "N4 (SimpleITK)", **bias.N4_DEFAULTS, "FittedIn": fitted_in}}
+        record = {"BiasFieldCorrection": {"Method": "N4 (SimpleITK)", **bias.N4_DEFAULTS, **fit}}
         self._results["out_record"] = _write_json(record, cwd / "n4.json")
         return runtime
 
@@ -244,7 +244,7 @@ class ResampleToTemplate(SimpleInterface):
         )
         model = {
             **common,
-            "Resolution": f"{resolution:g} mm isotropic, cropped to the template brain + 4 mm",
+            "Resolution": model_grid_description(resolution),
             "res": resolution_label(resolution),
             "Shape": list(out["t1w_model"].shape),
             "Affine": out["affine_model"].tolist(),

@@ -97,6 +97,15 @@ def resolution_label(resolution_mm: float) -> str:
     return f"{resolution_mm:g}".replace(".", "p")
 
 
+def model_grid_description(resolution_mm: float) -> str:
+    """``Resolution`` in the sidecar of every file on the model grid (BIDS requires it with ``res``).
+
+    >>> model_grid_description(2.0)
+    '2 mm isotropic, the template grid cropped to the template brain + 4 mm'
+    """
+    return f"{resolution_mm:g} mm isotropic, the template grid cropped to the template brain + 4 mm"
+
+
 def cropped_grid(
     brain_mask: np.ndarray, affine: np.ndarray, resolution_mm: float, margin_mm: float = 4.0
 ) -> tuple[np.ndarray, tuple[int, int, int]]:

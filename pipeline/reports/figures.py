@@ -6,7 +6,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
@@ -137,7 +137,8 @@ def mosaic(
     styles += [(CONTOUR_COLOURS[1], "dashed")] if second_contour is not None else []
     for grid, (colour, style) in zip(grids[1:], styles, strict=True):
         if grid.any():
-            ax.contour(grid, levels=[0.5], colors=[colour], linewidths=1.7, linestyles=style)
+            lines = ax.contour(grid, levels=[0.5], colors=[colour], linewidths=1.8, linestyles=style)
+            lines.set_path_effects([patheffects.withStroke(linewidth=3.4, foreground="black")])  # seen on any grey
     ax.set_axis_off()
     return _png(figure, dpi)
 
@@ -201,8 +202,11 @@ def bias_panels(
     return _png(figure, dpi)
 
 
-def qc_strips(values: dict[str, Sequence[float]], outliers: dict[str, Sequence[bool]], *, dpi: int = 70) -> bytes:
-    """One strip per metric: every image's value, outliers in red."""
+def qc_strips(
+    values: dict[str, Sequence[float]], outliers: dict[str, Sequence[bool]], *, limit: float = 3.0, dpi: int = 70
+) -> bytes:
+    """One strip per metric: every image's robust z (``values``: (x - median) / robust SD, the scale the
+    outlier rule uses), outliers in red, the rule's limits (+/- ``limit``) as dashed lines."""
     names = list(values)
     figure = Figure(figsize=(8, 0.55 * len(names) + 0.6))
     ax = figure.add_subplot(1, 1, 1)
@@ -212,13 +216,15 @@ def qc_strips(values: dict[str, Sequence[float]], outliers: dict[str, Sequence[b
         finite = np.isfinite(data)
         if not finite.any():
             continue
-        scaled = (data - np.nanmedian(data)) / (np.nanstd(data) or 1.0)
+        scaled = data
         flags = np.asarray(outliers.get(name, [False] * len(data)), dtype=bool)
         jitter = rng.uniform(-0.15, 0.15, len(data))
         ax.scatter(scaled[~flags], row + jitter[~flags], s=12, color="#2a6f97")
         ax.scatter(scaled[flags], row + jitter[flags], s=20, color="#b42318")
+    for x in (-limit, limit):
+        ax.axvline(x, color="#b42318", linestyle="--", linewidth=0.8)
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("standardised value (0 = group median)")
+    ax.set_xlabel(f"robust z: (value - median) / robust SD; the dashed lines (+/-{limit:g}) are the outlier limits")
     ax.invert_yaxis()
     figure.tight_layout()
     return _png(figure, dpi)

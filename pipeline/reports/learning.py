@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .figures import _png
 
@@ -20,11 +21,13 @@ def dataset_counts(columns: dict[str, dict[str, int]], age: Sequence[float] | No
     for i, (name, counts) in enumerate(columns.items()):
         ax = figure.add_subplot(1, max(panels, 1), i + 1)
         ax.bar(list(counts), list(counts.values()), color=_COLOURS[0])
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole numbers
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     if age is not None and len(age):
         ax = figure.add_subplot(1, panels, panels)
         ax.hist(age, bins=12, color=_COLOURS[1])
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("age", fontsize=9)
         ax.tick_params(labelsize=7)
     figure.tight_layout()

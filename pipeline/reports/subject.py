@@ -18,7 +18,7 @@ import pandas as pd
 from .. import __version__, derivatives
 from ..ops.template import TEMPLATE_SPACE
 from ..qc import percentile_of
-from .render import write_report
+from .render import write_fallback_report, write_report
 
 LOGGER = logging.getLogger(__name__)
 
@@ -82,13 +82,18 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     prediction = _read_json(find(suffix="prediction", extension=".json"))
     mesh = find(suffix="mesh", extension=".surf.gii", desc="brainmask")
     surface = (_read_json(mesh.with_name(mesh.name.replace(".surf.gii", ".json"))) or {}).get("Surface")
-    header = audit.get("header", {})
+    # an unreadable image has an audit without header or intensity: the report says so, it does not fail
+    header: dict[str, Any] = dict.fromkeys(("shape", "voxel_size_mm", "orientation", "obliquity_deg", "datatype"))
+    header.update(audit.get("header") or {})
+    header["readable"] = bool(audit.get("header"))
+    intensity = {"percentiles": None, "nan_count": None, "inf_count": None, **(audit.get("intensity") or {})}
+    audit = {"errors": [], **audit}
     return {
         "source": source,
         "state": entry.get("state", "unknown"),
         "audit": audit,
         "header": header,
-        "intensity": audit.get("intensity", {}),
+        "intensity": intensity,
         "flags": sorted(set(audit.get("flags", [])) | set(iqm_record.get("flags", []))),
         "qc": iqm_record.get("qc"),
         "mask_dice": iqm_record.get("metrics", {}).get("mask_dice"),
@@ -115,12 +120,15 @@ def subject_context(output_dir: Path, subject: str, *, qc: pd.DataFrame | None =
         {Path(img["source"]).parts[1] for img in images if Path(img["source"]).parts[1].startswith("ses-")}
     )
     warnings = [f"{img['source']}: {', '.join(img['flags'])}" for img in images if img["flags"]]
+    crash_dir = derivatives.subject_log_dir(output_dir, subject) / status.get("run_id", "")
+    crashes = [_crash(p, output_dir) for p in sorted(crash_dir.glob("crash-*.txt"))] if status.get("run_id") else []
     return {
         "subject": f"sub-{subject}",
         "status": status,
         "images": images,
         "sessions": sessions,
         "warnings": warnings,
+        "crashes": crashes,
         "config_json": json.dumps(config, indent=2) if config else "not recorded",
         "environment": environment or {},
         "group_available": qc is not None,
@@ -131,11 +139,37 @@ def subject_context(output_dir: Path, subject: str, *, qc: pd.DataFrame | None =
     }
 
 
+#: Lines of a crash file shown in the report (its end: the exception and the message).
+CRASH_LINES = 60
+
+
+def _crash(path: Path, output_dir: Path) -> dict[str, Any]:
+    lines = path.read_text(errors="replace").splitlines()
+    return {
+        "file": path.relative_to(output_dir).as_posix(),
+        "text": "\n".join(lines[-CRASH_LINES:]),
+        "cut": len(lines) > CRASH_LINES,
+        "lines": CRASH_LINES,
+    }
+
+
 def write_subject_report(output_dir: Path, subject: str, *, qc: pd.DataFrame | None = None) -> Path | None:
-    """Write ``OUTPUT_DIR/sub-<label>.html``; returns its path, or None when it could not be written."""
+    """Write ``OUTPUT_DIR/sub-<label>.html``; returns its path, or None when not even a fallback page could
+    be written. When the report cannot be gathered or rendered, the error is logged and a plain page
+    saying so (with the participant's errors) takes its place: never a silent absence."""
+    path = Path(output_dir) / f"sub-{subject}.html"
     try:
         context = subject_context(output_dir, subject, qc=qc)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         LOGGER.error("Could not gather the report of sub-%s: %s", subject, exc)
-        return None
-    return write_report(Path(output_dir) / f"sub-{subject}.html", "subject.html.j2", context)
+        return write_fallback_report(path, f"sub-{subject}", f"its records could not be gathered: {exc}",
+                                     _errors_of(output_dir, subject))  # fmt: skip
+    written = write_report(path, "subject.html.j2", context)
+    if written is None:
+        return write_fallback_report(path, f"sub-{subject}", "the report template could not be rendered (see the log)",
+                                     context["status"].get("errors", []))  # fmt: skip
+    return written
+
+
+def _errors_of(output_dir: Path, subject: str) -> list[str]:
+    return list((_read_json(derivatives.status_path(Path(output_dir), subject)) or {}).get("errors", []))

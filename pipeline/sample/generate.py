@@ -302,6 +302,8 @@ def _write_tables(out_dir: Path, participants: list[dict[str, Any]], images: lis
             },
         },
     )
+    # the sessions tables' columns, for every subject (BIDS inheritance from the dataset root)
+    write_json(out_dir / "sessions.json", {"age": {"Description": "Age at the session", "Units": "year"}})
     by_subject: dict[str, list[ImageSpec]] = {}
     for spec in images:
         by_subject.setdefault(spec.subject, []).append(spec)

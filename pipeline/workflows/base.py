@@ -16,7 +16,7 @@ from nipype.pipeline import engine as pe
 
 from ..bids.layout import T1wImage
 from ..config import RunConfig
-from ..derivatives import subject_log_dir
+from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
 from .anatomical import init_anat_wf
 
 
@@ -25,13 +25,13 @@ def _node_name(text: str) -> str:
 
 
 def image_key(image: T1wImage) -> str:
-    """A name for an image within its subject: its entities other than the subject.
+    """A name for an image within its subject: every entity that can tell two of its T1w apart.
 
-    >>> image_key(T1wImage(Path("x"), "01", "02", {"subject": "01", "session": "02", "run": "1"}))
-    'ses_02_run_1'
+    >>> image_key(T1wImage(Path("x"), "01", "02", {"subject": "01", "session": "02", "run": "1", "echo": "2"}))
+    'ses_02_run_1_echo_2'
     """
-    short = {"session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run"}
-    parts = [f"{short[k]}_{image.entities[k]}" for k in short if image.entities.get(k)]
+    parts = [f"{short}_{image.entities[k]}" for k, short in PYBIDS_ENTITIES.items()
+             if short != "sub" and image.entities.get(k)]  # fmt: skip
     return _node_name("_".join(parts)) or "T1w"
 
 

@@ -6,6 +6,7 @@ Every dataset here comes from ``bids_factory``: read-only, and checked unchanged
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import os
 
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.integration
 
 def _status(out, label):
     return json.loads((out / f"sub-{label}" / "log" / f"sub-{label}_status.json").read_text())
+
+
+def _assert_failed_report(out, label, *said):
+    """A failed participant still gets its report: the state, the errors (what, where, the fix)."""
+    page = (out / f"sub-{label}.html").read_text()
+    assert "report unavailable" not in page, "the full report could not be rendered"
+    assert 'class="state-failed"' in page and f"sub-{label}/anat/sub-{label}_T1w.nii.gz" in page
+    for text in said:
+        assert text in html.unescape(page), text
 
 
 def test_missing_bids_dir(tmp_path, run_cli):
@@ -119,6 +129,8 @@ def test_corrupt_images_fail_only_their_subjects(bids_factory, run_cli, tmp_path
         assert failed["state"] == "failed"
         assert failed["errors"][0].startswith(f"sub-{label}/anat/sub-{label}_T1w.nii.gz:")
         assert "re-export" in failed["errors"][0] or "Re-export" in failed["errors"][0]
+        _assert_failed_report(out, label, failed["errors"][0])
+    assert "Crash file" in (out / "sub-04.html").read_text()  # the garbage file's crash text, from prepare
     assert _status(out, "01")["state"] == "done"
     assert (out / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").exists()
     # the group level still gathers the dataset and reports the unreadable images
@@ -159,6 +171,7 @@ def test_4d_image_fails_its_subject_with_a_clear_message(bids_factory, run_cli, 
     assert "sub-01/anat/sub-01_T1w.nii.gz" in err and "holds 2 volumes" in err and "Average or pick one volume" in err
     audit = json.loads((out / "sub-01" / "anat" / "sub-01_desc-audit_T1w.json").read_text())
     assert "4d" in audit["flags"] and audit["header"]["shape"] == [24, 28, 24, 2]
+    _assert_failed_report(out, "01", "holds 2 volumes")
     assert _status(out, "02")["state"] == "done"
 
 
@@ -224,3 +237,4 @@ def test_foreign_image_header(bids_factory, run_cli, tmp_path):
     code, _, err = run_cli(bids, tmp_path / "out", "participant", "--participant-label", "03")
     assert code == 1 and "2 dimensions" in err
     assert _status(tmp_path / "out", "03")["state"] == "failed"
+    _assert_failed_report(tmp_path / "out", "03", "2 dimensions")

@@ -56,8 +56,9 @@ def test_n4_removes_a_smooth_multiplicative_field():
     clean = template.t1 * 1000 + 50 * template.brain_mask
     x = np.linspace(-1, 1, clean.shape[0], dtype=np.float32)[:, None, None]
     field = np.exp(0.3 * x) * np.ones_like(clean)
-    corrected, estimated, fitted_in = bias.n4_correct(array_to_sitk(clean * field, template.affine))
-    assert fitted_in == "the Otsu foreground"
+    corrected, estimated, fit = bias.n4_correct(array_to_sitk(clean * field, template.affine))
+    assert fit["FittedIn"] == "the Otsu foreground"
+    assert fit["FitVoxelSizeMm"] == [6.0, 6.0, 6.0]  # 2 mm voxels, shrunk by a whole factor towards 5 mm
     out = sitk_to_array(corrected)
     mask = template.brain_mask
 
