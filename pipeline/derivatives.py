@@ -10,6 +10,7 @@ start at once in the same OUTPUT_DIR.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gzip
 import json
@@ -45,6 +46,96 @@ PYBIDS_ENTITIES = {
     "subject": "sub", "session": "ses", "task": "task", "acquisition": "acq", "ceagent": "ce",
     "reconstruction": "rec", "run": "run", "echo": "echo", "part": "part", "chunk": "chunk",
 }  # fmt: skip
+
+#: The template every template-space derivative is in (nilearn's MNI152 2009a, symmetric).
+TEMPLATE_SPACE = "MNI152NLin2009aSym"
+#: Stands for the model grid's ``res`` label in :data:`DERIVATIVES` (it depends on --model-resolution).
+MODEL_RES = "MODEL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of file bidsdl writes for each T1w: its entities (besides the source's), suffix and
+    extension, where it lives (``anat`` or ``figures``), and whether BIDS defines it (``bids=False``: listed in
+    OUTPUT_DIR's .bidsignore). Writers and readers both name files through it (:func:`named_path`)."""
+
+    suffix: str
+    extension: str
+    entities: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    datatype: str = "anat"
+    bids: bool = True
+
+    def resolved(self, model_resolution: float | None = None) -> dict[str, str]:
+        """The entities, the model grid's ``res`` label filled in."""
+        if MODEL_RES in self.entities.values():
+            if model_resolution is None:
+                raise ValueError(f"a {self.suffix} on the model grid needs the model resolution")
+            label = f"{model_resolution:g}".replace(".", "p")
+            return {k: (label if v == MODEL_RES else v) for k, v in self.entities.items()}
+        return dict(self.entities)
+
+    @property
+    def pattern(self) -> str:
+        """A glob of the file name by its ``desc``, suffix and extension (the last parts of a BIDS name; the
+        entities before them vary with the source): ``*_desc-iqm_T1w.json``. One ``*`` only: the BIDS
+        validator's .bidsignore matching fails on some names with two."""
+        desc = f"desc-{self.entities['desc']}_" if "desc" in self.entities else ""
+        return f"*_{desc}{self.suffix}{self.extension}"
+
+
+def _figure(desc: str) -> Kind:
+    return Kind("T1w", ".png", {"desc": desc}, datatype="figures", bids=False)
+
+
+_TPL = {"space": TEMPLATE_SPACE}
+_MODEL = {"space": TEMPLATE_SPACE, "res": MODEL_RES}
+#: Every file bidsdl writes per T1w, by name: the one table of derivative names.
+DERIVATIVES: dict[str, Kind] = {
+    "audit": Kind("T1w", ".json", {"desc": "audit"}, bids=False),
+    "iqm": Kind("T1w", ".json", {"desc": "iqm"}, bids=False),
+    "t1w_preproc": Kind("T1w", ".nii.gz", {"desc": "preproc"}),
+    "bias_field": Kind("T1w", ".nii.gz", {"desc": "biasfield"}),
+    "brain_mask": Kind("mask", ".nii.gz", {"desc": "brain"}),
+    "template_mask": Kind("mask", ".nii.gz", {"desc": "template"}),
+    "xfm": Kind("xfm", ".txt", {"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image"}, bids=False),
+    "t1w_template": Kind("T1w", ".nii.gz", {**_TPL, "desc": "preproc"}),
+    "mask_template": Kind("mask", ".nii.gz", {**_TPL, "desc": "brain"}),
+    "t1w_model": Kind("T1w", ".nii.gz", {**_MODEL, "desc": "preproc"}),
+    "mask_model": Kind("mask", ".nii.gz", {**_MODEL, "desc": "brain"}),
+    "mesh": Kind("mesh", ".surf.gii", {"desc": "brainmask"}, bids=False),
+    "prediction": Kind("prediction", ".json", bids=False),
+    "saliency": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "saliency"}, bids=False),
+    "gradcam": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "gradcam"}, bids=False),
+    "fig_mosaic": _figure("mosaic"),
+    "fig_brainmask": _figure("brainmask"),
+    "fig_regsubject": _figure("regsubject"),
+    "fig_regtemplate": _figure("regtemplate"),
+    "fig_biasfield": _figure("biasfield"),
+    "fig_mesh": _figure("mesh"),
+    "fig_attribution": _figure("attribution"),
+}
+
+
+def named_path(output_dir: Path, source: Path | str, name: str, *, model_resolution: float | None = None) -> Path:
+    """Where the derivative ``name`` (a key of :data:`DERIVATIVES`) of the BIDS file ``source`` goes.
+
+    >>> named_path(Path("out"), "sub-01/anat/sub-01_run-2_T1w.nii.gz", "iqm").as_posix()
+    'out/sub-01/anat/sub-01_run-2_desc-iqm_T1w.json'
+    >>> named_path(Path("out"), "sub-01/anat/sub-01_T1w.nii.gz", "mask_model", model_resolution=1.5).name
+    'sub-01_space-MNI152NLin2009aSym_res-1p5_desc-brain_mask.nii.gz'
+    """
+    kind = DERIVATIVES[name]
+    return derivative_path(output_dir, source, suffix=kind.suffix, extension=kind.extension, datatype=kind.datatype,
+                           **kind.resolved(model_resolution))  # fmt: skip
+
+
+def sidecar_of(path: Path) -> Path:
+    """The JSON sidecar of a derivative (``.nii.gz``, ``.txt``, ``.surf.gii``)."""
+    for extension in (".nii.gz", ".surf.gii", ".nii", ".txt", ".h5"):
+        if path.name.endswith(extension):
+            return path.with_name(path.name[: -len(extension)] + ".json")
+    raise ValueError(f"{path.name} has no sidecar")
+
 
 #: BIDS labels are letters, digits and "+" (``space-MNIInfant+1``).
 _NAME_RE = re.compile(r"^(?P<entities>(?:[a-zA-Z]+-[a-zA-Z0-9+]+_)*)(?P<suffix>[a-zA-Z0-9]+)(?P<ext>\..+)$")
@@ -314,34 +405,27 @@ def participant_lock(output_dir: Path, subject: str) -> Iterator[bool]:
 
 #: OUTPUT_DIR's ``.bidsignore``: bidsdl's files that BIDS does not define, which the BIDS validator
 #: then skips. bidsdl's own readers find them by the names built in this module.
-BIDSIGNORE = """\
-# Files of bidsdl's outputs that the BIDS specification does not define (written by bidsdl {version}).
-# Reports, figures, logs and status records:
-*.html
-logs
-sub-*/figures
-sub-*/log
-# JSON-only records of each T1w (the audit; image quality metrics and the quality verdict):
-*_desc-audit_T1w.json
-*_desc-iqm_T1w.json
-# Affine transforms (ITK text) and brain-mask meshes: BIDS has no name for them yet:
-*_xfm.txt
-*_xfm.json
-*_mesh.surf.gii
-*_mesh.json
-# Predictions and attribution maps (participant level with --model):
-*_prediction.json
-*_attribution.nii.gz
-*_attribution.json
-# The group level: dataset audit, manifest, quality table, splits, training runs, model packages:
-group_audit.json
-manifest.json
-manifest.tsv
-qc.json
-qc.tsv
-learn
-models
-"""
+def bidsignore() -> str:
+    """OUTPUT_DIR's ``.bidsignore``: bidsdl's files that BIDS does not define (the kinds of :data:`DERIVATIVES`
+    with ``bids=False`` and their sidecars; reports, logs, status records; the group level's files), which
+    the BIDS validator then skips."""
+    per_image = sorted({kind.pattern for kind in DERIVATIVES.values() if not kind.bids and kind.datatype == "anat"})
+    sidecars = sorted({sidecar_of(Path(p)).name for p in per_image if not p.endswith(".json")})
+    lines = [
+        f"# Files of bidsdl's outputs that the BIDS specification does not define (written by bidsdl {__version__}).",
+        "# Reports, figures, logs and status records:",
+        "*.html", "logs", "sub-*/figures", "sub-*/log",
+        "# Per T1w: records (audit, quality metrics and verdict), transforms, meshes, predictions, attribution maps:",
+        *per_image, *sidecars,
+        "# The group level: dataset audit, manifest, quality table, splits, training runs, model packages:",
+        *GROUP_FILES,
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+#: The group level's files and folders in OUTPUT_DIR (none of them defined by BIDS).
+GROUP_FILES = ("group_audit.json", "manifest.json", "manifest.tsv", "qc.json", "qc.tsv", "predictions.tsv",
+               "predictions.json", "external_evaluation.json", "learn", "models")  # fmt: skip
 
 README = """\
 # bidsdl derivatives
@@ -403,12 +487,10 @@ def ensure_dataset_description(output_dir: Path, description: Mapping[str, Any])
 
 def _ensure_dataset_files(output_dir: Path) -> None:
     """README.md when missing, and .bidsignore as this version writes it (under the output lock)."""
-    from .ops.template import TEMPLATE_SPACE
-
-    ignore = BIDSIGNORE.format(version=__version__)
-    bidsignore = output_dir / ".bidsignore"
-    if not bidsignore.exists() or bidsignore.read_text() != ignore:
-        write_text(bidsignore, ignore)
+    ignore = bidsignore()
+    ignore_file = output_dir / ".bidsignore"
+    if not ignore_file.exists() or ignore_file.read_text() != ignore:
+        write_text(ignore_file, ignore)
     readme = output_dir / "README.md"
     if not readme.exists():
         write_text(readme, README.format(version=__version__, url=CODE_URL, space=TEMPLATE_SPACE))

@@ -59,9 +59,7 @@ def subject_status(
     """
     image_records, errors, inputs = [], [], []
     for image in images:
-        audit_path = Path(output_dir) / derivatives.build_path(
-            {**derivatives.source_entities(image.path), "desc": "audit"}, suffix="T1w", extension=".json"
-        )
+        audit_path = derivatives.named_path(Path(output_dir), image.path, "audit")
         entry: dict[str, Any] = {"source": image.relative_to(bids_dir), "audit": None, "state": "failed"}
         if audit_path.exists() and audit_path.stat().st_mtime >= started - 1:
             record = json.loads(audit_path.read_text())
@@ -71,7 +69,7 @@ def subject_status(
                 entry["state"] = "done"
             else:
                 errors += record["errors"]
-            verdict = _qc_verdict(audit_path.with_name(audit_path.name.replace("_desc-audit_", "_desc-iqm_")), started)
+            verdict = _qc_verdict(derivatives.named_path(Path(output_dir), image.path, "iqm"), started)
             if verdict is not None:
                 entry["qc_verdict"] = verdict
                 if verdict == "fail":

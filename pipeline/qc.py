@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .derivatives import DERIVATIVES
+
 #: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
 SCREENED_METRICS = (
     "snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "mask_dice", "wm_dice", "brain_volume_ml",
@@ -24,7 +26,8 @@ MIN_IMAGES_FOR_OUTLIERS = 5
 
 def find_iqm_records(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
     patterns = [f"sub-{s}" for s in subjects] if subjects else ["sub-*"]
-    return sorted({p for pattern in patterns for p in Path(output_dir).glob(f"{pattern}/**/anat/*_desc-iqm_T1w.json")})
+    name = DERIVATIVES["iqm"].pattern
+    return sorted({p for pattern in patterns for p in Path(output_dir).glob(f"{pattern}/**/anat/{name}")})
 
 
 def iqm_table(records: Sequence[dict]) -> pd.DataFrame:

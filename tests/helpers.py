@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -136,3 +137,11 @@ def browser_dom(report: Path, tmp_path: Path) -> str:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+def validator_issues(dataset: Path) -> list[dict]:
+    """The official BIDS validator's issues on ``dataset`` (bids-validator-deno's JSON report)."""
+    executable = Path(sys.executable).parent / "bids-validator-deno"
+    assert executable.exists(), "bids-validator-deno is missing: pip install -e '.[test]' -c constraints.txt"
+    result = subprocess.run([str(executable), str(dataset), "--json"], capture_output=True, text=True, timeout=600)
+    return json.loads(result.stdout)["issues"]["issues"]

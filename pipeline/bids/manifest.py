@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..derivatives import DERIVATIVES
+
 #: Manifest columns and their descriptions (written as the manifest's JSON sidecar).
 COLUMNS: dict[str, str] = {
     "participant_id": "Participant (sub-<label>)",
@@ -40,7 +42,7 @@ def find_audits(output_dir: Path, subjects: Iterable[str] | None = None) -> list
     patterns = [f"sub-{s}" for s in subjects] if subjects else ["sub-*"]
     found: list[Path] = []
     for pattern in patterns:
-        found += output_dir.glob(f"{pattern}/**/anat/*_desc-audit_T1w.json")
+        found += output_dir.glob(f"{pattern}/**/anat/{DERIVATIVES['audit'].pattern}")
     return sorted(set(found))
 
 

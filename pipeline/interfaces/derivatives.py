@@ -74,3 +74,15 @@ class DerivativesSink(SimpleInterface):
         )
         self._results["out_file"] = str(out)
         return runtime
+
+
+def sink_inputs(name: str, model_resolution: float | None = None) -> dict[str, str]:
+    """:class:`DerivativesSink`'s naming inputs for the derivative ``name`` (a key of
+    :data:`pipeline.derivatives.DERIVATIVES`): the writer names files from the same table as the readers.
+
+    >>> sink_inputs("xfm")
+    {'suffix': 'xfm', 'datatype': 'anat', 'from_': 'T1w', 'to': 'MNI152NLin2009aSym', 'mode': 'image'}
+    """
+    kind = derivatives.DERIVATIVES[name]
+    entities = {("from_" if key == "from" else key): value for key, value in kind.resolved(model_resolution).items()}
+    return {"suffix": kind.suffix, "datatype": kind.datatype, **entities}

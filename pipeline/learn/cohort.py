@@ -22,7 +22,6 @@ import pandas as pd
 from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
-from ..ops.template import TEMPLATE_SPACE, resolution_label
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,15 +31,7 @@ MIN_REGRESSION_VALUES = 5
 
 def model_input_path(output_dir: Path, source: str, resolution_mm: float) -> Path:
     """The model-resolution derivative of the BIDS image ``source`` (relative to BIDS_DIR)."""
-    return derivatives.derivative_path(
-        output_dir,
-        source,
-        suffix="T1w",
-        extension=".nii.gz",
-        space=TEMPLATE_SPACE,
-        res=resolution_label(resolution_mm),
-        desc="preproc",
-    )
+    return derivatives.named_path(output_dir, source, "t1w_model", model_resolution=resolution_mm)
 
 
 def target_values(manifest: pd.DataFrame, target: str) -> pd.Series:

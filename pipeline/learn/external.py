@@ -31,11 +31,11 @@ EVALUATION = "external_evaluation.json"
 
 def prediction_path(output_dir: Path, source: str) -> Path:
     """The participant level's prediction record of the BIDS image ``source``."""
-    return derivatives.derivative_path(output_dir, source, suffix="prediction", extension=".json")
+    return derivatives.named_path(output_dir, source, "prediction")
 
 
 def _failed_quality_control(output_dir: Path, source: str) -> bool:
-    iqm = derivatives.derivative_path(output_dir, source, suffix="T1w", extension=".json", desc="iqm")
+    iqm = derivatives.named_path(output_dir, source, "iqm")
     try:
         return json.loads(iqm.read_text()).get("qc", {}).get("verdict") == "fail"
     except (OSError, ValueError):

@@ -10,10 +10,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ..derivatives import TEMPLATE_SPACE as TEMPLATE_SPACE  # the derivatives table's name, re-exported
 from .images import array_to_sitk, sitk_affine, sitk_to_array
-
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
-
 
 #: nilearn's bundled files (read with nibabel: importing nilearn.datasets costs seconds per process).
 _FILES = {

@@ -43,7 +43,7 @@ METRICS = (
 )
 
 
-#: The figures of one image (``desc`` of ``sub-<label>/figures/*_T1w.png``).
+#: The figures of one image (``fig_<desc>`` in :data:`~pipeline.derivatives.DERIVATIVES`).
 FIGURES = ("mosaic", "brainmask", "regsubject", "regtemplate", "biasfield", "mesh", "attribution")
 
 
@@ -60,13 +60,12 @@ def _png(path: Path) -> str | None:
 
 def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | None) -> dict[str, Any]:
     source = entry["source"]
-    find = lambda **kw: derivatives.derivative_path(output_dir, source, **kw)  # noqa: E731
-    audit = _read_json(find(suffix="T1w", extension=".json", desc="audit")) or {}
-    iqm_record = _read_json(find(suffix="T1w", extension=".json", desc="iqm")) or {}
-    registration = _read_json(find(suffix="xfm", extension=".json", **{"from": "T1w", "to": TEMPLATE_SPACE},
-                                   mode="image")) or {}  # fmt: skip
-    template = _read_json(find(suffix="T1w", extension=".json", space=TEMPLATE_SPACE, desc="preproc")) or {}
-    figure = lambda desc: _png(find(suffix="T1w", extension=".png", datatype="figures", desc=desc))  # noqa: E731
+    find = lambda name: derivatives.named_path(output_dir, source, name)  # noqa: E731
+    audit = _read_json(find("audit")) or {}
+    iqm_record = _read_json(find("iqm")) or {}
+    registration = _read_json(derivatives.sidecar_of(find("xfm"))) or {}
+    template = _read_json(derivatives.sidecar_of(find("t1w_template"))) or {}
+    figure = lambda desc: _png(find(f"fig_{desc}"))  # noqa: E731
     metrics = []
     for key, label, better in METRICS:
         value = iqm_record.get("metrics", {}).get(key)
@@ -79,9 +78,9 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
             outlier = bool(rows.iloc[0]) if len(rows) else False
         metrics.append({"key": key, "label": label, "better": better, "value": value, "percentile": percentile,
                         "outlier": outlier})  # fmt: skip
-    prediction = _read_json(find(suffix="prediction", extension=".json"))
-    mesh = find(suffix="mesh", extension=".surf.gii", desc="brainmask")
-    surface = (_read_json(mesh.with_name(mesh.name.replace(".surf.gii", ".json"))) or {}).get("Surface")
+    prediction = _read_json(find("prediction"))
+    mesh = find("mesh")
+    surface = (_read_json(derivatives.sidecar_of(mesh)) or {}).get("Surface")
     # an unreadable image has an audit without header or intensity: the report says so, it does not fail
     header: dict[str, Any] = dict.fromkeys(("shape", "voxel_size_mm", "orientation", "obliquity_deg", "datatype"))
     header.update(audit.get("header") or {})

@@ -10,7 +10,7 @@ from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from ..interfaces.audit import AuditT1w
-from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.derivatives import DerivativesSink, sink_inputs
 from ..interfaces.inference import MaskSurface, RunInference
 from ..interfaces.preprocess import (
     ComputeIQMs,
@@ -49,7 +49,7 @@ def init_anat_audit_wf(*, bids_dir: Path, output_dir: Path, name: str = "anat_au
     outputnode = pe.Node(IdentityInterface(fields=["audit_record", "readable"]), name="outputnode")
     audit = pe.Node(AuditT1w(bids_dir=str(bids_dir)), name="audit")
     ds_audit = pe.Node(
-        DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), desc="audit", suffix="T1w"),
+        DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), **sink_inputs("audit")),
         name="ds_audit",
         run_without_submitting=True,
         overwrite=True,  # always re-save: cheap, and restores a deleted output

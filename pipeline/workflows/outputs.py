@@ -9,78 +9,74 @@ from typing import Any
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from ..interfaces.derivatives import DerivativesSink
-from ..ops.template import TEMPLATE_SPACE, model_grid_description, resolution_label
+from ..derivatives import DERIVATIVES, MODEL_RES
+from ..interfaces.derivatives import DerivativesSink, sink_inputs
+from ..ops.template import model_grid_description
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """One derivative of a T1w: the sink node, the input field it saves, its entities (``res="MODEL"``:
-    the model grid's label), extra sidecar fields, the input field of a JSON record merged into the
-    sidecar, and the entities of the image whose grid it lies on (its ``SpatialReference``)."""
+    """One derivative of a T1w: the sink node, the input field it saves, its name in
+    :data:`~pipeline.derivatives.DERIVATIVES` (which gives its entities), extra sidecar fields, the input
+    field of a JSON record merged into the sidecar, and the name of the image whose grid it lies on (its
+    ``SpatialReference``)."""
 
     node: str
     field: str
-    entities: dict[str, str]
+    name: str
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     metadata_field: str | None = None
-    reference: dict[str, str] | None = None
+    reference: str | None = None
 
-
-_T1W_GRID = {"desc": "preproc", "suffix": "T1w"}
-_TEMPLATE_GRID = {"space": TEMPLATE_SPACE, "desc": "preproc", "suffix": "T1w"}
-_MODEL_GRID = {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "preproc", "suffix": "T1w"}
 
 _OUTPUTS: tuple[Output, ...] = (
-    Output("ds_t1w_preproc", "t1w_corrected", {"desc": "preproc"},
+    Output("ds_t1w_preproc", "t1w_corrected", "t1w_preproc",
            {"Description": "T1w reoriented to RAS (no resampling) and bias-corrected (N4)", "SkullStripped": False},
            "n4_record"),
-    Output("ds_bias", "bias_field", {"desc": "biasfield"},
+    Output("ds_bias", "bias_field", "bias_field",
            {"Description": "Multiplicative N4 bias field", "SkullStripped": False}, "n4_record"),
-    Output("ds_mask_t1w", "mask_t1w", {"desc": "brain", "suffix": "mask"},
+    Output("ds_mask_t1w", "mask_t1w", "brain_mask",
            {"Type": "Brain", "Description": "Brain mask by deepbet (learned brain extraction) on the RAS T1w"},
-           "brain_record", _T1W_GRID),
-    Output("ds_template_mask_t1w", "template_mask_t1w", {"desc": "template", "suffix": "mask"},
+           "brain_record", "t1w_preproc"),
+    Output("ds_template_mask_t1w", "template_mask_t1w", "template_mask",
            {"Type": "Brain", "Description": "The template's brain mask brought into T1w space through the affine "
             "registration (linear, > 0.5): a second, independent opinion on the brain mask; its Dice with "
-            "desc-brain is the quality metric mask_dice"}, None, _T1W_GRID),
-    Output("ds_xfm", "transform", {"from_": "T1w", "to": TEMPLATE_SPACE, "mode": "image", "suffix": "xfm"},
+            "desc-brain is the quality metric mask_dice"}, None, "t1w_preproc"),
+    Output("ds_xfm", "transform", "xfm",
            {"Description": "Affine T1w-to-template transform (ITK text; SimpleITK and ANTs read it)"},
            "registration_record"),
-    Output("ds_t1w_template", "t1w_template", {"space": TEMPLATE_SPACE, "desc": "preproc"},
+    Output("ds_t1w_template", "t1w_template", "t1w_template",
            {"Description": "The bias-corrected T1w resampled into template space (1 mm, affine), normalised"},
            "template_record"),
-    Output("ds_mask_template", "mask_template", {"space": TEMPLATE_SPACE, "desc": "brain", "suffix": "mask"},
+    Output("ds_mask_template", "mask_template", "mask_template",
            {"Type": "Brain", "Description": "The brain mask (deepbet) brought into template space (linear, > 0.5)"},
-           None, _TEMPLATE_GRID),
-    Output("ds_t1w_model", "t1w_model", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "preproc"},
+           None, "t1w_template"),
+    Output("ds_t1w_model", "t1w_model", "t1w_model",
            {"Description": "The bias-corrected T1w on the model grid (affine), normalised: what models learn from"},
            "model_record"),
-    Output("ds_mask_model", "mask_model", {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "brain", "suffix": "mask"},
+    Output("ds_mask_model", "mask_model", "mask_model",
            {"Type": "Brain", "Description": "The brain mask (deepbet) on the model grid (linear, > 0.5)"},
-           None, _MODEL_GRID),
-    Output("ds_iqm", "iqm_record", {"desc": "iqm"}),
-    Output("ds_fig_mosaic", "mosaic", {"desc": "mosaic", "datatype": "figures"}),
-    Output("ds_fig_brain", "brain_figure", {"desc": "brainmask", "datatype": "figures"}),
-    Output("ds_fig_reg_subject", "registration_subject", {"desc": "regsubject", "datatype": "figures"}),
-    Output("ds_fig_reg_template", "registration_template", {"desc": "regtemplate", "datatype": "figures"}),
-    Output("ds_fig_bias", "bias_figure", {"desc": "biasfield", "datatype": "figures"}),
-    Output("ds_mesh", "surface", {"desc": "brainmask", "suffix": "mesh"}, {}, "surface_record"),
-    Output("ds_fig_mesh", "mesh_figure", {"desc": "mesh", "datatype": "figures"}),
+           None, "t1w_model"),
+    Output("ds_iqm", "iqm_record", "iqm"),
+    Output("ds_fig_mosaic", "mosaic", "fig_mosaic"),
+    Output("ds_fig_brain", "brain_figure", "fig_brainmask"),
+    Output("ds_fig_reg_subject", "registration_subject", "fig_regsubject"),
+    Output("ds_fig_reg_template", "registration_template", "fig_regtemplate"),
+    Output("ds_fig_bias", "bias_figure", "fig_biasfield"),
+    Output("ds_mesh", "surface", "mesh", {}, "surface_record"),
+    Output("ds_fig_mesh", "mesh_figure", "fig_mesh"),
 )  # fmt: skip
 
 #: The outputs of the inference node (participant level with --model).
 _INFERENCE_OUTPUTS: tuple[Output, ...] = (
-    Output("ds_prediction", "prediction", {"suffix": "prediction"}),
-    Output("ds_saliency", "saliency",
-           {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "saliency", "suffix": "attribution"},
+    Output("ds_prediction", "prediction", "prediction"),
+    Output("ds_saliency", "saliency", "saliency",
            {"Description": "Gradient saliency |d score / d input| of the model ensemble, in [0, 1]"},
-           "attribution_record", _MODEL_GRID),
-    Output("ds_gradcam", "gradcam",
-           {"space": TEMPLATE_SPACE, "res": "MODEL", "desc": "gradcam", "suffix": "attribution"},
+           "attribution_record", "t1w_model"),
+    Output("ds_gradcam", "gradcam", "gradcam",
            {"Description": "Grad-CAM on the networks' last feature maps, upsampled to the input grid, in [0, 1]"},
-           "attribution_record", _MODEL_GRID),
-    Output("ds_fig_attribution", "attribution_figure", {"desc": "attribution", "datatype": "figures"}),
+           "attribution_record", "t1w_model"),
+    Output("ds_fig_attribution", "attribution_figure", "fig_attribution"),
 )  # fmt: skip
 
 #: The inputs of :func:`init_inference_derivatives_wf` besides ``source_file``.
@@ -120,28 +116,22 @@ def _sinks(
 ) -> pe.Workflow:
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["source_file", *fields]), name="inputnode")
-    model_label = resolution_label(model_resolution)
-
-    def label(entities: dict[str, str]) -> dict[str, str]:
-        return {k: (model_label if v == "MODEL" else v) for k, v in entities.items()}
-
     for output in outputs:
+        kind = DERIVATIVES[output.name]
         metadata = dict(output.metadata)
-        if output.entities.get("res") == "MODEL":  # BIDS requires Resolution wherever res is used
+        if MODEL_RES in kind.entities.values():  # BIDS requires Resolution wherever res is used
             metadata.setdefault("Resolution", model_grid_description(model_resolution))
         sink = pe.Node(
             DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), metadata=metadata,
-                            **label(output.entities)),
+                            **sink_inputs(output.name, model_resolution)),
             name=output.node,
             # records and figures are copied in the scheduler; images are compressed in a worker
-            run_without_submitting=(
-                output.field.endswith("record") or output.field in ("prediction", "surface")
-                or output.entities.get("datatype") == "figures"
-            ),
+            run_without_submitting=kind.extension in (".json", ".png", ".surf.gii"),
             overwrite=True,
         )  # fmt: skip
         if output.reference:
-            sink.inputs.reference = label(output.reference)
+            reference = DERIVATIVES[output.reference]
+            sink.inputs.reference = {"suffix": reference.suffix, **reference.resolved(model_resolution)}
         workflow.connect(inputnode, "source_file", sink, "source_file")
         workflow.connect(inputnode, output.field, sink, "in_file")
         if output.metadata_field:

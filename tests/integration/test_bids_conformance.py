@@ -4,21 +4,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import validator_issues
+
 pytestmark = pytest.mark.integration
-
-
-def validator_issues(dataset: Path) -> list[dict]:
-    """The official BIDS validator's issues on ``dataset`` (its JSON report)."""
-    executable = Path(sys.executable).parent / "bids-validator-deno"
-    assert executable.exists(), "bids-validator-deno is missing: pip install -e '.[test]' -c constraints.txt"
-    result = subprocess.run([str(executable), str(dataset), "--json"], capture_output=True, text=True, timeout=600)
-    return json.loads(result.stdout)["issues"]["issues"]
 
 
 def _errors(dataset: Path) -> list[str]:

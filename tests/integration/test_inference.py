@@ -10,7 +10,7 @@ import nibabel as nib
 import pandas as pd
 
 from pipeline.learn.package import read_package
-from tests.helpers import fresh_output, set_read_only, snapshot
+from tests.helpers import fresh_output, set_read_only, snapshot, validator_issues
 
 RES = ("--model-resolution", "4", "--nprocs", "2")
 
@@ -65,6 +65,9 @@ def test_inference_on_new_subjects_then_external_evaluation(learning_sample, tra
     assert not (out / "models").exists() and not (out / "learn").exists()  # nothing trained
     report = (out / "group.html").read_text()
     assert 'id="external"' in report and record["content_sha256"][:16] in report
+    # predictions, attribution maps and the external evaluation: still BIDS as the official validator reads it
+    errors = [i for i in validator_issues(out) if i["severity"] == "error"]
+    assert errors == [], errors
 
 
 def test_leakage_guard_refuses_training_subjects_unless_allowed(learning_sample, trained_package, tmp_path, run_cli):

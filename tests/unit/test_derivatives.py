@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 from pathlib import Path
@@ -124,3 +125,39 @@ def test_participant_lock_is_exclusive_and_does_not_wait(tmp_path):
     with participant_lock(tmp_path, "01") as again:
         assert again
     assert (tmp_path / "sub-01" / "log" / ".bidsdl.lock").exists()
+
+
+def test_writers_and_readers_name_files_from_one_table(tmp_path):
+    """Every sink of the workflows writes where :func:`derivatives.named_path` (what readers use) looks."""
+    from pipeline.interfaces.derivatives import sink_inputs
+    from pipeline.workflows.outputs import _INFERENCE_OUTPUTS, _OUTPUTS
+
+    bids = tmp_path / "bids"
+    source = bids / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_echo-1_T1w.nii.gz"
+    for output in (*_OUTPUTS, *_INFERENCE_OUTPUTS):
+        kind = derivatives.DERIVATIVES[output.name]
+        in_file = tmp_path / f"result{'.nii' if kind.extension == '.nii.gz' else kind.extension}"
+        in_file.write_text("{}" if kind.extension == ".json" else "x")
+        inputs = sink_inputs(output.name, 1.5)
+        entities = {("from" if k == "from_" else k): v for k, v in inputs.items() if k not in ("suffix", "datatype")}
+        written = derivatives.save_derivative(
+            tmp_path / "out", in_file, source=source, bids_dir=bids, suffix=inputs["suffix"],
+            datatype=inputs["datatype"], **entities,
+        )  # fmt: skip
+        assert written == derivatives.named_path(tmp_path / "out", source, output.name, model_resolution=1.5)
+        rel = written.relative_to(tmp_path / "out").as_posix()
+        patterns = [ln for ln in derivatives.bidsignore().splitlines() if ln and not ln.startswith("#")]
+        ignored = any(fnmatch.fnmatch(written.name, p) or fnmatch.fnmatch(rel, f"{p}/*") for p in patterns)
+        assert "echo-1" in written.name and (kind.bids or ignored), f"{rel} is neither BIDS nor in .bidsignore"
+
+
+def test_the_patterns_of_files_bids_does_not_define_match_no_bids_file():
+    """What .bidsignore (and the group level's globbing) names by pattern hides no BIDS derivative."""
+    source = "sub-01/ses-1/anat/sub-01_ses-1_run-1_chunk-2_T1w.nii.gz"
+    files = {name: derivatives.named_path(Path("out"), source, name, model_resolution=2.0).name
+             for name in derivatives.DERIVATIVES}  # fmt: skip
+    for name, kind in derivatives.DERIVATIVES.items():
+        if kind.bids:
+            continue
+        matched = {other for other, file in files.items() if fnmatch.fnmatch(file, kind.pattern)}
+        assert matched == {name}, f"{kind.pattern} matches {sorted(matched)}"
