@@ -53,6 +53,15 @@ TEMPLATE_SPACE = "MNI152NLin2009aSym"
 MODEL_RES = "MODEL"
 
 
+def resolution_label(resolution_mm: float) -> str:
+    """The BIDS ``res`` label of a resolution: ``2`` for 2 mm, ``1p5`` for 1.5 mm.
+
+    >>> resolution_label(2.0), resolution_label(1.5)
+    ('2', '1p5')
+    """
+    return f"{resolution_mm:g}".replace(".", "p")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """One kind of file bidsdl writes for each T1w: its entities (besides the source's), suffix and
@@ -70,7 +79,7 @@ class Kind:
         if MODEL_RES in self.entities.values():
             if model_resolution is None:
                 raise ValueError(f"a {self.suffix} on the model grid needs the model resolution")
-            label = f"{model_resolution:g}".replace(".", "p")
+            label = resolution_label(model_resolution)
             return {k: (label if v == MODEL_RES else v) for k, v in self.entities.items()}
         return dict(self.entities)
 

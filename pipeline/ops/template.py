@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ..derivatives import TEMPLATE_SPACE as TEMPLATE_SPACE  # the derivatives table's name, re-exported
+from ..derivatives import TEMPLATE_SPACE as TEMPLATE_SPACE  # the derivatives table's names, re-exported
+from ..derivatives import resolution_label as resolution_label
 from .images import array_to_sitk, sitk_affine, sitk_to_array
 
 #: nilearn's bundled files (read with nibabel: importing nilearn.datasets costs seconds per process).
@@ -84,15 +85,6 @@ class Template:
 def load_template(resolution: int = 1) -> Template:
     """The bundled MNI152 2009a template at 1 or 2 mm (parts load on first use; no download)."""
     return Template(resolution)
-
-
-def resolution_label(resolution_mm: float) -> str:
-    """The BIDS ``res`` label of a resolution: ``2`` for 2 mm, ``1p5`` for 1.5 mm.
-
-    >>> resolution_label(2.0), resolution_label(1.5)
-    ('2', '1p5')
-    """
-    return f"{resolution_mm:g}".replace(".", "p")
 
 
 def model_grid_description(resolution_mm: float) -> str:
