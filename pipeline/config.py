@@ -19,57 +19,11 @@ import yaml
 
 from .errors import UsageError
 
-#: Fields that decide what the group level learns (a resumed training must not change them).
-LEARNING_FIELDS = (
-    "target",
-    "task",
-    "positive_class",
-    "exclude_qc_outliers",
-    "include_failed_qc",
-    "stratify",
-    "test_size",
-    "n_folds",
-    "val_size",
-    "architecture",
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "patience",
-    "selection_metric",
-    "class_weighting",
-    "augment",
-    "amp",
-    "seed",
-    "model_resolution",
-)
 
-#: Fields that change how fast a run goes or what it selects, not what it computes for a subject.
-#: (``omp_nthreads`` is hashed: N4's result depends, in the last bits, on its thread count.)
-_NOT_HASHED = frozenset(
-    {
-        "bids_dir",
-        "output_dir",
-        "analysis_level",
-        "participant_label",
-        "session_label",
-        "participant_index",
-        "list_participants",
-        "work_dir",
-        "nprocs",
-        "mem_gb",
-        "verbosity",
-        "config_file",
-        "stop_on_first_crash",
-        "force",
-        *(f for f in LEARNING_FIELDS if f not in ("seed", "model_resolution")),
-        "device",
-        "resume",
-        "reports_only",
-        "resplit",
-        "tensorboard",
-    }
-)
+def _learning(default: Any) -> Any:
+    """A field that decides what the group level learns (a resumed training must not change it)."""
+    return dataclasses.field(default=default, metadata={"learning": True})
+
 
 #: Keys a config file may hold that the command line always decides.
 POSITIONAL_KEYS = ("bids_dir", "output_dir", "analysis_level")
@@ -91,33 +45,37 @@ class RunConfig:
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float = 1.0
-    model_resolution: float = 2.0
+    model_resolution: float = _learning(2.0)
     stop_on_first_crash: bool = False
     force: bool = False
-    seed: int = 42
+    seed: int = _learning(42)
     verbosity: int = 0
     config_file: Path | None = None
     # group level: learning (without a target, the group level only gathers and reports)
-    target: str | None = None
-    task: str = "auto"
-    positive_class: str | None = None
-    exclude_qc_outliers: bool = False
-    include_failed_qc: bool = False
-    stratify: tuple[str, ...] = ()
-    test_size: float = 0.2
-    n_folds: int = 5
-    val_size: float = 0.2
-    architecture: str = "conv5fc3"
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 10
-    selection_metric: str = "loss"
-    class_weighting: str = "loss"
-    augment: tuple[str, ...] = ()
+    target: str | None = _learning(None)
+    task: str = _learning("auto")
+    positive_class: str | None = _learning(None)
+    exclude_qc_outliers: bool = _learning(False)
+    include_failed_qc: bool = _learning(False)
+    stratify: tuple[str, ...] = _learning(())
+    test_size: float = _learning(0.2)
+    n_folds: int = _learning(5)
+    val_size: float = _learning(0.2)
+    architecture: str = _learning("conv5fc3")
+    epochs: int = _learning(30)
+    batch_size: int = _learning(8)
+    lr: float = _learning(1e-3)
+    weight_decay: float = _learning(1e-4)
+    patience: int = _learning(10)
+    selection_metric: str = _learning("loss")
+    class_weighting: str = _learning("loss")
+    augment: tuple[str, ...] = _learning(())
+    # segmentation: reference labels (a BIDS derivatives dataset) and the training patch
+    labels: Path | None = None
+    label_desc: str | None = _learning(None)
+    patch_size: int = _learning(64)
     device: str = "auto"
-    amp: bool = False
+    amp: bool = _learning(False)
     resume: bool = False
     reports_only: bool = False
     resplit: bool = False
@@ -148,6 +106,54 @@ class RunConfig:
         relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+#: Fields that decide what the group level learns, in declaration order.
+LEARNING_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("learning"))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+
+#: Fields that change how fast a run goes or what it selects, not what it computes for a subject.
+#: (``omp_nthreads`` is hashed: N4's result depends, in the last bits, on its thread count.)
+_NOT_HASHED = frozenset(
+    {
+        "bids_dir",
+        "output_dir",
+        "analysis_level",
+        "participant_label",
+        "session_label",
+        "participant_index",
+        "list_participants",
+        "work_dir",
+        "nprocs",
+        "mem_gb",
+        "verbosity",
+        "config_file",
+        "stop_on_first_crash",
+        "force",
+        *(f for f in LEARNING_FIELDS if f not in ("seed", "model_resolution")),
+        "device",
+        "resume",
+        "reports_only",
+        "resplit",
+        "tensorboard",
+        "labels",
+    }
+)
+
+
+def default(name: str) -> Any:
+    """The default of a :class:`RunConfig` field (settings objects below the config reuse it).
+
+    >>> default("epochs")
+    30
+    """
+    return _DEFAULTS[name]
+
+
+def settings_from(config: RunConfig, cls: type[Any], **values: Any) -> Any:
+    """A settings dataclass filled from the config fields of the same name (``values`` win)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)} | values)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -51,6 +51,10 @@ PYBIDS_ENTITIES = {
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
 #: Stands for the model grid's ``res`` label in :data:`DERIVATIVES` (it depends on --model-resolution).
 MODEL_RES = "MODEL"
+#: Stands for the ``desc`` of a segmentation's labels (``--label-desc``, or the model's) in :data:`DERIVATIVES`.
+LABEL_DESC = "LABELS"
+#: Stands for one structure's name (letters and digits only, as BIDS labels are) in :data:`DERIVATIVES`.
+STRUCTURE = "STRUCTURE"
 
 
 def resolution_label(resolution_mm: float) -> str:
@@ -74,22 +78,29 @@ class Kind:
     datatype: str = "anat"
     bids: bool = True
 
-    def resolved(self, model_resolution: float | None = None) -> dict[str, str]:
-        """The entities, the model grid's ``res`` label filled in."""
-        if MODEL_RES in self.entities.values():
-            if model_resolution is None:
-                raise ValueError(f"a {self.suffix} on the model grid needs the model resolution")
-            label = resolution_label(model_resolution)
-            return {k: (label if v == MODEL_RES else v) for k, v in self.entities.items()}
-        return dict(self.entities)
+    def resolved(
+        self, model_resolution: float | None = None, *, label_desc: str | None = None, structure: str | None = None
+    ) -> dict[str, str]:
+        """The entities, with the model grid's ``res`` label, the labels' ``desc`` and the structure filled in."""
+        values = {MODEL_RES: None if model_resolution is None else resolution_label(model_resolution),
+                  LABEL_DESC: label_desc, STRUCTURE: None if structure is None else bids_label(structure)}  # fmt: skip
+        out = {}
+        for key, value in self.entities.items():
+            if value in values:
+                if values[value] is None:
+                    raise ValueError(f"a {self.suffix} named {key}-{value} needs that value")
+                value = values[value]  # type: ignore[assignment]
+            out[key] = value
+        return out
 
     @property
     def pattern(self) -> str:
         """A glob of the file name by its ``desc``, suffix and extension (the last parts of a BIDS name; the
         entities before them vary with the source): ``*_desc-iqm_T1w.json``. One ``*`` only: the BIDS
         validator's .bidsignore matching fails on some names with two."""
-        desc = f"desc-{self.entities['desc']}_" if "desc" in self.entities else ""
-        return f"*_{desc}{self.suffix}{self.extension}"
+        desc = self.entities.get("desc")
+        fixed = f"desc-{desc}_" if desc and desc != LABEL_DESC else ""
+        return f"*_{fixed}{self.suffix}{self.extension}"
 
 
 def _figure(desc: str) -> Kind:
@@ -115,6 +126,12 @@ DERIVATIVES: dict[str, Kind] = {
     "prediction": Kind("prediction", ".json", bids=False),
     "saliency": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "saliency"}, bids=False),
     "gradcam": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "gradcam"}, bids=False),
+    # segmentation (participant level with a segmentation --model)
+    "dseg": Kind("dseg", ".nii.gz", {"desc": LABEL_DESC}),
+    "dseg_table": Kind("dseg", ".tsv", {"desc": LABEL_DESC}),
+    "dseg_model": Kind("dseg", ".nii.gz", {**_MODEL, "desc": LABEL_DESC}),
+    "structure_mesh": Kind("mesh", ".surf.gii", {"label": STRUCTURE, "desc": LABEL_DESC}, bids=False),
+    "fig_segmentation": _figure("segmentation"),
     "fig_mosaic": _figure("mosaic"),
     "fig_brainmask": _figure("brainmask"),
     "fig_regsubject": _figure("regsubject"),
@@ -125,7 +142,24 @@ DERIVATIVES: dict[str, Kind] = {
 }
 
 
-def named_path(output_dir: Path, source: Path | str, name: str, *, model_resolution: float | None = None) -> Path:
+def bids_label(text: str) -> str:
+    """``text`` as a BIDS label (letters and digits only).
+
+    >>> bids_label("Left-Lateral-Ventricle")
+    'LeftLateralVentricle'
+    """
+    return "".join(c for c in text if c.isalnum())
+
+
+def named_path(
+    output_dir: Path,
+    source: Path | str,
+    name: str,
+    *,
+    model_resolution: float | None = None,
+    label_desc: str | None = None,
+    structure: str | None = None,
+) -> Path:
     """Where the derivative ``name`` (a key of :data:`DERIVATIVES`) of the BIDS file ``source`` goes.
 
     >>> named_path(Path("out"), "sub-01/anat/sub-01_run-2_T1w.nii.gz", "iqm").as_posix()
@@ -135,7 +169,7 @@ def named_path(output_dir: Path, source: Path | str, name: str, *, model_resolut
     """
     kind = DERIVATIVES[name]
     return derivative_path(output_dir, source, suffix=kind.suffix, extension=kind.extension, datatype=kind.datatype,
-                           **kind.resolved(model_resolution))  # fmt: skip
+                           **kind.resolved(model_resolution, label_desc=label_desc, structure=structure))  # fmt: skip
 
 
 def sidecar_of(path: Path) -> Path:
@@ -518,5 +552,5 @@ def check_writable(output_dir: Path) -> None:
             f"OUTPUT_DIR {output_dir} cannot be created or written ({exc.strerror or exc}). "
             "Choose a folder you can write to. In a container: mount it writable (without ':ro'), e.g. "
             f"'-v /path/on/host:{output_dir}', and let the container's user write there (docker run "
-            "--user \"$(id -u):$(id -g)\")."
+            '--user "$(id -u):$(id -g)").'
         ) from exc

@@ -15,7 +15,7 @@ import pandas as pd
 from . import __version__, derivatives
 from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
-from .config import RunConfig
+from .config import RunConfig, settings_from
 from .errors import InputDataError
 from .learn.splits import SplitSettings
 from .learn.study import RESULTS, StudySettings, run_study, study_dir
@@ -95,8 +95,10 @@ def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[
         check("Every image is readable", findings["unreadable_images"], fail=True),
         check(
             "Every image passed quality control (registration, brain extraction)",
-            [f"{f['source']}: {', '.join(f['flags'])}; left out of learning unless --include-failed-qc"
-             for f in (qc or {}).get("failed", [])],
+            [
+                f"{f['source']}: {', '.join(f['flags'])}; left out of learning unless --include-failed-qc"
+                for f in (qc or {}).get("failed", [])
+            ],
             fail=True,
         ),
         check("Every participant has images", findings["participants_without_images"], fail=False),
@@ -112,40 +114,11 @@ def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[
 def study_settings(config: RunConfig) -> StudySettings:
     """The learning study the run config asks for (the config is read here, not below)."""
     assert config.target is not None
-    return StudySettings(
-        target=config.target,
-        task=config.task,
-        positive_class=config.positive_class,
-        exclude_qc_outliers=config.exclude_qc_outliers,
-        include_failed_qc=config.include_failed_qc,
-        stratify=config.stratify,
-        split=SplitSettings(
-            test_size=config.test_size,
-            n_folds=config.n_folds,
-            val_size=config.val_size,
-            seed=config.seed,
-            stratify=config.stratify,
-        ),
-        architecture=config.architecture,
-        train=TrainSettings(
-            task=config.task,
-            n_outputs=0,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            patience=config.patience,
-            selection_metric=config.selection_metric,
-            class_weighting=config.class_weighting,
-            augment=config.augment,
-            amp=config.amp,
-            seed=config.seed,
-        ),
-        model_resolution=config.model_resolution,
-        device=config.device,
-        resume=config.resume,
-        resplit=config.resplit,
-        tensorboard=config.tensorboard,
+    return settings_from(
+        config,
+        StudySettings,
+        split=settings_from(config, SplitSettings),
+        train=settings_from(config, TrainSettings, n_outputs=0),
         learning_settings=config.learning_settings(),
     )
 

@@ -207,7 +207,8 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) 
     resolve_device(config.device)  # --device cuda without a GPU: say so before anything runs
     records = [read_package(folder) for folder in config.models]
     check_ensemble(records, list(config.models))
-    check_resolution(records, config.model_resolution, list(config.models))
+    if "labels" not in records[0]:  # a segmentation model builds its own grid from the 1 mm derivatives
+        check_resolution(records, config.model_resolution, list(config.models))
     seen = []
     for subject, images in subjects.items():
         hashes = []

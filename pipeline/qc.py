@@ -82,8 +82,11 @@ def robust_z(values: Sequence[float] | pd.Series) -> np.ndarray:
     """
     numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
     median = np.nanmedian(numbers) if np.isfinite(numbers).any() else np.nan
-    spread = max(MAD_TO_SD * np.nanmedian(np.abs(numbers - median)), MIN_RELATIVE_SPREAD * abs(median)) \
-        if np.isfinite(median) else 0.0
+    spread = (
+        max(MAD_TO_SD * np.nanmedian(np.abs(numbers - median)), MIN_RELATIVE_SPREAD * abs(median))
+        if np.isfinite(median)
+        else 0.0
+    )
     return (numbers - median) / spread if spread > 0 else np.where(np.isfinite(numbers), 0.0, np.nan)
 
 

@@ -68,8 +68,11 @@ def check_dataset_kind(bids_dir: Path) -> list[Problem]:
         ]
     if not subjects_on_disk(bids_dir):
         templates = sorted(p.name for p in bids_dir.glob("tpl-*") if p.is_dir())
-        held = f" (it holds template folders, {', '.join(templates[:3])}: a TemplateFlow-style dataset)" \
-            if templates else ""
+        held = (
+            f" (it holds template folders, {', '.join(templates[:3])}: a TemplateFlow-style dataset)"
+            if templates
+            else ""
+        )
         return [
             Problem(
                 str(bids_dir),

@@ -8,23 +8,26 @@ leak out. Precedence: built-in defaults < ``--config`` file < the command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
 from ..bids.layout import normalize_label
-from ..config import POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
+from ..config import LEARNING_FIELDS, POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
 from ..errors import UnknownAnalysisLevel, UsageError
-from ..learn import ARCHITECTURE_NAMES
+from ..learn import ARCHITECTURE_NAMES, SEGMENTATION_ARCHITECTURE_NAMES
+from ..learn.tasks import METRIC_DIRECTIONS, SEGMENTATION_RESOLUTION_MM, SELECTION_METRICS, TASK_NAMES
 
 ANALYSIS_LEVELS = ("participant", "group")
-TASKS = ("auto", "classification", "regression")
-SELECTION_METRICS = ("loss", "balanced_accuracy", "roc_auc", "mae")
+TASKS = ("auto", *TASK_NAMES)
 CLASS_WEIGHTING = ("none", "loss", "sampler")
 AUGMENTATIONS = ("affine", "intensity", "noise", "flip")
 DEFAULT_AUGMENT = ("affine", "intensity", "noise")
 DEVICES = ("auto", "cpu", "cuda")
+#: Group-level options that change how a training runs, not what it learns.
+_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
 
@@ -156,6 +159,21 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         choices=AUGMENTATIONS,
         metavar="KIND",
         help=f"training augmentation; alone: {' '.join(DEFAULT_AUGMENT)} (add 'flip' for left-right flips)",
+    )
+    learn.add_argument(
+        "--labels",
+        type=Path,
+        metavar="DIR",
+        help="--task segmentation: a BIDS derivatives dataset of reference labels in each T1w's grid "
+        "(e.g. BIDS_DIR/derivatives/<name>); read only",
+    )
+    learn.add_argument(
+        "--label-desc",
+        metavar="NAME",
+        help="the labels' desc entity: sub-<l>[_ses-<s>]..._desc-NAME_dseg.nii.gz (or _mask), table desc-NAME_dseg.tsv",
+    )
+    learn.add_argument(
+        "--patch-size", type=_positive_int, metavar="N", help="segmentation: training patch edge in voxels (default 64)"
     )
     learn.add_argument("--device", choices=DEVICES, help="auto: cuda when available, else cpu")
     learn.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
@@ -293,7 +311,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         nprocs=nprocs,
         omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),
-        model_resolution=merged.get("model_resolution") or 2.0,
+        model_resolution=merged.get("model_resolution")
+        or (SEGMENTATION_RESOLUTION_MM if merged.get("task") == "segmentation" and level == "group" else 2.0),
         stop_on_first_crash=bool(merged.get("stop_on_first_crash")),
         force=bool(merged.get("force")),
         seed=merged["seed"] if merged.get("seed") is not None else 42,
@@ -301,29 +320,52 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         config_file=Path(merged["config"]).absolute() if merged.get("config") else None,
         models=tuple(Path(m).absolute() for m in merged.get("models") or ()),
         allow_training_subjects=bool(merged.get("allow_training_subjects")),
+        labels=Path(merged["labels"]).absolute() if merged.get("labels") else None,
         **_learning_options(merged),
     )
 
 
 def _learning_options(merged: dict[str, Any]) -> dict[str, Any]:
     defaults = RunConfig(Path(), Path(), "group")
-    simple = (
-        "target", "task", "positive_class", "test_size", "n_folds", "val_size", "architecture", "epochs",
-        "batch_size", "lr", "weight_decay", "patience", "selection_metric", "class_weighting", "device",
-    )  # fmt: skip
-    options: dict[str, Any] = {k: merged[k] for k in simple if merged.get(k) is not None}
-    for flag in ("exclude_qc_outliers", "include_failed_qc", "amp", "resume", "resplit", "reports_only", "tensorboard"):
-        options[flag] = bool(merged.get(flag))
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    options: dict[str, Any] = {}
+    for name in (*LEARNING_FIELDS, *_GROUP_RUN_FIELDS):
+        if name in ("seed", "model_resolution", "stratify", "augment"):
+            continue  # resolved by parse_args, or below
+        if fields[name].type == "bool":
+            options[name] = bool(merged.get(name))
+        elif merged.get(name) is not None:
+            options[name] = merged[name]
     if merged.get("stratify"):
         options["stratify"] = tuple(dict.fromkeys(merged["stratify"]))
     if merged.get("augment") is not None:  # '--augment' alone: the anatomically safe default set
         options["augment"] = tuple(sorted(set(merged["augment"] or DEFAULT_AUGMENT)))
     task = options.get("task", defaults.task)
     metric = options.get("selection_metric", defaults.selection_metric)
-    if task == "regression" and metric in ("balanced_accuracy", "roc_auc"):
-        raise UsageError(f"--selection-metric {metric} needs classification; use loss or mae for regression.")
-    if task == "classification" and metric == "mae":
-        raise UsageError("--selection-metric mae needs regression; use loss, balanced_accuracy or roc_auc.")
+    if task in METRIC_DIRECTIONS and metric not in METRIC_DIRECTIONS[task]:
+        needs = [t for t, metrics in METRIC_DIRECTIONS.items() if metric in metrics]
+        raise UsageError(
+            f"--selection-metric {metric} needs {' or '.join(needs)}; use {', '.join(METRIC_DIRECTIONS[task])} "
+            f"for {task}."
+        )
+    segmentation = task == "segmentation"
+    architecture = options.get("architecture")
+    if segmentation:
+        if not merged.get("labels") or not options.get("label_desc"):
+            raise UsageError(
+                "--task segmentation needs --labels DIR (a BIDS derivatives dataset of label images) and "
+                "--label-desc NAME (their desc entity), e.g. --labels BIDS_DIR/derivatives/labels --label-desc aseg."
+            )
+        if options.get("target") not in (None, options["label_desc"]):
+            raise UsageError("--task segmentation learns the labels of --label-desc: leave out --target.")
+        options["target"] = options["label_desc"]
+        options.setdefault("architecture", SEGMENTATION_ARCHITECTURE_NAMES[0])
+    if architecture is not None and (architecture in SEGMENTATION_ARCHITECTURE_NAMES) != segmentation:
+        kind = "segments" if architecture in SEGMENTATION_ARCHITECTURE_NAMES else "predicts one value per image"
+        raise UsageError(
+            f"--architecture {architecture} {kind}: it does not fit --task {task}. Segmentation networks: "
+            f"{', '.join(SEGMENTATION_ARCHITECTURE_NAMES)}; the others are for classification and regression."
+        )
     if options.get("n_folds", defaults.n_folds) == 1 and "val_size" not in options:
         options["val_size"] = defaults.val_size
     return options

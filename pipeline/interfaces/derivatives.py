@@ -29,6 +29,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     from_ = traits.Str(desc="the 'from' entity")
     to = traits.Str(desc="the 'to' entity")
     mode = traits.Str(desc="the 'mode' entity")
+    label = traits.Str(desc="the 'label' entity (one structure)")
     metadata = traits.Dict(desc="extra sidecar fields")
     metadata_file = File(exists=True, desc="a JSON record whose fields go into the sidecar")
     reference = traits.Dict(
@@ -52,7 +53,7 @@ class DerivativesSink(SimpleInterface):
 
         entities = {
             key.rstrip("_"): getattr(self.inputs, key)
-            for key in ("desc", "space", "res", "from_", "to", "mode")
+            for key in ("desc", "space", "res", "from_", "to", "mode", "label")
             if getattr(self.inputs, key)
         }
         metadata = dict(self.inputs.metadata or {})
@@ -76,7 +77,9 @@ class DerivativesSink(SimpleInterface):
         return runtime
 
 
-def sink_inputs(name: str, model_resolution: float | None = None) -> dict[str, str]:
+def sink_inputs(
+    name: str, model_resolution: float | None = None, *, label_desc: str | None = None, structure: str | None = None
+) -> dict[str, str]:
     """:class:`DerivativesSink`'s naming inputs for the derivative ``name`` (a key of
     :data:`pipeline.derivatives.DERIVATIVES`): the writer names files from the same table as the readers.
 
@@ -84,5 +87,6 @@ def sink_inputs(name: str, model_resolution: float | None = None) -> dict[str, s
     {'suffix': 'xfm', 'datatype': 'anat', 'from_': 'T1w', 'to': 'MNI152NLin2009aSym', 'mode': 'image'}
     """
     kind = derivatives.DERIVATIVES[name]
-    entities = {("from_" if key == "from" else key): value for key, value in kind.resolved(model_resolution).items()}
+    resolved = kind.resolved(model_resolution, label_desc=label_desc, structure=structure)
+    entities = {("from_" if key == "from" else key): value for key, value in resolved.items()}
     return {"suffix": kind.suffix, "datatype": kind.datatype, **entities}

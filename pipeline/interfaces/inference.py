@@ -46,11 +46,6 @@ class RunInference(SimpleInterface):
     output_spec = _RunInferenceOutputSpec
 
     def _run_interface(self, runtime):
-        import subprocess
-        import sys
-
-        from ..errors import InputDataError
-
         cwd = Path(runtime.cwd)
         spec = {
             "in_file": self.inputs.in_file,
@@ -65,20 +60,90 @@ class RunInference(SimpleInterface):
             "device": self.inputs.device,
             "num_threads": self.inputs.num_threads,
         }
-        (cwd / "inference.json").write_text(json.dumps(spec, indent=2) + "\n")
-        # A fresh interpreter: torch's thread pools do not survive the fork() that made this worker.
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.learn.infer", str(cwd / "inference.json"), str(cwd)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-            raise InputDataError(lines[-1] if lines else f"inference exited with {done.returncode}")
-        outputs = json.loads(done.stdout.strip().splitlines()[-1])
+        outputs = _run_node(spec, cwd)
         self._results.update(
             out_record=outputs["record"],
             out_saliency=outputs["saliency"],
             out_gradcam=outputs["gradcam"],
+            out_metadata=outputs["metadata"],
+            out_figure=outputs["figure"],
+        )
+        return runtime
+
+
+def _run_node(spec: dict, cwd: Path) -> dict:
+    """Run :func:`pipeline.learn.infer.run_node` on ``spec`` in a fresh interpreter (torch's thread pools do not
+    survive the fork() that made this worker); its one-line error becomes this node's error."""
+    import subprocess
+    import sys
+
+    from ..errors import InputDataError
+
+    (cwd / "inference.json").write_text(json.dumps(spec, indent=2) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.learn.infer", str(cwd / "inference.json"), str(cwd)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        raise InputDataError(lines[-1] if lines else f"inference exited with {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _RunSegmentationInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the bias-corrected T1w (RAS)")
+    in_transform = File(exists=True, mandatory=True, desc="the T1w-to-template affine")
+    in_template_record = File(exists=True, mandatory=True, desc="the template-space T1w's record (normalisation)")
+    in_t1w = File(exists=True, mandatory=True, desc="the T1w in BIDS_DIR (the grid of the native labels)")
+    in_passed = File(exists=True, mandatory=True, desc="any output handed on only when quality control passed")
+    in_audit = File(exists=True, mandatory=True, desc="the image's audit record (voxel-data hash)")
+    source = traits.Str(mandatory=True, desc="the T1w's path relative to BIDS_DIR")
+    participant_id = traits.Str(mandatory=True)
+    model_dirs = traits.List(traits.Str, mandatory=True, desc="model packages (an ensemble when several)")
+    model_hashes = traits.List(traits.Str, mandatory=True, desc="their content hashes (re-run when they change)")
+    allow_training_subjects = traits.Bool(False, usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _RunSegmentationOutputSpec(TraitedSpec):
+    out_record = File(exists=True, desc="the prediction (JSON): volumes and surfaces per structure")
+    out_dseg = File(exists=True, desc="the labels in the T1w's own grid")
+    out_dseg_model = File(exists=True, desc="the labels on the model grid (template space)")
+    out_table = File(exists=True, desc="the lookup table (index, name)")
+    out_meshes = traits.List(File(exists=True), desc="one GIFTI surface per structure, in label order")
+    out_metadata = File(exists=True, desc="sidecar fields: the models and the method")
+    out_figure = File(exists=True, desc="the labels over the input (PNG)")
+
+
+class RunSegmentation(SimpleInterface):
+    """Segment one image with segmentation model packages: labels in both grids, volumes and surfaces."""
+
+    input_spec = _RunSegmentationInputSpec
+    output_spec = _RunSegmentationOutputSpec
+
+    def _run_interface(self, runtime):
+        spec = {
+            "in_file": self.inputs.in_file,
+            "transform": self.inputs.in_transform,
+            "template_record": self.inputs.in_template_record,
+            "t1w": self.inputs.in_t1w,
+            "audit": self.inputs.in_audit,
+            "source": self.inputs.source,
+            "participant_id": self.inputs.participant_id,
+            "model_dirs": list(self.inputs.model_dirs),
+            "model_hashes": list(self.inputs.model_hashes),
+            "allow_training_subjects": bool(self.inputs.allow_training_subjects),
+            "device": self.inputs.device,
+            "num_threads": self.inputs.num_threads,
+        }
+        outputs = _run_node(spec, Path(runtime.cwd))
+        self._results.update(
+            out_record=outputs["record"],
+            out_dseg=outputs["dseg"],
+            out_dseg_model=outputs["dseg_model"],
+            out_table=outputs["table"],
+            out_meshes=outputs["meshes"],
             out_metadata=outputs["metadata"],
             out_figure=outputs["figure"],
         )

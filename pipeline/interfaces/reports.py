@@ -52,8 +52,9 @@ class PlotReportlets(SimpleInterface):
                 second_contour=load("in_template_mask_t1w") > 0,
                 zooms=tuple(float(z) for z in corrected.header.get_zooms()[:3]),
             ),
-            "out_bias": figures.bias_panels(load("in_raw"), np.asanyarray(corrected.dataobj, dtype=np.float32),
-                                            load("in_bias"), mask_t1w),
+            "out_bias": figures.bias_panels(
+                load("in_raw"), np.asanyarray(corrected.dataobj, dtype=np.float32), load("in_bias"), mask_t1w
+            ),
         }
         outputs["out_registration_subject"], outputs["out_registration_template"] = figures.registration_pair(
             registered, template.t1, template.brain_mask

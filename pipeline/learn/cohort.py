@@ -22,6 +22,10 @@ import pandas as pd
 from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
+from .tasks import get_task
+from .tasks.classification import class_labels
+
+__all__ = ["Cohort", "build_cohort", "cache_cohort", "class_labels", "model_input_path", "target_values"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,27 +87,6 @@ def resolve_task(values: pd.Series, task: str) -> str:
     return "classification"
 
 
-def class_labels(values: pd.Series, positive_class: str | None) -> list[str]:
-    """Class names in index order; with two classes the positive one is index 1.
-
-    The default positive class is the rarer one (ties: the last in sorted order), the usual
-    reading of "positive" for a diagnosis.
-
-    >>> class_labels(pd.Series(["CN", "AD", "CN"]), None)
-    ['CN', 'AD']
-    """
-    counts = values.astype(str).value_counts()
-    labels = sorted(counts.index)
-    if positive_class is not None and positive_class not in labels:
-        raise InputDataError(
-            f"--positive-class {positive_class!r} is not a value of the target; values: {', '.join(labels)}."
-        )
-    if len(labels) == 2:
-        positive = positive_class or min(reversed(labels), key=lambda c: counts[c])
-        labels = [c for c in labels if c != positive] + [positive]
-    return labels
-
-
 @dataclass(frozen=True)
 class Cohort:
     """The images learning uses (one row each) and those left out, with the reason."""
@@ -163,25 +146,7 @@ def build_cohort(
             "level first and check that participants.tsv gives the target."
         )
     resolved = resolve_task(table["target"], task)
-    classes: list[str] = []
-    if resolved == "classification":
-        table["target"] = table["target"].astype(str)
-        present = sorted(set(table["target"]))
-        if len(present) < 2:
-            raise InputDataError(
-                f"The target {target!r} has one class only ({present[0]!r}) among the {len(table)} usable images: "
-                "a classifier needs at least two. Check participants.tsv or choose another --target."
-            )
-        classes = class_labels(table["target"], positive_class)
-        table["y"] = table["target"].map({c: i for i, c in enumerate(classes)}).astype(float)
-    else:
-        numeric = pd.to_numeric(table["target"], errors="coerce")
-        if numeric.isna().any():
-            bad = table.loc[numeric.isna(), "participant_id"].tolist()
-            raise InputDataError(
-                f"--task regression needs a numeric target, but {target!r} is not a number for {', '.join(bad)}."
-            )
-        table["y"] = numeric.astype(float)
+    table, classes = get_task(resolved).encode_targets(table, target, positive_class)
     return Cohort(table=table.reset_index(drop=True), excluded=excluded, task=resolved, classes=classes)
 
 

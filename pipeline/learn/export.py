@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__, derivatives
 from ..errors import UsageError
 from .package import load_package
+from .tasks import get_task
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -32,7 +33,7 @@ class Ensemble(nn.Module):
     def __init__(self, networks: list[nn.Module], task: str, scales: list[dict[str, float]] | None = None) -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
-        self.classification = task == "classification"
+        self.probabilities = get_task(task).output_kind == "probabilities"
         scales = scales or [{"mean": 0.0, "sd": 1.0}] * len(networks)
         self.sd: torch.Tensor
         self.offset: torch.Tensor
@@ -43,7 +44,7 @@ class Ensemble(nn.Module):
         outputs = []
         for i, network in enumerate(self.networks):
             out = network(x)
-            outputs.append(torch.softmax(out, dim=1) if self.classification else out * self.sd[i] + self.offset[i])
+            outputs.append(torch.softmax(out, dim=1) if self.probabilities else out * self.sd[i] + self.offset[i])
         return torch.stack(outputs).mean(0)
 
 
@@ -165,9 +166,7 @@ def export_package(folder: Path, fmt: str, output: Path | None = None) -> dict[s
         "PackageContentSha256": record["content_sha256"],
         "ExportedBy": {"Name": "bidsdl", "Version": __version__, "torch": torch.__version__},
         "Input": {**record["input"], "tensor": f"float32 (batch, 1, {', '.join(map(str, record['input']['shape']))})"},
-        "Output": "class probabilities (softmax, mean over folds)"
-        if record["task"] == "classification"
-        else "predicted value (mean over folds)",
+        "Output": get_task(record["task"]).export_output,
         "Classes": record["classes"],
         "PositiveClass": record.get("positive_class"),
         "Threshold": record["threshold"],

@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .. import derivatives
 from ..errors import InputDataError
-from . import evaluate
 from .cohort import target_values
 from .infer import check_ensemble, ensemble_id
 from .package import read_package
+from .tasks import get_task
 
 LOGGER = logging.getLogger(__name__)
 PREDICTIONS = "predictions.tsv"
@@ -48,6 +47,7 @@ def gather_predictions(
     """One row per image predicted by exactly these models; the others listed with the reason."""
     wanted = [r["content_sha256"] for r in records]
     classes = records[0]["classes"]
+    task = get_task(records[0]["task"])
     rows, skipped = [], []
     for _, image in manifest.iterrows():
         path = prediction_path(output_dir, image["source"])
@@ -73,14 +73,8 @@ def gather_predictions(
             "session_id": image.get("session_id"),
             "source": image["source"],
             "seen_in_training": record["seen_in_training"],
-            "predicted": record["predicted"],
+            **task.external_row(record, classes),
         }
-        if record["task"] == "classification":
-            for name in classes:
-                row[f"probability_{name}"] = record["probabilities"][name]
-            if len(classes) == 2:
-                row["probability"] = record["probability"]
-                row["threshold"] = record["threshold"]
         rows.append(row)
     return pd.DataFrame(rows), skipped
 
@@ -97,7 +91,7 @@ def run_external_evaluation(
     records = [read_package(folder) for folder in model_dirs]
     check_ensemble(records, list(model_dirs))
     first = records[0]
-    task, classes = first["task"], first["classes"]
+    task, classes = get_task(first["task"]), first["classes"]
     column = target or first["target"]
     table, skipped = gather_predictions(manifest, output_dir, records)
     for item in skipped:
@@ -124,27 +118,15 @@ def run_external_evaluation(
                 reason = "seen in training (--allow-training-subjects): not an external test"
             elif pd.isna(row["target"]):
                 reason = f"no value for {column}"
-            elif task == "classification" and _class_of(row["target"], classes) is None:
-                reason = f"{column} = {row['target']!r} is not a class of the model ({', '.join(classes)})"
+            else:
+                reason = task.external_reason(row["target"], column, classes)
             if reason:
                 keep[index] = False
                 excluded.append({"source": row["source"], "reason": reason})
         evaluated = table[keep]
     evaluation = None
     if values is not None and not evaluated.empty:
-        groups = evaluated["participant_id"].tolist()
-        if task == "classification":
-            y = evaluated["target"].map(lambda v: classes.index(_class_of(v, classes))).to_numpy()
-            probabilities = evaluated[[f"probability_{c}" for c in classes]].to_numpy(dtype=float)
-            threshold = float(evaluated["threshold"].iloc[0]) if len(classes) == 2 else 0.5
-            evaluation = evaluate.evaluate_classification(
-                y, probabilities, threshold=threshold, groups=groups, seed=seed, ci=True
-            )
-        else:
-            y = pd.to_numeric(evaluated["target"], errors="coerce").to_numpy(dtype=float)
-            evaluation = evaluate.evaluate_regression(
-                y, evaluated["predicted"].to_numpy(dtype=float), groups=groups, seed=seed, ci=True
-            )
+        evaluation = task.external_evaluate(evaluated, classes, seed=seed)
     derivatives.write_text(output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
     models = [
         {"package": str(folder), "name": r["name"], "content_sha256": r["content_sha256"],
@@ -165,7 +147,7 @@ def run_external_evaluation(
     results = {
         "models": models,
         "ensemble_id": ensemble_id(records),
-        "task": task,
+        "task": task.name,
         "target": column,
         "classes": classes,
         "positive_class": first.get("positive_class"),
@@ -178,30 +160,14 @@ def run_external_evaluation(
         "skipped": skipped,
         "excluded": excluded,
         "evaluation": evaluation,
-        "truth": evaluated["target"].tolist() if evaluation and task == "regression" else None,
-        "predicted": evaluated["predicted"].tolist() if evaluation and task == "regression" else None,
+        "truth": evaluated["target"].tolist() if evaluation and not task.discrete else None,
+        "predicted": evaluated["predicted"].tolist() if evaluation and not task.discrete else None,
         "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
     }
     derivatives.write_json(output_dir / EVALUATION, results)
     if evaluation:
-        headline = (
-            "roc_auc"
-            if task == "classification" and len(classes) == 2
-            else ("balanced_accuracy" if task == "classification" else "mae")
-        )
+        headline = task.headline_metric(len(classes or []))
         LOGGER.info(
             "External evaluation on %d image(s): %s %.3f", len(evaluated), headline, evaluation["metrics"][headline]
         )
     return results
-
-
-def _class_of(value: Any, classes: Sequence[str]) -> str | None:
-    """The model's class that ``value`` names (a TSV may read '1' as 1.0), or None.
-
-    >>> _class_of(1.0, ["0", "1"]), _class_of("AD", ["CN", "AD"]), _class_of("MCI", ["CN", "AD"])
-    ('1', 'AD', None)
-    """
-    candidates = [str(value)]
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        candidates.append(str(int(value)))
-    return next((c for c in candidates if c in classes), None)

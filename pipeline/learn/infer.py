@@ -26,8 +26,9 @@ from torch import nn
 from ..bids.audit import load_spatial
 from ..derivatives import parse_bids_name
 from ..errors import BidsdlError, InputDataError, UsageError
-from .models import Standardized
 from .package import load_package
+from .tasks import get_task
+from .tasks.base import Task
 
 #: Model-record fields that all models of an ensemble must share.
 _CONTRACT = ("space", "resolution_mm", "shape")
@@ -39,7 +40,7 @@ class LoadedModel:
 
     folder: Path
     record: dict[str, Any]
-    networks: list[Standardized]
+    networks: list[nn.Module]
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -163,23 +164,15 @@ def _feature_layer(network: nn.Module) -> nn.Module:
     return convs[-1]
 
 
-def _score(outputs: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "regression":
-        return outputs[:, 0]
-    if outputs.shape[1] == 2:
-        return outputs[:, 1] - outputs[:, 0]  # the positive class's log-odds
-    return outputs.gather(1, outputs.argmax(1, keepdim=True))[:, 0]
-
-
 def _unit(volume: np.ndarray) -> np.ndarray:
     """Scale a non-negative map to [0, 1] by its 99.9th percentile (a few extreme voxels do not rule)."""
     top = float(np.percentile(volume, 99.9))
     return np.clip(volume / top, 0, 1) if top > 0 else np.zeros_like(volume)
 
 
-def explain(network: Standardized, x: torch.Tensor, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def explain(network: nn.Module, x: torch.Tensor, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One network's outputs, gradient saliency and Grad-CAM for one input ``(1, 1, X, Y, Z)``."""
-    layer = _feature_layer(network.net)
+    layer = _feature_layer(network.net)  # type: ignore[arg-type]
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -192,7 +185,7 @@ def explain(network: Standardized, x: torch.Tensor, task: str) -> tuple[np.ndarr
         x = x.detach().clone().requires_grad_(True)
         network.zero_grad(set_to_none=True)
         outputs = network(x)
-        _score(outputs, task).sum().backward()
+        task.attribution_score(outputs).sum().backward()
     finally:
         handle.remove()
     saliency = x.grad.detach().abs()[0, 0].float().cpu().numpy()  # type: ignore[union-attr]
@@ -218,15 +211,11 @@ def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, 1, *array.shape[-3:]).to(device)
     per_model, saliency, gradcam = [], [], []
     for model in models:
-        task = model.record["task"]
+        task = get_task(model.record["task"])
         fold_outputs = []
         for fold, network in enumerate(model.networks):
             raw, sal, cam = explain(network, x, task)
-            if task == "classification":
-                fold_outputs.append(torch.softmax(torch.from_numpy(raw), 0).numpy())
-            else:
-                scale = (model.record.get("target_scale") or [{"mean": 0.0, "sd": 1.0}] * len(model.networks))[fold]
-                fold_outputs.append(raw * float(scale["sd"]) + float(scale["mean"]))
+            fold_outputs.append(task.fold_output(raw, fold, model.record))
             saliency.append(sal)
             gradcam.append(cam)
         per_model.append(np.mean(fold_outputs, axis=0))
@@ -248,35 +237,18 @@ def prediction_record(
 ) -> dict[str, Any]:
     """The JSON-ready prediction of one image, with the model card the subject report shows."""
     first = models[0].record
-    task = first["task"]
+    task = get_task(first["task"])
     record: dict[str, Any] = {
         "source": source,
         "participant_id": participant_id,
-        "task": task,
+        "task": task.name,
         "target": first["target"],
         "models": [m.identity for m in models],
         "ensemble_id": ensemble_id([m.record for m in models]),
         "seen_in_training": bool(seen_in_training),
         "seen_in_training_reasons": list(seen_in_training),
     }
-    if task == "classification":
-        classes = first["classes"]
-        probabilities = {c: float(p) for c, p in zip(classes, result.output, strict=True)}
-        record["probabilities"] = probabilities
-        record["per_model"] = [{c: float(p) for c, p in zip(classes, out, strict=True)} for out in result.per_model]
-        if len(classes) == 2:
-            threshold = float(np.mean([m.record["threshold"] for m in models]))
-            record.update(
-                positive_class=classes[1],
-                probability=probabilities[classes[1]],
-                threshold=threshold,
-                predicted=classes[1] if probabilities[classes[1]] >= threshold else classes[0],
-            )
-        else:
-            record["predicted"] = classes[int(np.argmax(result.output))]
-    else:
-        record["predicted"] = float(result.output[0])
-        record["per_model"] = [float(out[0]) for out in result.per_model]
+    record.update(task.prediction_fields([m.record for m in models], result.output, result.per_model))
     record["model_card"] = [model_card(m) for m in models]
     return record
 
@@ -285,13 +257,8 @@ def model_card(model: LoadedModel) -> dict[str, Any]:
     """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
     record = model.record
     test = record.get("metrics", {}).get("test", {})
-    keys = (
-        ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
-        if record["task"] == "classification"
-        else ("mae", "rmse", "r2", "pearson_r")
-    )
     metrics = []
-    for key in keys:
+    for key in get_task(record["task"]).card_metrics:
         value = test.get("metrics", {}).get(key)
         if value is None or not np.isfinite(value):
             continue
@@ -308,6 +275,8 @@ def model_card(model: LoadedModel) -> dict[str, Any]:
         "limitations": record.get("model_card", {}).get("limitations"),
         "not_for_clinical_use": True,
     }
+
+
 def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Everything the inference node does, in this process: load and check the models, check the input and
     the leakage guard, predict, write the maps, the records and the figure into ``out_dir``."""
@@ -325,6 +294,10 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
     )
     if seen and not spec["allow_training_subjects"]:
         raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
+    if get_task(models[0].record["task"]).voxelwise:
+        from .segment import segment_node
+
+        return segment_node(spec, out_dir, models, seen=seen, device=device)
     space = json.loads(Path(spec["resampling_record"]).read_text()).get("SpatialReference")
     array = check_input_image(models[0].record, Path(spec["in_file"]), space=space)
     result = infer(models, array, device)
@@ -338,13 +311,11 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
         out.header.set_xyzt_units("mm")
         outputs[key] = str(out_dir / f"{key}.nii")
         nib.save(out, outputs[key])
-    binary = len(record.get("probabilities", {})) == 2
     metadata = {
         "Models": record["models"],
         "EnsembleID": record["ensemble_id"],
         "SeenInTraining": record["seen_in_training"],
-        "Score": "positive-class log-odds" if binary else
-        ("predicted class logit" if record["task"] == "classification" else "predicted value"),
+        "Score": get_task(record["task"]).attribution_score_name(len(models[0].record["classes"] or [])),
         "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
     }  # fmt: skip
     outputs["record"] = str(out_dir / "prediction.json")

@@ -24,6 +24,8 @@ from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.preprocessing import OneHotEncoder
 
+from .tasks import get_task
+
 LOGGER = logging.getLogger(__name__)
 
 #: Residual correlation above which two images are taken for the same scan.
@@ -151,7 +153,7 @@ def check_site_leakage(subjects: pd.DataFrame, *, task: str, seed: int) -> dict[
     features = OneHotEncoder(handle_unknown="ignore").fit_transform(subjects[columns].astype(str))
     y = subjects["y"].to_numpy()
     n_splits = 5
-    if task == "classification":
+    if get_task(task).discrete:
         counts = np.unique(y, return_counts=True)[1]
         n_splits = int(min(n_splits, counts.min()))
         if n_splits < 2:

@@ -104,12 +104,34 @@ def _monai_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+def _monai_unet(large: bool) -> Callable[..., nn.Module]:
+    def build(n_outputs: int, **kwargs: Any) -> nn.Module:
+        from monai.networks.nets import UNet
+
+        options: dict[str, Any] = (
+            {"channels": (32, 64, 128, 256, 320), "strides": (2, 2, 2, 2), "num_res_units": 2}
+            if large
+            else {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
+        )
+        return UNet(spatial_dims=3, in_channels=1, out_channels=n_outputs, norm="instance", **(options | kwargs))
+
+    return build
+
+
+#: Segmentation architectures: ``(batch, 1, X, Y, Z)`` -> ``(batch, n_outputs, X, Y, Z)`` logits, any size
+#: divisible by their total stride.
+SEGMENTATION_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "unet": _monai_unet(large=False),
+    "unet-large": _monai_unet(large=True),
+}
+
 #: Architecture name -> builder(n_outputs, **kwargs).
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "conv5fc3": Conv5FC3,
     "densenet121": _monai_densenet121,
     "resnet10": _monai_resnet(10),
     "resnet18": _monai_resnet(18),
+    **SEGMENTATION_ARCHITECTURES,
 }
 
 
@@ -139,10 +161,24 @@ class Standardized(nn.Module):
         return self.net((x - self.mean) / self.scale)
 
 
-def build_model(config: ModelConfig) -> Standardized:
+class Segmenter(nn.Module):
+    """A segmentation network (its inputs are already normalised per image; no mean image)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
     """The network of ``config``, freshly initialised (seed torch first for reproducible weights)."""
     if config.architecture not in ARCHITECTURES:
         raise UsageError(
             f"Unknown architecture {config.architecture!r}: choose one of {', '.join(sorted(ARCHITECTURES))}."
         )
-    return Standardized(ARCHITECTURES[config.architecture](config.n_outputs, **config.kwargs), config.in_shape)
+    net = ARCHITECTURES[config.architecture](config.n_outputs, **config.kwargs)
+    if config.architecture in SEGMENTATION_ARCHITECTURES:
+        return Segmenter(net)
+    return Standardized(net, config.in_shape)

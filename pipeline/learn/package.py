@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from .. import __version__, derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
-from .models import ModelConfig, Standardized, build_model
+from .models import ModelConfig, build_model
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -175,11 +176,11 @@ def read_package(folder: Path) -> dict[str, Any]:
     return record
 
 
-def load_package(folder: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[Standardized]]:
+def load_package(folder: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[nn.Module]]:
     """The checked record and its networks (one per fold; the ensemble averages them), in eval mode."""
     record = read_package(folder)
     config = ModelConfig.from_dict(record["model"])
-    networks: list[Standardized] = []
+    networks: list[nn.Module] = []
     for entry in record["weights"]:
         network = build_model(config)
         network.load_state_dict(load_file(str(Path(folder) / entry["file"])))

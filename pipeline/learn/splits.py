@@ -22,6 +22,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from .. import derivatives
 from ..errors import InputDataError
+from .tasks import get_task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def subject_table(images: pd.DataFrame, stratify: tuple[str, ...], task: str) ->
     rows = []
     for pid, group in images.groupby("participant_id", sort=True):
         row: dict[str, Any] = {"participant_id": pid}
-        row["y"] = group["y"].mean() if task == "regression" else group["y"].mode().iloc[0]
+        row["y"] = get_task(task).subject_target(group["y"])
         for column in stratify:
             if column == "target":
                 continue
@@ -149,7 +150,7 @@ def make_splits(
     columns = tuple("y" if c == "target" else c for c in settings.stratify)
     n_splits = max(settings.n_folds, 2)
     key = strata(subjects, columns, min_count=n_splits) if columns else None
-    if task == "classification":
+    if get_task(task).discrete:
         smallest = subjects["y"].value_counts().min()
         if smallest < n_splits + 1:
             raise InputDataError(

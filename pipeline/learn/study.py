@@ -35,10 +35,11 @@ from .splits import (
     load_or_make_splits,
     subject_table,
 )
+from .tasks import TASK_NAMES, get_task
+from .tasks.base import Task
 from .train import (
     TargetScale,
     TrainSettings,
-    Volumes,
     derived_seed,
     determinism_record,
     fit,
@@ -51,6 +52,8 @@ from .train import (
 
 LOGGER = logging.getLogger(__name__)
 RESULTS = "results.json"
+#: Case-wise scores of voxel-wise tasks (per image and structure, every fold and split, both spaces).
+CASE_SCORES = "case_scores.tsv"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,11 @@ class StudySettings:
     architecture: str
     train: TrainSettings
     model_resolution: float
+    bids_dir: Path
+    output_dir: Path
+    labels: Path | None
+    label_desc: str | None
+    patch_size: int
     device: str
     resume: bool
     resplit: bool
@@ -105,6 +113,235 @@ def prepare_run_dir(run_dir: Path, settings: StudySettings) -> None:
     derivatives.write_json(record_path, {"learning_settings": wanted})
 
 
+@dataclass(frozen=True)
+class CohortStage:
+    """Who is learned from: the cached images (one row each), their classes, the task and what was left out."""
+
+    images: pd.DataFrame
+    classes: list[str]
+    task: Task
+    excluded: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SplitStage:
+    """The subject-level splits, the leakage checks that passed them and the run folder."""
+
+    splits: pd.DataFrame
+    reused: bool
+    checks: list[dict[str, Any]]
+    near_pairs: list[dict[str, Any]]
+    run_dir: Path
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.splits["fold"].dropna().nunique())
+
+    def members(self, fold: int) -> dict[str, list[str]]:
+        return fold_members(self.splits, fold)
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """One trained fold: its kept weights, history and evaluations, and its outputs on every split."""
+
+    fold: int
+    weights: Path
+    scale: TargetScale
+    threshold: float
+    history: list[dict[str, Any]]
+    best: dict[str, dict[str, float]]
+    stopped_early: bool
+    outlook: dict[str, Any] | None
+    n_train: int
+    n_validation: int
+    validation: dict[str, Any]
+    test: dict[str, Any]
+    predictions: list[pd.DataFrame]
+    validation_output: np.ndarray
+    test_output: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        """What ``results.json`` keeps of the fold."""
+        return {
+            "fold": self.fold, "threshold": self.threshold, "history": self.history, "best": self.best,
+            "stopped_early": self.stopped_early, "outlook": self.outlook, "n_train": self.n_train,
+            "n_validation": self.n_validation,
+            "validation": self.validation, "test": self.test, "scale": dataclasses.asdict(self.scale),
+        }  # fmt: skip
+
+
+def gather_cohort(
+    manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
+) -> CohortStage:
+    """Stage 1: the images with a target and a model input, cached as arrays; the task resolved."""
+    if settings.task in TASK_NAMES and get_task(settings.task).voxelwise:
+        return _labelled_cohort(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
+    cohort = build_cohort(
+        manifest,
+        output_dir=output_dir,
+        target=settings.target,
+        task=settings.task,
+        positive_class=settings.positive_class,
+        resolution_mm=settings.model_resolution,
+        qc=qc,
+        exclude_qc_outliers=settings.exclude_qc_outliers,
+        include_failed_qc=settings.include_failed_qc,
+    )
+    for item in cohort.excluded:
+        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
+    task = get_task(cohort.task)
+    metric = settings.train.selection_metric
+    if metric not in task.direction:
+        raise UsageError(
+            f"--selection-metric {metric} does not apply to {task.name}; use one of {', '.join(task.direction)}."
+        )
+    images = cache_cohort(cohort.table, cache_dir)
+    return CohortStage(images=images, classes=cohort.classes, task=task, excluded=cohort.excluded)
+
+
+def _labelled_cohort(
+    manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
+) -> CohortStage:
+    from .tasks import segmentation
+
+    if settings.labels is None or settings.label_desc is None:
+        raise UsageError(f"--task {settings.task} needs --labels DIR and --label-desc NAME (the reference labels).")
+    cohort = segmentation.build_cohort(
+        manifest,
+        output_dir=output_dir,
+        bids_dir=settings.bids_dir,
+        labels_dir=settings.labels,
+        label_desc=settings.label_desc,
+        resolution_mm=settings.model_resolution,
+        cache_dir=cache_dir,
+        qc=qc,
+        exclude_qc_outliers=settings.exclude_qc_outliers,
+        include_failed_qc=settings.include_failed_qc,
+    )
+    for item in cohort.excluded:
+        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
+    task = get_task(settings.task)
+    return CohortStage(images=cohort.table, classes=cohort.label_table.structures, task=task, excluded=cohort.excluded)
+
+
+def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySettings) -> SplitStage:
+    """Stage 2: subject-level splits (made or reused) and the leakage checks; leaking splits stop here."""
+    images, task = stage.images, stage.task
+    stratify = settings.stratify or (("target",) if task.stratify_by_target else ())
+    columns = tuple(c for c in stratify if c != "target")
+    site_columns = tuple(c for c in leakage.SITE_COLUMNS if c in images.columns)
+    subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task.name)
+    split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
+    run_dir = study_dir(output_dir, settings.target, settings.architecture)
+    splits, reused = load_or_make_splits(
+        run_dir.parent,
+        subjects,
+        split_settings,
+        task=task.name,
+        data_fingerprint=fingerprint(images),
+        resplit=settings.resplit,
+        units=identical_image_units(images),
+    )
+    LOGGER.info("Splits %s: %s", "reused" if reused else "made", run_dir.parent / "splits.tsv")
+    arrays = [np.load(p, mmap_mode="r") for p in images["array"]]
+    near_check, near_pairs = leakage.check_near_duplicates(images, arrays, splits)
+    checks = [
+        leakage.check_subject_overlap(splits),
+        leakage.check_identical_images(images, splits),
+        near_check,
+    ]
+    if not task.voxelwise:  # a label image per voxel: no one value that a site could predict
+        checks.append(leakage.check_site_leakage(subjects, task=task.name, seed=settings.train.seed))
+    for check in checks:
+        log = LOGGER.warning if check["result"] != "pass" else LOGGER.info
+        log("Leakage check '%s': %s%s", check["name"], check["result"], "".join(f"; {d}" for d in check["details"]))
+    leaks = [d for c in checks[:3] if c["result"] == "fail" for d in c["details"] if "across splits" in d]
+    if leaks:
+        raise InputDataError(
+            "The splits leak: "
+            + "; ".join(leaks)
+            + ". The same person appears under two participant IDs: remove the copy from the dataset (or the "
+            "selection with --participant-label) and run the group level again with --resplit."
+        )
+    return SplitStage(splits=splits, reused=reused, checks=checks, near_pairs=near_pairs, run_dir=run_dir)
+
+
+def train_fold(
+    fold: int,
+    *,
+    cohort: CohortStage,
+    split: SplitStage,
+    settings: StudySettings,
+    model_config: ModelConfig,
+    device: torch.device,
+) -> FoldResult:
+    """Stage 3 (once per fold): fit, keep the best weights, predict and evaluate every split."""
+    task, images = cohort.task, cohort.images
+    members = split.members(fold)
+    rows = {
+        "train": images[images["participant_id"].isin(members["train"])],
+        "validation": images[images["participant_id"].isin(members["validation"])],
+        "test": images[images["participant_id"].isin(split.members(0)["test"])],
+    }
+    scale = task.target_scale(rows["train"]["y"].to_numpy())
+    fold_settings = dataclasses.replace(
+        settings.train,
+        task=task.name,
+        n_outputs=model_config.n_outputs,
+        seed=derived_seed(settings.train.seed, fold),
+    )
+    torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
+    network = build_model(model_config)
+    data = {name: _data(task, part, settings, model_config) for name, part in rows.items()}
+    if task.standardize_inputs:
+        network.set_reference(*reference_image(data["train"]))  # type: ignore[operator]
+    fold_dir = split.run_dir / f"fold-{fold}"
+    label = f"fold {fold + 1}/{split.n_folds} " if split.n_folds > 1 else ""
+    result = fit(
+        network,
+        data["train"],
+        data["validation"],
+        fold_settings,
+        run_dir=fold_dir,
+        device=device,
+        scale=scale,
+        resume=settings.resume,
+        label=label,
+        tensorboard=settings.tensorboard,
+    )
+    best_path = fold_dir / f"best-{settings.train.selection_metric}.safetensors"
+    if not best_path.exists():  # e.g. AUC undefined on every epoch: fall back to the loss
+        best_path = fold_dir / "best-loss.safetensors"
+    load_weights(network, best_path)
+    network.to(device)
+    outputs = {
+        name: predict(network, data[name], task=task, device=device, amp=settings.train.amp, scale=scale)
+        for name in task.predicted_splits
+    }
+    threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
+    return FoldResult(
+        fold=fold,
+        weights=best_path,
+        scale=scale,
+        threshold=threshold,
+        history=result.history,
+        best=result.best,
+        stopped_early=result.stopped_early,
+        outlook=result.outlook,
+        n_train=len(rows["train"]),
+        n_validation=len(rows["validation"]),
+        validation=_evaluate(task, rows["validation"], outputs["validation"], threshold, seed=fold, ci=False),
+        test=_evaluate(task, rows["test"], outputs["test"], threshold, seed=fold, ci=False),
+        predictions=[
+            _prediction_table(task, rows[name], outputs[name], name, str(fold), cohort.classes, threshold)
+            for name in task.predicted_splits
+        ],
+        validation_output=outputs["validation"],
+        test_output=outputs["test"],
+    )
+
+
 def run_study(
     manifest: pd.DataFrame,
     *,
@@ -120,145 +357,65 @@ def run_study(
     started = time.monotonic()
     device = resolve_device(settings.device)
     seed_everything(settings.train.seed)
-    cohort = build_cohort(
-        manifest,
-        output_dir=output_dir,
-        target=settings.target,
-        task=settings.task,
-        positive_class=settings.positive_class,
-        resolution_mm=settings.model_resolution,
-        qc=qc,
-        exclude_qc_outliers=settings.exclude_qc_outliers,
-        include_failed_qc=settings.include_failed_qc,
-    )
-    for item in cohort.excluded:
-        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
-    task = cohort.task
-    metric = settings.train.selection_metric
-    if (task == "regression") != (metric in ("loss", "mae")) and metric != "loss":
-        raise UsageError(f"--selection-metric {metric} does not apply to {task}; use loss or a {task} metric.")
-    images = cache_cohort(cohort.table, cache_dir)
-    stratify = settings.stratify or ("target",)
-    columns = tuple(c for c in stratify if c != "target")
-    site_columns = tuple(c for c in leakage.SITE_COLUMNS if c in images.columns)
-    subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task)
-    split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
-    run_dir = study_dir(output_dir, settings.target, settings.architecture)
-    splits, reused = load_or_make_splits(
-        run_dir.parent,
-        subjects,
-        split_settings,
-        task=task,
-        data_fingerprint=fingerprint(images),
-        resplit=settings.resplit,
-        units=identical_image_units(images),
-    )
-    LOGGER.info("Splits %s: %s", "reused" if reused else "made", run_dir.parent / "splits.tsv")
-    arrays = [np.load(p, mmap_mode="r") for p in images["array"]]
-    near_check, near_pairs = leakage.check_near_duplicates(images, arrays, splits)
-    checks = [
-        leakage.check_subject_overlap(splits),
-        leakage.check_identical_images(images, splits),
-        near_check,
-        leakage.check_site_leakage(subjects, task=task, seed=settings.train.seed),
-    ]
-    for check in checks:
-        log = LOGGER.warning if check["result"] != "pass" else LOGGER.info
-        log("Leakage check '%s': %s%s", check["name"], check["result"], "".join(f"; {d}" for d in check["details"]))
-    leaks = [d for c in checks[:3] if c["result"] == "fail" for d in c["details"] if "across splits" in d]
-    if leaks:
-        raise InputDataError(
-            "The splits leak: "
-            + "; ".join(leaks)
-            + ". The same person appears under two participant IDs: remove the copy from the dataset (or the "
-            "selection with --participant-label) and run the group level again with --resplit."
-        )
-
-    prepare_run_dir(run_dir, settings)
-    n_outputs = len(cohort.classes) if task == "classification" else 1
-    train_settings = dataclasses.replace(settings.train, task=task, n_outputs=n_outputs)
+    cohort = gather_cohort(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
+    split = split_and_check(cohort, output_dir=output_dir, settings=settings)
+    prepare_run_dir(split.run_dir, settings)
     model_config = ModelConfig(
         architecture=settings.architecture,
-        n_outputs=n_outputs,
-        in_shape=tuple(int(s) for s in arrays[0].shape[-3:]),  # type: ignore[arg-type]
+        n_outputs=cohort.task.n_outputs(cohort.classes),
+        in_shape=tuple(int(s) for s in np.load(cohort.images["array"].iloc[0], mmap_mode="r").shape[-3:]),  # type: ignore[arg-type]
     )
-    n_folds = int(splits["fold"].dropna().nunique())
-    test_ids = fold_members(splits, 0)["test"]
-    test_rows = images[images["participant_id"].isin(test_ids)]
-    prediction_tables: list[pd.DataFrame] = []
-    fold_records: list[dict[str, Any]] = []
-    test_outputs = []
-    for fold in range(n_folds):
-        members = fold_members(splits, fold)
-        train_rows = images[images["participant_id"].isin(members["train"])]
-        val_rows = images[images["participant_id"].isin(members["validation"])]
-        scale = TargetScale()
-        if task == "regression":
-            y = train_rows["y"].to_numpy()
-            scale = TargetScale(float(y.mean()), float(y.std()) or 1.0)
-        fold_settings = dataclasses.replace(train_settings, seed=derived_seed(settings.train.seed, fold))
-        torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
-        network = build_model(model_config)
-        train_data = _volumes(train_rows)
-        network.set_reference(*reference_image(train_data))
-        fold_dir = run_dir / f"fold-{fold}"
-        label = f"fold {fold + 1}/{n_folds} " if n_folds > 1 else ""
-        result = fit(
-            network,
-            train_data,
-            _volumes(val_rows),
-            fold_settings,
-            run_dir=fold_dir,
-            device=device,
-            scale=scale,
-            resume=settings.resume,
-            label=label,
-            tensorboard=settings.tensorboard,
-        )
-        best_path = fold_dir / f"best-{metric}.safetensors"
-        if not best_path.exists():  # e.g. AUC undefined on every epoch: fall back to the loss
-            best_path = fold_dir / "best-loss.safetensors"
-        load_weights(network, best_path)
-        network.to(device)
-        outputs = {
-            name: predict(network, _volumes(rows), task=task, device=device, amp=train_settings.amp, scale=scale)
-            for name, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows))
-        }
-        threshold = 0.5
-        if task == "classification" and n_outputs == 2:
-            threshold = evaluate.choose_threshold(val_rows["y"].to_numpy().astype(int), outputs["validation"][:, 1])
-        fold_records.append(
-            {
-                "fold": fold,
-                "weights": best_path,
-                "scale": scale,
-                "threshold": threshold,
-                "history": result.history,
-                "best": result.best,
-                "stopped_early": result.stopped_early,
-                "n_train": len(train_rows),
-                "n_validation": len(val_rows),
-                "validation": _evaluate(task, val_rows, outputs["validation"], threshold, seed=fold, ci=False),
-                "test": _evaluate(task, test_rows, outputs["test"], threshold, seed=fold, ci=False),
-            }
-        )
-        for name, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows)):
-            prediction_tables.append(_prediction_table(rows, outputs[name], name, str(fold), cohort.classes, threshold))
-        test_outputs.append(outputs["test"])
+    folds = [
+        train_fold(fold, cohort=cohort, split=split, settings=settings, model_config=model_config, device=device)
+        for fold in range(split.n_folds)
+    ]
+    return assemble(
+        cohort,
+        split,
+        folds,
+        settings=settings,
+        model_config=model_config,
+        output_dir=output_dir,
+        config_record=config_record,
+        environment=environment,
+        manifest_sha256=manifest_sha256,
+        device=device,
+        started=started,
+    )
 
+
+def assemble(
+    cohort: CohortStage,
+    split: SplitStage,
+    folds: list[FoldResult],
+    *,
+    settings: StudySettings,
+    model_config: ModelConfig,
+    output_dir: Path,
+    config_record: dict[str, Any],
+    environment: dict[str, Any],
+    manifest_sha256: str,
+    device: torch.device,
+    started: float,
+) -> dict[str, Any]:
+    """Stage 4: the fold ensemble on the test set, the prediction table, the package and ``results.json``."""
+    task, images, run_dir = cohort.task, cohort.images, split.run_dir
+    test_rows = images[images["participant_id"].isin(split.members(0)["test"])]
+    tables = [table for fold in folds for table in fold.predictions]
     # The ensemble: mean of the folds' outputs; its threshold chosen on the pooled validation predictions.
-    pooled = pd.concat([t for t in prediction_tables if t["split"].iloc[0] == "validation"], ignore_index=True)
+    pooled = pd.concat([t for t in tables if t["split"].iloc[0] == "validation"], ignore_index=True)
     ensemble_threshold = 0.5
-    if task == "classification" and n_outputs == 2:
-        ensemble_threshold = evaluate.choose_threshold(pooled["y"].to_numpy().astype(int), pooled["probability"])
-    ensemble = np.mean(test_outputs, axis=0)
-    prediction_tables.append(
-        _prediction_table(test_rows, ensemble, "test", "ensemble", cohort.classes, ensemble_threshold)
-    )
-    predictions = pd.concat(prediction_tables, ignore_index=True)
+    if task.discrete:
+        pooled_outputs = np.concatenate([f.validation_output for f in folds])
+        ensemble_threshold = task.choose_threshold(pooled["y"].to_numpy(), pooled_outputs)
+    ensemble = task.ensemble([f.test_output for f in folds])
+    tables.append(_prediction_table(task, test_rows, ensemble, "test", "ensemble", cohort.classes, ensemble_threshold))
+    predictions = pd.concat(tables, ignore_index=True)
     test_eval = _evaluate(task, test_rows, ensemble, ensemble_threshold, seed=settings.train.seed, ci=True)
-    validation_summary = evaluate.fold_summary([r["validation"]["metrics"] for r in fold_records])
-    test_fold_summary = evaluate.fold_summary([r["test"]["metrics"] for r in fold_records])
+    extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings)
+    _write_case_scores(run_dir, folds, test_eval, extra)
+    validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
+    test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
 
     derivatives.write_text(run_dir / "predictions.tsv", predictions.to_csv(sep="\t", index=False, float_format="%.6g"))
     record = _model_record(
@@ -267,9 +424,9 @@ def run_study(
         classes=cohort.classes,
         model_config=model_config,
         images=images,
-        splits=splits,
+        splits=split.splits,
         threshold=ensemble_threshold,
-        folds=fold_records,
+        folds=folds,
         metrics={"validation_folds": validation_summary, "test_folds": test_fold_summary, "test": test_eval},
         manifest_sha256=manifest_sha256,
     )
@@ -286,18 +443,20 @@ def run_study(
         "splits.json": run_dir.parent / "splits.json",
         "predictions.tsv": run_dir / "predictions.tsv",
     }
-    for fold in range(n_folds):
-        files[f"logs/history_fold-{fold}.tsv"] = run_dir / f"fold-{fold}" / "history.tsv"
+    if (run_dir / CASE_SCORES).exists():
+        files[CASE_SCORES] = run_dir / CASE_SCORES
+    for fold in folds:
+        files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / "history.tsv"
     package = write_package(
         output_dir / "models",
         record=record,
-        weights={f"fold-{r['fold']}.safetensors": r["weights"] for r in fold_records},
+        weights={f"fold-{f.fold}.safetensors": f.weights for f in folds},
         files=files,
     )
     LOGGER.info("Model package: %s", package)
     results = {
         "target": settings.target,
-        "task": task,
+        "task": task.name,
         "classes": cohort.classes,
         "positive_class": cohort.classes[-1] if len(cohort.classes) == 2 else None,
         "architecture": settings.architecture,
@@ -306,14 +465,11 @@ def run_study(
         "excluded": cohort.excluded,
         "n_images": len(images),
         "n_subjects": int(images["participant_id"].nunique()),
-        "splits": _split_counts(splits, images, task),
-        "splits_reused": reused,
-        "checks": checks,
-        "near_pairs": near_pairs,
-        "folds": [
-            {k: v for k, v in r.items() if k not in ("weights", "scale")} | {"scale": dataclasses.asdict(r["scale"])}
-            for r in fold_records
-        ],
+        "splits": _split_counts(split.splits, images, task),
+        "splits_reused": split.reused,
+        "checks": split.checks,
+        "near_pairs": split.near_pairs,
+        "folds": [f.summary() for f in folds],
         "validation_summary": validation_summary,
         "test_fold_summary": test_fold_summary,
         "test": test_eval,
@@ -322,47 +478,61 @@ def run_study(
         "model_resolution": settings.model_resolution,
         "device": str(device),
         "wall_time_s": round(time.monotonic() - started, 1),
+        **extra,
     }
     derivatives.write_json(run_dir / RESULTS, results)
     return results
 
 
-def _volumes(rows: pd.DataFrame) -> Volumes:
-    return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
+def _write_case_scores(
+    run_dir: Path, folds: list[FoldResult], test_eval: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Move the case-wise scores of voxel-wise evaluations out of the records into ``case_scores.tsv``."""
+    parts = []
+    for fold in folds:
+        for split, evaluation in (("validation", fold.validation), ("test", fold.test)):
+            parts.append(_cases(evaluation, split, str(fold.fold), "template"))
+    parts.append(_cases(test_eval, "test", "ensemble", "template"))
+    if extra.get("test_native"):
+        parts.append(_cases(extra["test_native"], "test", "ensemble", "T1w"))
+    tables = [p for p in parts if p is not None]
+    if tables:
+        table = pd.concat(tables, ignore_index=True)
+        derivatives.write_text(
+            run_dir / CASE_SCORES, table.to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a")
+        )
 
 
-def _evaluate(
-    task: str, rows: pd.DataFrame, outputs: np.ndarray, threshold: float, *, seed: int, ci: bool
-) -> dict[str, Any]:
-    y = rows["y"].to_numpy()
-    groups = rows["participant_id"].tolist()
-    if task == "classification":
-        return evaluate.evaluate_classification(y, outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
-    return evaluate.evaluate_regression(y, outputs, groups=groups, seed=seed, ci=ci)
-
-
-def _prediction_table(
-    rows: pd.DataFrame, outputs: np.ndarray, split: str, fold: str, classes: list[str], threshold: float
-) -> pd.DataFrame:
-    table = rows[["participant_id", "session_id", "source", "target", "y"]].copy()
-    table.insert(3, "split", split)
-    table.insert(4, "fold", fold)
-    if classes:
-        for i, name in enumerate(classes):
-            table[f"probability_{name}"] = outputs[:, i]
-        if len(classes) == 2:
-            table["probability"] = outputs[:, 1]
-            table["predicted"] = np.where(outputs[:, 1] >= threshold, classes[1], classes[0])
-        else:
-            table["predicted"] = [classes[i] for i in outputs.argmax(axis=1)]
-        table["threshold"] = threshold
-    else:
-        table["predicted"] = outputs
-        table["error"] = outputs - table["y"].to_numpy()
+def _cases(evaluation: dict[str, Any], split: str, fold: str, space: str) -> pd.DataFrame | None:
+    cases = evaluation.pop("cases", None)
+    if not cases:
+        return None
+    table = pd.DataFrame(cases)
+    table.insert(0, "space", space)
+    table.insert(0, "fold", fold)
+    table.insert(0, "split", split)
     return table
 
 
-def _split_counts(splits: pd.DataFrame, images: pd.DataFrame, task: str) -> list[dict[str, Any]]:
+def _data(task: Task, rows: pd.DataFrame, settings: StudySettings, model_config: ModelConfig) -> Any:
+    return task.dataset(rows, patch_size=settings.patch_size, n_outputs=model_config.n_outputs)
+
+
+def _evaluate(task: Task, rows: pd.DataFrame, outputs: Any, threshold: float, *, seed: int, ci: bool) -> dict[str, Any]:
+    return task.evaluate_rows(rows, outputs, threshold=threshold, seed=seed, ci=ci)
+
+
+def _prediction_table(
+    task: Task, rows: pd.DataFrame, outputs: np.ndarray, split: str, fold: str, classes: list[str], threshold: float
+) -> pd.DataFrame:
+    columns = ["participant_id", "session_id", "source", "target", "y", *(["label_array"] if task.voxelwise else [])]
+    table = rows[columns].copy()
+    table.insert(3, "split", split)
+    table.insert(4, "fold", fold)
+    return task.prediction_columns(table, outputs, classes, threshold)
+
+
+def _split_counts(splits: pd.DataFrame, images: pd.DataFrame, task: Task) -> list[dict[str, Any]]:
     out = []
     for fold in sorted(splits["fold"].dropna().unique()):
         for split in ("train", "validation"):
@@ -374,28 +544,19 @@ def _split_counts(splits: pd.DataFrame, images: pd.DataFrame, task: str) -> list
     return out
 
 
-def _count_row(fold: str, split: str, rows: pd.DataFrame, task: str) -> dict[str, Any]:
+def _count_row(fold: str, split: str, rows: pd.DataFrame, task: Task) -> dict[str, Any]:
     return {
         "fold": fold,
         "split": split,
         "subjects": int(rows["participant_id"].nunique()),
         "images": len(rows),
-        "targets": {str(k): int(v) for k, v in rows["target"].astype(str).value_counts().sort_index().items()}
-        if task == "classification"
-        else {"mean": round(float(rows["y"].mean()), 2), "sd": round(float(rows["y"].std()), 2)},
+        "targets": task.target_summary(rows),
     }
 
 
-def _worst_cases(predictions: pd.DataFrame, task: str, n: int = 5) -> list[dict[str, Any]]:
+def _worst_cases(predictions: pd.DataFrame, task: Task, n: int = 5) -> list[dict[str, Any]]:
     test = predictions[(predictions["split"] == "test") & (predictions["fold"] == "ensemble")].copy()
-    if task == "classification" and "probability" in test.columns:
-        test["error_size"] = (test["probability"] - test["y"]).abs()
-    elif task == "classification":
-        truth = test["y"].astype(int).to_numpy()
-        probs = test[[c for c in test.columns if c.startswith("probability_")]].to_numpy()
-        test["error_size"] = 1 - probs[np.arange(len(test)), truth]
-    else:
-        test["error_size"] = test["error"].abs()
+    test["error_size"] = task.error_size(test)
     worst = test.sort_values("error_size", ascending=False).head(n)
     return [
         {
@@ -413,13 +574,13 @@ def _worst_cases(predictions: pd.DataFrame, task: str, n: int = 5) -> list[dict[
 def _model_record(
     *,
     settings: StudySettings,
-    task: str,
+    task: Task,
     classes: list[str],
     model_config: ModelConfig,
     images: pd.DataFrame,
     splits: pd.DataFrame,
     threshold: float,
-    folds: list[dict[str, Any]],
+    folds: list[FoldResult],
     metrics: dict[str, Any],
     manifest_sha256: str,
 ) -> dict[str, Any]:
@@ -441,7 +602,7 @@ def _model_record(
         )
     return {
         "name": f"{settings.target}_{settings.architecture}",
-        "task": task,
+        "task": task.name,
         "target": settings.target,
         "classes": classes,
         "positive_class": classes[-1] if len(classes) == 2 else None,
@@ -458,8 +619,8 @@ def _model_record(
             "standardisation": "minus the fold's training mean image, divided by the residual SD (buffers 'mean' and "
             "'scale' in each weights file)",
         },
-        "target_scale": [dataclasses.asdict(f["scale"]) for f in folds] if task == "regression" else None,
-        "fold_thresholds": [f["threshold"] for f in folds],
+        "target_scale": [dataclasses.asdict(f.scale) for f in folds] if task.scaled_targets else None,
+        "fold_thresholds": [f.threshold for f in folds],
         "ensemble": "mean of the folds' outputs (class probabilities or values)",
         "selection_metric": settings.train.selection_metric,
         "training_subjects": seen,
@@ -472,6 +633,7 @@ def _model_record(
             "n_subjects": int(images["participant_id"].nunique()),
         },
         "learning_settings": settings.learning_settings,
+        **task.package_fields(classes=classes, settings=settings),
         "model_card": {
             "intended_use": f"Research: predicting {settings.target} from a T1w image preprocessed by bidsdl "
             f"into {TEMPLATE_SPACE} at {settings.model_resolution:g} mm.",

@@ -22,36 +22,38 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from .. import derivatives
+from ..config import default
 from ..errors import InputDataError, UsageError
+from .tasks import get_task
+from .tasks.base import NO_SCALE, TargetScale, Task
+
+__all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
 
 LOGGER = logging.getLogger(__name__)
 
-#: Metric -> whether larger is better.
-METRIC_DIRECTION = {"loss": False, "balanced_accuracy": True, "roc_auc": True, "mae": False}
 CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How one model is fitted (plain values; see ``bidsdl --help`` for their meaning)."""
+    """How one model is fitted (plain values; defaults and meaning: :class:`~pipeline.config.RunConfig`)."""
 
     task: str
     n_outputs: int
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 10
-    selection_metric: str = "loss"
-    class_weighting: str = "loss"
-    augment: tuple[str, ...] = ()
-    amp: bool = False
-    seed: int = 42
+    epochs: int = default("epochs")
+    batch_size: int = default("batch_size")
+    lr: float = default("lr")
+    weight_decay: float = default("weight_decay")
+    patience: int = default("patience")
+    selection_metric: str = default("selection_metric")
+    class_weighting: str = default("class_weighting")
+    augment: tuple[str, ...] = default("augment")
+    amp: bool = default("amp")
+    seed: int = default("seed")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "augment": list(self.augment)}
@@ -110,6 +112,9 @@ class Volumes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def epoch_order(self, *, epoch: int, seed: int, weights: np.ndarray | None) -> np.ndarray:
+        return epoch_order(len(self), epoch=epoch, seed=seed, weights=weights)
+
     def array(self, index: int) -> np.ndarray:
         if self._maps[index] is None:
             self._maps[index] = np.load(self.paths[index], mmap_mode="r")
@@ -118,8 +123,13 @@ class Volumes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, float]:
         return torch.from_numpy(np.array(self.array(index))), float(self.targets[index])
 
-    def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``(n, 1, X, Y, Z)`` and targets ``(n,)``; augmented with parameters drawn from ``seed``."""
         x = torch.from_numpy(np.stack([self.array(i) for i in indices]))
+        if augment:
+            x = augment_batch(x, augment, seed)
         return x, torch.from_numpy(self.targets[list(indices)])
 
 
@@ -221,70 +231,27 @@ def _to_device(x: torch.Tensor, device: torch.device, precision: Precision) -> t
     return x.contiguous(memory_format=torch.channels_last_3d) if precision.channels_last else x
 
 
-@dataclass(frozen=True)
-class TargetScale:
-    """Regression targets are standardised for the loss; outputs are mapped back."""
-
-    mean: float = 0.0
-    sd: float = 1.0
-
-
-def loss_function(settings: TrainSettings, targets: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if settings.task == "regression":
-        return lambda out, y: F.mse_loss(out[:, 0].float(), y)
-    weight = None
-    if settings.class_weighting == "loss":
-        counts = np.bincount(targets.astype(int), minlength=settings.n_outputs).astype(np.float64)
-        weight = torch.as_tensor(len(targets) / (settings.n_outputs * np.maximum(counts, 1)), dtype=torch.float32)
-    return lambda out, y: F.cross_entropy(
-        out.float(), y.long(), weight=None if weight is None else weight.to(out.device)
-    )
-
-
-def sample_weights(settings: TrainSettings, targets: np.ndarray) -> np.ndarray | None:
-    if settings.task != "classification" or settings.class_weighting != "sampler":
-        return None
-    counts = np.bincount(targets.astype(int), minlength=settings.n_outputs).astype(np.float64)
-    return 1.0 / counts[targets.astype(int)]
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    data: Volumes,
+    data: Any,
     *,
-    task: str,
+    task: str | Task,
     device: torch.device,
     amp: bool = False,
-    scale: TargetScale = TargetScale(),
+    scale: TargetScale = NO_SCALE,
     batch_size: int = 8,
 ) -> np.ndarray:
-    """Class probabilities ``(n, classes)`` or regression values ``(n,)`` in target units."""
+    """The task's predictions of every item of ``data`` (class probabilities, values in target units, ...)."""
     precision = precision_for(device, amp)
     model.eval()
-    outputs = []
-    for chunk in np.array_split(np.arange(len(data)), max(1, math.ceil(len(data) / batch_size))):
-        if not len(chunk):
-            continue
-        x, _ = data.batch(chunk)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
         with precision.autocast(device):
-            out = model(_to_device(x, device, precision)).float().cpu()
-        outputs.append(out)
-    raw = torch.cat(outputs)
-    if task == "classification":
-        return torch.softmax(raw, dim=1).numpy().astype(np.float64)
-    return raw[:, 0].numpy().astype(np.float64) * scale.sd + scale.mean
+            return model(_to_device(x, device, precision)).float().cpu()
 
-
-def validation_scores(task: str, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """The per-epoch validation metrics (the full evaluation is :mod:`pipeline.learn.evaluate`)."""
-    if task == "regression":
-        return {"mae": float(np.mean(np.abs(outputs - targets)))}
-    y = targets.astype(int)
-    scores = {"balanced_accuracy": float(balanced_accuracy_score(y, outputs.argmax(axis=1)))}
-    if outputs.shape[1] == 2 and len(np.unique(y)) == 2:
-        scores["roc_auc"] = float(roc_auc_score(y, outputs[:, 1]))
-    return scores
+    task = get_task(task) if isinstance(task, str) else task
+    return task.predict(run, data, scale=scale, batch_size=batch_size)
 
 
 @dataclass
@@ -293,6 +260,7 @@ class FitResult:
     best: dict[str, dict[str, float]]
     run_dir: Path
     stopped_early: bool
+    outlook: dict[str, Any] | None = None
 
 
 class _Progress:
@@ -360,7 +328,7 @@ def fit(
     *,
     run_dir: Path,
     device: torch.device,
-    scale: TargetScale = TargetScale(),
+    scale: TargetScale = NO_SCALE,
     resume: bool = False,
     label: str = "",
     on_epoch_end: Callable[[int], None] | None = None,
@@ -377,13 +345,10 @@ def fit(
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.lr / 100)
-    criterion = loss_function(settings, train.targets)
-    weights = sample_weights(settings, train.targets)
-    metrics = (
-        ["loss", *(["balanced_accuracy"] + (["roc_auc"] if settings.n_outputs == 2 else []))]
-        if (settings.task == "classification")
-        else ["loss", "mae"]
-    )
+    task = get_task(settings.task)
+    criterion = task.loss(train.targets, settings.n_outputs, settings.class_weighting)
+    weights = task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting)
+    metrics = ["loss", *task.metrics(settings.n_outputs)]
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     start_epoch, bad_epochs = 0, 0
@@ -401,19 +366,16 @@ def fit(
             return FitResult(history, best, run_dir, stopped_early=bool(state.get("stopped_early")))
     writer = _tensorboard_writer(run_dir) if tensorboard else None
     stopped_early = False
-    train_scale = (lambda y: (y - scale.mean) / scale.sd) if settings.task == "regression" else (lambda y: y)
     for epoch in range(start_epoch, settings.epochs):
         started = time.monotonic()
         torch.manual_seed(derived_seed(settings.seed, epoch, 1))  # dropout of this epoch
         model.train()
-        order = epoch_order(len(train), epoch=epoch, seed=settings.seed, weights=weights)
+        order = train.epoch_order(epoch=epoch, seed=settings.seed, weights=weights)
         progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
         total, seen = 0.0, 0
         for batch_index, chunk in enumerate(batches(order, settings.batch_size)):
-            x, y = train.batch(chunk)
-            if settings.augment:
-                x = augment_batch(x, settings.augment, derived_seed(settings.seed, epoch, 2, batch_index))
-            x, y = _to_device(x, device, precision), train_scale(y).to(device)
+            x, y = train.batch(chunk, augment=settings.augment, seed=derived_seed(settings.seed, epoch, 2, batch_index))
+            x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast(device):
                 loss = criterion(model(x), y)
@@ -430,9 +392,12 @@ def fit(
         progress.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        outputs = predict(model, val, task=settings.task, device=device, amp=settings.amp, scale=scale)
-        val_loss = _validation_loss(settings, criterion, outputs, val.targets, scale)
-        scores = {"loss": val_loss, **validation_scores(settings.task, outputs, val.targets)}
+        outputs = predict(model, val, task=task, device=device, amp=settings.amp, scale=scale)
+        scores = {
+            "loss": task.validation_loss(criterion, outputs, val.targets, scale),
+            **task.validation_scores(outputs, val.targets),
+        }
+        task.after_validation(outputs, val, run_dir=run_dir, epoch=epoch + 1)
         row = {
             "epoch": epoch + 1,
             "train_loss": total / max(seen, 1),
@@ -441,6 +406,7 @@ def fit(
             "epoch_time_s": time.monotonic() - started,
         }
         history.append(row)
+        outlook = projection(history, f"val_{settings.selection_metric}", settings.epochs)
         improved_selection = False
         for metric in metrics:
             value = scores.get(metric)
@@ -448,7 +414,7 @@ def fit(
                 continue
             previous = best.get(metric)
             better = previous is None or (
-                value > previous["value"] if METRIC_DIRECTION[metric] else value < previous["value"]
+                value > previous["value"] if task.direction[metric] else value < previous["value"]
             )
             if better:
                 best[metric] = {"value": float(value), "epoch": epoch + 1}
@@ -478,14 +444,17 @@ def fit(
             for key, value in row.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch + 1)
+        eta = np.mean([r["epoch_time_s"] for r in history]) * (settings.epochs - epoch - 1)
         LOGGER.info(
-            "%sepoch %d/%d: train loss %.4f, %s, %.1f s",
+            "%sepoch %d/%d: train loss %.4f, %s, %.1f s; ETA %.0f s%s",
             label,
             epoch + 1,
             settings.epochs,
             row["train_loss"],
-            ", ".join(f"val {k} {v:.4f}" for k, v in scores.items()),
+            ", ".join(f"val {k} {v:.4f}" for k, v in scores.items() if k in metrics),
             row["epoch_time_s"],
+            eta,
+            f"; {outlook['text']}" if outlook else "",
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
@@ -494,17 +463,45 @@ def fit(
             break
     if writer is not None:
         writer.close()
-    return FitResult(history, best, run_dir, stopped_early)
+    key = f"val_{settings.selection_metric}"
+    return FitResult(history, best, run_dir, stopped_early, projection(history, key, settings.epochs))
 
 
-def _validation_loss(
-    settings: TrainSettings, criterion: Callable, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
-) -> float:
-    if settings.task == "regression":
-        scaled = (outputs - scale.mean) / scale.sd
-        return float(np.mean((scaled - (targets - scale.mean) / scale.sd) ** 2))
-    logits = torch.log(torch.as_tensor(np.clip(outputs, 1e-7, 1.0), dtype=torch.float32))
-    return float(criterion(logits, torch.as_tensor(targets)))
+def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict[str, Any] | None:
+    """Where a validation score is heading: ``y = a + b exp(-t / c)`` fitted to its trajectory (from 4 epochs).
+
+    Returns the expected final value ``a`` (the plateau), the epoch by which the curve is within 1% of
+    the way left to it, and a line for the log; None while too few epochs or the fit fails.
+
+    >>> h = [{"val_dice": 0.9 - 0.8 * np.exp(-t / 3)} for t in range(1, 9)]
+    >>> round(projection(h, "val_dice", 30)["expected"], 3)
+    0.9
+    """
+    values = np.array([row.get(key, np.nan) for row in history], dtype=float)
+    t = np.arange(1, len(values) + 1, dtype=float)
+    keep = np.isfinite(values)
+    if keep.sum() < 4:
+        return None
+    from scipy.optimize import curve_fit
+
+    def curve(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+        return a + b * np.exp(-x / c)
+
+    try:
+        with np.errstate(all="ignore"):
+            (a, _b, c), _ = curve_fit(
+                curve, t[keep], values[keep], p0=(values[keep][-1], values[keep][0] - values[keep][-1], 3.0),
+                bounds=([-np.inf, -np.inf, 0.3], [np.inf, np.inf, 10.0 * epochs]), maxfev=2000,
+            )  # fmt: skip
+    except (RuntimeError, ValueError):
+        return None
+    settle = float(np.ceil(c * np.log(100)))  # |b| e^{-t/c} < 1% of |b|
+    expected = float(a)
+    return {
+        "expected": expected,
+        "epoch": int(min(max(settle, 1), 10 * epochs)),
+        "text": f"{key.removeprefix('val_')} heading to {expected:.3f} by epoch ~{int(settle)}",
+    }
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:

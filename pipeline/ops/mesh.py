@@ -45,7 +45,12 @@ def mask_surface(
     return world.astype(np.float32), faces.astype(np.int32)
 
 
-def write_gifti(vertices: np.ndarray, faces: np.ndarray, path: Path) -> Path:
+def write_gifti(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    path: Path,
+    description: str = "Brain-mask surface (marching cubes, level 0.5)",
+) -> Path:
     """A GIFTI surface (pointset in scanner millimetres + triangles)."""
     pointset = nib.gifti.GiftiDataArray(
         np.asarray(vertices, dtype=np.float32),
@@ -57,7 +62,7 @@ def write_gifti(vertices: np.ndarray, faces: np.ndarray, path: Path) -> Path:
         np.asarray(faces, dtype=np.int32), intent="NIFTI_INTENT_TRIANGLE", datatype="NIFTI_TYPE_INT32"
     )
     image = nib.gifti.GiftiImage(darrays=[pointset, triangles])
-    image.meta = nib.gifti.GiftiMetaData({"Description": "Brain-mask surface (marching cubes, level 0.5)"})
+    image.meta = nib.gifti.GiftiMetaData({"Description": description})
     nib.save(image, str(path))
     return Path(path)
 

@@ -105,7 +105,9 @@ def template_space_outputs(
         "mask_model": mask_model,
         "affine_model": model_affine,
         "normalisation": {
-            **normalisation, "mask": "the subject's brain mask in template space", "brain_coverage": coverage
+            **normalisation,
+            "mask": "the subject's brain mask in template space",
+            "brain_coverage": coverage,
         },
     }
 

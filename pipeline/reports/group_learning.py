@@ -81,6 +81,7 @@ def _fold_table(results: dict[str, Any]) -> dict[str, Any]:
                 "test": [_fmt(fold["test"]["metrics"].get(n)) for n in names],
             }
         )
+
     def mean_sd(summary: dict[str, dict[str, float]]) -> list[str]:
         return [f"{_fmt(summary[n]['mean'])} ± {_fmt(summary[n]['std'])}" for n in names]
 
@@ -112,16 +113,12 @@ def _worst(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
 
 def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Figures and tables of a study's ``results.json`` for the group report."""
-    classification = results["task"] == "classification"
-    test = results["test"]
-    if classification:
-        evaluation_figure = figures.classification_panels(test, results["classes"])
-    else:
-        import pandas as pd
+    from ..learn.tasks import get_task
 
-        predictions = pd.read_csv(output_dir / results["package"] / "predictions.tsv", sep="\t")
-        ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
-        evaluation_figure = figures.regression_panels(ensemble["y"], ensemble["predicted"])
+    test = results["test"]
+    predictions = pd.read_csv(output_dir / results["package"] / "predictions.tsv", sep="\t")
+    ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
+    evaluation_figure = get_task(results["task"]).evaluation_figure(test, results["classes"], ensemble)
     return {
         **{k: results[k] for k in ("target", "task", "classes", "positive_class", "architecture", "package")},
         "content_sha256": results["content_sha256"],
@@ -148,11 +145,12 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
 def external_context(results: dict[str, Any]) -> dict[str, Any]:
     """What the group report shows of an external evaluation (``group --model``)."""
     evaluation = results.get("evaluation")
+    from ..learn.tasks import get_task
+
     figure = None
-    if evaluation and results["task"] == "classification":
-        figure = _data_uri(figures.classification_panels(evaluation, results["classes"]))
-    elif evaluation:
-        figure = _data_uri(figures.regression_panels(results["truth"], results["predicted"]))
+    if evaluation:
+        table = pd.DataFrame({"y": results["truth"] or [], "predicted": results["predicted"] or []})
+        figure = _data_uri(get_task(results["task"]).evaluation_figure(evaluation, results["classes"], table))
     training_test = results["training"]["test"]
     return {
         **{k: results[k] for k in ("models", "ensemble_id", "task", "target", "classes", "positive_class")},

@@ -36,7 +36,11 @@ def dataset_counts(columns: dict[str, dict[str, int]], age: Sequence[float] | No
 
 def training_curves(histories: Sequence[Sequence[dict[str, Any]]], *, dpi: int = 70) -> bytes:
     """Per fold: training and validation loss, the validation metrics, learning rate and epoch time."""
-    keys = [k for k in histories[0][0] if k.startswith("val_") and k != "val_loss"] if histories[0] else []
+    keys = (
+        [k for k in histories[0][0] if k.startswith("val_") and k != "val_loss" and not k.startswith("val_dice_")]
+        if histories[0]
+        else []
+    )  # per-structure Dice: in history.tsv and the segmentation figures
     panels = ["loss", *keys, "lr", "epoch_time_s"]
     figure = Figure(figsize=(3.0 * len(panels), 2.6))
     for p, key in enumerate(panels):
@@ -126,4 +130,60 @@ def orthogonal_slices(volume: np.ndarray, *, dpi: int = 60) -> bytes:
         ax.imshow(np.take(data, data.shape[i] // 2, axis=i).T, cmap="gray", origin="lower", vmin=low, vmax=high)
         ax.axis("off")
     figure.subplots_adjust(0, 0, 1, 1, 0.02, 0)
+    return _png(figure, dpi)
+
+
+def segmentation_panels(cases: Any, *, dpi: int = 70) -> bytes:
+    """Case-wise Dice and HD95 per structure (one dot per image, the median as a bar)."""
+    structures = list(dict.fromkeys(cases["structure"]))
+    figure = Figure(figsize=(max(6.4, 1.1 * len(structures) * 2), 3.2))
+    for p, (key, title) in enumerate((("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))):
+        ax = figure.add_subplot(1, 2, p + 1)
+        for i, name in enumerate(structures):
+            values = cases.loc[cases["structure"] == name, key].astype(float).to_numpy()
+            values = values[np.isfinite(values)]
+            jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(i + jitter, values, s=10, color=_COLOURS[i % len(_COLOURS)])
+            if len(values):
+                ax.hlines(np.median(values), i - 0.3, i + 0.3, color="#333", lw=1.2)
+        ax.set_xticks(range(len(structures)))
+        ax.set_xticklabels(structures, rotation=40, ha="right", fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if key == "dice":
+            ax.set_ylim(0, 1.02)
+    figure.tight_layout()
+    return _png(figure, dpi)
+
+
+def segmentation_preview(
+    image: np.ndarray, reference: np.ndarray | None, prediction: np.ndarray, *, title: str = "", dpi: int = 70
+) -> bytes:
+    """Three orthogonal slices through the labelled structures: the input, the reference and the prediction
+    over it (colours by label index), so that a score never hides a misplaced structure."""
+    from matplotlib.colors import ListedColormap
+
+    data = np.asarray(image, dtype=float).reshape(image.shape[-3:])
+    union = prediction > 0 if reference is None else (prediction > 0) | (reference > 0)
+    centre = np.argwhere(union).mean(0).round().astype(int) if union.any() else np.array(data.shape) // 2
+    low, high = np.percentile(data, [1, 99.5])
+    n = int(max(prediction.max(), 0 if reference is None else reference.max())) + 1
+    colours = ListedColormap([(0, 0, 0, 0)] + [_COLOURS[i % len(_COLOURS)] for i in range(max(n - 1, 1))])
+    columns = [("input", None), ("reference", reference), ("prediction", prediction)]
+    columns = [c for c in columns if c[0] != "reference" or reference is not None]
+    figure = Figure(figsize=(2.0 * len(columns), 6.0), facecolor="white")
+    for row in range(3):
+        for col, (name, labels) in enumerate(columns):
+            ax = figure.add_subplot(3, len(columns), row * len(columns) + col + 1)
+            ax.imshow(np.take(data, centre[row], axis=row).T, cmap="gray", origin="lower", vmin=low, vmax=high)
+            if labels is not None:
+                section = np.take(labels, centre[row], axis=row).T
+                ax.imshow(np.ma.masked_equal(section, 0), cmap=colours, origin="lower", vmin=0, vmax=max(n - 1, 1),
+                          alpha=0.55, interpolation="nearest")  # fmt: skip
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
     return _png(figure, dpi)

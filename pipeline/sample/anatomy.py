@@ -47,11 +47,12 @@ NECK_TOP_MM = -74.0
 
 @dataclass(frozen=True)
 class Head:
-    """A synthetic head on an RAS grid: intensities (WM ~ 0.9) and the true brain mask."""
+    """A synthetic head on an RAS grid: intensities (WM ~ 0.9), the true brain mask and structure labels."""
 
     data: np.ndarray
     brain: np.ndarray
     affine: np.ndarray
+    labels: np.ndarray
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,7 +84,8 @@ def head_model(
     head = np.where(below | (head == 0), neck, head)
     head = ndimage.gaussian_filter(head, sigma=0.8)
     head[brain] = t1[brain]
-    return Head(data=head, brain=brain, affine=affine)
+    labels = np.pad(structure_labels(template.resolution), ((0, 0), (0, 0), (pad, 0)))
+    return Head(data=head, brain=brain, affine=affine, labels=labels)
 
 
 def neck_and_shoulders(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
@@ -116,6 +118,7 @@ def radial_deform(
     centre_mm: Sequence[float],
     sigma_mm: float,
     strength: float,
+    order: int = 1,
 ) -> np.ndarray:
     """Expand (strength > 0) or shrink (< 0) the structure around ``centre_mm`` smoothly.
 
@@ -140,18 +143,84 @@ def radial_deform(
     source = points - strength * weight * offset
     source_vox = np.tensordot(inv[:3, :3], source, axes=1) + inv[:3, 3, None, None, None]
     out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = ndimage.map_coordinates(
-        image, source_vox, order=1, mode="nearest"
+        image, source_vox, order=order, mode="nearest"
     )
     return out
 
 
-def deform(image: np.ndarray, affine: np.ndarray, *, ventricles: float, hippocampi: float) -> np.ndarray:
-    """Enlarge the lateral ventricles and shrink the hippocampi by the given strengths."""
+def deform(
+    image: np.ndarray, affine: np.ndarray, *, ventricles: float, hippocampi: float, order: int = 1
+) -> np.ndarray:
+    """Enlarge the lateral ventricles and shrink the hippocampi by the given strengths.
+
+    ``order`` 0 (nearest neighbour) carries a label map through the same mapping as its image.
+    """
     for centre in VENTRICLE_CENTRES:
-        image = radial_deform(image, affine, centre, VENTRICLE_SIGMA_MM, ventricles)
+        image = radial_deform(image, affine, centre, VENTRICLE_SIGMA_MM, ventricles, order)
     for centre in HIPPOCAMPUS_CENTRES:
-        image = radial_deform(image, affine, centre, HIPPOCAMPUS_SIGMA_MM, -hippocampi)
+        image = radial_deform(image, affine, centre, HIPPOCAMPUS_SIGMA_MM, -hippocampi, order)
     return image
+
+
+#: The labelled structures of the sample (index -> name), as in a BIDS ``dseg.tsv``.
+STRUCTURES = {
+    1: "Left-Lateral-Ventricle",
+    2: "Right-Lateral-Ventricle",
+    3: "Left-Hippocampus",
+    4: "Right-Hippocampus",
+    5: "Left-Thalamus",
+    6: "Right-Thalamus",
+}
+#: Ellipsoids (centre, semi-axes in mm) that bound the hippocampi and thalami on the template.
+HIPPOCAMPUS_BOUNDS = ((28.0, -22.0, -14.0), (6.0, 16.0, 7.0))
+THALAMUS_BOUNDS = ((11.0, -18.0, 7.0), (8.0, 14.0, 9.0))
+#: The lateral ventricles: cerebrospinal fluid (template T1 below this) in a box around their centres.
+VENTRICLE_T1_MAX = 0.45
+VENTRICLE_BOX_MM = ((-32.0, 32.0), (-50.0, 32.0), (-6.0, 36.0))
+
+
+def _world(shape: Sequence[int], affine: np.ndarray) -> list[np.ndarray]:
+    """The RAS coordinates (mm) of a diagonal-affine grid, one broadcastable array per axis."""
+    return [
+        (np.arange(n) * affine[i, i] + affine[i, 3]).reshape([-1 if j == i else 1 for j in range(3)])
+        for i, n in enumerate(shape)
+    ]
+
+
+@functools.lru_cache(maxsize=2)
+def structure_labels(resolution: int = 1) -> np.ndarray:
+    """The sample's structures on the template grid (uint8, indices of :data:`STRUCTURES`).
+
+    Lateral ventricles: the template's dark CSF connected to the ventricle centres, split at the
+    midline; hippocampi: grey matter inside an ellipsoid at each hippocampus; thalami: tissue
+    inside an ellipsoid medial to each, outside the ventricles. Defined on the template once,
+    then carried through each image's deformation and pose, so every image's truth is exact.
+    """
+    template = load_template(resolution)
+    x, y, z = _world(template.t1.shape, template.affine)
+    labels = np.zeros(template.t1.shape, dtype=np.uint8)
+    (x0, x1), (y0, y1), (z0, z1) = VENTRICLE_BOX_MM
+    box = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1) & (z >= z0) & (z <= z1)
+    csf = box & template.brain_mask & (template.t1 < VENTRICLE_T1_MAX)
+    components, _ = ndimage.label(csf)
+    inv = np.linalg.inv(template.affine)
+    seeds = {int(components[tuple(np.rint(inv[:3, :3] @ c + inv[:3, 3]).astype(int))]) for c in VENTRICLE_CENTRES}
+    ventricles = np.isin(components, sorted(seeds - {0}))
+    labels[ventricles & (x < 0)] = 1
+    labels[ventricles & (x >= 0)] = 2
+
+    def ellipsoid(centre: Sequence[float], axes: Sequence[float], side: float) -> np.ndarray:
+        return (
+            ((x - side * centre[0]) / axes[0]) ** 2
+            + ((y - centre[1]) / axes[1]) ** 2
+            + ((z - centre[2]) / axes[2]) ** 2
+        ) <= 1
+
+    for side, (hippocampus, thalamus) in ((-1.0, (3, 5)), (1.0, (4, 6))):
+        labels[ellipsoid(*HIPPOCAMPUS_BOUNDS, side) & (template.gm > 0.4) & (labels == 0)] = hippocampus
+        tissue = (template.gm + template.wm) > 0.5
+        labels[ellipsoid(*THALAMUS_BOUNDS, side) & tissue & (labels == 0)] = thalamus
+    return labels
 
 
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
@@ -203,16 +272,17 @@ def resample_into(
     grid: np.ndarray,
     shape: Sequence[int],
     world_to_image_world: np.ndarray,
+    order: int = 1,
 ) -> np.ndarray:
-    """Sample ``image`` on a grid: voxel -> world (``grid``) -> image world -> image voxel."""
+    """Sample ``image`` on a grid: voxel -> world (``grid``) -> image world -> image voxel (``order`` 0: labels)."""
     matrix = np.linalg.inv(image_affine) @ world_to_image_world @ grid
     return ndimage.affine_transform(
         image,
         matrix[:3, :3],
         offset=matrix[:3, 3],
         output_shape=tuple(shape),
-        order=1,
-        output=np.float32,
+        order=order,
+        output=np.float32 if order else image.dtype,
         cval=0.0,
     )
 

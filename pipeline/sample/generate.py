@@ -24,9 +24,14 @@ import numpy as np
 
 from .. import __version__
 from ..derivatives import BIDS_VERSION, atomic_path, write_json, write_text
+from ..learn.labels import label_path, write_labels_dataset
 from . import anatomy
 
 LOGGER = logging.getLogger(__name__)
+
+#: Where the sample's reference labels go (a derivatives dataset inside the sample), and their ``desc``.
+LABELS_DIR = Path("derivatives") / "labels"
+LABEL_DESC = "structures"
 
 #: Per-site scanner metadata (sidecars) and acquisition character (scale, noise).
 SITES: dict[str, dict[str, Any]] = {
@@ -190,8 +195,8 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
 
 def make_image(
     spec: ImageSpec, head: anatomy.Head, options: SampleOptions
-) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
-    """The T1w of one image, its true brain mask (same grid) and its ground truth."""
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
+    """The T1w of one image, its true brain mask and structure labels (same grid) and its ground truth."""
     rng = np.random.default_rng(spec.seed)
     acq = draw_acquisition(rng, options)
     deform = lambda image: anatomy.deform(  # noqa: E731
@@ -221,6 +226,11 @@ def make_image(
     mask = nib.Nifti1Image(brain.astype(np.uint8), grid)
     mask.set_qform(grid, code=1)
     mask.set_sform(grid, code=1)
+    moved = anatomy.deform(head.labels, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi, order=0)
+    structures = anatomy.resample_into(moved, head.affine, grid, shape, to_template, order=0)
+    labels = nib.Nifti1Image(structures.astype(np.uint8), grid)
+    labels.set_qform(grid, code=1)
+    labels.set_sform(grid, code=1)
     site = SITES[spec.site]
     scale = site["scale"] * acq["scale_jitter"]
     signal *= anatomy.bias_field(shape, acq["bias_coefficients"])
@@ -249,7 +259,11 @@ def make_image(
         "diagnosis": spec.diagnosis,
         "site": spec.site,
     }
-    return img, mask, truth
+    truth["StructureVolumesMl"] = {
+        name: round(float((structures == index).sum() * abs(np.linalg.det(grid[:3, :3]))) / 1000, 4)
+        for index, name in anatomy.STRUCTURES.items()
+    }
+    return img, mask, labels, truth
 
 
 def mask_name(spec: ImageSpec) -> str:
@@ -271,7 +285,7 @@ _SHARED: dict[str, Any] = {}
 
 def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     out_dir, spec, options = job
-    img, mask, truth = make_image(spec, _SHARED["head"], options)
+    img, mask, labels, truth = make_image(spec, _SHARED["head"], options)
     target = out_dir / spec.relpath
     with atomic_path(target) as tmp:
         img.to_filename(tmp)
@@ -280,6 +294,8 @@ def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     with atomic_path(truth_dir / mask_name(spec)) as tmp:
         mask.to_filename(tmp)
     write_json(truth_dir / f"{spec.stem}.json", truth)
+    with atomic_path(label_path(out_dir / LABELS_DIR, spec.relpath, LABEL_DESC)) as tmp:
+        labels.to_filename(tmp)
     return truth
 
 
@@ -372,6 +388,9 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
         },
     )
     write_text(out_dir / "README", _readme(options, planted))
+    write_labels_dataset(
+        out_dir / LABELS_DIR, LABEL_DESC, anatomy.STRUCTURES, generated_by="bidsdl-sample", version=__version__
+    )
     write_json(
         out_dir / "sourcedata" / "generation.json",
         {
@@ -404,6 +423,8 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
         "Some images have a large field of view reaching the neck and shoulders.",
         "Every image's true T1w-to-template transform, artefacts and brain mask are in `sourcedata/truth/`.",
+        f"Reference labels of six structures ({', '.join(anatomy.STRUCTURES.values())}) in each T1w's grid: the",
+        f"derivatives dataset `{LABELS_DIR.as_posix()}/` (`desc-{LABEL_DESC}_dseg`), for `--task segmentation`.",
         "",
         f"Options: `{json.dumps(_recorded_options(options))}`",
         f"Planted problems: `{json.dumps(planted)}`",

@@ -11,7 +11,7 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.audit import AuditT1w
 from ..interfaces.derivatives import DerivativesSink, sink_inputs
-from ..interfaces.inference import MaskSurface, RunInference
+from ..interfaces.inference import MaskSurface, RunInference, RunSegmentation
 from ..interfaces.preprocess import (
     ComputeIQMs,
     ExtractBrain,
@@ -22,7 +22,14 @@ from ..interfaces.preprocess import (
     ResampleToTemplate,
 )
 from ..interfaces.reports import PlotReportlets
-from .outputs import DERIVATIVE_INPUTS, INFERENCE_INPUTS, init_anat_derivatives_wf, init_inference_derivatives_wf
+from .outputs import (
+    DERIVATIVE_INPUTS,
+    INFERENCE_INPUTS,
+    SEGMENTATION_INPUTS,
+    init_anat_derivatives_wf,
+    init_inference_derivatives_wf,
+    init_segmentation_derivatives_wf,
+)
 
 #: What the preprocessing hands on (outputnode fields of :func:`init_anat_preproc_wf`).
 PREPROC_OUTPUTS = (
@@ -202,7 +209,10 @@ def init_anat_wf(
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id"]), name="inputnode")
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
     preproc_wf = init_anat_preproc_wf(
-        model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads, device=device,
+        model_resolution=model_resolution,
+        seed=seed,
+        omp_nthreads=omp_nthreads,
+        device=device,
         brain_helper=brain_helper,
     )
     qc_wf = init_anat_qc_wf()
@@ -220,7 +230,31 @@ def init_anat_wf(
     for field in QC_OUTPUTS:
         if field in DERIVATIVE_INPUTS:
             workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
-    if inference is not None:
+    if inference is not None and inference.get("segmentation"):
+        options = dict(inference)
+        segmentation = options.pop("segmentation")
+        seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
+        ds_seg_wf = init_segmentation_derivatives_wf(
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            model_resolution=segmentation["resolution_mm"],
+            label_desc=segmentation["label_desc"],
+            structures=segmentation["structures"],
+        )
+        workflow.connect([
+            (inputnode, seg_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id"),
+                                 ("t1w", "inputnode.t1w")]),
+            (audit_wf, seg_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
+            (qc_wf, seg_wf, [("outputnode.t1w_model_passed", "inputnode.passed")]),
+            (preproc_wf, seg_wf, [("outputnode.t1w_corrected", "inputnode.t1w_corrected"),
+                                  ("outputnode.transform", "inputnode.transform"),
+                                  ("outputnode.template_record", "inputnode.template_record")]),
+            (inputnode, ds_seg_wf, [("t1w", "inputnode.source_file")]),
+        ])  # fmt: skip
+        for field in SEGMENTATION_INPUTS:
+            workflow.connect(seg_wf, f"outputnode.{field}", ds_seg_wf, f"inputnode.{field}")
+    elif inference is not None:
+        inference = {k: v for k, v in inference.items() if k != "segmentation"}
         infer_wf = init_anat_inference_wf(**inference, omp_nthreads=omp_nthreads)
         ds_infer_wf = init_inference_derivatives_wf(
             bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution
@@ -235,6 +269,50 @@ def init_anat_wf(
         ])  # fmt: skip
         for field in INFERENCE_INPUTS:
             workflow.connect(infer_wf, f"outputnode.{field}", ds_infer_wf, f"inputnode.{field}")
+    return workflow
+
+
+def init_anat_segmentation_wf(
+    *,
+    model_dirs: Sequence[str],
+    model_hashes: Sequence[str],
+    allow_training_subjects: bool,
+    device: str,
+    omp_nthreads: int,
+    name: str = "anat_segmentation_wf",
+) -> pe.Workflow:
+    """Segment one preprocessed T1w with segmentation model packages (an ensemble when several).
+
+    Parameters: as :func:`init_anat_inference_wf`. Inputs: ``source``, ``participant_id``, ``t1w`` (in BIDS_DIR:
+    the grid of the native labels), ``audit_record``, ``passed`` (set only when quality control passed),
+    ``t1w_corrected``, ``transform``, ``template_record``. Outputs: see
+    :data:`~pipeline.workflows.outputs.SEGMENTATION_INPUTS`.
+    """
+    fields = ["source", "participant_id", "t1w", "audit_record", "passed", "t1w_corrected", "transform",
+              "template_record"]  # fmt: skip
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=list(SEGMENTATION_INPUTS)), name="outputnode")
+    segment = pe.Node(
+        RunSegmentation(
+            model_dirs=list(model_dirs),
+            model_hashes=list(model_hashes),
+            allow_training_subjects=allow_training_subjects,
+            device=device,
+            num_threads=omp_nthreads,
+        ),
+        name="segment",
+        n_procs=omp_nthreads,
+        mem_gb=2.0,
+    )
+    workflow.connect([
+        (inputnode, segment, [("source", "source"), ("participant_id", "participant_id"), ("t1w", "in_t1w"),
+                              ("audit_record", "in_audit"), ("passed", "in_passed"), ("t1w_corrected", "in_file"),
+                              ("transform", "in_transform"), ("template_record", "in_template_record")]),
+        (segment, outputnode, [("out_record", "prediction"), ("out_dseg", "dseg"), ("out_dseg_model", "dseg_model"),
+                               ("out_table", "dseg_table"), ("out_metadata", "segmentation_record"),
+                               ("out_figure", "segmentation_figure"), ("out_meshes", "meshes")]),
+    ])  # fmt: skip
     return workflow
 
 

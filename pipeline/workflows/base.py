@@ -6,6 +6,7 @@ take plain arguments.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
@@ -83,6 +84,18 @@ def init_single_subject_wf(
     return workflow
 
 
+def _segmentation(model: Path) -> dict[str, Any] | None:
+    """What the graph needs of a segmentation model (its labels and grid; checked already), or None."""
+    record = json.loads((Path(model) / "model.json").read_text())
+    if "labels" not in record:
+        return None
+    return {
+        "label_desc": record["label_desc"],
+        "structures": [entry["name"] for entry in record["labels"]],
+        "resolution_mm": float(record["input"]["resolution_mm"]),
+    }
+
+
 def init_bidsdl_wf(
     config: RunConfig,
     *,
@@ -106,6 +119,7 @@ def init_bidsdl_wf(
             "model_hashes": list(model_hashes),
             "allow_training_subjects": config.allow_training_subjects,
             "device": config.device,
+            "segmentation": _segmentation(config.models[0]),
         }
     workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
     workflow.config["execution"].update(

@@ -82,6 +82,24 @@ _INFERENCE_OUTPUTS: tuple[Output, ...] = (
 #: The inputs of :func:`init_inference_derivatives_wf` besides ``source_file``.
 INFERENCE_INPUTS = ("prediction", "saliency", "gradcam", "attribution_record", "attribution_figure")
 
+#: The outputs of the segmentation node (participant level with a segmentation --model); the meshes, one per
+#: structure, are added by :func:`init_segmentation_derivatives_wf`.
+_SEGMENTATION_OUTPUTS: tuple[Output, ...] = (
+    Output("ds_prediction", "prediction", "prediction"),
+    Output("ds_dseg", "dseg", "dseg",
+           {"Description": "Labels predicted by the model ensemble, in the T1w's own grid"}, "segmentation_record"),
+    Output("ds_dseg_model", "dseg_model", "dseg_model",
+           {"Description": "Labels predicted by the model ensemble on the model grid (template space)"},
+           "segmentation_record"),
+    Output("ds_dseg_table", "dseg_table", "dseg_table"),
+    Output("ds_fig_segmentation", "segmentation_figure", "fig_segmentation"),
+)  # fmt: skip
+
+#: The inputs of :func:`init_segmentation_derivatives_wf` besides ``source_file``.
+SEGMENTATION_INPUTS = (
+    "prediction", "dseg", "dseg_model", "dseg_table", "segmentation_record", "segmentation_figure", "meshes",
+)  # fmt: skip
+
 
 #: The inputs of :func:`init_anat_derivatives_wf` besides ``source_file``.
 DERIVATIVE_INPUTS = tuple(
@@ -106,6 +124,45 @@ def init_inference_derivatives_wf(
     return _sinks(_INFERENCE_OUTPUTS, INFERENCE_INPUTS, bids_dir, output_dir, model_resolution, name)
 
 
+def init_segmentation_derivatives_wf(
+    *,
+    bids_dir: Path,
+    output_dir: Path,
+    model_resolution: float,
+    label_desc: str,
+    structures: list[str],
+    name: str = "segmentation_derivatives_wf",
+) -> pe.Workflow:
+    """Save a segmentation: the labels in both grids, the lookup table, the record, the figure and one
+    surface per structure (``..._label-<structure>_desc-<label_desc>_mesh.surf.gii``)."""
+    from nipype.interfaces.utility import Function
+
+    workflow = _sinks(_SEGMENTATION_OUTPUTS, SEGMENTATION_INPUTS, bids_dir, output_dir, model_resolution, name,
+                      label_desc=label_desc)  # fmt: skip
+    inputnode = workflow.get_node("inputnode")
+    for index, structure in enumerate(structures):
+        key = "".join(c for c in structure if c.isalnum())
+        select = pe.Node(Function(input_names=["inlist", "index"], output_names=["out"], function=_pick),
+                         name=f"select_mesh_{key}", run_without_submitting=True)  # fmt: skip
+        select.inputs.index = index
+        sink = pe.Node(
+            DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir),
+                            metadata={"Description": f"Surface of the predicted {structure} (world mm, RAS)"},
+                            **sink_inputs("structure_mesh", label_desc=label_desc, structure=structure)),
+            name=f"ds_mesh_{key}", run_without_submitting=True, overwrite=True,
+        )  # fmt: skip
+        workflow.connect([
+            (inputnode, select, [("meshes", "inlist")]),
+            (select, sink, [("out", "in_file")]),
+            (inputnode, sink, [("source_file", "source_file")]),
+        ])  # fmt: skip
+    return workflow
+
+
+def _pick(inlist: list, index: int) -> Any:
+    return inlist[index]
+
+
 def _sinks(
     outputs: tuple[Output, ...],
     fields: tuple[str, ...],
@@ -113,6 +170,7 @@ def _sinks(
     output_dir: Path,
     model_resolution: float,
     name: str,
+    label_desc: str | None = None,
 ) -> pe.Workflow:
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["source_file", *fields]), name="inputnode")
@@ -123,10 +181,10 @@ def _sinks(
             metadata.setdefault("Resolution", model_grid_description(model_resolution))
         sink = pe.Node(
             DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), metadata=metadata,
-                            **sink_inputs(output.name, model_resolution)),
+                            **sink_inputs(output.name, model_resolution, label_desc=label_desc)),
             name=output.node,
             # records and figures are copied in the scheduler; images are compressed in a worker
-            run_without_submitting=kind.extension in (".json", ".png", ".surf.gii"),
+            run_without_submitting=kind.extension in (".json", ".png", ".surf.gii", ".tsv"),
             overwrite=True,
         )  # fmt: skip
         if output.reference:
@@ -137,4 +195,3 @@ def _sinks(
         if output.metadata_field:
             workflow.connect(inputnode, output.metadata_field, sink, "metadata_file")
     return workflow
-

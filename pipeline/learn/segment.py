@@ -1,0 +1,145 @@
+"""Participant-level segmentation of one T1w with segmentation model packages (the inference node's work).
+
+The image is brought onto the model's grid from its bias-corrected T1w through the participant level's
+affine (as in training), each fold of each model slides its window over it, the probabilities are
+averaged, and the labels are written twice: on the model grid (template space) and in the T1w's own
+grid (probabilities resampled through the inverse affine, then the argmax). Per structure: its volume
+(ml) and a GIFTI surface in world millimetres with its area and enclosed volume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ..bids.audit import load_spatial
+from ..derivatives import bids_label
+from ..errors import InputDataError
+from ..ops.mesh import mask_surface, surface_summary, write_gifti
+from .infer import LoadedModel, ensemble_id, model_card
+from .tasks.segmentation import image_on_grid, model_grid, predict_volume, probabilities_to_native, read_transform
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.to_filename(path)
+    return str(path)
+
+
+def check_models(models: Sequence[LoadedModel]) -> None:
+    """An ensemble of segmentation models must share the labels and the grid."""
+    first = models[0].record
+    for model in models[1:]:
+        for key in ("labels", "label_desc"):
+            if model.record.get(key) != first.get(key):
+                raise InputDataError(
+                    f"--model {models[0].folder} and --model {model.folder} cannot form an ensemble: their {key} "
+                    "differ. Give segmentation models trained on the same labels."
+                )
+
+
+def segment(
+    models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities ``(K, X, Y, Z)`` of the ensemble (the mean over folds and models), and each model's."""
+    per_model = []
+    for model in models:
+        patch = int(model.record["patch_size"])
+        folds = []
+        for network in model.networks:
+
+            def run(x: torch.Tensor, network: torch.nn.Module = network) -> torch.Tensor:
+                with torch.no_grad():
+                    return network(x.to(device)).float().cpu()
+
+            folds.append(predict_volume(run, array[None], patch).astype(np.float32))
+        per_model.append(np.mean(folds, axis=0))
+    return np.mean(per_model, axis=0), per_model
+
+
+def segment_node(
+    spec: dict[str, Any], out_dir: Path, models: Sequence[LoadedModel], *, seen: Sequence[str], device: Any
+) -> dict[str, Any]:
+    """Segment one image into ``out_dir``; returns the paths the interface hands to the sinks."""
+    from ..reports.learning import segmentation_preview
+
+    check_models(models)
+    record = models[0].record
+    labels = {int(entry["index"]): entry["name"] for entry in record["labels"]}
+    grid, shape = model_grid(float(record["input"]["resolution_mm"]))
+    if list(shape) != list(record["input"]["shape"]):
+        raise InputDataError(
+            f"The model {record['name']} expects a grid of shape {tuple(record['input']['shape'])}; this bidsdl "
+            f"makes {shape} at {record['input']['resolution_mm']} mm. Use the bidsdl version the model was trained "
+            "with."
+        )
+    transform = read_transform(Path(spec["transform"]))
+    normalisation = json.loads(Path(spec["template_record"]).read_text())["IntensityNormalization"]
+    array = image_on_grid(load_spatial(Path(spec["in_file"])), transform, grid, shape, normalisation)
+    probabilities, _ = segment(models, array, device)
+    on_grid = probabilities.argmax(0).astype(np.uint8)
+    raw = load_spatial(Path(spec["t1w"]))
+    native = probabilities_to_native(probabilities, grid, transform, raw.affine, raw.shape[:3])
+    voxel_ml = float(abs(np.linalg.det(raw.affine[:3, :3]))) / 1000
+    outputs: dict[str, Any] = {
+        "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
+        "dseg_model": _save(on_grid, grid, out_dir / "dseg_model.nii"),
+    }
+    table = out_dir / "dseg.tsv"
+    table.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in sorted(labels.items())))
+    outputs["table"] = str(table)
+    structures, meshes = [], []
+    for index, name in sorted(labels.items()):
+        mask = native == index
+        entry: dict[str, Any] = {"index": index, "name": name, "volume_ml": round(float(mask.sum()) * voxel_ml, 3)}
+        path = out_dir / f"mesh_{bids_label(name)}.surf.gii"
+        if mask.any():
+            vertices, faces = mask_surface(mask, raw.affine, step_size=1, sigma_mm=0.5)
+            entry["surface"] = surface_summary(vertices, faces)
+        else:
+            vertices, faces = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
+            entry["surface"] = None
+        write_gifti(vertices, faces, path, description=f"Surface of the predicted {name} (marching cubes, level 0.5)")
+        meshes.append(str(path))
+        structures.append(entry)
+    outputs["meshes"] = meshes
+    prediction = {
+        "source": spec["source"],
+        "participant_id": spec["participant_id"],
+        "task": record["task"],
+        "target": record["target"],
+        "label_desc": record["label_desc"],
+        "models": [m.identity for m in models],
+        "ensemble_id": ensemble_id([m.record for m in models]),
+        "seen_in_training": bool(seen),
+        "seen_in_training_reasons": list(seen),
+        "predicted": "labels",
+        "structures": structures,
+        "volumes_ml": {s["name"]: s["volume_ml"] for s in structures},
+        "model_card": [model_card(m) for m in models],
+    }
+    metadata = {
+        "Models": prediction["models"],
+        "EnsembleID": prediction["ensemble_id"],
+        "SeenInTraining": prediction["seen_in_training"],
+        "Labels": record["labels"],
+        "Method": "sliding-window softmax of every fold (mean), brought to this grid through the inverse of the "
+        "participant level's affine (probabilities, linear), then the argmax",
+    }
+    outputs["record"] = str(out_dir / "prediction.json")
+    outputs["metadata"] = str(out_dir / "metadata.json")
+    outputs["figure"] = str(out_dir / "segmentation.png")
+    Path(outputs["record"]).write_text(json.dumps(prediction, indent=2) + "\n")
+    Path(outputs["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
+    title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
+    Path(outputs["figure"]).write_bytes(segmentation_preview(array, None, on_grid, title=title))
+    return outputs

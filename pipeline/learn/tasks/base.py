@@ -1,0 +1,198 @@
+"""What a learning task is: the methods every task module implements (see :mod:`pipeline.learn.tasks`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TargetScale:
+    """Regression targets are standardised for the loss; outputs are mapped back."""
+
+    mean: float = 0.0
+    sd: float = 1.0
+
+
+#: Targets used as they are.
+NO_SCALE = TargetScale()
+
+
+class Task:
+    """One image -> one target (a class or a value); subclasses fill in what differs."""
+
+    name: str = ""
+    #: Whether targets are categories (splits stratify by class and check class counts).
+    discrete: bool = False
+    #: Whether the target is a label per voxel (reference label images) rather than a value per image.
+    voxelwise: bool = False
+    #: Whether the network is fed ``(x - training mean image) / residual SD`` (whole-image tasks).
+    standardize_inputs: bool = True
+    #: Whether the splits stratify by the target when --stratify is not given.
+    stratify_by_target: bool = True
+    #: The splits each fold predicts (and tabulates) after training.
+    predicted_splits: tuple[str, ...] = ("train", "validation", "test")
+    #: Whether the loss sees standardised targets (each fold's mean and SD travel in ``model.json``).
+    scaled_targets: bool = False
+    #: Validation metric -> whether larger is better ("loss" is every task's).
+    direction: ClassVar[dict[str, bool]] = {"loss": False}
+    #: The metrics of the full evaluation, in the order the report shows them.
+    evaluation_metrics: tuple[str, ...] = ()
+    #: Test metrics a model card shows, in order.
+    card_metrics: tuple[str, ...] = ()
+    #: ``probabilities`` (softmax over the output channels, averaged over folds) or ``values``.
+    output_kind: str = "values"
+    #: What an exported ensemble returns (the export's sidecar).
+    export_output: str = ""
+
+    # --- targets -------------------------------------------------------------------------------------------
+    def encode_targets(
+        self, table: pd.DataFrame, target: str, positive_class: str | None
+    ) -> tuple[pd.DataFrame, list[str]]:
+        """``table`` with a numeric ``y`` column, and the class names (empty when there are none)."""
+        raise NotImplementedError
+
+    def n_outputs(self, classes: Sequence[str]) -> int:
+        return 1
+
+    def subject_target(self, y: pd.Series) -> float:
+        """One subject's target from its images' (for the splits)."""
+        raise NotImplementedError
+
+    def target_scale(self, y: np.ndarray) -> TargetScale:
+        return TargetScale()
+
+    def target_summary(self, rows: pd.DataFrame) -> dict[str, Any]:
+        """What the split table shows of the targets of ``rows``."""
+        raise NotImplementedError
+
+    # --- training ------------------------------------------------------------------------------------------
+    def metrics(self, n_outputs: int) -> tuple[str, ...]:
+        """The validation metrics recorded each epoch (after the loss)."""
+        return ()
+
+    def loss(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> Criterion:
+        raise NotImplementedError
+
+    def sample_weights(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> np.ndarray | None:
+        return None
+
+    def loss_targets(self, y: torch.Tensor, scale: TargetScale) -> torch.Tensor:
+        """Targets as the loss sees them."""
+        return y
+
+    def predict(
+        self, run: Callable[[torch.Tensor], torch.Tensor], data: Any, *, scale: TargetScale, batch_size: int
+    ) -> np.ndarray:
+        """Predictions of every item of ``data``; ``run`` maps a CPU input batch to raw CPU outputs."""
+        raw = torch.cat([run(data.batch(chunk)[0]) for chunk in chunks(len(data), batch_size)])
+        return self.postprocess(raw, scale)
+
+    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
+        """Raw network outputs ``(n, k)`` -> predictions (probabilities, or values in target units)."""
+        raise NotImplementedError
+
+    def validation_loss(
+        self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
+    ) -> float:
+        raise NotImplementedError
+
+    def validation_scores(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_validation(self, outputs: Any, data: Any, *, run_dir: Any, epoch: int) -> None:
+        """Evidence of one epoch's validation beside the checkpoint (e.g. the worst case, drawn)."""
+
+    def dataset(self, rows: pd.DataFrame, *, patch_size: int, n_outputs: int) -> Any:
+        """What :func:`~pipeline.learn.train.fit` trains on or predicts: cached arrays and targets of ``rows``."""
+        from ..train import Volumes
+
+        return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
+
+    def ensemble(self, outputs: Sequence[Any]) -> Any:
+        """The folds' outputs on one set of images, combined (the mean)."""
+        return np.mean(outputs, axis=0)
+
+    def evaluate_rows(
+        self, rows: pd.DataFrame, outputs: Any, *, threshold: float, seed: int, ci: bool
+    ) -> dict[str, Any]:
+        """The evaluation of ``outputs`` against the targets of ``rows`` (CIs resample participants)."""
+        groups = rows["participant_id"].tolist()
+        return self.evaluate(rows["y"].to_numpy(), outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
+
+    def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
+        """What ``model.json`` records besides what every task records (overrides included)."""
+        return {}
+
+    def finish_study(self, rows: pd.DataFrame, ensemble: Any, *, run_dir: Any, settings: Any) -> dict[str, Any]:
+        """Extra results of the test set's ensemble outputs (written beside ``results.json``)."""
+        return {}
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+    def choose_threshold(self, y: np.ndarray, outputs: np.ndarray) -> float:
+        return 0.5
+
+    def evaluate(
+        self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prediction_columns(
+        self, table: pd.DataFrame, outputs: np.ndarray, classes: Sequence[str], threshold: float
+    ) -> pd.DataFrame:
+        """Add the prediction columns of ``outputs`` to ``table`` (one row per image)."""
+        raise NotImplementedError
+
+    def error_size(self, table: pd.DataFrame) -> pd.Series:
+        """How wrong each row of a prediction table is (the report shows the worst)."""
+        raise NotImplementedError
+
+    # --- inference -----------------------------------------------------------------------------------------
+    def attribution_score(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The scalar per input that saliency and Grad-CAM explain."""
+        return outputs[:, 0]
+
+    def attribution_score_name(self, n_outputs: int) -> str:
+        return "predicted value"
+
+    def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
+        """One fold network's raw output for one image -> its prediction."""
+        raise NotImplementedError
+
+    def prediction_fields(
+        self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
+    ) -> dict[str, Any]:
+        """The task's part of a prediction record (``predicted`` and what explains it)."""
+        raise NotImplementedError
+
+    def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+        """The gathered columns of one participant-level prediction record."""
+        return {"predicted": record["predicted"]}
+
+    def external_reason(self, value: Any, column: str, classes: Sequence[str]) -> str | None:
+        """Why a reference value cannot be evaluated against (None: it can)."""
+        return None
+
+    def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def headline_metric(self, n_classes: int) -> str:
+        raise NotImplementedError
+
+    # --- reports -------------------------------------------------------------------------------------------
+    def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
+        """The report's panels of one evaluation; ``table`` has columns ``y`` and ``predicted``."""
+        raise NotImplementedError
+
+
+def chunks(n: int, size: int) -> list[np.ndarray]:
+    """Index chunks of at most ``size`` covering ``range(n)``."""
+    return [c for c in np.array_split(np.arange(n), max(1, math.ceil(n / size))) if len(c)]

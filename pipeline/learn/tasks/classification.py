@@ -1,0 +1,213 @@
+"""Classification: one class per image (softmax outputs, cross-entropy, ROC/threshold evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from torch.nn import functional as F  # noqa: N812 - the usual name
+
+from ...errors import InputDataError
+from .. import evaluate
+from . import METRIC_DIRECTIONS
+from .base import Criterion, TargetScale, Task
+
+
+def class_labels(values: pd.Series, positive_class: str | None) -> list[str]:
+    """Class names in index order; with two classes the positive one is index 1.
+
+    The default positive class is the rarer one (ties: the last in sorted order), the usual
+    reading of "positive" for a diagnosis.
+
+    >>> class_labels(pd.Series(["CN", "AD", "CN"]), None)
+    ['CN', 'AD']
+    """
+    counts = values.astype(str).value_counts()
+    labels = sorted(counts.index)
+    if positive_class is not None and positive_class not in labels:
+        raise InputDataError(
+            f"--positive-class {positive_class!r} is not a value of the target; values: {', '.join(labels)}."
+        )
+    if len(labels) == 2:
+        positive = positive_class or min(reversed(labels), key=lambda c: counts[c])
+        labels = [c for c in labels if c != positive] + [positive]
+    return labels
+
+
+def class_of(value: Any, classes: Sequence[str]) -> str | None:
+    """The model's class that ``value`` names (a TSV may read '1' as 1.0), or None.
+
+    >>> class_of(1.0, ["0", "1"]), class_of("AD", ["CN", "AD"]), class_of("MCI", ["CN", "AD"])
+    ('1', 'AD', None)
+    """
+    candidates = [str(value)]
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        candidates.append(str(int(value)))
+    return next((c for c in candidates if c in classes), None)
+
+
+class Classification(Task):
+    name = "classification"
+    discrete = True
+    direction: ClassVar[dict[str, bool]] = METRIC_DIRECTIONS["classification"]
+    evaluation_metrics = evaluate.CLASSIFICATION_METRICS
+    card_metrics = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+    output_kind = "probabilities"
+    export_output = "class probabilities (softmax, mean over folds)"
+
+    def encode_targets(
+        self, table: pd.DataFrame, target: str, positive_class: str | None
+    ) -> tuple[pd.DataFrame, list[str]]:
+        table = table.copy()
+        table["target"] = table["target"].astype(str)
+        present = sorted(set(table["target"]))
+        if len(present) < 2:
+            raise InputDataError(
+                f"The target {target!r} has one class only ({present[0]!r}) among the {len(table)} usable images: "
+                "a classifier needs at least two. Check participants.tsv or choose another --target."
+            )
+        classes = class_labels(table["target"], positive_class)
+        table["y"] = table["target"].map({c: i for i, c in enumerate(classes)}).astype(float)
+        return table, classes
+
+    def n_outputs(self, classes: Sequence[str]) -> int:
+        return len(classes)
+
+    def subject_target(self, y: pd.Series) -> float:
+        return float(y.mode().iloc[0])
+
+    def target_summary(self, rows: pd.DataFrame) -> dict[str, Any]:
+        return {str(k): int(v) for k, v in rows["target"].astype(str).value_counts().sort_index().items()}
+
+    def metrics(self, n_outputs: int) -> tuple[str, ...]:
+        return ("balanced_accuracy", "roc_auc") if n_outputs == 2 else ("balanced_accuracy",)
+
+    def loss(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> Criterion:
+        weight = None
+        if class_weighting == "loss":
+            counts = np.bincount(targets.astype(int), minlength=n_outputs).astype(np.float64)
+            weight = torch.as_tensor(len(targets) / (n_outputs * np.maximum(counts, 1)), dtype=torch.float32)
+        return lambda out, y: F.cross_entropy(
+            out.float(), y.long(), weight=None if weight is None else weight.to(out.device)
+        )
+
+    def sample_weights(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> np.ndarray | None:
+        if class_weighting != "sampler":
+            return None
+        counts = np.bincount(targets.astype(int), minlength=n_outputs).astype(np.float64)
+        return 1.0 / counts[targets.astype(int)]
+
+    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
+        return torch.softmax(raw, dim=1).numpy().astype(np.float64)
+
+    def validation_loss(
+        self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
+    ) -> float:
+        logits = torch.log(torch.as_tensor(np.clip(outputs, 1e-7, 1.0), dtype=torch.float32))
+        return float(criterion(logits, torch.as_tensor(targets)))
+
+    def validation_scores(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        y = targets.astype(int)
+        scores = {"balanced_accuracy": float(balanced_accuracy_score(y, outputs.argmax(axis=1)))}
+        if outputs.shape[1] == 2 and len(np.unique(y)) == 2:
+            scores["roc_auc"] = float(roc_auc_score(y, outputs[:, 1]))
+        return scores
+
+    def choose_threshold(self, y: np.ndarray, outputs: np.ndarray) -> float:
+        if outputs.ndim == 2 and outputs.shape[1] == 2:
+            return evaluate.choose_threshold(y.astype(int), outputs[:, 1])
+        return 0.5
+
+    def evaluate(
+        self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
+    ) -> dict[str, Any]:
+        return evaluate.evaluate_classification(y, outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
+
+    def prediction_columns(
+        self, table: pd.DataFrame, outputs: np.ndarray, classes: Sequence[str], threshold: float
+    ) -> pd.DataFrame:
+        for i, name in enumerate(classes):
+            table[f"probability_{name}"] = outputs[:, i]
+        if len(classes) == 2:
+            table["probability"] = outputs[:, 1]
+            table["predicted"] = np.where(outputs[:, 1] >= threshold, classes[1], classes[0])
+        else:
+            table["predicted"] = [classes[i] for i in outputs.argmax(axis=1)]
+        table["threshold"] = threshold
+        return table
+
+    def error_size(self, table: pd.DataFrame) -> pd.Series:
+        if "probability" in table.columns:
+            return (table["probability"] - table["y"]).abs()
+        truth = table["y"].astype(int).to_numpy()
+        probs = table[[c for c in table.columns if c.startswith("probability_")]].to_numpy()
+        return pd.Series(1 - probs[np.arange(len(table)), truth], index=table.index)
+
+    def attribution_score(self, outputs: torch.Tensor) -> torch.Tensor:
+        if outputs.shape[1] == 2:
+            return outputs[:, 1] - outputs[:, 0]  # the positive class's log-odds
+        return outputs.gather(1, outputs.argmax(1, keepdim=True))[:, 0]
+
+    def attribution_score_name(self, n_outputs: int) -> str:
+        return "positive-class log-odds" if n_outputs == 2 else "predicted class logit"
+
+    def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(raw), 0).numpy()
+
+    def prediction_fields(
+        self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
+    ) -> dict[str, Any]:
+        classes = models[0]["classes"]
+        probabilities = {c: float(p) for c, p in zip(classes, output, strict=True)}
+        fields: dict[str, Any] = {
+            "probabilities": probabilities,
+            "per_model": [{c: float(p) for c, p in zip(classes, out, strict=True)} for out in per_model],
+        }
+        if len(classes) == 2:
+            threshold = float(np.mean([m["threshold"] for m in models]))
+            fields.update(
+                positive_class=classes[1],
+                probability=probabilities[classes[1]],
+                threshold=threshold,
+                predicted=classes[1] if probabilities[classes[1]] >= threshold else classes[0],
+            )
+        else:
+            fields["predicted"] = classes[int(np.argmax(output))]
+        return fields
+
+    def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {"predicted": record["predicted"]}
+        for name in classes:
+            row[f"probability_{name}"] = record["probabilities"][name]
+        if len(classes) == 2:
+            row["probability"] = record["probability"]
+            row["threshold"] = record["threshold"]
+        return row
+
+    def external_reason(self, value: Any, column: str, classes: Sequence[str]) -> str | None:
+        if class_of(value, classes) is None:
+            return f"{column} = {value!r} is not a class of the model ({', '.join(classes)})"
+        return None
+
+    def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
+        y = table["target"].map(lambda v: classes.index(class_of(v, classes))).to_numpy()
+        probabilities = table[[f"probability_{c}" for c in classes]].to_numpy(dtype=float)
+        threshold = float(table["threshold"].iloc[0]) if len(classes) == 2 else 0.5
+        return self.evaluate(
+            y, probabilities, threshold=threshold, groups=table["participant_id"].tolist(), seed=seed, ci=True
+        )
+
+    def headline_metric(self, n_classes: int) -> str:
+        return "roc_auc" if n_classes == 2 else "balanced_accuracy"
+
+    def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
+        from ...reports import learning as figures
+
+        return figures.classification_panels(evaluation, classes)
+
+
+TASK = Classification()
