@@ -468,7 +468,8 @@ def bidsignore() -> str:
 
 #: The group level's files and folders in OUTPUT_DIR (none of them defined by BIDS).
 GROUP_FILES = ("group_audit.json", "manifest.json", "manifest.tsv", "qc.json", "qc.tsv", "predictions.tsv",
-               "predictions.json", "external_evaluation.json", "learn", "models")  # fmt: skip
+               "predictions.json", "external_evaluation.json", "external_case_scores.tsv", "learn",
+               "models")  # fmt: skip
 
 README = """\
 # bidsdl derivatives

@@ -221,8 +221,9 @@ def run_group_level(
         from .learn.external import run_external_evaluation
 
         external = run_external_evaluation(
-            table, output_dir=out, model_dirs=list(config.models), target=config.target, seed=config.seed
-        )
+            table, output_dir=out, model_dirs=list(config.models), target=config.target, seed=config.seed,
+            bids_dir=config.bids_dir, labels=config.labels, label_desc=config.label_desc,
+        )  # fmt: skip
     rows = table.to_dict(orient="records")
     for row in rows:
         row["flags"] = [f for f in str(row["flags"]).split(",") if f]

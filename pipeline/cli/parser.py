@@ -18,7 +18,13 @@ from ..bids.layout import normalize_label
 from ..config import LEARNING_FIELDS, POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
 from ..errors import UnknownAnalysisLevel, UsageError
 from ..learn import ARCHITECTURE_NAMES, SEGMENTATION_ARCHITECTURE_NAMES
-from ..learn.tasks import METRIC_DIRECTIONS, SEGMENTATION_RESOLUTION_MM, SELECTION_METRICS, TASK_NAMES
+from ..learn.tasks import (
+    METRIC_DIRECTIONS,
+    SEGMENTATION_RESOLUTION_MM,
+    SELECTION_METRICS,
+    TASK_DEFAULTS,
+    TASK_NAMES,
+)
 
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("auto", *TASK_NAMES)
@@ -359,13 +365,14 @@ def _learning_options(merged: dict[str, Any]) -> dict[str, Any]:
         if options.get("target") not in (None, options["label_desc"]):
             raise UsageError("--task segmentation learns the labels of --label-desc: leave out --target.")
         options["target"] = options["label_desc"]
-        options.setdefault("architecture", SEGMENTATION_ARCHITECTURE_NAMES[0])
     if architecture is not None and (architecture in SEGMENTATION_ARCHITECTURE_NAMES) != segmentation:
         kind = "segments" if architecture in SEGMENTATION_ARCHITECTURE_NAMES else "predicts one value per image"
         raise UsageError(
             f"--architecture {architecture} {kind}: it does not fit --task {task}. Segmentation networks: "
             f"{', '.join(SEGMENTATION_ARCHITECTURE_NAMES)}; the others are for classification and regression."
         )
+    for name, value in TASK_DEFAULTS.get(task, {}).items():
+        options.setdefault(name, value)
     if options.get("n_folds", defaults.n_folds) == 1 and "val_size" not in options:
         options["val_size"] = defaults.val_size
     return options

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .. import derivatives
@@ -26,6 +27,8 @@ from .tasks import get_task
 LOGGER = logging.getLogger(__name__)
 PREDICTIONS = "predictions.tsv"
 EVALUATION = "external_evaluation.json"
+#: Case-wise scores of an external segmentation evaluation (per image and structure, each T1w's grid).
+CASE_SCORES = "external_case_scores.tsv"
 
 
 def prediction_path(output_dir: Path, source: str) -> Path:
@@ -86,11 +89,19 @@ def run_external_evaluation(
     model_dirs: Sequence[Path],
     target: str | None,
     seed: int,
+    bids_dir: Path | None = None,
+    labels: Path | None = None,
+    label_desc: str | None = None,
 ) -> dict[str, Any]:
     """Write ``predictions.tsv`` (+ ``.json``) and ``external_evaluation.json``; return the results."""
     records = [read_package(folder) for folder in model_dirs]
     check_ensemble(records, list(model_dirs))
     first = records[0]
+    if get_task(first["task"]).voxelwise:
+        return _external_segmentation(
+            manifest, output_dir=output_dir, model_dirs=model_dirs, records=records, seed=seed, bids_dir=bids_dir,
+            labels=labels, label_desc=label_desc,
+        )  # fmt: skip
     task, classes = get_task(first["task"]), first["classes"]
     column = target or first["target"]
     table, skipped = gather_predictions(manifest, output_dir, records)
@@ -171,3 +182,126 @@ def run_external_evaluation(
             "External evaluation on %d image(s): %s %.3f", len(evaluated), headline, evaluation["metrics"][headline]
         )
     return results
+
+
+def _external_segmentation(
+    manifest: pd.DataFrame,
+    *,
+    output_dir: Path,
+    model_dirs: Sequence[Path],
+    records: Sequence[dict[str, Any]],
+    seed: int,
+    bids_dir: Path | None,
+    labels: Path | None,
+    label_desc: str | None,
+) -> dict[str, Any]:
+    """Compare the participant level's labels (each T1w's own grid) with reference labels, case by case."""
+    import nibabel as nib
+
+    from .labels import check_labels_dataset, find_label, find_table, load_label
+    from .tasks.segmentation import structure_scores, summarise_cases
+
+    first = records[0]
+    desc = first["label_desc"]
+    table, skipped = gather_predictions(manifest, output_dir, records)
+    for item in skipped:
+        LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
+    if table.empty:
+        raise InputDataError(
+            f"No image in {output_dir} has a prediction by {', '.join(str(m) for m in model_dirs)}. Run "
+            "'bidsdl BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR' first."
+        )
+    names = {int(e["index"]): e["name"] for e in first["labels"]}
+    cases, excluded = [], []
+    if labels is not None and label_desc is not None and bids_dir is not None:
+        check_labels_dataset(labels)
+        reference_table = find_table(labels, label_desc)
+        if set(reference_table.names.values()) != set(names.values()):
+            LOGGER.warning(
+                "The reference labels name %s; the model predicts %s: only the structures of both are compared.",
+                ", ".join(reference_table.structures), ", ".join(names.values()),
+            )  # fmt: skip
+        for _, row in table.iterrows():
+            source = row["source"]
+            reference_path = find_label(labels, source, label_desc)
+            reason = None
+            if row["seen_in_training"]:
+                reason = "seen in training (--allow-training-subjects): not an external test"
+            elif reference_path is None:
+                reason = f"no reference labels (desc-{label_desc}) in {labels}"
+            if reason:
+                excluded.append({"source": source, "reason": reason})
+                continue
+            assert reference_path is not None
+            try:
+                reference = load_label(reference_path, Path(bids_dir) / source, reference_table)
+            except InputDataError as exc:
+                excluded.append({"source": source, "reason": str(exc)})
+                LOGGER.error("%s", exc)
+                continue
+            predicted_img = nib.load(derivatives.named_path(output_dir, source, "dseg", label_desc=desc))
+            predicted = np.asarray(predicted_img.dataobj).astype(np.uint8)  # type: ignore[attr-defined]
+            # compare structure by structure name: the reference's indices may differ from the model's
+            by_name = {n: i for i, n in reference_table.names.items()}
+            remapped = np.zeros_like(reference)
+            for index, name in names.items():
+                if name in by_name:
+                    remapped[reference == by_name[name]] = index
+            spacing = [float(z) for z in predicted_img.header.get_zooms()[:3]]  # type: ignore[attr-defined]
+            common = {i: n for i, n in names.items() if n in by_name}
+            for score in structure_scores(predicted, remapped, common, spacing):
+                cases.append({"participant_id": row["participant_id"], "source": source, **score})
+    evaluation = None
+    if cases:
+        evaluation = summarise_cases(pd.DataFrame(cases), seed=seed, ci=True)
+        derivatives.write_text(
+            output_dir / CASE_SCORES,
+            pd.DataFrame(cases).to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"),
+        )
+        evaluation["cases"] = cases
+        LOGGER.info(
+            "External evaluation on %d image(s): mean Dice %.3f", evaluation["n"], evaluation["metrics"]["dice"]
+        )
+    volumes = pd.DataFrame(
+        [{"participant_id": r["participant_id"], "source": r["source"], **json.loads(
+            derivatives.named_path(output_dir, r["source"], "prediction").read_text())["volumes_ml"]}
+         for _, r in table.iterrows()]
+    )  # fmt: skip
+    derivatives.write_text(output_dir / PREDICTIONS, volumes.to_csv(sep="\t", index=False, na_rep="n/a"))
+    models = [
+        {"package": str(folder), "name": r["name"], "content_sha256": r["content_sha256"],
+         "bidsdl_version": r["bidsdl_version"]}
+        for folder, r in zip(model_dirs, records, strict=True)
+    ]  # fmt: skip
+    derivatives.write_json(
+        output_dir / PREDICTIONS.replace(".tsv", ".json"),
+        {
+            "Description": "Volumes (ml) of the structures the models segmented in each image, gathered by the "
+            "group level",
+            "Models": models,
+            "EnsembleID": ensemble_id(records),
+        },
+    )
+    results = {
+        "models": models,
+        "ensemble_id": ensemble_id(records),
+        "task": first["task"],
+        "target": desc,
+        "classes": first["classes"],
+        "positive_class": None,
+        "training": {"n_subjects": first["data"]["n_subjects"], "test": first["metrics"]["test"]},
+        "n_predicted": len(table),
+        "n_evaluated": evaluation["n"] if evaluation else 0,
+        "skipped": skipped,
+        "excluded": excluded,
+        "evaluation": evaluation,
+        "truth": None,
+        "predicted": None,
+        "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
+    }
+    derivatives.write_json(output_dir / EVALUATION, {**results, "evaluation": _without_cases(evaluation)})
+    return results
+
+
+def _without_cases(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if evaluation is None else {k: v for k, v in evaluation.items() if k != "cases"}

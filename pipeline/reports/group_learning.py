@@ -77,6 +77,7 @@ def _fold_table(results: dict[str, Any]) -> dict[str, Any]:
                 "stopped_early": fold["stopped_early"],
                 "best": ", ".join(f"{k} @ {v['epoch']}" for k, v in fold["best"].items()),
                 "threshold": _fmt(fold["threshold"]),
+                "outlook": (fold.get("outlook") or {}).get("text", ""),
                 "validation": [_fmt(fold["validation"]["metrics"].get(n)) for n in names],
                 "test": [_fmt(fold["test"]["metrics"].get(n)) for n in names],
             }
@@ -111,6 +112,18 @@ def _worst(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
     return cases
 
 
+def _previews(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
+    """The worst test cases of a segmentation, drawn at training time (input, reference, prediction)."""
+    out = []
+    for case in results.get("worst_previews", []):
+        path = Path(case["figure"])
+        if not path.is_absolute():
+            path = output_dir / path
+        figure = _data_uri(path.read_bytes()) if path.exists() else None
+        out.append({"source": case["source"], "dice": _fmt(case["dice"]), "figure": figure})
+    return out
+
+
 def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Figures and tables of a study's ``results.json`` for the group report."""
     from ..learn.tasks import get_task
@@ -118,6 +131,11 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
     test = results["test"]
     predictions = pd.read_csv(output_dir / results["package"] / "predictions.tsv", sep="\t")
     ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
+    cases_path = output_dir / results["package"] / "case_scores.tsv"
+    if cases_path.exists():  # voxel-wise tasks: the case-wise scores in each T1w's grid
+        cases = pd.read_csv(cases_path, sep="\t")
+        ensemble = cases[(cases["split"] == "test") & (cases["fold"].astype(str) == "ensemble")]
+        ensemble = ensemble[ensemble["space"] == ("T1w" if (ensemble["space"] == "T1w").any() else "template")]
     evaluation_figure = get_task(results["task"]).evaluation_figure(test, results["classes"], ensemble)
     return {
         **{k: results[k] for k in ("target", "task", "classes", "positive_class", "architecture", "package")},
@@ -137,6 +155,11 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
         "threshold": _fmt(results["threshold"]),
         "evaluation_figure": _data_uri(evaluation_figure),
         "worst": _worst(results, output_dir),
+        "threshold_used": get_task(results["task"]).discrete,
+        "native_metrics": _metric_rows(results["test_native"]) if results.get("test_native") else [],
+        "native_sd": results.get("test_native", {}).get("sd"),
+        "test_sd": test.get("sd"),
+        "previews": _previews(results, output_dir),
         "device": results["device"],
         "wall_time_s": results["wall_time_s"],
     }

@@ -159,7 +159,7 @@ def init_segmentation_derivatives_wf(
     return workflow
 
 
-def _pick(inlist: list, index: int) -> Any:
+def _pick(inlist, index):  # Nipype runs its source: no annotations
     return inlist[index]
 
 

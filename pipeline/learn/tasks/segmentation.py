@@ -43,8 +43,10 @@ LOGGER = logging.getLogger(__name__)
 
 #: Default voxel size (mm) of the segmentation grid: small structures need finer voxels than a diagnosis.
 DEFAULT_RESOLUTION_MM = 1.5
-#: Training patches drawn per training image and epoch.
+#: Training patches drawn per training image and epoch, and at least this many per epoch (nnU-Net's epoch is
+#: a fixed number of steps, not one pass over the images: with few images, one pass teaches almost nothing).
 PATCHES_PER_IMAGE = 4
+MIN_PATCHES_PER_EPOCH = 250
 #: Share of patches centred on a voxel of a structure (the rest anywhere in the grid).
 FOREGROUND_FRACTION = 1 / 3
 #: Overlap of neighbouring windows at inference, and their weighting.
@@ -221,8 +223,9 @@ def summarise_cases(cases: pd.DataFrame, *, seed: int, ci: bool) -> dict[str, An
 class SegmentationData:
     """Cached image arrays ``(1, X, Y, Z)`` and label arrays ``(X, Y, Z)``; patches for training.
 
-    An epoch is :data:`PATCHES_PER_IMAGE` patches of every training image, in an order drawn from the
-    epoch's seed; a patch's place comes from the batch's seed alone (resume equals uninterrupted).
+    An epoch is :data:`PATCHES_PER_IMAGE` patches of every training image (at least
+    :data:`MIN_PATCHES_PER_EPOCH` in all, the images taken in turn), in an order drawn from the epoch's seed;
+    a patch's place comes from the batch's seed alone (resume equals uninterrupted).
     """
 
     def __init__(self, arrays: Sequence[Path], labels: Sequence[Path], patch_size: int, n_classes: int) -> None:
@@ -249,7 +252,8 @@ class SegmentationData:
         from ..train import derived_seed
 
         rng = np.random.default_rng(derived_seed(seed, epoch, 0))
-        return rng.permutation(np.repeat(np.arange(len(self)), PATCHES_PER_IMAGE))
+        size = max(PATCHES_PER_IMAGE * len(self), MIN_PATCHES_PER_EPOCH)
+        return rng.permutation(np.resize(np.arange(len(self)), size))
 
     def _voxels(self, index: int) -> dict[int, np.ndarray]:
         if index not in self._foreground:
@@ -444,9 +448,11 @@ class Segmentation(Task):
         return "dice"
 
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
+        """``table``: the case-wise scores (``case_scores.tsv`` rows, or the evaluation's own)."""
         from ...reports import learning as figures
 
-        return figures.segmentation_panels(pd.DataFrame(evaluation["cases"]))
+        cases = pd.DataFrame(evaluation["cases"]) if evaluation.get("cases") else table
+        return figures.segmentation_panels(cases)
 
     def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
         return raw
@@ -509,7 +515,8 @@ class Segmentation(Task):
             path = worst_dir / (Path(row["source"]).name.split(".")[0] + ".png")
             with derivatives.atomic_path(path) as tmp:
                 tmp.write_bytes(figure)
-            previews.append({"source": row["source"], "dice": scores[int(index)], "figure": str(path)})
+            figure_path = path.relative_to(settings.output_dir).as_posix()
+            previews.append({"source": row["source"], "dice": scores[int(index)], "figure": figure_path})
         return {"test_native": native_eval, "worst_previews": previews}
 
     def prediction_fields(
