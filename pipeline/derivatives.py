@@ -483,6 +483,8 @@ versions, what was done); `logs/<run>/` holds each run's log, effective configur
   back (`desc-template_mask`), the affine to {space} (`from-T1w_to-{space}_mode-image_xfm.txt`), the
   images and mask in template space (1 mm, and `res-<label>`: the grid models learn on), a brain-mask mesh,
   the audit (`desc-audit_T1w.json`) and the quality metrics with the verdict (`desc-iqm_T1w.json`).
+- With a segmentation model: the predicted labels in each T1w's grid (`desc-<labels>_dseg`, with its lookup
+  table `.tsv`) and on the model grid, one surface per structure (`label-<structure>_desc-<labels>_mesh`).
 - `sub-<label>.html`: the participant's report (self-contained; its figures are in `sub-<label>/figures/`).
 - `sub-<label>/log/`: the participant's status record and the crash files of failed steps.
 - Group level: `group.html`, `group_audit.json`, `manifest.tsv`, `qc.tsv`, `learn/` (splits, training

@@ -100,8 +100,16 @@ def package_ensemble(folder: Path) -> tuple[dict[str, Any], Ensemble]:
 def example_input(record: dict[str, Any], n: int = 2, seed: int = 0) -> torch.Tensor:
     """Inputs like the model's: its training mean image plus noise of the training residual SD."""
     generator = torch.Generator().manual_seed(seed)
-    shape = tuple(record["input"]["shape"])
+    shape = tuple(input_shape(record))
     return torch.randn((n, 1, *shape), generator=generator)
+
+
+def input_shape(record: dict[str, Any]) -> list[int]:
+    """The spatial shape an export takes: the whole model grid, or one window of a segmentation model (slide it
+    over the grid as ``model.json``'s ``inference`` says)."""
+    if "patch_size" in record:
+        return [int(record["patch_size"])] * 3
+    return [int(n) for n in record["input"]["shape"]]
 
 
 def onnx_available() -> bool:
@@ -165,7 +173,8 @@ def export_package(folder: Path, fmt: str, output: Path | None = None) -> dict[s
         "Package": folder.name,
         "PackageContentSha256": record["content_sha256"],
         "ExportedBy": {"Name": "bidsdl", "Version": __version__, "torch": torch.__version__},
-        "Input": {**record["input"], "tensor": f"float32 (batch, 1, {', '.join(map(str, record['input']['shape']))})"},
+        "Input": {**record["input"], "tensor": f"float32 (batch, 1, {', '.join(map(str, input_shape(record)))})"},
+        "SlidingWindow": record.get("inference"),
         "Output": get_task(record["task"]).export_output,
         "Classes": record["classes"],
         "PositiveClass": record.get("positive_class"),

@@ -179,6 +179,13 @@ def dice_scores(pred: np.ndarray, ref: np.ndarray, indices: Sequence[int]) -> np
     return np.asarray(out, dtype=float)
 
 
+def _mean(values: np.ndarray) -> float:
+    """The mean of the finite values (NaN when there are none: e.g. HD95 of a structure never predicted)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
 def summarise_cases(cases: pd.DataFrame, *, seed: int, ci: bool) -> dict[str, Any]:
     """Mean (and SD, bootstrap CI over participants) of the case-wise scores, overall and per structure."""
     per_case = cases.groupby("source", sort=False).agg(
@@ -192,15 +199,15 @@ def summarise_cases(cases: pd.DataFrame, *, seed: int, ci: bool) -> dict[str, An
 
     def compute(idx: np.ndarray) -> dict[str, float]:
         out = {
-            "dice": float(np.nanmean(per_case["dice"].to_numpy()[idx])),
-            "hd95_mm": float(np.nanmean(per_case["hd95_mm"].to_numpy()[idx])),
-            "abs_volume_difference_ml": float(np.nanmean(per_case["abs_volume_difference_ml"].to_numpy()[idx])),
+            "dice": _mean(per_case["dice"].to_numpy()[idx]),
+            "hd95_mm": _mean(per_case["hd95_mm"].to_numpy()[idx]),
+            "abs_volume_difference_ml": _mean(per_case["abs_volume_difference_ml"].to_numpy()[idx]),
         }
         for s in structures:
             key = derivatives.bids_label(s)
-            out[f"dice_{key}"] = float(np.nanmean(wide[s]["dice"].to_numpy()[idx]))
-            out[f"hd95_{key}"] = float(np.nanmean(wide[s]["hd95_mm"].to_numpy()[idx]))
-            out[f"voldiff_{key}"] = float(np.nanmean(wide[s]["volume_difference_ml"].to_numpy()[idx]))
+            out[f"dice_{key}"] = _mean(wide[s]["dice"].to_numpy()[idx])
+            out[f"hd95_{key}"] = _mean(wide[s]["hd95_mm"].to_numpy()[idx])
+            out[f"voldiff_{key}"] = _mean(wide[s]["volume_difference_ml"].to_numpy()[idx])
         return out
 
     everything = np.arange(len(per_case))
