@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 DEMO_SUBJECTS ?= 12
 DEMO_NEW_SUBJECTS ?= 5
+DEMO_SEG_EPOCHS ?= 4
+DEMO_SEG_PATCH ?= 48
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-infra lint benchmark clean
@@ -37,6 +39,15 @@ demo: install
 	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_derivatives group -w $(DEMO_DIR)/work_new --model $$model && \
 	$(BIN)/bidsdl-export $$model --format torchscript -o $(DEMO_DIR)/exported/model.pt && \
 	$(BIN)/bidsdl-export $$model --format onnx -o $(DEMO_DIR)/exported/model.onnx
+	# 6. segmentation: learn the sample's labelled structures (group), segment the new cohort (participant),
+	#    compare with its reference labels (group --model --labels), export one window
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work --task segmentation \
+		--labels $(DEMO_DIR)/bids/derivatives/labels --label-desc structures --n-folds 1 --epochs $(DEMO_SEG_EPOCHS) --patch-size $(DEMO_SEG_PATCH)
+	segmodel=$$(ls -td $(DEMO_DIR)/derivatives/models/structures_*/ | head -1) && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_segmentation participant -w $(DEMO_DIR)/work_new --model $$segmodel && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_segmentation group -w $(DEMO_DIR)/work_new --model $$segmodel \
+		--labels $(DEMO_DIR)/new/derivatives/labels --label-desc structures && \
+	$(BIN)/bidsdl-export $$segmodel --format onnx -o $(DEMO_DIR)/exported/segmentation.onnx
 	@echo
 	@echo "Training cohort:      $(abspath $(DEMO_DIR))/bids"
 	@echo "Its derivatives:      $(abspath $(DEMO_DIR))/derivatives (manifest.tsv, qc.tsv, logs/)"
@@ -44,7 +55,9 @@ demo: install
 	@echo "Model package:        $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/diagnosis_*/ | head -1)"
 	@echo "New cohort:           $(abspath $(DEMO_DIR))/new"
 	@echo "External evaluation:  $(abspath $(DEMO_DIR))/new_derivatives/group.html (predictions.tsv beside it)"
-	@echo "Exported model:       $(abspath $(DEMO_DIR))/exported/"
+	@echo "Exported models:      $(abspath $(DEMO_DIR))/exported/"
+	@echo "Segmentation model:   $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/structures_*/ | head -1)"
+	@echo "New cohort's labels:  $(abspath $(DEMO_DIR))/new_segmentation (group.html: Dice, HD95 against the reference)"
 	@echo "Subject reports (training cohort, then new cohort with predictions):"
 	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html $(abspath $(DEMO_DIR))/new_derivatives/sub-*.html; do \
 		echo "  $$report"; done

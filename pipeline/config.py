@@ -74,6 +74,7 @@ class RunConfig:
     labels: Path | None = None
     label_desc: str | None = _learning(None)
     patch_size: int = _learning(64)
+    ema: bool = _learning(False)
     device: str = "auto"
     amp: bool = _learning(False)
     resume: bool = False

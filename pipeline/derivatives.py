@@ -132,6 +132,7 @@ DERIVATIVES: dict[str, Kind] = {
     "dseg_model": Kind("dseg", ".nii.gz", {**_MODEL, "desc": LABEL_DESC}),
     "structure_mesh": Kind("mesh", ".surf.gii", {"label": STRUCTURE, "desc": LABEL_DESC}, bids=False),
     "fig_segmentation": _figure("segmentation"),
+    "fig_segmentationmesh": _figure("segmentationmesh"),
     "fig_mosaic": _figure("mosaic"),
     "fig_brainmask": _figure("brainmask"),
     "fig_regsubject": _figure("regsubject"),

@@ -181,6 +181,11 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     learn.add_argument(
         "--patch-size", type=_positive_int, metavar="N", help="segmentation: training patch edge in voxels (default 64)"
     )
+    learn.add_argument(
+        "--ema",
+        action="store_true",
+        help="validate, keep and package an exponential moving average of the weights (decay 0.99 per step)",
+    )
     learn.add_argument("--device", choices=DEVICES, help="auto: cuda when available, else cpu")
     learn.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
     learn.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoints")

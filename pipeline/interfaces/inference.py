@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -17,10 +18,9 @@ from nipype.interfaces.base import (
 )
 
 
-class _RunInferenceInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="model-resolution template-space T1w (the model input)")
-    in_mask = File(exists=True, mandatory=True, desc="brain mask on the same grid (for the figure)")
-    in_record = File(exists=True, mandatory=True, desc="the resampling record of in_file (its SpatialReference)")
+class _ModelNodeInputSpec(BaseInterfaceInputSpec):
+    """What every node that runs model packages on one image takes."""
+
     in_audit = File(exists=True, mandatory=True, desc="the image's audit record (voxel-data hash)")
     source = traits.Str(mandatory=True, desc="the T1w's path relative to BIDS_DIR")
     participant_id = traits.Str(mandatory=True)
@@ -29,6 +29,25 @@ class _RunInferenceInputSpec(BaseInterfaceInputSpec):
     allow_training_subjects = traits.Bool(False, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
+
+
+def _common_spec(inputs: Any) -> dict[str, Any]:
+    return {
+        "audit": inputs.in_audit,
+        "source": inputs.source,
+        "participant_id": inputs.participant_id,
+        "model_dirs": list(inputs.model_dirs),
+        "model_hashes": list(inputs.model_hashes),
+        "allow_training_subjects": bool(inputs.allow_training_subjects),
+        "device": inputs.device,
+        "num_threads": inputs.num_threads,
+    }
+
+
+class _RunInferenceInputSpec(_ModelNodeInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="model-resolution template-space T1w (the model input)")
+    in_mask = File(exists=True, mandatory=True, desc="brain mask on the same grid (for the figure)")
+    in_record = File(exists=True, mandatory=True, desc="the resampling record of in_file (its SpatialReference)")
 
 
 class _RunInferenceOutputSpec(TraitedSpec):
@@ -48,17 +67,10 @@ class RunInference(SimpleInterface):
     def _run_interface(self, runtime):
         cwd = Path(runtime.cwd)
         spec = {
+            **_common_spec(self.inputs),
             "in_file": self.inputs.in_file,
             "mask": self.inputs.in_mask,
-            "audit": self.inputs.in_audit,
             "resampling_record": self.inputs.in_record,
-            "source": self.inputs.source,
-            "participant_id": self.inputs.participant_id,
-            "model_dirs": list(self.inputs.model_dirs),
-            "model_hashes": list(self.inputs.model_hashes),
-            "allow_training_subjects": bool(self.inputs.allow_training_subjects),
-            "device": self.inputs.device,
-            "num_threads": self.inputs.num_threads,
         }
         outputs = _run_node(spec, cwd)
         self._results.update(
@@ -90,20 +102,12 @@ def _run_node(spec: dict, cwd: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-class _RunSegmentationInputSpec(BaseInterfaceInputSpec):
+class _RunSegmentationInputSpec(_ModelNodeInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the bias-corrected T1w (RAS)")
     in_transform = File(exists=True, mandatory=True, desc="the T1w-to-template affine")
     in_template_record = File(exists=True, mandatory=True, desc="the template-space T1w's record (normalisation)")
     in_t1w = File(exists=True, mandatory=True, desc="the T1w in BIDS_DIR (the grid of the native labels)")
     in_passed = File(exists=True, mandatory=True, desc="any output handed on only when quality control passed")
-    in_audit = File(exists=True, mandatory=True, desc="the image's audit record (voxel-data hash)")
-    source = traits.Str(mandatory=True, desc="the T1w's path relative to BIDS_DIR")
-    participant_id = traits.Str(mandatory=True)
-    model_dirs = traits.List(traits.Str, mandatory=True, desc="model packages (an ensemble when several)")
-    model_hashes = traits.List(traits.Str, mandatory=True, desc="their content hashes (re-run when they change)")
-    allow_training_subjects = traits.Bool(False, usedefault=True)
-    device = traits.Str("cpu", usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
 
 
 class _RunSegmentationOutputSpec(TraitedSpec):
@@ -114,6 +118,7 @@ class _RunSegmentationOutputSpec(TraitedSpec):
     out_meshes = traits.List(File(exists=True), desc="one GIFTI surface per structure, in label order")
     out_metadata = File(exists=True, desc="sidecar fields: the models and the method")
     out_figure = File(exists=True, desc="the labels over the input (PNG)")
+    out_mesh_figure = File(exists=True, desc="the structures' surfaces from three sides (PNG)")
 
 
 class RunSegmentation(SimpleInterface):
@@ -124,18 +129,11 @@ class RunSegmentation(SimpleInterface):
 
     def _run_interface(self, runtime):
         spec = {
+            **_common_spec(self.inputs),
             "in_file": self.inputs.in_file,
             "transform": self.inputs.in_transform,
             "template_record": self.inputs.in_template_record,
             "t1w": self.inputs.in_t1w,
-            "audit": self.inputs.in_audit,
-            "source": self.inputs.source,
-            "participant_id": self.inputs.participant_id,
-            "model_dirs": list(self.inputs.model_dirs),
-            "model_hashes": list(self.inputs.model_hashes),
-            "allow_training_subjects": bool(self.inputs.allow_training_subjects),
-            "device": self.inputs.device,
-            "num_threads": self.inputs.num_threads,
         }
         outputs = _run_node(spec, Path(runtime.cwd))
         self._results.update(
@@ -146,6 +144,7 @@ class RunSegmentation(SimpleInterface):
             out_meshes=outputs["meshes"],
             out_metadata=outputs["metadata"],
             out_figure=outputs["figure"],
+            out_mesh_figure=outputs["mesh_figure"],
         )
         return runtime
 

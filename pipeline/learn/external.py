@@ -139,11 +139,7 @@ def run_external_evaluation(
     if values is not None and not evaluated.empty:
         evaluation = task.external_evaluate(evaluated, classes, seed=seed)
     derivatives.write_text(output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    models = [
-        {"package": str(folder), "name": r["name"], "content_sha256": r["content_sha256"],
-         "bidsdl_version": r["bidsdl_version"]}
-        for folder, r in zip(model_dirs, records, strict=True)
-    ]  # fmt: skip
+    models = _model_entries(model_dirs, records)
     derivatives.write_json(
         output_dir / PREDICTIONS.replace(".tsv", ".json"),
         {
@@ -268,11 +264,7 @@ def _external_segmentation(
          for _, r in table.iterrows()]
     )  # fmt: skip
     derivatives.write_text(output_dir / PREDICTIONS, volumes.to_csv(sep="\t", index=False, na_rep="n/a"))
-    models = [
-        {"package": str(folder), "name": r["name"], "content_sha256": r["content_sha256"],
-         "bidsdl_version": r["bidsdl_version"]}
-        for folder, r in zip(model_dirs, records, strict=True)
-    ]  # fmt: skip
+    models = _model_entries(model_dirs, records)
     derivatives.write_json(
         output_dir / PREDICTIONS.replace(".tsv", ".json"),
         {
@@ -305,3 +297,11 @@ def _external_segmentation(
 
 def _without_cases(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if evaluation is None else {k: v for k, v in evaluation.items() if k != "cases"}
+
+
+def _model_entries(model_dirs: Sequence[Path], records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"package": str(folder), "name": r["name"], "content_sha256": r["content_sha256"],
+         "bidsdl_version": r["bidsdl_version"]}
+        for folder, r in zip(model_dirs, records, strict=True)
+    ]  # fmt: skip

@@ -35,6 +35,18 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
     return str(path)
 
 
+def _mesh_figure(surfaces: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Every structure's surface in one rendering from three sides (an empty picture when none)."""
+    from ..reports.figures import mesh_views
+
+    if not surfaces:
+        surfaces = [(np.zeros((3, 3), np.float32), np.array([[0, 1, 2]], np.int32))]
+    offsets = np.cumsum([0] + [len(v) for v, _ in surfaces[:-1]])
+    vertices = np.concatenate([v for v, _ in surfaces])
+    faces = np.concatenate([f + o for (_, f), o in zip(surfaces, offsets, strict=True)])
+    return mesh_views(vertices, faces)
+
+
 def check_models(models: Sequence[LoadedModel]) -> None:
     """An ensemble of segmentation models must share the labels and the grid."""
     first = models[0].record
@@ -97,7 +109,7 @@ def segment_node(
     table = out_dir / "dseg.tsv"
     table.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in sorted(labels.items())))
     outputs["table"] = str(table)
-    structures, meshes = [], []
+    structures, meshes, surfaces = [], [], []
     for index, name in sorted(labels.items()):
         mask = native == index
         entry: dict[str, Any] = {"index": index, "name": name, "volume_ml": round(float(mask.sum()) * voxel_ml, 3)}
@@ -105,6 +117,7 @@ def segment_node(
         if mask.any():
             vertices, faces = mask_surface(mask, raw.affine, step_size=1, sigma_mm=0.5)
             entry["surface"] = surface_summary(vertices, faces)
+            surfaces.append((vertices, faces))
         else:
             vertices, faces = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
             entry["surface"] = None
@@ -142,4 +155,6 @@ def segment_node(
     Path(outputs["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
     title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
     Path(outputs["figure"]).write_bytes(segmentation_preview(array, None, on_grid, title=title))
+    outputs["mesh_figure"] = str(out_dir / "segmentation_mesh.png")
+    Path(outputs["mesh_figure"]).write_bytes(_mesh_figure(surfaces))
     return outputs

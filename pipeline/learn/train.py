@@ -36,6 +36,8 @@ __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
 LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: Decay per optimiser step of the weights' exponential moving average (``--ema``).
+EMA_DECAY = 0.99
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class TrainSettings:
     class_weighting: str = default("class_weighting")
     augment: tuple[str, ...] = default("augment")
     amp: bool = default("amp")
+    ema: bool = default("ema")
     seed: int = default("seed")
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,6 +352,13 @@ def fit(
     criterion = task.loss(train.targets, settings.n_outputs, settings.class_weighting)
     weights = task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting)
     metrics = ["loss", *task.metrics(settings.n_outputs)]
+    score_key = f"val_{metrics[1] if len(metrics) > 1 else 'loss'}"  # the score whose course is projected
+    ema = None
+    if settings.ema:  # validated, kept and packaged instead of the raw weights
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
+    evaluated = ema.module if ema is not None else model
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     start_epoch, bad_epochs = 0, 0
@@ -358,6 +368,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history, best = state["history"], state["best"]
         start_epoch, bad_epochs = int(state["epoch"]) + 1, int(state["bad_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -386,13 +398,15 @@ def fit(
             else:
                 loss.backward()
                 optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += float(loss.detach()) * len(chunk)
             seen += len(chunk)
             progress.update(seen, f"loss {total / seen:.3f}")
         progress.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        outputs = predict(model, val, task=task, device=device, amp=settings.amp, scale=scale)
+        outputs = predict(evaluated, val, task=task, device=device, amp=settings.amp, scale=scale)
         scores = {
             "loss": task.validation_loss(criterion, outputs, val.targets, scale),
             **task.validation_scores(outputs, val.targets),
@@ -406,7 +420,7 @@ def fit(
             "epoch_time_s": time.monotonic() - started,
         }
         history.append(row)
-        outlook = projection(history, f"val_{settings.selection_metric}", settings.epochs)
+        outlook = projection(history, score_key, settings.epochs)
         improved_selection = False
         for metric in metrics:
             value = scores.get(metric)
@@ -418,7 +432,7 @@ def fit(
             )
             if better:
                 best[metric] = {"value": float(value), "epoch": epoch + 1}
-                save_weights(model, run_dir / f"best-{metric}.safetensors")
+                save_weights(evaluated, run_dir / f"best-{metric}.safetensors")
                 improved_selection |= metric == settings.selection_metric
         bad_epochs = 0 if improved_selection else bad_epochs + 1
         stopped_early = bad_epochs >= settings.patience and epoch + 1 < settings.epochs
@@ -430,6 +444,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "history": history,
                 "best": best,
                 "bad_epochs": bad_epochs,
@@ -463,8 +478,7 @@ def fit(
             break
     if writer is not None:
         writer.close()
-    key = f"val_{settings.selection_metric}"
-    return FitResult(history, best, run_dir, stopped_early, projection(history, key, settings.epochs))
+    return FitResult(history, best, run_dir, stopped_early, projection(history, score_key, settings.epochs))
 
 
 def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict[str, Any] | None:

@@ -186,4 +186,5 @@ def external_context(results: dict[str, Any]) -> dict[str, Any]:
         "training_metrics": {row["metric"]: row for row in _metric_rows(training_test)},
         "training_subjects": results["training"]["n_subjects"],
         "figure": figure,
+        "threshold_used": get_task(results["task"]).discrete,
     }

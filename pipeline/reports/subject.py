@@ -44,7 +44,17 @@ METRICS = (
 
 
 #: The figures of one image (``fig_<desc>`` in :data:`~pipeline.derivatives.DERIVATIVES`).
-FIGURES = ("mosaic", "brainmask", "regsubject", "regtemplate", "biasfield", "mesh", "attribution", "segmentation")
+FIGURES = (
+    "mosaic",
+    "brainmask",
+    "regsubject",
+    "regtemplate",
+    "biasfield",
+    "mesh",
+    "attribution",
+    "segmentation",
+    "segmentationmesh",
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -311,7 +311,8 @@ def init_anat_segmentation_wf(
                               ("transform", "in_transform"), ("template_record", "in_template_record")]),
         (segment, outputnode, [("out_record", "prediction"), ("out_dseg", "dseg"), ("out_dseg_model", "dseg_model"),
                                ("out_table", "dseg_table"), ("out_metadata", "segmentation_record"),
-                               ("out_figure", "segmentation_figure"), ("out_meshes", "meshes")]),
+                               ("out_figure", "segmentation_figure"), ("out_meshes", "meshes"),
+                               ("out_mesh_figure", "segmentation_mesh_figure")]),
     ])  # fmt: skip
     return workflow
 

@@ -93,11 +93,13 @@ _SEGMENTATION_OUTPUTS: tuple[Output, ...] = (
            "segmentation_record"),
     Output("ds_dseg_table", "dseg_table", "dseg_table"),
     Output("ds_fig_segmentation", "segmentation_figure", "fig_segmentation"),
+    Output("ds_fig_segmentation_mesh", "segmentation_mesh_figure", "fig_segmentationmesh"),
 )  # fmt: skip
 
 #: The inputs of :func:`init_segmentation_derivatives_wf` besides ``source_file``.
 SEGMENTATION_INPUTS = (
-    "prediction", "dseg", "dseg_model", "dseg_table", "segmentation_record", "segmentation_figure", "meshes",
+    "prediction", "dseg", "dseg_model", "dseg_table", "segmentation_record", "segmentation_figure",
+    "segmentation_mesh_figure", "meshes",
 )  # fmt: skip
 
 

@@ -168,14 +168,14 @@ def _tiny_cases(folder, n):
     return SegmentationData(arrays, labels, patch_size=8, n_classes=3)
 
 
-def test_segmentation_training_resumes_to_the_same_weights(tmp_path):
+def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
     import torch
 
     from pipeline.learn.models import ModelConfig, build_model
     from pipeline.learn.train import TrainSettings, fit
 
     train, val = _tiny_cases(tmp_path, 4), _tiny_cases(tmp_path, 2)
-    settings = TrainSettings(task="segmentation", n_outputs=3, epochs=2, batch_size=2, lr=3e-3, seed=1)
+    settings = TrainSettings(task="segmentation", n_outputs=3, epochs=2, batch_size=2, lr=3e-3, seed=1, ema=True)
 
     def model():
         torch.manual_seed(0)
@@ -198,3 +198,5 @@ def test_segmentation_training_resumes_to_the_same_weights(tmp_path):
     fit(resumed, train, val, settings, run_dir=tmp_path / "resumed", device=torch.device("cpu"), resume=True)
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+    for name in ("best-loss.safetensors", "best-dice.safetensors"):  # the averaged weights, kept
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
