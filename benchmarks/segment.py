@@ -39,6 +39,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess import tree_memory_mb
 
+from pipeline.learn.labels import label_path
 from pipeline.learn.tasks.segmentation import structure_scores
 from pipeline.sample.generate import LABEL_DESC, LABELS_DIR, SampleOptions, write_sample_dataset
 
@@ -68,7 +69,7 @@ def native_scores(bids: Path, predicted: dict[str, Path], names: dict[int, str])
     """Case-wise scores of predicted label images (each on its T1w's grid) against the sample's labels."""
     rows = []
     for source, path in predicted.items():
-        reference = nib.load(bids / LABELS_DIR / source.replace("_T1w.nii.gz", f"_desc-{LABEL_DESC}_dseg.nii.gz"))
+        reference = nib.load(label_path(bids / LABELS_DIR, source, LABEL_DESC))
         image = nib.load(path)
         spacing = [float(z) for z in image.header.get_zooms()[:3]]
         for score in structure_scores(
@@ -108,12 +109,13 @@ def bidsdl_run(bids: Path, work: Path, train: list[str], test: list[str], epochs
         [str(bin_dir / "bidsdl"), str(bids), str(new), "participant", "-w", str(work / "work"), "--nprocs", "1",
          "--model", str(package), "--participant-label", *test]
     )  # fmt: skip
-    nodes = sorted((work / "work").rglob("segment/_report/report.rst"))
-    node_times = []
-    for report in nodes:
-        text = report.read_text()
-        if "Elapsed time" in text:
-            node_times.append(float(text.split("Elapsed time (s)")[1].split(":", 1)[1].split()[0]))
+    import gzip
+    import pickle
+
+    node_times = []  # the segmentation node of each head (Nipype's own record of its run)
+    for result in sorted((work / "work").rglob("anat_segmentation_wf/segment/result_segment.pklz")):
+        with gzip.open(result) as handle:
+            node_times.append(float(pickle.load(handle).runtime.duration))
     per_head = np.mean(node_times) if node_times else infer_seconds / max(len(test), 1)
     print(f"bidsdl inference: {per_head:.1f} s per head (sliding window, back to the T1w grid, meshes, volumes), "
           f"participant run {infer_seconds:.0f} s for {len(test)} heads with cached preprocessing, peak PSS "
@@ -155,9 +157,9 @@ def baseline_run(bids: Path, work: Path, train: list[str], test: list[str], minu
     def items(labels: list[str]) -> list[dict[str, str]]:
         out = []
         for label in labels:
-            for image in sorted((bids / f"sub-{label}").rglob("*_T1w.nii.gz")):
+            for image in sorted((bids / f"sub-{label}").rglob("*_T1w.nii*")):  # the sample writes some .nii
                 source = image.relative_to(bids).as_posix()
-                seg = bids / LABELS_DIR / source.replace("_T1w.nii.gz", f"_desc-{LABEL_DESC}_dseg.nii.gz")
+                seg = label_path(bids / LABELS_DIR, source, LABEL_DESC)
                 out.append({"image": str(image), "label": str(seg), "source": source})
         return out
 
@@ -209,7 +211,7 @@ def baseline_run(bids: Path, work: Path, train: list[str], test: list[str], minu
         data["pred"] = torch.argmax(logits, dim=1, keepdim=True)[0]
         post(data)
         seconds.append(time.monotonic() - begun)
-        name = Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+        name = Path(item["image"]).name.split(".")[0] + "_seg.nii.gz"
         predicted[item["source"]] = post_dir / name
     print(f"baseline inference: {np.mean(seconds):.1f} s per head (sliding window + Invertd)")
     names = {1: "Left-Lateral-Ventricle", 2: "Right-Lateral-Ventricle", 3: "Left-Hippocampus",

@@ -282,6 +282,11 @@ def run_participant_level(
     termination signal marks them ``interrupted``. A participant another process is running into the
     same OUTPUT_DIR (submitted twice) is left to it and reported as failed here.
     """
+    if config.labels is not None:
+        LOGGER.warning(
+            "--labels %s is read by the group level (segmentation training, or external evaluation with --model); "
+            "the participant level does not use it.", config.labels,
+        )  # fmt: skip
     model_hashes = check_models(config, subjects) if config.models else []
     subjects, statuses = plan_participants(config, subjects, model_hashes)
     with contextlib.ExitStack() as locks:

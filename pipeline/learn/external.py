@@ -274,7 +274,12 @@ def _external_segmentation(
             "EnsembleID": ensemble_id(records),
         },
     )
+    worst = []
+    if cases:
+        per_case = pd.DataFrame(cases).groupby("source", sort=False)["dice"].mean().sort_values().head(5)
+        worst = [{"source": source, "dice": float(dice)} for source, dice in per_case.items()]
     results = {
+        "worst": worst,
         "models": models,
         "ensemble_id": ensemble_id(records),
         "task": first["task"],

@@ -187,4 +187,5 @@ def external_context(results: dict[str, Any]) -> dict[str, Any]:
         "training_subjects": results["training"]["n_subjects"],
         "figure": figure,
         "threshold_used": get_task(results["task"]).discrete,
+        "worst": [{"source": w["source"], "dice": _fmt(w["dice"])} for w in results.get("worst", [])],
     }
