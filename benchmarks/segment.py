@@ -240,7 +240,8 @@ def main() -> None:
     labels = sorted(p.name.removeprefix("sub-") for p in bids.glob("sub-*"))
     train, test = labels[: -args.test], labels[-args.test :]
     out = work / "derivatives"
-    if not (out / "dataset_description.json").exists() or not list(out.glob("sub-*.html")):
+    preprocessed = (out / "dataset_description.json").exists() and list(out.glob("sub-*.html"))
+    if not args.skip_bidsdl and not preprocessed:  # the baseline reads the raw T1w
         seconds, _, _ = run_measured([str(Path(sys.executable).parent / "bidsdl"), str(bids), str(out),
                                       "participant", "-w", str(work / "work"), "--nprocs", "2"])  # fmt: skip
         print(f"participant level: {len(labels)} heads in {seconds / 60:.1f} min")
