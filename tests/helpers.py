@@ -25,7 +25,7 @@ def small_head(name: str, *, voxel_scale: float = 3.0) -> nib.Nifti1Image:
     seed = zlib.crc32(name.encode())
     spec = ImageSpec(subject="x", session="01", age=70.0, diagnosis="CN", site="siteA", seed=seed,
                      ventricles=0.0, hippocampi=0.0)  # fmt: skip
-    img, _, _ = make_image(spec, anatomy.default_head(), SampleOptions(voxel_scale=voxel_scale))
+    img, _, _, _ = make_image(spec, anatomy.default_head(), SampleOptions(voxel_scale=voxel_scale))
     return img
 
 

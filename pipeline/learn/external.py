@@ -82,6 +82,21 @@ def gather_predictions(
     return pd.DataFrame(rows), skipped
 
 
+def _gathered(
+    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]], model_dirs: Sequence[Path]
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The gathered predictions and the images left out (logged); no prediction at all is an input error."""
+    table, skipped = gather_predictions(manifest, output_dir, records)
+    for item in skipped:
+        LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
+    if table.empty:
+        raise InputDataError(
+            f"No image in {output_dir} has a prediction by {', '.join(str(m) for m in model_dirs)}. Run "
+            "'bidsdl BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR' first."
+        )
+    return table, skipped
+
+
 def run_external_evaluation(
     manifest: pd.DataFrame,
     *,
@@ -104,14 +119,7 @@ def run_external_evaluation(
         )  # fmt: skip
     task, classes = get_task(first["task"]), first["classes"]
     column = target or first["target"]
-    table, skipped = gather_predictions(manifest, output_dir, records)
-    for item in skipped:
-        LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
-    if table.empty:
-        raise InputDataError(
-            f"No image in {output_dir} has a prediction by {', '.join(str(m) for m in model_dirs)}. Run "
-            "'bidsdl BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR' first."
-        )
+    table, skipped = _gathered(manifest, output_dir, records, model_dirs)
     evaluated, excluded = table, []
     try:
         values = target_values(manifest.set_index("source").loc[table["source"]].reset_index(), column)
@@ -199,14 +207,7 @@ def _external_segmentation(
 
     first = records[0]
     desc = first["label_desc"]
-    table, skipped = gather_predictions(manifest, output_dir, records)
-    for item in skipped:
-        LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
-    if table.empty:
-        raise InputDataError(
-            f"No image in {output_dir} has a prediction by {', '.join(str(m) for m in model_dirs)}. Run "
-            "'bidsdl BIDS_DIR OUTPUT_DIR participant --model MODEL_DIR' first."
-        )
+    table, skipped = _gathered(manifest, output_dir, records, model_dirs)
     names = {int(e["index"]): e["name"] for e in first["labels"]}
     cases, excluded = [], []
     if labels is not None and label_desc is not None and bids_dir is not None:

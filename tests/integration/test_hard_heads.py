@@ -30,7 +30,7 @@ def _head(seed: int, *, voxel_scale: float = 3.0, large_fov: bool = False):
     spec = ImageSpec(subject="x", session="01", age=70.0, diagnosis="CN", site="siteA", seed=seed,
                      ventricles=0.0, hippocampi=0.0)  # fmt: skip
     options = SampleOptions(voxel_scale=voxel_scale, large_fov_fraction=1.0 if large_fov else 0.0)
-    img, mask, _ = make_image(spec, anatomy.default_head(), options)
+    img, mask, _, _ = make_image(spec, anatomy.default_head(), options)
     ras = nib.as_closest_canonical(img)
     brain = np.asanyarray(nib.as_closest_canonical(mask).dataobj) > 0
     return np.asanyarray(ras.dataobj).astype(np.float32), brain, ras.affine

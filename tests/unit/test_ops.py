@@ -126,7 +126,7 @@ def _head_with_neck(seed: int):
 
     spec = ImageSpec(subject="x", session="01", age=70.0, diagnosis="CN", site="siteA", seed=seed,
                      ventricles=0.0, hippocampi=0.0)  # fmt: skip
-    img, mask, truth = make_image(spec, anatomy.default_head(), SampleOptions(large_fov_fraction=1.0, voxel_scale=3))
+    img, mask, _, truth = make_image(spec, anatomy.default_head(), SampleOptions(large_fov_fraction=1.0, voxel_scale=3))
     prepared, _ = orient.prepare_t1w(img, name="x")
     return prepared, nib.as_closest_canonical(mask), truth
 
