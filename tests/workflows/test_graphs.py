@@ -82,6 +82,8 @@ def test_top_level_wf_isolates_subjects_crash_dirs(tmp_path):
 
 def test_model_adds_an_inference_node_and_its_sinks_per_image(tmp_path):
     root = _stub_tree(tmp_path / "bids")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.json").write_text('{"task": "classification"}')  # what the graph reads of it
     config = parse_args([str(root), str(tmp_path / "out"), "participant", "--model", str(tmp_path / "m"),
                          "--allow-training-subjects", "--omp-nthreads", "2"])  # fmt: skip
     images = collect_t1w(index_dataset(root))
