@@ -138,6 +138,7 @@ def segment_node(
         "predicted": "labels",
         "structures": structures,
         "volumes_ml": {s["name"]: s["volume_ml"] for s in structures},
+        "absent_structures": [s["name"] for s in structures if s["surface"] is None],  # none predicted: look
         "model_card": [model_card(m) for m in models],
     }
     metadata = {

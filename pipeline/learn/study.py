@@ -175,8 +175,27 @@ def gather_cohort(
     manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
 ) -> CohortStage:
     """Stage 1: the images with a target and a model input, cached as arrays; the task resolved."""
-    if settings.task in TASK_NAMES and get_task(settings.task).voxelwise:
-        return _labelled_cohort(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
+    named = get_task(settings.task) if settings.task in TASK_NAMES else None  # else inferred from the target
+    if named is not None:
+        _check_selection_metric(named, settings.train.selection_metric)  # before minutes of gathering
+    gather = _labelled_cohort if named is not None and named.voxelwise else _scalar_cohort
+    stage = gather(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
+    for item in stage.excluded:
+        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
+    _check_selection_metric(stage.task, settings.train.selection_metric)
+    return stage
+
+
+def _check_selection_metric(task: Task, metric: str) -> None:
+    if metric not in task.direction:
+        raise UsageError(
+            f"--selection-metric {metric} does not apply to {task.name}; use one of {', '.join(task.direction)}."
+        )
+
+
+def _scalar_cohort(
+    manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
+) -> CohortStage:
     cohort = build_cohort(
         manifest,
         output_dir=output_dir,
@@ -188,16 +207,8 @@ def gather_cohort(
         exclude_qc_outliers=settings.exclude_qc_outliers,
         include_failed_qc=settings.include_failed_qc,
     )
-    for item in cohort.excluded:
-        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
-    task = get_task(cohort.task)
-    metric = settings.train.selection_metric
-    if metric not in task.direction:
-        raise UsageError(
-            f"--selection-metric {metric} does not apply to {task.name}; use one of {', '.join(task.direction)}."
-        )
     images = cache_cohort(cohort.table, cache_dir)
-    return CohortStage(images=images, classes=cohort.classes, task=task, excluded=cohort.excluded)
+    return CohortStage(images=images, classes=cohort.classes, task=get_task(cohort.task), excluded=cohort.excluded)
 
 
 def _labelled_cohort(
@@ -219,8 +230,6 @@ def _labelled_cohort(
         exclude_qc_outliers=settings.exclude_qc_outliers,
         include_failed_qc=settings.include_failed_qc,
     )
-    for item in cohort.excluded:
-        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
     task = get_task(settings.task)
     return CohortStage(images=cohort.table, classes=cohort.label_table.structures, task=task, excluded=cohort.excluded)
 

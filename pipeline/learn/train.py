@@ -28,7 +28,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 from .. import derivatives
 from ..config import default
 from ..errors import InputDataError, UsageError
-from .tasks import get_task
+from .tasks import METRIC_RANGES, get_task
 from .tasks.base import NO_SCALE, TargetScale, Task
 
 __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
@@ -485,11 +485,15 @@ def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict
     """Where a validation score is heading: ``y = a + b exp(-t / c)`` fitted to its trajectory (from 4 epochs).
 
     Returns the expected final value ``a`` (the plateau), the epoch by which the curve is within 1% of
-    the way left to it, and a line for the log; None while too few epochs or the fit fails.
+    the way left to it, and a line for the log; None while too few epochs, when the fit fails, or when its
+    plateau is not a value the metric can take or lies beyond ten times the planned epochs (a trajectory
+    still climbing in a straight line says nothing of where it ends).
 
     >>> h = [{"val_dice": 0.9 - 0.8 * np.exp(-t / 3)} for t in range(1, 9)]
     >>> round(projection(h, "val_dice", 30)["expected"], 3)
     0.9
+    >>> projection([{"val_dice": 0.1 * t} for t in range(1, 6)], "val_dice", 10) is None  # no plateau in sight
+    True
     """
     values = np.array([row.get(key, np.nan) for row in history], dtype=float)
     t = np.arange(1, len(values) + 1, dtype=float)
@@ -511,6 +515,9 @@ def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict
         return None
     settle = float(np.ceil(c * np.log(100)))  # |b| e^{-t/c} < 1% of |b|
     expected = float(a)
+    low, high = METRIC_RANGES.get(key.removeprefix("val_"), (-np.inf, np.inf))
+    if not low <= expected <= high or settle > 10 * epochs:
+        return None
     return {
         "expected": expected,
         "epoch": int(min(max(settle, 1), 10 * epochs)),

@@ -27,6 +27,9 @@ def mask_surface(
     >>> v, f = mask_surface(m, np.eye(4), step_size=1, sigma_mm=0)
     >>> bool(v.min() >= 2 and v.max() <= 9), f.shape[1]
     (True, 3)
+    >>> one = np.zeros((5, 5, 5)); one[2, 2, 2] = 1  # a single voxel still has a surface
+    >>> len(mask_surface(one, np.eye(4), step_size=1, sigma_mm=2)[1]) > 0
+    True
     """
     data = np.asarray(mask, dtype=np.float32) > 0
     if not data.any():
@@ -38,7 +41,9 @@ def mask_surface(
         sigma_mm = max(1.0, 0.8 * float(zooms.mean()))
     padded = np.pad(data.astype(np.float32), 1)  # a mask touching the edge still gives a closed surface
     if sigma_mm > 0:
-        padded = ndimage.gaussian_filter(padded, sigma=sigma_mm / zooms)
+        smoothed = ndimage.gaussian_filter(padded, sigma=sigma_mm / zooms)
+        if smoothed.max() > 0.5:  # else a mask of a few voxels would vanish: its blocky surface it is
+            padded = smoothed
     vertices, faces, _, _ = marching_cubes(padded, level=0.5, step_size=step_size, allow_degenerate=False)
     vertices -= 1  # undo the padding
     world = nib.affines.apply_affine(affine, vertices)

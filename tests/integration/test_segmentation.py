@@ -82,6 +82,7 @@ def test_predicted_labels_land_in_each_t1w_grid_and_match_the_truth(segmentation
             prediction = json.loads((folder / f"{stem}_prediction.json").read_text())
             volumes = prediction["volumes_ml"]
             assert 3 < volumes["Left-Lateral-Ventricle"] < 15 and prediction["structures"][0]["surface"]["area_cm2"] > 0
+            assert prediction["absent_structures"] == [name for name, ml in volumes.items() if ml == 0]
             assert not list(folder.glob("*_desc-gradcam_attribution.nii.gz"))  # no classification outputs
         report = (out / f"{participant}.html").read_text()
         assert "Segmentation" in report and "Volumes and surfaces" in report
@@ -110,5 +111,7 @@ def test_segmentation_bad_input_gets_one_clear_message(segmentation_run, trained
     out = fresh_output(derivatives, tmp_path / "c")
     code, _, err = run_cli(bids, out, "group", *SEG, "--labels", bids)  # the raw dataset, not a derivatives one
     assert code == 65 and "DatasetType 'raw'" in err
+    code, _, err = run_cli(bids, out, "group", *SEG, "--labels", bids / LABELS_DIR, "--selection-metric", "auc")
+    assert code == 64 and "--selection-metric auc does not apply to segmentation" in err
     code, _, err = run_cli(bids, tmp_path / "d", "participant", "--model", package, "--model", trained_package)
     assert code == 64 and "cannot form an ensemble: task is 'segmentation'" in err

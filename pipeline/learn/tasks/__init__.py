@@ -12,6 +12,7 @@ Adding a task means adding a module here with a subclass of :class:`~.base.Task`
 from __future__ import annotations
 
 import importlib
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +31,11 @@ METRIC_DIRECTIONS: dict[str, dict[str, bool]] = {
     "regression": {"loss": False, "mae": False},
     "segmentation": {"loss": False, "dice": True},
 }
+#: The values a validation metric can take (a curve fitted to its trajectory must plateau inside them).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "loss": (0.0, math.inf), "mae": (0.0, math.inf), "balanced_accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0),
+    "dice": (0.0, 1.0),
+}  # fmt: skip
 #: The default voxel size (mm) of a segmentation's grid (the others' is the participant level's, 2 mm).
 SEGMENTATION_RESOLUTION_MM = 1.5
 #: Learning settings whose default depends on the task (used when the option is not given; the rest are
