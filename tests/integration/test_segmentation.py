@@ -112,6 +112,6 @@ def test_segmentation_bad_input_gets_one_clear_message(segmentation_run, trained
     code, _, err = run_cli(bids, out, "group", *SEG, "--labels", bids)  # the raw dataset, not a derivatives one
     assert code == 65 and "DatasetType 'raw'" in err
     code, _, err = run_cli(bids, out, "group", *SEG, "--labels", bids / LABELS_DIR, "--selection-metric", "roc_auc")
-    assert code == 64 and "--selection-metric roc_auc does not apply to segmentation" in err
+    assert code == 64 and "--selection-metric roc_auc needs classification; use loss, dice" in err
     code, _, err = run_cli(bids, tmp_path / "d", "participant", "--model", package, "--model", trained_package)
     assert code == 64 and "cannot form an ensemble: task is 'segmentation'" in err
