@@ -81,6 +81,7 @@ class RunConfig:
     reports_only: bool = False
     resplit: bool = False
     tensorboard: bool = False
+    fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: all, then the assembly
     # inference (participant level) and external evaluation (group level)
     models: tuple[Path, ...] = ()
     allow_training_subjects: bool = False
@@ -137,6 +138,7 @@ _NOT_HASHED = frozenset(
         "reports_only",
         "resplit",
         "tensorboard",
+        "fold",
         "labels",
     }
 )

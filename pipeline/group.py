@@ -216,6 +216,8 @@ def run_group_level(
         environment=environment,
         manifest_sha256=manifest_sha256,
     )
+    if config.fold:  # a fold job: its output is the fold's folder; the assembly run writes the report
+        return findings
     external = None
     if config.models:
         from .learn.external import run_external_evaluation

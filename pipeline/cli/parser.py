@@ -33,7 +33,7 @@ AUGMENTATIONS = ("affine", "intensity", "noise", "flip")
 DEFAULT_AUGMENT = ("affine", "intensity", "noise")
 DEVICES = ("auto", "cpu", "cuda")
 #: Group-level options that change how a training runs, not what it learns.
-_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard")
+_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard", "fold")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
 
@@ -190,6 +190,14 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     learn.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
     learn.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoints")
     learn.add_argument("--resplit", action="store_true", help="make new splits when the data changed since")
+    learn.add_argument(
+        "--fold",
+        action="append",
+        type=_non_negative_int,
+        metavar="K",
+        help="train only fold K (0 to --n-folds - 1; repeatable), e.g. one SLURM array task per fold; a later "
+        "run without --fold reuses the finished folds (same settings and splits) and assembles the model",
+    )
     learn.add_argument("--reports-only", action="store_true", help="rebuild the reports from existing outputs")
     learn.add_argument("--tensorboard", action="store_true", help="also log training to TensorBoard")
 
@@ -376,6 +384,15 @@ def _learning_options(merged: dict[str, Any]) -> dict[str, Any]:
             f"--architecture {architecture} {kind}: it does not fit --task {task}. Segmentation networks: "
             f"{', '.join(SEGMENTATION_ARCHITECTURE_NAMES)}; the others are for classification and regression."
         )
+    if merged.get("fold"):
+        options["fold"] = tuple(sorted(set(merged["fold"])))
+        n_folds = options.get("n_folds", defaults.n_folds)
+        if max(options["fold"]) >= n_folds:
+            raise UsageError(
+                f"--fold {max(options['fold'])} is out of range: --n-folds {n_folds} makes folds 0 to {n_folds - 1}."
+            )
+        if not options.get("target") or merged.get("models") or options.get("reports_only"):
+            raise UsageError("--fold trains some folds of a study: use it with --target (or --task segmentation).")
     for name, value in TASK_DEFAULTS.get(task, {}).items():
         options.setdefault(name, value)
     if options.get("n_folds", defaults.n_folds) == 1 and "val_size" not in options:

@@ -186,7 +186,8 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     from ..group import run_group_level
 
     run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir)
-    LOGGER.info("Group report: %s", config.output_dir / "group.html")
+    if not config.fold:
+        LOGGER.info("Group report: %s", config.output_dir / "group.html")
     return EXIT_OK
 
 

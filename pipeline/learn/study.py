@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class StudySettings:
     resplit: bool
     tensorboard: bool
     learning_settings: dict[str, Any]
+    fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: every fold, then the assembly
 
 
 def study_dir(output_dir: Path, target: str, architecture: str) -> Path:
@@ -94,12 +96,20 @@ def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def prepare_run_dir(run_dir: Path, settings: StudySettings) -> None:
-    """Check ``--resume`` against the settings of the interrupted run, or start afresh."""
+#: Written into a fold's folder when its training has finished: what it was trained with (hashes).
+FOLD_RECORD = "fold.json"
+
+
+def prepare_run_dir(run_dir: Path, settings: StudySettings, split: SplitStage, folds: Sequence[int]) -> None:
+    """Check ``--resume`` against the settings of the interrupted run, or start ``folds`` afresh.
+
+    Folds that finished with the same settings and splits (their ``fold.json``) are kept and reused. Fold-parallel
+    jobs (``--fold``) run at once: each touches its own folds only, and all write the same ``run.json``.
+    """
     record_path = run_dir / "run.json"
     wanted = json.loads(json.dumps(settings.learning_settings))
-    if settings.resume and record_path.exists():
-        old = json.loads(record_path.read_text()).get("learning_settings", {})
+    old = json.loads(record_path.read_text()).get("learning_settings", {}) if record_path.exists() else None
+    if settings.resume and old is not None:
         diff = _settings_difference(old, wanted)
         if diff:
             raise UsageError(
@@ -107,10 +117,38 @@ def prepare_run_dir(run_dir: Path, settings: StudySettings) -> None:
                 f"{run_dir} ({'; '.join(diff)}). Resume with the same settings, or run without --resume to start over."
             )
         return
-    if run_dir.exists():
-        for fold_dir in run_dir.glob("fold-*"):
+    stale = [run_dir / f"fold-{k}" for k in folds] if settings.fold else sorted(run_dir.glob("fold-*"))
+    for fold_dir in stale:
+        fold = int(fold_dir.name.removeprefix("fold-"))
+        if fold_dir.exists() and not (fold in folds and fold_finished(fold_dir, fold_key(settings, split, fold))):
             shutil.rmtree(fold_dir)
     derivatives.write_json(record_path, {"learning_settings": wanted})
+
+
+def fold_key(settings: StudySettings, split: SplitStage, fold: int) -> dict[str, str]:
+    """What a fold's training depends on: the learning settings, and who is in its train/validation/test sets."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {"settings_sha256": digest(settings.learning_settings), "members_sha256": digest(split.members(fold))}
+
+
+def fold_finished(fold_dir: Path, key: dict[str, str]) -> bool:
+    """Whether ``fold_dir`` holds a finished training made with ``key`` (and its checkpoint)."""
+    record_path = fold_dir / FOLD_RECORD
+    if not record_path.exists() or not (fold_dir / "checkpoint.pt").exists():
+        return False
+    record = json.loads(record_path.read_text())
+    return all(record.get(name) == value for name, value in key.items())
+
+
+def selected_folds(settings: StudySettings, n_folds: int) -> list[int]:
+    """The folds this run trains: ``--fold`` (checked against the splits), else all of them."""
+    wrong = [k for k in settings.fold if k >= n_folds]
+    if wrong:
+        raise UsageError(f"--fold {wrong[0]} is out of range: the splits have folds 0 to {n_folds - 1}.")
+    return list(settings.fold) or list(range(n_folds))
 
 
 @dataclass(frozen=True)
@@ -307,6 +345,10 @@ def train_fold(
         network.set_reference(*reference_image(data["train"]))  # type: ignore[operator]
     fold_dir = split.run_dir / f"fold-{fold}"
     label = f"fold {fold + 1}/{split.n_folds} " if split.n_folds > 1 else ""
+    key = fold_key(settings, split, fold)
+    finished = fold_finished(fold_dir, key)
+    if finished:
+        LOGGER.info("%sfinished earlier with these settings and splits (%s): reused", label, fold_dir / FOLD_RECORD)
     result = fit(
         network,
         data["train"],
@@ -315,10 +357,16 @@ def train_fold(
         run_dir=fold_dir,
         device=device,
         scale=scale,
-        resume=settings.resume,
+        resume=settings.resume or finished,  # a finished fit returns at once from its checkpoint
         label=label,
         tensorboard=settings.tensorboard,
     )
+    if not finished:
+        derivatives.write_json(
+            fold_dir / FOLD_RECORD,
+            {"fold": fold, **key, "epochs": len(result.history), "stopped_early": result.stopped_early,
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )  # fmt: skip
     best_path = fold_dir / f"best-{settings.train.selection_metric}.safetensors"
     if not best_path.exists():  # e.g. AUC undefined on every epoch: fall back to the loss
         best_path = fold_dir / "best-loss.safetensors"
@@ -361,14 +409,18 @@ def run_study(
     config_record: dict[str, Any],
     environment: dict[str, Any],
     manifest_sha256: str,
-) -> dict[str, Any]:
-    """Train and evaluate; write the model package and ``results.json``; return the results."""
+) -> dict[str, Any] | None:
+    """Train and evaluate; write the model package and ``results.json``; return the results (None when
+    ``--fold`` trained some folds only: the assembly is a later run)."""
     started = time.monotonic()
     device = resolve_device(settings.device)
     seed_everything(settings.train.seed)
     cohort = gather_cohort(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
     split = split_and_check(cohort, output_dir=output_dir, settings=settings)
-    prepare_run_dir(split.run_dir, settings)
+    selected = selected_folds(settings, split.n_folds)
+    if not settings.fold:
+        _warn_of_folds_to_train(split, settings)
+    prepare_run_dir(split.run_dir, settings, split, selected)
     model_config = ModelConfig(
         architecture=settings.architecture,
         n_outputs=cohort.task.n_outputs(cohort.classes),
@@ -376,8 +428,15 @@ def run_study(
     )
     folds = [
         train_fold(fold, cohort=cohort, split=split, settings=settings, model_config=model_config, device=device)
-        for fold in range(split.n_folds)
+        for fold in selected
     ]
+    if settings.fold:
+        LOGGER.info(
+            "Trained fold(s) %s of %d in %s. When every fold has finished, run the group level again without "
+            "--fold (same options) to assemble the model, its evaluation and the reports.",
+            ", ".join(map(str, selected)), split.n_folds, split.run_dir,
+        )  # fmt: skip
+        return None
     return assemble(
         cohort,
         split,
@@ -391,6 +450,20 @@ def run_study(
         device=device,
         started=started,
     )
+
+
+def _warn_of_folds_to_train(split: SplitStage, settings: StudySettings) -> None:
+    """An assembly after fold-parallel jobs that finds folds still to train says so (it trains them itself)."""
+    done = [k for k in range(split.n_folds) if (split.run_dir / f"fold-{k}" / FOLD_RECORD).exists()]
+    finished = [k for k in done if fold_finished(split.run_dir / f"fold-{k}", fold_key(settings, split, k))]
+    missing = [k for k in range(split.n_folds) if k not in finished]
+    if finished and missing:
+        LOGGER.warning(
+            "Fold(s) %s have no finished training with these settings and splits (missing, failed, or trained with "
+            "other options): this run trains them one after another. To train them in parallel, run each as its own "
+            "job with --fold K, then this command again.",
+            ", ".join(map(str, missing)),
+        )
 
 
 def assemble(

@@ -375,7 +375,8 @@ def fit(
         torch.set_rng_state(state["rng"]["torch"])
         LOGGER.info("%sresuming after epoch %d (%s)", label, start_epoch, checkpoint_path)
         if state.get("finished"):
-            return FitResult(history, best, run_dir, stopped_early=bool(state.get("stopped_early")))
+            outlook = projection(history, score_key, settings.epochs)
+            return FitResult(history, best, run_dir, bool(state.get("stopped_early")), outlook)
     writer = _tensorboard_writer(run_dir) if tensorboard else None
     stopped_early = False
     for epoch in range(start_epoch, settings.epochs):

@@ -87,9 +87,50 @@ def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trai
     assert code == 65 and "--resplit" in err
 
 
+def test_folds_trained_as_parallel_jobs_assemble_into_the_same_package(
+    learning_sample, trained_package, tmp_path, run_cli
+):
+    """Two --fold jobs at once (as two SLURM array tasks), then the plain command: the package of one run."""
+    import subprocess
+    import sys
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "out")
+    bidsdl = Path(sys.executable).parent / "bidsdl"
+    jobs = [subprocess.Popen([str(bidsdl), str(bids), str(out), "group", *FAST, "--fold", str(k)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (1, 0)]  # fmt: skip
+    for job in jobs:
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output
+        assert "When every fold has finished, run the group level again without --fold" in output
+    run_dir = out / "learn" / "target-diagnosis" / "arch-conv5fc3"
+    assert {p.parent.name for p in run_dir.glob("fold-*/fold.json")} == {"fold-0", "fold-1"}
+    assert not (out / "models").exists() and not (run_dir / "results.json").exists()
+
+    checkpoints = {k: (run_dir / f"fold-{k}" / "checkpoint.pt").stat().st_mtime_ns for k in (0, 1)}
+    code, _, err = run_cli(bids, out, "group", *FAST)  # the assembly: trains nothing
+    assert code == 0, err
+    assert err.count("finished earlier with these settings and splits") == 2
+    assert {k: (run_dir / f"fold-{k}" / "checkpoint.pt").stat().st_mtime_ns for k in (0, 1)} == checkpoints
+    package = the_package(out)
+    assert package.name == trained_package.name
+    for weights in trained_package.glob("fold-*.safetensors"):
+        assert weights.read_bytes() == (package / weights.name).read_bytes()
+
+    # a fold trained with other settings is not taken: the assembly says so and trains it again
+    assert run_cli(bids, out, "group", *FAST, "--fold", "0", "--lr", "0.01")[0] == 0
+    code, _, err = run_cli(bids, out, "group", *FAST)
+    assert code == 0 and "Fold(s) 0 have no finished training with these settings and splits" in err
+    assert err.count("finished earlier with these settings and splits") == 1
+    assert (run_dir / "fold-1" / "checkpoint.pt").stat().st_mtime_ns == checkpoints[1]
+    again = (the_package(out) / "fold-0.safetensors").read_bytes()
+    assert again == (trained_package / "fold-0.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
+        (("--fold", "2"), 64, "--fold 2 is out of range: --n-folds 2 makes folds 0 to 1"),
         (("--target", "handedness"), 65, "Columns found: age, diagnosis, sex, site."),
         (("--participant-label", "02", "04", "05", "07"), 65, "has one class only"),
         (("--n-folds", "4"), 65, "at least"),

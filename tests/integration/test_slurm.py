@@ -128,3 +128,33 @@ def test_participant_array_then_group_on_slurm(tmp_path):
     assert len(manifest) == 1 + 4
     group_log = (out / "logs" / "slurm" / f"group-{group_id}.log").read_text()
     assert "Group report" in group_log
+
+
+def test_folds_as_an_array_then_the_assembly_on_slurm(learning_sample, trained_package, tmp_path):
+    """submit_group.sh: one array task per fold, then the assembly; the package of a single run, bit for bit."""
+    from tests.helpers import FAST, fresh_output, the_package
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "derivatives")
+    args = list(FAST)
+    del args[args.index("--n-folds") : args.index("--n-folds") + 2]
+    env = {**os.environ, "BIDS_DIR": str(bids), "OUTPUT_DIR": str(out), "N_FOLDS": "2", "GROUP_ARGS": " ".join(args),
+           "BIDSDL": str(Path(sys.executable).parent / "bidsdl")}  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm" / "submit_group.sh"), "--cpus-per-task=1", "--mem=3G",
+         "--time=00:20:00"],
+        env=env, capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folds_id, assembly_id = result.stdout.split()
+    assert sorted(_wait(folds_id)) == ["COMPLETED"] * 2
+    assert _wait(assembly_id, timeout=300) == ["COMPLETED"]
+    logs = out / "logs" / "slurm"
+    for k in (0, 1):
+        assert "Trained fold(s) " + str(k) in (logs / f"group-fold-{folds_id}_{k}.log").read_text()
+    assembly = (logs / f"group-{assembly_id}.log").read_text()
+    assert assembly.count("finished earlier with these settings and splits") == 2 and "Model package" in assembly
+    package = the_package(out)
+    assert package.name == trained_package.name
+    for weights in trained_package.glob("fold-*.safetensors"):
+        assert weights.read_bytes() == (package / weights.name).read_bytes()

@@ -156,3 +156,23 @@ def test_positionals_in_config_are_ignored(tmp_path):
     config = parse_args(["in", "out", "participant", "--config", str(cfg)])
     assert config.bids_dir == Path("in").absolute() and config.analysis_level == "participant"
     assert config.seed == 3
+
+
+def test_fold_selects_folds_of_a_study():
+    config = parse_args(["/in", "/out", "group", "--target", "dx", "--n-folds", "3", "--fold", "2", "--fold", "0"])
+    assert config.fold == (0, 2) and "fold" not in config.learning_settings()  # fold jobs share their settings
+    assert parse_args(["/in", "/out", "group", "--target", "dx"]).fold == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--target", "dx", "--fold", "5"], "--fold 5 is out of range: --n-folds 5 makes folds 0 to 4"),
+        (["--target", "dx", "--n-folds", "1", "--fold", "1"], "makes folds 0 to 0"),
+        (["--fold", "0"], "use it with --target"),
+        (["--fold", "-1"], "must be 0 or more"),
+    ],
+)
+def test_bad_fold_selection(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["/in", "/out", "group", *argv])

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Submit bidsdl's group level on SLURM with the folds of the cross-validation in parallel: one array
+# task per fold (group --fold K), then the assembly job (the same command without --fold), which runs
+# only when every fold succeeded and trains nothing again: it reuses the finished folds (same settings
+# and splits, checked by hash), assembles the ensemble, evaluates it on the test set and writes the
+# package and the reports. Run it after the participant level (submit.sh).
+#
+#   BIDS_DIR=/data/bids OUTPUT_DIR=/scratch/derivatives SIF=/containers/bidsdl-0.1.0.sif N_FOLDS=5 \
+#   GROUP_ARGS="--target diagnosis --positive-class AD" scripts/slurm/submit_group.sh [sbatch options]
+#
+# Environment: as in group.sbatch; N_FOLDS (default 5) is passed as --n-folds, so leave --n-folds out of
+# GROUP_ARGS. Options after the script name go to both sbatch calls (e.g. --account=lab, or a GPU's
+# --gres=gpu:1 --partition=gpu with "--nv" in BIDSDL). A failed fold task keeps the assembly from
+# starting; re-submitting trains only the folds that did not finish. Prints the two job IDs.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+: "${BIDS_DIR:?export BIDS_DIR}"
+: "${OUTPUT_DIR:?export OUTPUT_DIR}"
+n_folds=${N_FOLDS:-5}
+if [[ " ${GROUP_ARGS:-} " == *" --n-folds "* ]]; then
+  echo "submit_group.sh: set N_FOLDS instead of --n-folds in GROUP_ARGS." >&2
+  exit 64
+fi
+BIDS_DIR=$(realpath "$BIDS_DIR"); OUTPUT_DIR=$(realpath -m "$OUTPUT_DIR")
+[[ -n ${WORK_DIR:-} ]] && WORK_DIR=$(realpath -m "$WORK_DIR")
+export BIDS_DIR OUTPUT_DIR WORK_DIR SIF BIDSDL
+mkdir -p "$OUTPUT_DIR/logs/slurm"
+args="${GROUP_ARGS:-} --n-folds $n_folds"
+
+folds_id=$(BIDSDL_ARGS=$args sbatch --parsable --array="0-$((n_folds - 1))" --job-name=bidsdl-fold \
+    --output="$OUTPUT_DIR/logs/slurm/group-fold-%A_%a.log" "$@" "$here/group.sbatch")
+folds_id=${folds_id%%;*}
+assembly_id=$(BIDSDL_ARGS=$args sbatch --parsable --dependency="afterok:$folds_id" --kill-on-invalid-dep=yes \
+    --output="$OUTPUT_DIR/logs/slurm/group-%j.log" "$@" "$here/group.sbatch")
+assembly_id=${assembly_id%%;*}
+
+echo "fold array:   $folds_id ($n_folds task(s), one fold each)" >&2
+echo "assembly job: $assembly_id (runs only if every fold succeeds)" >&2
+echo "$folds_id $assembly_id"
