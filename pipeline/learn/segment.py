@@ -23,7 +23,15 @@ from ..derivatives import bids_label
 from ..errors import InputDataError
 from ..ops.mesh import mask_surface, surface_summary, write_gifti
 from .infer import LoadedModel, ensemble_id, model_card
-from .tasks.segmentation import image_on_grid, model_grid, predict_volume, probabilities_to_native, read_transform
+from .tasks.segmentation import (
+    image_on_grid,
+    keep_largest_components,
+    model_grid,
+    postprocessing_indices,
+    predict_volume,
+    probabilities_to_native,
+    read_transform,
+)
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -98,9 +106,11 @@ def segment_node(
     normalisation = json.loads(Path(spec["template_record"]).read_text())["IntensityNormalization"]
     array = image_on_grid(load_spatial(Path(spec["in_file"])), transform, grid, shape, normalisation)
     probabilities, _ = segment(models, array, device)
-    on_grid = probabilities.argmax(0).astype(np.uint8)
+    keep = postprocessing_indices(record)  # chosen on validation when the model was trained
+    on_grid = keep_largest_components(probabilities.argmax(0).astype(np.uint8), keep)
     raw = load_spatial(Path(spec["t1w"]))
-    native = probabilities_to_native(probabilities, grid, transform, raw.affine, raw.shape[:3])
+    native = keep_largest_components(probabilities_to_native(probabilities, grid, transform, raw.affine,
+                                                             raw.shape[:3]), keep)  # fmt: skip
     voxel_ml = float(abs(np.linalg.det(raw.affine[:3, :3]))) / 1000
     outputs: dict[str, Any] = {
         "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
@@ -147,7 +157,9 @@ def segment_node(
         "SeenInTraining": prediction["seen_in_training"],
         "Labels": record["labels"],
         "Method": "sliding-window softmax of every fold (mean), brought to this grid through the inverse of the "
-        "participant level's affine (probabilities, linear), then the argmax",
+        "participant level's affine (probabilities, linear), then the argmax; for the structures named in "
+        "PostProcessing, only the largest connected component is kept",
+        "PostProcessing": record.get("postprocessing", {}),
     }
     outputs["record"] = str(out_dir / "prediction.json")
     outputs["metadata"] = str(out_dir / "metadata.json")

@@ -490,7 +490,11 @@ def assemble(
     if task.discrete:
         pooled_outputs = np.concatenate([f.validation_output for f in folds])
         ensemble_threshold = task.choose_threshold(pooled["y"].to_numpy(), pooled_outputs)
-    ensemble = task.ensemble([f.test_output for f in folds])
+    validation = [
+        (images[images["participant_id"].isin(split.members(f.fold)["validation"])], f.validation_output) for f in folds
+    ]
+    postprocessing = task.postprocessing(validation)
+    ensemble = task.postprocessed(task.ensemble([f.test_output for f in folds]), postprocessing)
     tables.append(_prediction_table(task, test_rows, ensemble, "test", "ensemble", cohort.classes, ensemble_threshold))
     predictions = pd.concat(tables, ignore_index=True)
     test_eval = _evaluate(task, test_rows, ensemble, ensemble_threshold, seed=settings.train.seed, ci=True)
@@ -512,6 +516,7 @@ def assemble(
         metrics={"validation_folds": validation_summary, "test_folds": test_fold_summary, "test": test_eval},
         manifest_sha256=manifest_sha256,
     )
+    record.update(postprocessing)
     env = {
         **environment,
         "hardware": hardware_record(),
@@ -560,6 +565,7 @@ def assemble(
         "model_resolution": settings.model_resolution,
         "device": str(device),
         "wall_time_s": round(time.monotonic() - started, 1),
+        **postprocessing,
         **extra,
     }
     derivatives.write_json(run_dir / RESULTS, results)

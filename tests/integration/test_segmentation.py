@@ -38,6 +38,9 @@ def test_segmentation_training_leaves_a_package_and_its_evidence(segmentation_ru
     assert record["task"] == "segmentation" and record["label_desc"] == LABEL_DESC
     assert [e["name"] for e in record["labels"]][:2] == ["Left-Lateral-Ventricle", "Right-Lateral-Ventricle"]
     assert record["input"]["resolution_mm"] == 3 and record["patch_size"] == 32
+    chosen = record["postprocessing"]["keep_largest_component"]  # decided on validation
+    assert set(chosen) <= {e["name"] for e in record["labels"]}
+    assert [e["index"] for e in record["labels"] if e["name"] in chosen] == record["postprocessing"]["label_indices"]
     assert not [p for p in package.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
     cases = pd.read_csv(package / "case_scores.tsv", sep="\t")
     assert set(cases["space"]) == {"template", "T1w"} and {"dice", "hd95_mm", "volume_difference_ml"} <= set(cases)

@@ -127,3 +127,11 @@ def test_circleci_config_has_the_jobs_and_pushes_only_tags():
     push = entries["push_image"]
     assert set(push["requires"]) == {"lint_and_test", "container_e2e"}
     assert push["filters"]["branches"]["ignore"] == "/.*/" and "v[0-9]" in push["filters"]["tags"]["only"]
+
+
+def test_every_python_package_is_installed():
+    """pyproject lists packages by hand: a new subpackage missing there works in the editable install (the
+    tests) but not in the container image or a wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "pipeline").rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

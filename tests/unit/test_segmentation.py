@@ -200,3 +200,18 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(value, resumed.state_dict()[key]), key
     for name in ("best-loss.safetensors", "best-dice.safetensors"):  # the averaged weights, kept
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_largest_component_kept_only_where_validation_says_so():
+    from pipeline.learn.tasks.segmentation import SegmentationOutputs, choose_largest_components
+
+    reference = np.zeros((20, 20, 20), np.uint8)
+    reference[2:8, 2:8, 2:8] = 1  # one blob: an anatomical structure
+    reference[12:15, 2:5, 2:5] = 2  # two blobs: lesions
+    reference[12:15, 12:15, 12:15] = 2
+    predicted = reference.copy()
+    predicted[17:19, 17:19, 1:3] = 1  # a stray island of structure 1
+    assert choose_largest_components([(predicted, reference)], [1, 2]) == [1]
+    outputs = SegmentationOutputs([np.eye(3, dtype=np.float16)[predicted].transpose(3, 0, 1, 2)], keep_largest=(1,))
+    labels = outputs.labels(0)
+    assert (labels == 1).sum() == 216 and (labels == 2).sum() == 54  # the island is gone, both lesions stay

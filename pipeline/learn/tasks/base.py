@@ -128,6 +128,15 @@ class Task:
         groups = rows["participant_id"].tolist()
         return self.evaluate(rows["y"].to_numpy(), outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
 
+    def postprocessing(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> dict[str, Any]:
+        """Post-processing chosen on every fold's validation outputs ``(rows, outputs)``; recorded in
+        ``model.json`` and ``results.json``. None by default."""
+        return {}
+
+    def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
+        """``outputs`` with the chosen post-processing applied (what the ensemble's evaluation scores)."""
+        return outputs
+
     def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
         """What ``model.json`` records besides what every task records (overrides included)."""
         return {}

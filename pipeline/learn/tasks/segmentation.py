@@ -12,6 +12,7 @@ Predictions go back to each T1w's own grid through the inverse affine: the proba
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -113,6 +114,38 @@ def probabilities_to_native(
 
 
 # --- metrics -------------------------------------------------------------------------------------------------
+def keep_largest_components(labels: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    """For each label in ``indices``, its voxels outside its largest 26-connected component become background.
+
+    >>> a = np.zeros((9, 9, 9), np.uint8); a[1:4, 1:4, 1:4] = 1; a[7, 7, 7] = 1; a[5, 5, 5] = 2
+    >>> b = keep_largest_components(a, [1, 2])
+    >>> int((b == 1).sum()), int((b == 2).sum()), int(b[7, 7, 7])
+    (27, 1, 0)
+    """
+    out = np.array(labels, copy=True)
+    for index in indices:
+        mask = out == index
+        if not mask.any():
+            continue
+        components, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        if n > 1:
+            largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+            out[mask & (components != largest)] = 0
+    return out
+
+
+def choose_largest_components(cases: Sequence[tuple[np.ndarray, np.ndarray]], indices: Sequence[int]) -> list[int]:
+    """The labels for which keeping only the largest component does not lower the mean Dice over ``cases``
+    (``(predicted, reference)`` pairs of validation images): nnU-Net's rule for its post-processing."""
+    chosen = []
+    for index in indices:
+        before = [dice_scores(pred, ref, [index])[0] for pred, ref in cases]
+        after = [dice_scores(keep_largest_components(pred, [index]), ref, [index])[0] for pred, ref in cases]
+        if np.isfinite(before).any() and _mean(np.array(after)) >= _mean(np.array(before)):
+            chosen.append(int(index))
+    return chosen
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
@@ -333,9 +366,25 @@ def augment_pair(
 # --- the task ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SegmentationOutputs:
-    """Class probabilities ``(K, X, Y, Z)`` (float16) of each image on the model grid."""
+    """Class probabilities ``(K, X, Y, Z)`` (float16) of each image on the model grid, and the labels whose
+    largest connected component alone is kept (the post-processing chosen on validation)."""
 
     probabilities: list[np.ndarray]
+    keep_largest: tuple[int, ...] = ()
+
+    def labels(self, index: int) -> np.ndarray:
+        """The labels of image ``index``: the argmax, post-processed."""
+        return keep_largest_components(self.probabilities[index].argmax(0).astype(np.uint8), self.keep_largest)
+
+
+#: How model.json names the post-processing (label names: indices may differ between label tables).
+KEEP_LARGEST = "keep_largest_component"
+
+
+def postprocessing_indices(record: dict[str, Any]) -> tuple[int, ...]:
+    """The label indices of a package's ``keep_largest_component`` structures (none in older packages)."""
+    names = set(record.get("postprocessing", {}).get(KEEP_LARGEST, []))
+    return tuple(int(e["index"]) for e in record["labels"] if e["name"] in names)
 
 
 class Segmentation(Task):
@@ -428,11 +477,11 @@ class Segmentation(Task):
 
     def case_scores(self, rows: pd.DataFrame, outputs: Any) -> pd.DataFrame:
         records = []
-        for (_, row), probabilities in zip(rows.iterrows(), outputs.probabilities, strict=True):
+        for i, (_, row) in enumerate(rows.iterrows()):
             names = {int(k): v for k, v in json.loads(row["label_names"]).items()}
             spacing = (float(row["grid_mm"]),) * 3
             reference = np.load(row["label_array"])
-            for score in structure_scores(probabilities.argmax(0), reference, names, spacing):
+            for score in structure_scores(outputs.labels(i), reference, names, spacing):
                 records.append({"participant_id": row["participant_id"], "source": row["source"], **score})
         return pd.DataFrame(records)
 
@@ -441,8 +490,8 @@ class Segmentation(Task):
     ) -> pd.DataFrame:
         indices = range(1, len(classes) + 1)
         dice = [
-            float(np.nanmean(dice_scores(p.argmax(0), np.load(path), indices)))
-            for p, path in zip(outputs.probabilities, table["label_array"], strict=True)
+            float(np.nanmean(dice_scores(outputs.labels(i), np.load(path), indices)))
+            for i, path in enumerate(table["label_array"])
         ]
         table["predicted"] = "labels"
         table["dice"] = dice
@@ -463,6 +512,27 @@ class Segmentation(Task):
 
     def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
         return raw
+
+    def postprocessing(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> dict[str, Any]:
+        cases = [
+            (outputs.labels(i), np.load(path))
+            for rows, outputs in validation
+            for i, path in enumerate(rows["label_array"])
+        ]
+        names = {int(k): v for k, v in json.loads(validation[0][0]["label_names"].iloc[0]).items()}
+        chosen = choose_largest_components(cases, sorted(names))
+        return {
+            "postprocessing": {
+                KEEP_LARGEST: [names[k] for k in chosen],
+                "label_indices": chosen,
+                "rule": "per structure, only its largest 26-connected component is kept when that does not lower "
+                "its mean Dice over every fold's validation images (nnU-Net's rule); the rest becomes background",
+            }
+        }
+
+    def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
+        indices = postprocessing.get("postprocessing", {}).get("label_indices", [])
+        return dataclasses.replace(outputs, keep_largest=tuple(int(i) for i in indices))
 
     def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
         grid, shape = model_grid(settings.model_resolution)
@@ -488,7 +558,8 @@ class Segmentation(Task):
                 "overlap": WINDOW_OVERLAP,
                 "weighting": WINDOW_MODE,
                 "output": "softmax probabilities averaged over folds; labels = argmax, in each T1w's grid after "
-                "resampling the probabilities through the inverse affine (linear)",
+                "resampling the probabilities through the inverse affine (linear); then the post-processing "
+                "('postprocessing': the structures whose largest connected component alone is kept)",
             },
         }
 
@@ -498,25 +569,25 @@ class Segmentation(Task):
         records = []
         previews = []
         scores = []
-        for (_, row), probabilities in zip(rows.iterrows(), ensemble.probabilities, strict=True):
+        for i, ((_, row), probabilities) in enumerate(zip(rows.iterrows(), ensemble.probabilities, strict=True)):
             names = {int(k): v for k, v in json.loads(row["label_names"]).items()}
             t1w = load_spatial(Path(settings.bids_dir) / row["source"])
             xfm = derivatives.named_path(settings.output_dir, row["source"], "xfm")
             native = probabilities_to_native(probabilities, grid, read_transform(xfm), t1w.affine, t1w.shape[:3])
+            native = keep_largest_components(native, ensemble.keep_largest)
             reference = np.asarray(nib.load(row["label_file"]).dataobj).astype(np.uint8)  # type: ignore[attr-defined]
             spacing = [float(z) for z in t1w.header.get_zooms()[:3]]
             for score in structure_scores(native, reference, names, spacing):
                 records.append({"participant_id": row["participant_id"], "source": row["source"], **score})
-            scores.append(
-                float(np.nanmean(dice_scores(probabilities.argmax(0), np.load(row["label_array"]), sorted(names))))
-            )
+            labels = ensemble.labels(i)
+            scores.append(float(np.nanmean(dice_scores(labels, np.load(row["label_array"]), sorted(names)))))
         native_eval = summarise_cases(pd.DataFrame(records), seed=settings.train.seed, ci=True)
         native_eval["cases"] = records
         worst_dir = Path(run_dir) / "worst"
         for index in np.argsort(scores)[:3]:
             row = rows.iloc[int(index)]
             figure = segmentation_figure(
-                np.load(row["array"]), np.load(row["label_array"]), ensemble.probabilities[int(index)].argmax(0),
+                np.load(row["array"]), np.load(row["label_array"]), ensemble.labels(int(index)),
                 title=f"{row['source']}: mean Dice {scores[int(index)]:.3f}",
             )  # fmt: skip
             path = worst_dir / (Path(row["source"]).name.split(".")[0] + ".png")
