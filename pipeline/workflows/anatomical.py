@@ -293,17 +293,8 @@ def init_anat_segmentation_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=list(SEGMENTATION_INPUTS)), name="outputnode")
-    segment = pe.Node(
-        RunSegmentation(
-            model_dirs=list(model_dirs),
-            model_hashes=list(model_hashes),
-            allow_training_subjects=allow_training_subjects,
-            device=device,
-            num_threads=omp_nthreads,
-        ),
-        name="segment",
-        n_procs=omp_nthreads,
-        mem_gb=2.0,
+    segment = _model_node(
+        RunSegmentation, "segment", model_dirs, model_hashes, allow_training_subjects, device, omp_nthreads, mem_gb=2.0
     )
     workflow.connect([
         (inputnode, segment, [("source", "source"), ("participant_id", "participant_id"), ("t1w", "in_t1w"),
@@ -349,17 +340,8 @@ def init_anat_inference_wf(
         name="inputnode",
     )
     outputnode = pe.Node(IdentityInterface(fields=list(INFERENCE_INPUTS)), name="outputnode")
-    infer = pe.Node(
-        RunInference(
-            model_dirs=list(model_dirs),
-            model_hashes=list(model_hashes),
-            allow_training_subjects=allow_training_subjects,
-            device=device,
-            num_threads=omp_nthreads,
-        ),
-        name="infer",
-        n_procs=omp_nthreads,
-        mem_gb=1.5,
+    infer = _model_node(
+        RunInference, "infer", model_dirs, model_hashes, allow_training_subjects, device, omp_nthreads, mem_gb=1.5
     )
     workflow.connect([
         (inputnode, infer, [("source", "source"), ("participant_id", "participant_id"), ("audit_record", "in_audit"),
@@ -368,3 +350,29 @@ def init_anat_inference_wf(
                              ("out_metadata", "attribution_record"), ("out_figure", "attribution_figure")]),
     ])  # fmt: skip
     return workflow
+
+
+def _model_node(
+    interface: type,
+    name: str,
+    model_dirs: Sequence[str] | Sequence[Path],
+    model_hashes: Sequence[str],
+    allow_training_subjects: bool,
+    device: str,
+    omp_nthreads: int,
+    *,
+    mem_gb: float,
+) -> pe.Node:
+    """A node that runs model packages on one image (inference or segmentation)."""
+    return pe.Node(
+        interface(
+            model_dirs=list(model_dirs),
+            model_hashes=list(model_hashes),
+            allow_training_subjects=allow_training_subjects,
+            device=device,
+            num_threads=omp_nthreads,
+        ),
+        name=name,
+        n_procs=omp_nthreads,
+        mem_gb=mem_gb,
+    )
