@@ -454,9 +454,9 @@ def run_study(
 
 def _warn_of_folds_to_train(split: SplitStage, settings: StudySettings) -> None:
     """An assembly after fold-parallel jobs that finds folds still to train says so (it trains them itself)."""
-    done = [k for k in range(split.n_folds) if (split.run_dir / f"fold-{k}" / FOLD_RECORD).exists()]
-    finished = [k for k in done if fold_finished(split.run_dir / f"fold-{k}", fold_key(settings, split, k))]
-    missing = [k for k in range(split.n_folds) if k not in finished]
+    folds = range(split.n_folds)
+    finished = [k for k in folds if fold_finished(split.run_dir / f"fold-{k}", fold_key(settings, split, k))]
+    missing = [k for k in folds if k not in finished]
     if finished and missing:
         LOGGER.warning(
             "Fold(s) %s have no finished training with these settings and splits (missing, failed, or trained with "
