@@ -65,6 +65,13 @@ class OutputNotWritable(BidsdlError, PermissionError):
     exit_code = EXIT_CANT_CREATE
 
 
+class PeerLost(BidsdlError, RuntimeError):
+    """Another process of a distributed run failed or was stopped, so this one stops too; a re-run with
+    ``--resume`` continues (exit 75, EX_TEMPFAIL: try again)."""
+
+    exit_code = 75
+
+
 class RunInterrupted(BaseException):
     """A termination signal (SLURM's time limit or ``scancel``, ``docker stop``) reached bidsdl.
 

@@ -53,7 +53,7 @@ def check_paths(config: RunConfig) -> Path:
     return work_dir
 
 
-def setup_logging(verbosity: int, log_file: Path | None) -> None:
+def setup_logging(verbosity: int, log_file: Path | None, *, prefix: str = "") -> None:
     """bidsdl's messages to the console by verbosity; everything to the run's log file.
 
     Nipype logs through its own loggers and a console handler of its own; its console output is
@@ -73,7 +73,7 @@ def setup_logging(verbosity: int, log_file: Path | None) -> None:
         ours.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(console_level)
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
     ours.addHandler(console)
     for handler in logging.getLogger("nipype").handlers:  # Nipype's own console handler
         if not isinstance(handler, logging.FileHandler):
@@ -131,6 +131,8 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
         for subject in _validated_subjects(config, log_dir=None, check_headers=False):
             print(subject)
         return EXIT_OK
+    if config.analysis_level == "group" and _join_distributed(config):
+        return _serve(config)  # another rank of a distributed run: trains what rank 0 shares, writes nothing
 
     from .. import derivatives
 
@@ -184,11 +186,61 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
         return EXIT_OK
 
     from ..group import run_group_level
+    from ..learn import distributed
 
-    run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir)
+    with distributed.peers_guard():  # under torchrun/srun: another rank that fails ends this one with a message
+        run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir)
     if not config.fold:
         LOGGER.info("Group report: %s", config.output_dir / "group.html")
     return EXIT_OK
+
+
+def _join_distributed(config: RunConfig) -> bool:
+    """Under torchrun or an srun step of several tasks, join the process group; True for the ranks other than 0."""
+    from ..learn import distributed
+
+    world = distributed.detect()
+    if not world.active:
+        return False
+    distributed.start(world, distributed.device_for(world, config.device))
+    shared = {**config.learning_settings(), **{k: config.to_dict()[k] for k in _SAME_ON_EVERY_RANK}}
+    distributed.check_same_settings(shared, world)
+    return not world.main
+
+
+#: Options (besides the learning settings) every process of a distributed run must share.
+_SAME_ON_EVERY_RANK = ("fold", "resume", "resplit", "reports_only", "models", "device", "participant_label")
+
+
+def _serve(config: RunConfig) -> int:
+    from ..learn import distributed
+    from ..learn.study import serve_jobs
+    from ..learn.train import seed_everything
+
+    world = distributed.current()
+    setup_logging(config.verbosity, None, prefix=f"[rank {world.rank}] ")
+    seed_everything(config.seed)
+    with distributed.peers_guard():
+        fitted = serve_jobs(distributed.device_for(world, config.device))
+    LOGGER.info("Rank %d of %d: trained %d fold(s) with rank 0; wrote nothing (rank 0 writes).", world.rank,
+                world.size, fitted)  # fmt: skip
+    return EXIT_OK
+
+
+def _end_distributed(error: BidsdlError | None) -> None:
+    """Tell the other ranks (when they wait for a job) that rank 0 ended; leave the process group."""
+    distributed = sys.modules.get("pipeline.learn.distributed")
+    if distributed is None:  # never imported: not a distributed run
+        return
+    distributed.end(error)
+    distributed.stop()
+
+
+def _leave_distributed() -> None:
+    """Leave the process group without a word to the others (they notice: their collectives fail at once)."""
+    distributed = sys.modules.get("pipeline.learn.distributed")
+    if distributed is not None:
+        distributed.stop()
 
 
 def _read_description(bids_dir: Path) -> dict | None:
@@ -213,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     try:
         with interrupt_on_signals():
-            return run(config, argv)
+            code = run(config, argv)
+        _end_distributed(None)
+        return code
     except RunInterrupted as exc:
         stopped = terminate_descendants()
         message = (
@@ -231,11 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             LOGGER.error("%s", exc)
         else:
             print(f"bidsdl: error: {exc}", file=sys.stderr)
+        _end_distributed(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("bidsdl: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
     finally:
+        _leave_distributed()
         _release_logging()
 
 

@@ -24,7 +24,7 @@ import torch
 from .. import derivatives
 from ..errors import InputDataError, UsageError
 from ..ops.template import TEMPLATE_SPACE, resolution_label
-from . import evaluate, leakage
+from . import distributed, evaluate, leakage
 from .cohort import build_cohort, cache_cohort
 from .models import ModelConfig, build_model
 from .package import hardware_record, write_package
@@ -349,6 +349,16 @@ def train_fold(
     finished = fold_finished(fold_dir, key)
     if finished:
         LOGGER.info("%sfinished earlier with these settings and splits (%s): reused", label, fold_dir / FOLD_RECORD)
+    job = {
+        "network": network,
+        "train": data["train"],
+        "settings": fold_settings,
+        "run_dir": fold_dir,
+        "scale": scale,
+        "resume": settings.resume or finished,  # a finished fit returns at once from its checkpoint
+        "label": label,
+    }
+    distributed.share_job(job)  # the other ranks of a distributed run fit the same job with this one
     result = fit(
         network,
         data["train"],
@@ -357,14 +367,16 @@ def train_fold(
         run_dir=fold_dir,
         device=device,
         scale=scale,
-        resume=settings.resume or finished,  # a finished fit returns at once from its checkpoint
+        resume=job["resume"],
         label=label,
         tensorboard=settings.tensorboard,
     )
+    distributed.job_done()
     if not finished:
         derivatives.write_json(
             fold_dir / FOLD_RECORD,
             {"fold": fold, **key, "epochs": len(result.history), "stopped_early": result.stopped_early,
+             "world_size": distributed.current().size,
              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         )  # fmt: skip
     best_path = fold_dir / f"best-{settings.train.selection_metric}.safetensors"
@@ -452,6 +464,21 @@ def run_study(
     )
 
 
+def serve_jobs(device: torch.device) -> int:
+    """The other ranks of a distributed run: fit each job rank 0 shares, until it says there are no more.
+
+    Returns the number of jobs fitted. A job ``{"stop": message}`` means rank 0 ended with an error.
+    """
+    fitted = 0
+    while (job := distributed.share_job(None)) is not None:
+        if "stop" in job:
+            raise distributed.stopped_by_main(job)
+        fit(job["network"], job["train"], None, job["settings"], run_dir=job["run_dir"], device=device,
+            scale=job["scale"], resume=job["resume"], label=job["label"])  # fmt: skip
+        fitted += 1
+    return fitted
+
+
 def _warn_of_folds_to_train(split: SplitStage, settings: StudySettings) -> None:
     """An assembly after fold-parallel jobs that finds folds still to train says so (it trains them itself)."""
     folds = range(split.n_folds)
@@ -521,6 +548,7 @@ def assemble(
         **environment,
         "hardware": hardware_record(),
         "determinism": determinism_record(device),
+        "distributed": distributed.current().record(),
         "seed": settings.train.seed,
     }
     files: dict[str, Any] = {

@@ -28,6 +28,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 from .. import derivatives
 from ..config import default
 from ..errors import InputDataError, UsageError
+from . import distributed
 from .tasks import METRIC_RANGES, get_task
 from .tasks.base import NO_SCALE, TargetScale, Task
 
@@ -89,6 +90,9 @@ def resolve_device(requested: str) -> torch.device:
             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Use --device cpu, or run on a "
             "machine with a GPU (in a container: --gpus all / singularity --nv)."
         )
+    world = distributed.current()
+    if world.active:  # each rank its own GPU
+        return distributed.device_for(world, requested)
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -326,7 +330,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 def fit(
     model: nn.Module,
     train: Volumes,
-    val: Volumes,
+    val: Volumes | None,
     settings: TrainSettings,
     *,
     run_dir: Path,
@@ -340,9 +344,15 @@ def fit(
     """Fit ``model``; write ``checkpoint.pt`` every epoch, ``best-<metric>.safetensors`` and ``history.tsv``.
 
     With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once).
+    In a distributed run every rank calls this with the same job; each trains on its share of every
+    batch and only rank 0 validates and writes (:mod:`.distributed`).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.current()
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_for(device, settings.amp)
+    if world.active and device.type == "cuda":  # torch's synchronised batch norm needs GPUs (documented)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -373,11 +383,23 @@ def fit(
         history, best = state["history"], state["best"]
         start_epoch, bad_epochs = int(state["epoch"]) + 1, int(state["bad_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
-        LOGGER.info("%sresuming after epoch %d (%s)", label, start_epoch, checkpoint_path)
         if state.get("finished"):
             outlook = projection(history, score_key, settings.epochs)
             return FitResult(history, best, run_dir, bool(state.get("stopped_early")), outlook)
-    writer = _tensorboard_writer(run_dir) if tensorboard else None
+        if int(state.get("world_size", 1)) != world.size:
+            raise InputDataError(
+                f"The checkpoint {checkpoint_path} was written by a run of {state.get('world_size', 1)} process(es); "
+                f"this run has {world.size}. Each process's share of the batches depends on their number: resume "
+                f"with {state.get('world_size', 1)} process(es), or run without --resume to train this fold anew."
+            )
+        LOGGER.info("%sresuming after epoch %d (%s)", label, start_epoch, checkpoint_path)
+    trained = model
+    if world.active:
+        _check_world(world, len(train), settings.batch_size)
+        distributed.check_same_start(_training_files(train), start_epoch, world)
+        gpus = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=gpus)
+    writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
     stopped_early = False
     for epoch in range(start_epoch, settings.epochs):
         started = time.monotonic()
@@ -387,11 +409,18 @@ def fit(
         progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
         total, seen = 0.0, 0
         for batch_index, chunk in enumerate(batches(order, settings.batch_size)):
-            x, y = train.batch(chunk, augment=settings.augment, seed=derived_seed(settings.seed, epoch, 2, batch_index))
+            if len(chunk) < world.size:  # a last batch too small to share: every rank skips it
+                continue
+            mine = distributed.share(chunk, world)
+            rank = (world.rank, world.size) if world.active else ()  # one process: the seeds it always had
+            seed = derived_seed(settings.seed, epoch, 2, batch_index, *rank)
+            x, y = train.batch(mine, augment=settings.augment, seed=seed)
             x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast(device):
-                loss = criterion(model(x), y)
+                loss = criterion(trained(x), y)
+            if world.active:  # DDP averages the ranks' gradients: weigh each by its share of the batch
+                loss = loss * (len(mine) * world.size / len(chunk))
             if precision.scaler is not None:
                 precision.scaler.scale(loss).backward()
                 precision.scaler.step(optimizer)
@@ -401,12 +430,20 @@ def fit(
                 optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
-            total += float(loss.detach()) * len(chunk)
+            total += float(loss.detach()) * len(chunk) / world.size
             seen += len(chunk)
             progress.update(seen, f"loss {total / seen:.3f}")
         progress.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if world.active:
+            total = distributed.reduce_sum([total], device)[0]
+            if not world.main:  # rank 0 validates, writes and decides whether to go on
+                stopped_early = distributed.broadcast_flag(False, device)
+                if stopped_early:
+                    break
+                continue
+        assert val is not None, "the validation set is needed where the model is validated (rank 0)"
         outputs = predict(evaluated, val, task=task, device=device, amp=settings.amp, scale=scale)
         scores = {
             "loss": task.validation_loss(criterion, outputs, val.targets, scale),
@@ -441,6 +478,7 @@ def fit(
         _save_checkpoint(
             checkpoint_path,
             {
+                "world_size": world.size,
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -474,12 +512,32 @@ def fit(
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
+        if world.active:
+            distributed.broadcast_flag(stopped_early, device)
         if stopped_early:
             LOGGER.info("%sno better %s for %d epochs: stopping early", label, settings.selection_metric, bad_epochs)
             break
     if writer is not None:
         writer.close()
     return FitResult(history, best, run_dir, stopped_early, projection(history, score_key, settings.epochs))
+
+
+def _check_world(world: distributed.World, n_train: int, batch_size: int) -> None:
+    if n_train < world.size:
+        raise UsageError(
+            f"This distributed run has {world.size} processes but only {n_train} training image(s) in this fold: each "
+            f"process needs a share of every batch. Start at most {n_train} processes (or one: a small cohort trains "
+            "fast enough alone)."
+        )
+    if batch_size < world.size:
+        raise UsageError(
+            f"--batch-size {batch_size} is the batch of one optimiser step across all {world.size} processes: give at "
+            f"least {world.size} (e.g. --batch-size {world.size * max(1, batch_size)}), or start fewer processes."
+        )
+
+
+def _training_files(data: Any) -> list[Path]:
+    return [*data.paths, *getattr(data, "label_paths", [])]
 
 
 def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict[str, Any] | None:

@@ -158,3 +158,32 @@ def test_folds_as_an_array_then_the_assembly_on_slurm(learning_sample, trained_p
     assert package.name == trained_package.name
     for weights in trained_package.glob("fold-*.safetensors"):
         assert weights.read_bytes() == (package / weights.name).read_bytes()
+
+
+def test_one_model_on_two_srun_tasks(learning_sample, trained_package, tmp_path):
+    """group.sbatch with --ntasks 2: one model by DDP over two srun tasks (gloo), the package torchrun makes."""
+    from tests.helpers import FAST, fresh_output, the_package
+    from tests.integration.test_distributed import torchrun
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "derivatives")
+    (out / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "BIDS_DIR": str(bids), "OUTPUT_DIR": str(out), "BIDSDL_ARGS": " ".join(FAST),
+           "BIDSDL": str(Path(sys.executable).parent / "bidsdl"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--mem=6G", "--time=00:20:00",
+         f"--output={out}/logs/slurm/group-%j.log", str(ROOT / "scripts" / "slurm" / "group.sbatch")],
+        env=env, capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    states = _wait(job)
+    log = (out / "logs" / "slurm" / f"group-{job}.log").read_text()
+    assert states == ["COMPLETED"], log
+    assert "[rank 1] INFO: Rank 1 of 2: trained 2 fold(s) with rank 0; wrote nothing" in log
+    package = the_package(out)
+    assert json.loads((package / "environment.json").read_text())["distributed"]["launcher"] == "srun"
+    other = fresh_output(derivatives, tmp_path / "torchrun")
+    assert torchrun(bids, other, *FAST)[0] == 0  # the same 2 processes under torchrun: the same weights
+    for weights in package.glob("fold-*.safetensors"):
+        assert weights.read_bytes() == (the_package(other) / weights.name).read_bytes()
