@@ -76,7 +76,7 @@ class RunConfig:
     patch_size: int = _learning(64)
     ema: bool = _learning(False)
     device: str = "auto"
-    amp: bool = _learning(False)
+    amp: bool | None = _learning(None)  # None: bf16 training steps on CUDA GPUs with bf16, fp32 elsewhere
     resume: bool = False
     reports_only: bool = False
     resplit: bool = False

@@ -65,6 +65,12 @@ class OutputNotWritable(BidsdlError, PermissionError):
     exit_code = EXIT_CANT_CREATE
 
 
+class TrainingDiverged(BidsdlError, ArithmeticError):
+    """The training loss became NaN or infinite: nothing of that epoch is kept."""
+
+    exit_code = EXIT_DATA
+
+
 class PeerLost(BidsdlError, RuntimeError):
     """Another process of a distributed run failed or was stopped, so this one stops too; a re-run with
     ``--resume`` continues (exit 75, EX_TEMPFAIL: try again)."""

@@ -187,7 +187,13 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="validate, keep and package an exponential moving average of the weights (decay 0.99 per step)",
     )
     learn.add_argument("--device", choices=DEVICES, help="auto: cuda when available, else cpu")
-    learn.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, bf16/fp16 on CUDA)")
+    learn.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="mixed-precision training steps (bf16; fp16 on GPUs without bf16); --no-amp: fp32. Default: bf16 on "
+        "CUDA GPUs that have it, fp32 on CPUs (bf16 there is faster on CPUs with bf16 units but not bit-for-bit "
+        "reproducible). Validation, evaluation and inference are always fp32",
+    )
     learn.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoints")
     learn.add_argument("--resplit", action="store_true", help="make new splits when the data changed since")
     learn.add_argument(

@@ -385,7 +385,7 @@ def train_fold(
     load_weights(network, best_path)
     network.to(device)
     outputs = {
-        name: predict(network, data[name], task=task, device=device, amp=settings.train.amp, scale=scale)
+        name: predict(network, data[name], task=task, device=device, scale=scale)  # fp32, as the package is used
         for name in task.predicted_splits
     }
     threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
@@ -547,7 +547,7 @@ def assemble(
     env = {
         **environment,
         "hardware": hardware_record(),
-        "determinism": determinism_record(device),
+        "determinism": determinism_record(device, settings.train.amp),
         "distributed": distributed.current().record(),
         "seed": settings.train.seed,
     }

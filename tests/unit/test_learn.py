@@ -295,3 +295,19 @@ def test_images_that_failed_quality_control_are_left_out_unless_asked(tmp_path):
     assert len(cohort.build_cohort(manifest, **common, include_failed_qc=True).table) == 4
     strict = cohort.build_cohort(manifest, **{**common, "exclude_qc_outliers": True})
     assert sorted(strict.table["source"]) == [sources[0], sources[3]]  # the flagged image only on request
+
+
+def test_a_loss_that_becomes_nan_stops_training_and_keeps_nothing_of_that_epoch(planted, tmp_path):
+    train, val = planted
+    paths = list(train.paths)
+    broken = tmp_path / "broken.npy"
+    array = np.load(paths[3]).copy()
+    array[0, 0, 0, 0] = np.inf  # e.g. a corrupted cached array
+    np.save(broken, array)
+    paths[3] = broken
+    from pipeline.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"epoch 1: the training loss became nan .* lower --lr"):
+        fit(tiny_model(), Volumes(paths, train.targets), val, settings(epochs=2), run_dir=tmp_path / "run",
+            device=torch.device("cpu"))  # fmt: skip
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not list((tmp_path / "run").glob("best-*"))
