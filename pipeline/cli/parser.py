@@ -243,7 +243,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "--omp-nthreads",
         type=_positive_int,
         metavar="N",
-        help="threads per process (default: min(8, nprocs))",
+        help="threads per process; at the group level, the training's threads per process, at most its share "
+        "of the node's CPUs (default: min(8, nprocs))",
     )
     res.add_argument(
         "--mem-gb",

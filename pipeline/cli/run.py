@@ -188,6 +188,7 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     from ..group import run_group_level
     from ..learn import distributed
 
+    _use_training_threads(config)
     with distributed.peers_guard():  # under torchrun/srun: another rank that fails ends this one with a message
         run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir)
     if not config.fold:
@@ -220,11 +221,24 @@ def _serve(config: RunConfig) -> int:
     world = distributed.current()
     setup_logging(config.verbosity, None, prefix=f"[rank {world.rank}] ")
     seed_everything(config.seed)
+    _use_training_threads(config)
     with distributed.peers_guard():
         fitted = serve_jobs(distributed.device_for(world, config.device))
     LOGGER.info("Rank %d of %d: trained %d fold(s) with rank 0; wrote nothing (rank 0 writes).", world.rank,
                 world.size, fitted)  # fmt: skip
     return EXIT_OK
+
+
+def _use_training_threads(config: RunConfig) -> None:
+    """Training uses ``--omp-nthreads`` threads per process, at most this process's share of the node's CPUs
+    (a fold-array task of one CPU, or four processes of torchrun on one node, do not oversubscribe the cores)."""
+    import torch
+
+    from ..config import available_cpus
+    from ..learn import distributed
+
+    share = max(1, available_cpus() // distributed.processes_on_node())
+    torch.set_num_threads(max(1, min(config.omp_nthreads, share)))
 
 
 def _end_distributed(error: BidsdlError | None) -> None:

@@ -101,6 +101,19 @@ def detect(environ: Mapping[str, str] | None = None) -> World:
     return SINGLE
 
 
+def processes_on_node(environ: Mapping[str, str] | None = None) -> int:
+    """How many processes of this run share this node (torchrun's ``LOCAL_WORLD_SIZE``, srun's tasks per node).
+
+    >>> processes_on_node({"SLURM_STEP_TASKS_PER_NODE": "4(x2)"}), processes_on_node({})
+    (4, 1)
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LOCAL_WORLD_SIZE"):
+        return int(env["LOCAL_WORLD_SIZE"])
+    match = re.match(r"(\d+)", env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    return int(match.group(1)) if match else 1
+
+
 def current() -> World:
     """This process's world once :func:`start` has run (torch's process group is the one source)."""
     if not dist.is_initialized():

@@ -8,14 +8,16 @@ Checkpoints are written atomically after every epoch and hold no code (``weights
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import concurrent.futures
 import dataclasses
+import functools
+import itertools
 import logging
 import math
-import queue
+import os
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 from .. import derivatives
 from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
-from . import distributed
+from . import distributed, memory
 from .tasks import METRIC_RANGES, get_task
 from .tasks.base import NO_SCALE, TargetScale, Task
 
@@ -412,6 +414,16 @@ def fit(
                 f"with {state.get('world_size', 1)} process(es), or run without --resume to train this fold anew."
             )
         LOGGER.info("%sresuming after epoch %d (%s)", label, start_epoch, checkpoint_path)
+    shape = tuple(train.batch(np.array([0]))[0].shape[2:])
+    needed = memory.check_fits(
+        memory.footprint(model, shape),
+        batch_size=min(settings.batch_size, len(train.epoch_order(epoch=0, seed=0, weights=None))),
+        world_size=world.size,
+        available=memory.available_bytes(device, distributed.processes_on_node() if world.active else 1),
+        device=device,
+        what=f"{type(model).__name__} on inputs of {'x'.join(map(str, shape))} voxels",
+    )
+    LOGGER.info("%sa training step needs ~%.2f GB per process (estimated)", label, needed / memory.GB)
     trained = model
     if world.active:
         _check_world(world, len(train), settings.batch_size)
@@ -427,7 +439,8 @@ def fit(
         order = train.epoch_order(epoch=epoch, seed=settings.seed, weights=weights)
         progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
         total, seen = 0.0, 0
-        for chunk, mine, x, y in prefetch(_epoch_batches(train, order, settings, epoch, world, device)):
+        made = _epoch_batches(train, order, settings, epoch, world, device)
+        for chunk, mine, x, y in prefetch(made, loader_threads(device)):
             x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast(device):
@@ -458,11 +471,11 @@ def fit(
                 "before is). Train again without --resume with a lower --lr" + (" or --no-amp." if precision.enabled
                 else ".")
             )
-            if not world.main:  # rank 0 validates, writes and decides whether to go on
-                stopped_early = distributed.broadcast_flag(False, device)
-                if stopped_early:
-                    break
-                continue
+        if not world.main:  # rank 0 validates, writes and decides whether to go on
+            stopped_early = distributed.broadcast_flag(False, device)
+            if stopped_early:
+                break
+            continue
         assert val is not None, "the validation set is needed where the model is validated (rank 0)"
         outputs = predict(evaluated, val, task=task, device=device, scale=scale)  # fp32, as the package is used
         scores = {
@@ -542,68 +555,61 @@ def fit(
     return FitResult(history, best, run_dir, stopped_early, projection(history, score_key, settings.epochs))
 
 
-#: Batches read and augmented ahead of the training step, in a background thread.
-PREFETCH_BATCHES = 2
+#: A batch's indices, this rank's share of them, its inputs and its targets.
+Batch = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
+#: Batches read and augmented ahead of the training step, per loader thread.
+PREFETCH_PER_THREAD = 2
+
+
+def loader_threads(device: torch.device) -> int:
+    """Threads preparing batches: one beside a CPU's training step (the step uses the cores), up to four
+    feeding a GPU."""
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 1
 
 
 def _epoch_batches(
     data: Any, order: np.ndarray, settings: TrainSettings, epoch: int, world: distributed.World, device: torch.device
-) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Each batch of an epoch: the batch's indices, this rank's share, its inputs and targets (pinned for a GPU).
+) -> Iterator[Callable[[], Batch]]:
+    """How to make each batch of an epoch: its indices, this rank's share, inputs and targets (pinned for a GPU).
 
-    Everything random comes from the batch's seed, so batches prepared ahead are the batches of a plain loop.
+    Everything random comes from the batch's seed, so batches made ahead, in any thread, are the batches of a
+    plain loop.
     """
-    for batch_index, chunk in enumerate(batches(order, settings.batch_size)):
-        if len(chunk) < world.size:  # a last batch too small to share: every rank skips it
-            continue
-        mine = distributed.share(chunk, world)
-        rank = (world.rank, world.size) if world.active else ()  # one process: the seeds it always had
-        seed = derived_seed(settings.seed, epoch, 2, batch_index, *rank)
+
+    def make(chunk: np.ndarray, mine: np.ndarray, seed: int) -> Batch:
         x, y = data.batch(mine, augment=settings.augment, seed=seed)
         if device.type == "cuda":  # page-locked: the copy to the GPU overlaps the step before
             x, y = x.pin_memory(), y.pin_memory()
-        yield chunk, mine, x, y
+        return chunk, mine, x, y
+
+    for batch_index, chunk in enumerate(batches(order, settings.batch_size)):
+        if len(chunk) < world.size:  # a last batch too small to share: every rank skips it
+            continue
+        rank = (world.rank, world.size) if world.active else ()  # one process: the seeds it always had
+        seed = derived_seed(settings.seed, epoch, 2, batch_index, *rank)
+        yield functools.partial(make, chunk, distributed.share(chunk, world), seed)
 
 
-def prefetch(items: Iterable[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
-    """``items``, produced up to ``depth`` ahead by a background thread; an error there is raised here.
+def prefetch(makers: Iterable[Callable[[], T]], threads: int = 1) -> Iterator[T]:
+    """The results of ``makers`` in order, made ahead (``PREFETCH_PER_THREAD`` per thread) by ``threads`` threads;
+    an error in one is raised here, when its turn comes.
 
-    >>> list(prefetch(iter(range(5)), depth=2))
-    [0, 1, 2, 3, 4]
+    >>> list(prefetch((lambda i=i: i * i for i in range(5)), threads=2))
+    [0, 1, 4, 9, 16]
     """
-    if depth < 1:
-        yield from items
-        return
-    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop, end = threading.Event(), object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                ready.put(item)
-                if stop.is_set():
-                    return
-            ready.put(end)
-        except BaseException as exc:  # handed over to the consumer, which raises it
-            ready.put(_Failed(exc))
-
-    thread = threading.Thread(target=produce, name="bidsdl-prefetch", daemon=True)
-    thread.start()
+    pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
+    todo = iter(makers)
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bidsdl-loader")
     try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
+        for maker in itertools.islice(todo, PREFETCH_PER_THREAD * threads):
+            pending.append(pool.submit(maker))
+        while pending:
+            result = pending.popleft().result()
+            for maker in itertools.islice(todo, 1):
+                pending.append(pool.submit(maker))
+            yield result
     finally:
-        stop.set()
-        while thread.is_alive():  # free a producer blocked on a full queue
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
-
-
-@dataclass
-class _Failed:
-    error: BaseException
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_world(world: distributed.World, n_train: int, batch_size: int) -> None:

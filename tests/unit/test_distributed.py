@@ -153,3 +153,20 @@ def _check_rank(rank: int, size: int, port: int, folder: str) -> None:
 
 def test_ranks_started_differently_are_refused_on_every_rank(tmp_path):
     _in_processes(_check_rank, 2, str(tmp_path))
+
+
+# --- memory pre-flight --------------------------------------------------------------------------------------
+def test_the_memory_estimate_of_the_default_model_and_a_refusal_that_names_a_batch_size():
+    from pipeline.learn.memory import GB, check_fits, footprint
+    from pipeline.learn.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig("conv5fc3", 2, (77, 95, 82)))
+    estimate = footprint(model, (77, 95, 82))
+    assert 20e6 < estimate.per_item < 80e6 and estimate.fixed < 20e6  # measured: ~40 MB per volume at 2 mm
+    cpu = torch.device("cpu")
+    assert check_fits(estimate, batch_size=8, world_size=1, available=8 * GB, device=cpu, what="x") < 1 * GB
+    refused = r"with --batch-size 64 \(32 per process\) needs about .* --batch-size 10 fits"
+    with pytest.raises(UsageError, match=refused):
+        check_fits(estimate, batch_size=64, world_size=2, available=0.25 * GB, device=cpu, what="conv5fc3")
+    with pytest.raises(UsageError, match="not even a batch of 2 fits: use a smaller --patch-size"):
+        check_fits(estimate, batch_size=8, world_size=1, available=0.05 * GB, device=cpu, what="conv5fc3")
