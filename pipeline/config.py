@@ -81,6 +81,7 @@ class RunConfig:
     reports_only: bool = False
     resplit: bool = False
     tensorboard: bool = False
+    compile: bool = False  # torch.compile the training step (for GPUs)
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: all, then the assembly
     # inference (participant level) and external evaluation (group level)
     models: tuple[Path, ...] = ()
@@ -138,6 +139,7 @@ _NOT_HASHED = frozenset(
         "reports_only",
         "resplit",
         "tensorboard",
+        "compile",
         "fold",
         "labels",
     }

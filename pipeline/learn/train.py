@@ -64,6 +64,7 @@ class TrainSettings:
     amp: bool | None = default("amp")  # None: bf16 where the hardware has it
     ema: bool = default("ema")
     seed: int = default("seed")
+    compile: bool = default("compile")  # how fast, not what: torch.compile the training step
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "augment": list(self.augment)}
@@ -122,6 +123,23 @@ class Volumes(torch.utils.data.Dataset):
         self.paths = [Path(p) for p in arrays]
         self.targets = np.asarray(targets, dtype=np.float32)
         self._maps: list[np.ndarray | None] = [None] * len(self.paths)
+        self._resident: torch.Tensor | None = None
+
+    def make_resident(self, device: torch.device, budget: float) -> bool:
+        """Keep every array in one tensor on ``device`` when they take at most ``budget`` bytes (a cohort on the
+        GPU: a batch is then a gather there, with no copy from the host). Returns whether they are."""
+        if self._resident is not None and self._resident.device == device:
+            return True
+        size = sum(math.prod(self.array(i).shape) * 4 for i in range(len(self)))
+        if not len(self) or size > budget:
+            return False
+        self._resident = torch.empty((len(self), *self.array(0).shape), dtype=torch.float32, device=device)
+        for i in range(len(self)):
+            self._resident[i] = torch.from_numpy(np.array(self.array(i)))
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:  # shared with other ranks as paths, never as device memory
+        return {**self.__dict__, "_maps": [None] * len(self.paths), "_resident": None}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -141,7 +159,10 @@ class Volumes(torch.utils.data.Dataset):
         self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``(n, 1, X, Y, Z)`` and targets ``(n,)``; augmented with parameters drawn from ``seed``."""
-        x = torch.from_numpy(np.stack([self.array(i) for i in indices]))
+        if self._resident is not None:
+            x = self._resident[torch.as_tensor(np.asarray(indices), device=self._resident.device)]
+        else:
+            x = torch.from_numpy(np.stack([self.array(i) for i in indices]))
         if augment:
             x = augment_batch(x, augment, seed)
         return x, torch.from_numpy(self.targets[list(indices)])
@@ -193,19 +214,19 @@ def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int) -> torch.Ten
         for i in range(n):
             theta[i, :, :3] = _rotation(angles[i]) @ np.diag(scales[i])
             theta[i, :, 3] = shifts[i]
-        grid = F.affine_grid(torch.as_tensor(theta, dtype=x.dtype), list(x.shape), align_corners=False)
+        grid = F.affine_grid(torch.as_tensor(theta, dtype=x.dtype, device=x.device), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if "flip" in kinds:
-        flip = torch.as_tensor(rng.random(n) < 0.5)
+        flip = torch.as_tensor(rng.random(n) < 0.5, device=x.device)
         x = torch.where(flip[:, None, None, None, None], x.flip(2), x)  # axis 0 of RAS arrays: left-right
     if "intensity" in kinds:
-        gain = torch.as_tensor(rng.uniform(0.9, 1.1, n), dtype=x.dtype)[:, None, None, None, None]
-        offset = torch.as_tensor(rng.uniform(-0.1, 0.1, n), dtype=x.dtype)[:, None, None, None, None]
+        gain = torch.as_tensor(rng.uniform(0.9, 1.1, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
+        offset = torch.as_tensor(rng.uniform(-0.1, 0.1, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
         x = x * gain + offset
     if "noise" in kinds:
-        sd = torch.as_tensor(rng.uniform(0, 0.05, n), dtype=x.dtype)[:, None, None, None, None]
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x = x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        sd = torch.as_tensor(rng.uniform(0, 0.05, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))  # drawn on the CPU: the same anywhere
+        x = x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return x
 
 
@@ -424,12 +445,18 @@ def fit(
         what=f"{type(model).__name__} on inputs of {'x'.join(map(str, shape))} voxels",
     )
     LOGGER.info("%sa training step needs ~%.2f GB per process (estimated)", label, needed / memory.GB)
+    if device.type == "cuda" and hasattr(train, "make_resident"):  # the cohort on the GPU when it fits easily
+        budget = RESIDENT_SHARE * memory.available_bytes(device) - needed
+        if train.make_resident(device, budget):
+            LOGGER.info("%sthe %d training volumes stay on %s: batches are gathered there", label, len(train), device)
     trained = model
     if world.active:
         _check_world(world, len(train), settings.batch_size)
         distributed.check_same_start(_training_files(train), start_epoch, world)
         gpus = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=gpus)
+    if settings.compile:
+        trained = torch.compile(trained)  # type: ignore[assignment]
     writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
     stopped_early = False
     for epoch in range(start_epoch, settings.epochs):
@@ -555,6 +582,8 @@ def fit(
     return FitResult(history, best, run_dir, stopped_early, projection(history, score_key, settings.epochs))
 
 
+#: The share of a GPU's free memory (after the training step's) that may hold the training cohort.
+RESIDENT_SHARE = 0.5
 #: A batch's indices, this rank's share of them, its inputs and its targets.
 Batch = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
 #: Batches read and augmented ahead of the training step, per loader thread.
@@ -578,7 +607,7 @@ def _epoch_batches(
 
     def make(chunk: np.ndarray, mine: np.ndarray, seed: int) -> Batch:
         x, y = data.batch(mine, augment=settings.augment, seed=seed)
-        if device.type == "cuda":  # page-locked: the copy to the GPU overlaps the step before
+        if device.type == "cuda" and x.device.type == "cpu":  # page-locked: the copy overlaps the step before
             x, y = x.pin_memory(), y.pin_memory()
         return chunk, mine, x, y
 

@@ -139,3 +139,19 @@ def test_ranks_started_with_different_options_are_refused(learning_sample, tmp_p
     for err in errors:
         assert "Rank 1 of this distributed run was started with other settings than rank 0 (lr: 0.001 on rank 0" in err
     assert not (out / "learn").exists() and not list((out / "logs").glob("*_group_*"))  # refused before writing
+
+
+def test_segmentation_on_two_processes(learning_sample, tmp_path):
+    """Patches (and their labels) shared between the ranks; the package as a single process's, within tolerance."""
+    from pipeline.sample.generate import LABELS_DIR
+    from tests.integration.test_segmentation import SEG
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "out")
+    code, output = torchrun(bids, out, *SEG, "--labels", str(bids / LABELS_DIR), "--batch-size", "4")
+    assert code == 0, output
+    assert "[rank 1] INFO: Rank 1 of 2: trained 1 fold(s) with rank 0" in output
+    package = the_package(out)
+    assert json.loads((package / "environment.json").read_text())["distributed"]["world_size"] == 2
+    scores = pd.read_csv(out / "learn" / "target-structures" / "arch-unet" / "case_scores.tsv", sep="\t")
+    assert scores["dice"].notna().any()

@@ -170,3 +170,16 @@ def test_the_memory_estimate_of_the_default_model_and_a_refusal_that_names_a_bat
         check_fits(estimate, batch_size=64, world_size=2, available=0.25 * GB, device=cpu, what="conv5fc3")
     with pytest.raises(UsageError, match="not even a batch of 2 fits: use a smaller --patch-size"):
         check_fits(estimate, batch_size=8, world_size=1, available=0.05 * GB, device=cpu, what="conv5fc3")
+
+
+def test_a_compiled_training_step_learns_what_the_plain_one_learns(tmp_path):
+    import dataclasses
+
+    train, val = _volumes(tmp_path / "train", 6, 0), _volumes(tmp_path / "val", 2, 1)
+    weights = []
+    for compiled in (False, True):
+        model = _plain_model()
+        settings = dataclasses.replace(SETTINGS, epochs=1, compile=compiled)
+        fit(model, train, val, settings, run_dir=tmp_path / str(compiled), device=torch.device("cpu"))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-5, rtol=1e-4)

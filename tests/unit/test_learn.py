@@ -311,3 +311,18 @@ def test_a_loss_that_becomes_nan_stops_training_and_keeps_nothing_of_that_epoch(
         fit(tiny_model(), Volumes(paths, train.targets), val, settings(epochs=2), run_dir=tmp_path / "run",
             device=torch.device("cpu"))  # fmt: skip
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not list((tmp_path / "run").glob("best-*"))
+
+
+def test_a_resident_cohort_gives_the_batches_of_the_memory_mapped_one(planted):
+    """On a GPU the training volumes may stay in device memory; the batches (augmented too) are the same."""
+    train, _ = planted
+    resident = Volumes(train.paths, train.targets)
+    assert not resident.make_resident(torch.device("cpu"), budget=1000)  # too large for the budget
+    assert resident.make_resident(torch.device("cpu"), budget=1e9)
+    for seed, kinds in ((1, ()), (2, ("affine", "intensity", "noise", "flip"))):
+        x, y = train.batch([3, 0, 7], augment=kinds, seed=seed)
+        x2, y2 = resident.batch([3, 0, 7], augment=kinds, seed=seed)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(resident))._resident is None  # shared with other ranks as paths
