@@ -111,33 +111,36 @@ def _model_and_step(task: dict[str, Any], amp: bool | None):
     return model, step
 
 
-def throughput(task: dict[str, Any], *, steps: int = 6, amp: bool | None = None) -> dict[str, float]:
+def throughput(task: dict[str, Any], *, steps: int = 6, rounds: int = 3, amp: bool | None = None) -> dict[str, float]:
     """Volumes/s: model steps on batches already in memory; the full pipeline (loader, prefetch thread, step);
-    the loader alone."""
+    the loader alone with 1 and 2 threads. Rounds alternate and the medians are reported (a 2-core VM is noisy);
+    a first pass warms the caches (memory maps, each image's foreground voxels)."""
     settings, data = task["settings"], task["data"]
-    batch = settings.batch_size
-    order = np.resize(np.arange(len(data)), batch * steps)
+    order = np.resize(np.arange(len(data)), settings.batch_size * steps)
+    cpu = torch.device("cpu")
     _, step = _model_and_step(task, amp)
-    in_memory = [make()[2:] for make in _epoch_batches(data, order, settings, 0, SINGLE, torch.device("cpu"))]
+    in_memory = [make()[2:] for make in _epoch_batches(data, order, settings, 0, SINGLE, cpu)]
     step(*in_memory[0])  # warm-up
-    start = time.perf_counter()
-    for x, y in in_memory:
-        step(x, y)
-    model_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _, _, x, y in prefetch(_epoch_batches(data, order, settings, 1, SINGLE, torch.device("cpu"))):
-        step(x, y)
-    pipeline_s = time.perf_counter() - start
-    loader = {}
-    for threads in (1, 2):
+    times: dict[str, list[float]] = {"model": [], "pipeline": [], "loader_1": [], "loader_2": []}
+    for r in range(rounds):
         start = time.perf_counter()
-        for epoch in range(2, 5):
-            for _item in prefetch(_epoch_batches(data, order, settings, epoch, SINGLE, torch.device("cpu")), threads):
+        for x, y in in_memory:
+            step(x, y)
+        times["model"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _, _, x, y in prefetch(_epoch_batches(data, order, settings, 1 + r, SINGLE, cpu)):
+            step(x, y)
+        times["pipeline"].append(time.perf_counter() - start)
+        for threads in (1, 2):
+            start = time.perf_counter()
+            for _item in prefetch(_epoch_batches(data, order, settings, 10 + r, SINGLE, cpu), threads):
                 pass
-        loader[threads] = 3 * len(order) / (time.perf_counter() - start)
+            times[f"loader_{threads}"].append(time.perf_counter() - start)
+    median = {k: float(np.median(v)) for k, v in times.items()}
     n = len(order)
-    return {"model_vol_s": n / model_s, "pipeline_vol_s": n / pipeline_s, "loader_vol_s": loader[1],
-            "loader_2_vol_s": loader[2], "overhead": pipeline_s / model_s - 1}  # fmt: skip
+    return {"model_vol_s": n / median["model"], "pipeline_vol_s": n / median["pipeline"],
+            "loader_vol_s": n / median["loader_1"], "loader_2_vol_s": n / median["loader_2"],
+            "overhead": median["pipeline"] / median["model"] - 1}  # fmt: skip
 
 
 def step_flops(task: dict[str, Any]) -> float:
