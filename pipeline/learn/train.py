@@ -61,7 +61,7 @@ class TrainSettings:
     selection_metric: str = default("selection_metric")
     class_weighting: str = default("class_weighting")
     augment: tuple[str, ...] = default("augment")
-    amp: bool | None = default("amp")  # None: bf16 where the hardware has it
+    amp: bool | None = default("amp")  # None: bf16 on CUDA GPUs that have it, fp32 elsewhere
     ema: bool = default("ema")
     seed: int = default("seed")
     compile: bool = default("compile")  # how fast, not what: torch.compile the training step
