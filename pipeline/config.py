@@ -42,6 +42,7 @@ class RunConfig:
     list_participants: bool = False
     skip_bids_validation: bool = False
     work_dir: Path | None = None
+    bids_database_dir: Path | None = None  # the BIDS index (default: WORK_DIR/bids_index)
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float = 1.0
@@ -127,6 +128,7 @@ _NOT_HASHED = frozenset(
         "participant_index",
         "list_participants",
         "work_dir",
+        "bids_database_dir",
         "nprocs",
         "mem_gb",
         "verbosity",

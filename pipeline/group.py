@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,18 @@ def _learning_results(
 
 
 def run_group_level(
-    config: RunConfig, *, run_id: str, environment: dict[str, Any], work_dir: Path | None = None
+    config: RunConfig,
+    *,
+    run_id: str,
+    environment: dict[str, Any],
+    work_dir: Path | None = None,
+    with_t1w: Sequence[str] | None = None,
+    folders: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``manifest.tsv`` (+ ``manifest.json``), ``group_audit.json``, ``qc.tsv`` and ``group.html``.
+
+    ``with_t1w`` and ``folders``: the labels of the participants with T1w images and of the participant folders
+    in BIDS_DIR (from its index); read from BIDS_DIR when not given.
 
     With ``--target``, also train and evaluate a model (:mod:`pipeline.learn.study`); with ``--model``,
     train nothing but gather the predictions and evaluate them (:mod:`pipeline.learn.external`).
@@ -170,12 +180,15 @@ def run_group_level(
         )
     audits = [(mf.load_audit(p), p.relative_to(config.output_dir).as_posix()) for p in audit_paths]
     participants = read_participants(config.bids_dir)
-    on_disk = subjects_on_disk(config.bids_dir)
+    on_disk = list(folders) if folders is not None else subjects_on_disk(config.bids_dir)
     sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
     table, findings = mf.build_manifest(audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk)
     # participants with T1w in BIDS_DIR but no participant-level outputs yet are not "without images"
-    not_run = [pid for pid in findings["participants_without_images"]
-               if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
+    if with_t1w is None:
+        with_t1w = [pid[4:] for pid in findings["participants_without_images"]
+                    if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
+    has_t1w = {f"sub-{s}" for s in with_t1w}
+    not_run = [pid for pid in findings["participants_without_images"] if pid in has_t1w]
     findings["participants_not_preprocessed"] = not_run
     findings["participants_without_images"] = [p for p in findings["participants_without_images"] if p not in not_run]
     out = config.output_dir

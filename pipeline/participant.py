@@ -333,6 +333,8 @@ def _run_locked(
     # Nipype's scheduler runs gc.collect() around every node it starts; with the run's imports frozen
     # out of the collector's sight each one takes milliseconds, not ~0.2 s
     gc.freeze()
+    LOGGER.info("Workflow starts: %d participant(s), %s.", len(subjects),
+                f"{config.nprocs} processes" if config.nprocs > 1 else "one process")  # fmt: skip
     try:
         workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)
     except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly"

@@ -1,11 +1,10 @@
 """Find what a BIDS dataset holds: subjects, sessions, T1w images, their metadata and tables.
 
-Indexing is done by pybids, never writing into BIDS_DIR (no database file is created there).
+The dataset is read once into an index (:mod:`pipeline.bids.index`), never written into BIDS_DIR.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -15,7 +14,6 @@ from typing import Any
 
 import pandas as pd
 
-from ..derivatives import PYBIDS_ENTITIES
 from ..errors import InputDataError, NoDataSelected, UsageError
 
 LOGGER = logging.getLogger(__name__)
@@ -58,15 +56,11 @@ def normalize_label(label: str, prefix: str) -> str:
 
 
 def index_dataset(bids_dir: Path):
-    """A pybids layout of BIDS_DIR.
+    """An index of BIDS_DIR in memory (:class:`pipeline.bids.index.BidsIndex`): what a run keeps on disk and
+    shares, made here for this caller alone."""
+    from .index import open_index
 
-    pybids' own validation is off (ours reports problems by file) and so is its metadata indexing,
-    which stops on the first broken sidecar; :func:`sidecar_metadata` reads metadata per image.
-    """
-    from bids import BIDSLayout, BIDSLayoutIndexer
-
-    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
-    return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+    return open_index(bids_dir, None)
 
 
 def sidecar_metadata(bids_dir: Path, image: Path) -> tuple[dict[str, Any], list[str]]:
@@ -75,29 +69,15 @@ def sidecar_metadata(bids_dir: Path, image: Path) -> tuple[dict[str, Any], list[
     Sidecars from the dataset root down to the image's folder apply when their entities are a
     subset of the image's and their suffix matches; deeper and more specific ones win.
     """
-    from ..derivatives import parse_bids_name
+    from .scan import inherited_metadata, read_json
 
     bids_dir = Path(bids_dir)
-    entities, suffix, _ = parse_bids_name(image.name)
-    parts = image.parent.relative_to(bids_dir).parts
-    folders = [bids_dir] + [bids_dir.joinpath(*parts[: i + 1]) for i in range(len(parts))]
-    metadata: dict[str, Any] = {}
-    problems: list[str] = []
-    for folder in folders:
-        candidates = []
-        for sidecar in sorted(folder.glob(f"*{suffix}.json")):
-            try:
-                side_entities, side_suffix, _ = parse_bids_name(sidecar.name)
-            except InputDataError:
-                continue
-            if side_suffix == suffix and side_entities.items() <= entities.items():
-                candidates.append((len(side_entities), sidecar))
-        for _, sidecar in sorted(candidates):
-            try:
-                metadata.update(json.loads(sidecar.read_text()))
-            except (OSError, ValueError) as exc:
-                problems.append(f"{sidecar.relative_to(bids_dir)}: not valid JSON ({exc})")
-    return metadata, problems
+
+    def sidecars_in(folder: str) -> list[str]:
+        return [p.relative_to(bids_dir).as_posix() for p in sorted((bids_dir / folder).glob("*.json"))]
+
+    rel = image.relative_to(bids_dir).as_posix()
+    return inherited_metadata(rel, sidecars_in, lambda sidecar: read_json(bids_dir / sidecar))
 
 
 def subjects_on_disk(bids_dir: Path) -> list[str]:
@@ -105,37 +85,10 @@ def subjects_on_disk(bids_dir: Path) -> list[str]:
 
 
 def collect_t1w(
-    layout, *, subjects: Sequence[str] | None = None, sessions: Sequence[str] | None = None
+    index, *, subjects: Sequence[str] | None = None, sessions: Sequence[str] | None = None
 ) -> list[T1wImage]:
-    """Every T1w image (``.nii``/``.nii.gz``; any session, run, acquisition), sorted by path."""
-    query: dict[str, Any] = {
-        "suffix": "T1w",
-        "datatype": "anat",
-        "extension": list(T1W_EXTENSIONS),
-        "return_type": "object",
-    }
-    if subjects:
-        query["subject"] = list(subjects)
-    if sessions:
-        query["session"] = list(sessions)
-    images = []
-    for bids_file in layout.get(**query):
-        entities = {k: str(v) for k, v in bids_file.get_entities().items() if k in PYBIDS_ENTITIES}
-        if "subject" not in entities:  # a template's T1w (tpl-*), not a participant's
-            continue
-        metadata, problems = sidecar_metadata(Path(layout.root), Path(bids_file.path))
-        for problem in problems:
-            LOGGER.warning("Sidecar metadata skipped: %s. Fix the JSON syntax.", problem)
-        images.append(
-            T1wImage(
-                path=Path(bids_file.path),
-                subject=entities["subject"],
-                session=entities.get("session"),
-                entities=entities,
-                metadata=metadata,
-            )
-        )
-    return sorted(images, key=lambda img: str(img.path))
+    """Every T1w image (``.nii``/``.nii.gz``; any session, run, acquisition) in ``index``, sorted by path."""
+    return index.t1w(subjects, sessions or ())
 
 
 def select_participants(

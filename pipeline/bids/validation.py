@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def check_dataset_kind(bids_dir: Path) -> list[Problem]:
     return []
 
 
-def _bidsignore_patterns(bids_dir: Path) -> list[str]:
+def bidsignore_patterns(bids_dir: Path) -> list[str]:
     path = Path(bids_dir) / ".bidsignore"
     if not path.exists():
         return []
@@ -100,53 +100,39 @@ def _ignored(rel: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def iter_checked_files(bids_dir: Path) -> Iterable[str]:
-    """Relative paths of the files the validator checks (dotfiles and exempt folders skipped)."""
-    bids_dir = Path(bids_dir)
-    for root, dirs, files in os.walk(bids_dir):
-        rel_root = Path(root).relative_to(bids_dir)
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and not (rel_root == Path(".") and d in _UNCHECKED_DIRS)
-        )
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield (rel_root / name).as_posix()
+def is_unchecked_dir(name: str) -> bool:
+    """Whether a top-level folder is one the validator does not check (``derivatives/``, ``sourcedata/``...)."""
+    return name in _UNCHECKED_DIRS
 
 
-def check_file_names(bids_dir: Path) -> list[Problem]:
+@functools.lru_cache(maxsize=1)
+def _validator():
     from bids_validator import BIDSValidator
 
-    validator = BIDSValidator()
-    patterns = _bidsignore_patterns(bids_dir)
+    return BIDSValidator()
+
+
+def file_name_problems(rels: Iterable[str], patterns: Sequence[str]) -> list[Problem]:
+    """One problem per path (relative to BIDS_DIR) that is not a BIDS file name and not in .bidsignore."""
+    validator = _validator()
     return [
         Problem(
             rel,
             "is not a BIDS-valid file name.",
             "Rename it following the BIDS specification, move it to sourcedata/, or list it in .bidsignore.",
         )
-        for rel in iter_checked_files(bids_dir)
-        if not _ignored(rel, patterns) and not validator.is_bids("/" + rel)
+        for rel in rels
+        if not validator.is_bids("/" + rel) and not _ignored(rel, patterns)
     ]
 
 
-def check_json_files(bids_dir: Path) -> list[Problem]:
-    problems = []
-    for rel in iter_checked_files(bids_dir):
-        if rel.endswith(".json"):
-            try:
-                json.loads((Path(bids_dir) / rel).read_text())
-            except (OSError, ValueError) as exc:
-                problems.append(Problem(rel, f"is not valid JSON ({exc}).", "Fix its syntax."))
-    return problems
-
-
-def check_participants_table(bids_dir: Path) -> list[Problem]:
-    """Warnings when participants.tsv and the ``sub-*`` folders disagree."""
+def check_participants_table(bids_dir: Path, *, folders: Iterable[str] | None = None) -> list[Problem]:
+    """Warnings when participants.tsv and the ``sub-*`` folders (their labels: ``folders``) disagree."""
     try:
         table = read_participants(bids_dir)
     except InputDataError as exc:
         return [Problem("participants.tsv", str(exc), "See above.")]
-    folders = {f"sub-{s}" for s in subjects_on_disk(bids_dir)}
+    folders = {f"sub-{s}" for s in (subjects_on_disk(bids_dir) if folders is None else folders)}
     if table is None:
         return [
             Problem(
@@ -209,12 +195,9 @@ def validate_dataset(bids_dir: Path, *, t1w_paths: Iterable[Path] = ()) -> list[
     """Every problem found in BIDS_DIR; those with severity 'error' stop the run (exit 16).
 
     A derivatives dataset or one without participants gets that one problem (not one line per file).
+    The checks are those an index of BIDS_DIR records (:mod:`pipeline.bids.index`), plus the headers of
+    ``t1w_paths``.
     """
-    problems = check_dataset_description(bids_dir)
-    kind = check_dataset_kind(bids_dir)
-    if kind:
-        return problems + kind
-    problems += check_file_names(bids_dir) + check_json_files(bids_dir)
-    problems += check_participants_table(bids_dir)
-    problems += check_images(bids_dir, t1w_paths)
-    return problems
+    from .index import open_index
+
+    return open_index(bids_dir, None).problems() + check_images(bids_dir, t1w_paths)

@@ -238,6 +238,13 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "inside BIDS_DIR (default: OUTPUT_DIR/.bidsdl_work)",
     )
     res.add_argument(
+        "--bids-database-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the index of BIDS_DIR is kept: built once (by --list-participants or the first run), shared "
+        "by every run and array task, rebuilt when BIDS_DIR changes (default: WORK_DIR/bids_index)",
+    )
+    res.add_argument(
         "--nprocs",
         "--n-cpus",
         type=_positive_int,
@@ -339,6 +346,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         list_participants=bool(merged.get("list_participants")),
         skip_bids_validation=bool(merged.get("skip_bids_validation")),
         work_dir=Path(merged["work_dir"]).absolute() if merged.get("work_dir") else None,
+        bids_database_dir=Path(merged["bids_database_dir"]).absolute() if merged.get("bids_database_dir") else None,
         nprocs=nprocs,
         omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),

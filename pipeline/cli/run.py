@@ -87,48 +87,100 @@ def setup_logging(verbosity: int, log_file: Path | None, *, prefix: str = "") ->
         logging.getLogger("nipype").addHandler(file_handler)
 
 
-def _discover(config: RunConfig):
-    from ..bids.layout import collect_t1w, index_dataset, select_participants
-
-    layout = index_dataset(config.bids_dir)
-    images = collect_t1w(layout, subjects=config.participant_label or None, sessions=config.session_label or None)
-    with_images = sorted({img.subject for img in images})
-    selected = select_participants(with_images, requested=config.participant_label, index=config.participant_index)
-    return {s: [img for img in images if img.subject == s] for s in selected}
+def _whole_dataset(config: RunConfig) -> bool:
+    """Whether the run looks at every participant (so the index is checked file by file), not a few of them."""
+    chosen = bool(config.participant_label) or config.participant_index is not None
+    return config.list_participants or config.analysis_level == "group" or not chosen
 
 
-def _validated_subjects(config: RunConfig, *, log_dir: Path | None, check_headers: bool):
-    """Validate BIDS_DIR (unless --skip-bids-validation), then find the selected participants' T1w and
-    check their headers (warnings: a bad image fails its own participant). Problems are logged and,
-    with ``log_dir``, recorded; errors raise :class:`BidsValidationError` (exit 16)."""
+def _index(config: RunConfig, work_dir: Path):
+    """The index of BIDS_DIR (built, or reused when BIDS_DIR has not changed)."""
+    from ..bids.index import default_location, open_index
+
+    location = config.bids_database_dir or default_location(work_dir)
+    index = open_index(config.bids_dir, location, full=_whole_dataset(config))
+    if config.participant_index is not None and index.participant_list_changed():
+        LOGGER.warning(
+            "The participants of BIDS_DIR changed since the index was last built, so --participant-index %d counts "
+            "in the new list (%d participants). An array job sized from the old list may skip or repeat participants: "
+            "re-run --list-participants, and re-submit the array (finished participants are skipped).",
+            config.participant_index, len(index.participants(config.session_label)),
+        )  # fmt: skip
+    return index
+
+
+def _select(config: RunConfig, index) -> list[str]:
+    """The selected participants (labels, then the array index), read again when they are a few of them."""
+    from ..bids.index import describe
+    from ..bids.layout import select_participants
+    from ..errors import NoDataSelected
+
+    available = index.participants(config.session_label)
+    selected = select_participants(available, requested=config.participant_label, index=config.participant_index)
+    if _whole_dataset(config):
+        return selected
+    changes = index.refresh(selected)
+    if changes:
+        LOGGER.info("Changed since BIDS_DIR was indexed: %s; read again.", describe(changes))
+    gone = sorted(set(selected) - set(index.participants(config.session_label)))
+    if gone:
+        raise NoDataSelected(f"No T1w images for participant(s) {', '.join(f'sub-{s}' for s in gone)} any more "
+                             "(removed since BIDS_DIR was indexed). Re-run --list-participants to size the array.")
+    return selected
+
+
+def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | None, check_headers: bool):
+    """Index BIDS_DIR (or reuse its index), select the participants and validate: the dataset as the index
+    recorded it, the selected participants' files read again, and their T1w headers (warnings: a bad image fails
+    its own participant). Problems are logged and, with ``log_dir``, recorded; errors raise
+    :class:`BidsValidationError` (exit 16) unless ``--skip-bids-validation``."""
     from .. import derivatives
-    from ..bids.validation import check_images, validate_dataset
+    from ..bids.layout import T1wImage
+    from ..bids.validation import check_images
+    from ..errors import NoDataSelected
 
+    index = _index(config, work_dir)
+    whole = _whole_dataset(config)
+    try:
+        selected = _select(config, index)
+    except NoDataSelected:
+        # the dataset first: a derivatives dataset or one without participants is said so, not "no T1w found"
+        errors = [p for p in index.problems(None if whole else []) if p.severity == "error"]
+        if errors and not config.skip_bids_validation:
+            raise BidsValidationError(errors) from None
+        raise
+    subjects: dict[str, list[T1wImage]] = {s: [] for s in selected}
+    for image in index.t1w(selected, config.session_label):
+        subjects[image.subject].append(image)
     if config.skip_bids_validation:
         LOGGER.warning("BIDS validation skipped (--skip-bids-validation).")
-        return _discover(config)
-    # the dataset first: a derivatives dataset or one without participants is said so, not "no T1w found"
-    problems = validate_dataset(config.bids_dir)
-    errors = [p for p in problems if p.severity == "error"]
-    subjects = {}
-    if not errors:
-        subjects = _discover(config)
-        if check_headers:
-            problems += check_images(config.bids_dir, [img.path for imgs in subjects.values() for img in imgs])
+        return subjects, index
+    problems = index.problems(None if whole else selected)
+    others = 0 if whole else index.other_warnings(selected)
+    if check_headers:
+        problems += check_images(config.bids_dir, [img.path for imgs in subjects.values() for img in imgs])
     if log_dir is not None:
-        derivatives.write_json(log_dir / "bids_validation.json", {"problems": [p.as_dict() for p in problems]})
+        derivatives.write_json(log_dir / "bids_validation.json", {
+            "problems": [p.as_dict() for p in problems], "other_participants_warnings": others,
+            "index": index.record(),
+        })  # fmt: skip
     for problem in problems:
         if problem.severity != "error":
             LOGGER.warning("BIDS: %s", problem)
+    if others:
+        LOGGER.info("%d BIDS warning(s) about other participants' files are not repeated here (a run over the whole "
+                    "dataset, or --list-participants -v, lists them).", others)  # fmt: skip
+    errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise BidsValidationError(errors)
-    return subjects
+    return subjects, index
 
 
 def run(config: RunConfig, argv: Sequence[str]) -> int:
     work_dir = check_paths(config)
-    if config.list_participants:  # the dataset's validation as in a run, nothing written
-        for subject in _validated_subjects(config, log_dir=None, check_headers=False):
+    if config.list_participants:  # the dataset's validation as in a run; only the index is written
+        subjects, _ = _validated_subjects(config, work_dir=work_dir, log_dir=None, check_headers=False)
+        for subject in subjects:
             print(subject)
         return EXIT_OK
     if config.analysis_level == "group" and _join_distributed(config):
@@ -152,7 +204,9 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     LOGGER.info("bidsdl %s, %s level, run %s", __version__, config.analysis_level, run_id)
     LOGGER.info("Log, effective config and environment: %s", log_dir)
 
-    subjects = _validated_subjects(config, log_dir=log_dir, check_headers=config.analysis_level == "participant")
+    subjects, index = _validated_subjects(
+        config, work_dir=work_dir, log_dir=log_dir, check_headers=config.analysis_level == "participant"
+    )
 
     description = derivatives.dataset_description(
         bids_dir=config.bids_dir,
@@ -190,7 +244,8 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
 
     _use_training_threads(config)
     with distributed.peers_guard():  # under torchrun/srun: another rank that fails ends this one with a message
-        run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir)
+        run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir,
+                        with_t1w=list(subjects), folders=index.folders())  # fmt: skip
     if not config.fold:
         LOGGER.info("Group report: %s", config.output_dir / "group.html")
     return EXIT_OK
