@@ -26,7 +26,7 @@ from ..errors import (
     UsageError,
 )
 from .parser import parse_args
-from .signals import interrupt_on_signals, terminate_descendants
+from .signals import guard_forks, interrupt_on_signals, terminate_descendants
 
 LOGGER = logging.getLogger("pipeline.cli")
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -325,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bidsdl`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+    guard_forks()  # workers die with this process, even when it is killed outright
     try:
         config = parse_args(argv)
     except SystemExit as exc:  # --help and --version

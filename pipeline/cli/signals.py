@@ -5,13 +5,20 @@ later); ``docker stop`` does the same. bidsdl turns the signal into
 :class:`~pipeline.errors.RunInterrupted` in the main process, records what was running, stops its
 worker processes and exits with ``128 + signal``. Forked Nipype workers inherit the handler but
 take the default action, so only the main process unwinds.
+
+A main process killed outright (SIGKILL: the kernel's OOM killer on a crowded node) runs no handler,
+so its children must notice on their own: :func:`guard_forks` makes every process forked from then on
+die with its parent (Linux's parent-death signal, or a watchdog on the parent's pid), and interpreters
+started with ``subprocess`` call :func:`die_with_parent` first thing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +27,76 @@ from pathlib import Path
 from ..errors import RunInterrupted
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: The environment variable that hands a child interpreter the pid of the process it must not outlive.
+PARENT_PID_VARIABLE = "BIDSDL_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+_WATCH_S = 0.5
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when the thread that made it ends; False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_WATCH_S)
+    os._exit(1)
+
+
+def die_with_parent(parent: int | None = None, *, from_main_thread: bool = True) -> None:
+    """End this process (SIGKILL) as soon as ``parent`` (default: the current parent) is gone.
+
+    The parent-death signal fires when the *thread* that forked ends, so a child of another thread gets a
+    watchdog on the parent's pid instead (also where the signal is unavailable). A parent already gone
+    (this child was adopted before it got here) ends it at once.
+    """
+    parent = os.getppid() if parent is None else parent
+    if not (from_main_thread and _parent_death_signal(signal.SIGKILL)):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="bidsdl-parent-watch").start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_fork_state = threading.local()
+_guarded = False
+
+
+def _before_fork() -> None:
+    _fork_state.parent = os.getpid()
+    _fork_state.main = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    die_with_parent(getattr(_fork_state, "parent", None), from_main_thread=getattr(_fork_state, "main", True))
+
+
+def guard_forks() -> None:
+    """From now on, every process this one forks (Nipype's MultiProc workers, the sample generator's pool) dies
+    with it, however it ends."""
+    global _guarded
+    if not _guarded:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _guarded = True
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for an interpreter this process starts with ``subprocess``: it names this process, which
+    the child must not outlive (:func:`die_with_launcher`)."""
+    return {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
+
+
+def die_with_launcher() -> None:
+    """First thing in an interpreter bidsdl starts: end when the process that started it ends (at once when it is
+    already gone: this one then has another parent than :func:`child_environment` named)."""
+    launcher = os.environ.get(PARENT_PID_VARIABLE, "")
+    die_with_parent(int(launcher) if launcher.isdigit() else None)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import IO, Any
 
+from ..cli.signals import child_environment, die_with_launcher
 from ..errors import BidsdlError, InputDataError
 
 _MODULE = "pipeline.interfaces.brain_service"
@@ -60,6 +61,7 @@ class Helper:
         self._owner = os.getpid()
         self.process = subprocess.Popen(
             [sys.executable, "-m", _MODULE],
+            env=child_environment(),
             stdin=subprocess.PIPE,
             stderr=self._stderr,
             stdout=subprocess.DEVNULL,
@@ -236,4 +238,5 @@ def serve(control: IO[str]) -> None:
 
 
 if __name__ == "__main__":
+    die_with_launcher()
     serve(sys.stdin)

@@ -89,12 +89,13 @@ def _run_node(spec: dict, cwd: Path) -> dict:
     import subprocess
     import sys
 
+    from ..cli.signals import child_environment
     from ..errors import InputDataError
 
     (cwd / "inference.json").write_text(json.dumps(spec, indent=2) + "\n")
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.learn.infer", str(cwd / "inference.json"), str(cwd)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=child_environment(),
     )  # fmt: skip
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]

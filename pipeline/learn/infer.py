@@ -348,4 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ..cli.signals import die_with_launcher
+
+    die_with_launcher()  # a node's interpreter ends with the worker that waits for it
     raise SystemExit(main())

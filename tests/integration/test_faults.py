@@ -149,6 +149,42 @@ def test_sigterm_stops_workers_and_records_the_interruption(bids_factory, tmp_pa
     assert _status(out, "01")["run_id"] == done["01"]["run_id"]
 
 
+def _session_members(session: int) -> list[str]:
+    """The live processes of a session (a run started with ``start_new_session``: its own and its children's)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(f"{stat.parent.name} {text[text.index('(') + 1 : text.rindex(')')]}")
+    return members
+
+
+def test_no_process_outlives_a_run_killed_outright(bids_factory, tmp_path):
+    """SIGKILL of the main process (the OOM killer's way) runs no handler: its MultiProc workers and helper
+    interpreter must end by themselves, at once; the re-run then resumes."""
+    from pipeline.cli.signals import descendants
+
+    bids = bids_factory(subjects={s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")})
+    out = tmp_path / "out"
+    job = subprocess.Popen(_command(bids, out, "--nprocs", "2", "-q"), stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    _wait_for(lambda: len(descendants(job.pid)) >= 3 and bool(list(out.glob("sub-*/anat/*desc-audit*"))), job)
+    assert len(_session_members(job.pid)) >= 4  # bidsdl, two workers, the brain-extraction helper
+    job.kill()
+    job.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _session_members(job.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _session_members(job.pid) == [], "processes of the killed run are still alive"
+    assert {_status(out, s)["state"] for s in ("01", "02")} == {"running"}
+    assert subprocess.run(_command(bids, out, "--nprocs", "2", "-q"), check=False).returncode == 0
+    assert {_status(out, s)["state"] for s in ("01", "02")} == {"done"}
+
+
 def _command_lines() -> list[str]:
     lines = []
     for path in Path("/proc").glob("[0-9]*/cmdline"):
@@ -193,5 +229,8 @@ def test_four_array_tasks_at_once_share_one_output(bids_factory, tmp_path):
         assert json.loads((run / "config.json").read_text())["participant_index"] is not None
     assert logged == set(labels)
     assert not list(out.rglob(".*.tmp*"))
+    # the index of BIDS_DIR: built by one of them while the others waited, then reused by those
+    index_states = [json.loads((run / "bids_validation.json").read_text())["index"]["state"] for run in runs]
+    assert sorted(index_states) == ["built", "reused", "reused", "reused"], index_states
     top = out.parent / f"{out.name}_work" / "bidsdl_wf"
     assert not [p.name for p in top.iterdir() if p.is_file()], "files at the top of the shared work dir"
