@@ -25,9 +25,10 @@ from .bids.layout import T1wImage
 from .config import RunConfig
 from .errors import RunInterrupted
 from .interfaces import brain_service
+from .progress import WorkflowProgress
 from .qc import load_qc
 from .reports.subject import write_subject_report
-from .workflows.base import image_key
+from .workflows.base import executed_node_names, image_key, single_subject_name
 
 LOGGER = logging.getLogger(__name__)
 
@@ -325,13 +326,16 @@ def _run_locked(
             derivatives.status_path(config.output_dir, subject),
             _status_header(subject, "running", run_id=run_id, config_hash=config_hash, started=started),
         )
-    plugin_args = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+    plugin_args: dict[str, Any] = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
     # one brain-extraction helper for the process (already loading when the command line started it)
     helper = brain_service.process_helper(config.device)
     workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir,
                               model_hashes=model_hashes, brain_helper=helper.contact)  # fmt: skip
     # Nipype's scheduler runs gc.collect() around every node it starts; with the run's imports frozen
     # out of the collector's sight each one takes milliseconds, not ~0.2 s
+    owners = {single_subject_name(subject): subject for subject in subjects}
+    tracker = WorkflowProgress(executed_node_names(workflow), workflow.name, owners, logger=LOGGER)
+    plugin_args["status_callback"] = tracker
     gc.freeze()
     LOGGER.info("Workflow starts: %d participant(s), %s.", len(subjects),
                 f"{config.nprocs} processes" if config.nprocs > 1 else "one process")  # fmt: skip
@@ -347,6 +351,7 @@ def _run_locked(
         raise
     finally:
         gc.unfreeze()
+        tracker.progress.finish()
     finished = time.time()
     qc = load_qc(config.output_dir)  # group percentiles in the reports, once a group run exists
     for subject, images in subjects.items():

@@ -25,6 +25,7 @@ from ..errors import (
     RunInterrupted,
     UsageError,
 )
+from ..progress import ConsoleHandler
 from .parser import parse_args
 from .signals import guard_forks, interrupt_on_signals, terminate_descendants
 
@@ -71,7 +72,7 @@ def setup_logging(verbosity: int, log_file: Path | None, *, prefix: str = "") ->
     _close_log_files()
     for handler in list(ours.handlers):
         ours.removeHandler(handler)
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler(sys.stderr)
     console.setLevel(console_level)
     console.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
     ours.addHandler(console)

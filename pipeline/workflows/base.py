@@ -36,6 +36,25 @@ def image_key(image: T1wImage) -> str:
     return _node_name("_".join(parts)) or "T1w"
 
 
+def executed_node_names(workflow: pe.Workflow, prefix: str = "") -> list[str]:
+    """The names (below ``workflow``) of the nodes Nipype runs: every node but the IdentityInterface ones, which
+    it drops when it flattens the graph."""
+    from nipype.interfaces.utility import IdentityInterface
+
+    names = []
+    for node in workflow._graph.nodes():
+        if isinstance(node, pe.Workflow):
+            names += executed_node_names(node, f"{prefix}{node.name}.")
+        elif not isinstance(node.interface, IdentityInterface):
+            names.append(prefix + node.name)
+    return sorted(names)
+
+
+def single_subject_name(subject: str) -> str:
+    """The name of a participant's workflow (what its nodes' names start with below the top workflow)."""
+    return f"sub_{_node_name(subject)}_wf"
+
+
 def init_single_subject_wf(
     *,
     subject: str,
@@ -63,7 +82,7 @@ def init_single_subject_wf(
     model_resolution, seed, omp_nthreads, device, brain_helper, inference
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     """
-    workflow = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
+    workflow = pe.Workflow(name=name or single_subject_name(subject))
     for image in images:
         anat_wf = init_anat_wf(
             bids_dir=bids_dir,

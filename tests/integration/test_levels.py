@@ -114,7 +114,10 @@ def test_rerun_resumes_from_the_work_dir(sample_run):
 def test_list_participants_and_index(sample_bids, tmp_path, run_cli):
     code, out, _ = run_cli(sample_bids, tmp_path / "out", "participant", "--list-participants")
     assert code == 0 and out.split() == ["01", "02", "03", "04"]
-    assert not (tmp_path / "out").exists(), "listing must not write anything"
+    written = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert written == {".bidsdl_work/bids_index/bids_index.sqlite", ".bidsdl_work/bids_index/.bids_index.lock"}, (
+        "listing writes the index of BIDS_DIR, nothing else"
+    )
     code, out, _ = run_cli(
         sample_bids,
         tmp_path / "o",
@@ -148,3 +151,11 @@ def test_console_scripts_run_as_processes(tmp_path):
         check=False,
     )
     assert result.returncode == 66 and "does not exist" in result.stderr
+
+
+def test_the_participant_log_shows_progress_and_the_index(sample_run):
+    _, out, _ = sample_run
+    run = sorted((out / "logs").glob("*_participant_*"))[0]
+    assert "Progress: participants: 4 done, 0 left of 4 (100%)" in (run / "bidsdl.log").read_text()
+    record = json.loads((run / "bids_validation.json").read_text())["index"]
+    assert record["state"] in ("built", "reused") and record["participants"] == 4

@@ -8,6 +8,7 @@ from pipeline.bids.layout import collect_t1w, index_dataset
 from pipeline.cli.parser import parse_args
 from pipeline.workflows.anatomical import init_anat_audit_wf, init_anat_wf
 from pipeline.workflows.base import image_key, init_bidsdl_wf, init_single_subject_wf
+from tests.helpers import make_bids
 
 
 def _stub_tree(root: Path) -> Path:
@@ -103,3 +104,22 @@ def test_model_adds_an_inference_node_and_its_sinks_per_image(tmp_path):
     names = set(plain.list_node_names())
     assert not any("inference" in n for n in names)
     assert {"anat_qc_wf.mesh", "anat_derivatives_wf.ds_mesh", "anat_derivatives_wf.ds_fig_mesh"} <= names
+
+
+def test_the_progress_counts_exactly_the_nodes_nipype_runs(tmp_path):
+    """Progress counts a participant done when each of its nodes has ended: the nodes listed must be those Nipype
+    keeps in the graph it runs (it drops the IdentityInterface ones)."""
+    from pipeline.workflows.base import executed_node_names
+
+    root = make_bids(tmp_path / "bids", {"01": ["anat/sub-01_T1w.nii.gz"], "02": ["anat/sub-02_T1w.nii.gz"]})
+    config = parse_args([str(root), str(tmp_path / "out"), "participant"])
+    subjects = {img.subject: [img] for img in collect_t1w(index_dataset(root))}
+    workflow = init_bidsdl_wf(config, subjects=subjects, run_id="r", work_dir=tmp_path / "work")
+    from copy import deepcopy
+
+    from nipype.pipeline.engine.utils import generate_expanded_graph
+
+    executed = generate_expanded_graph(deepcopy(workflow._create_flat_graph()))  # what workflow.run() executes
+    expected = sorted(node.fullname.removeprefix("bidsdl_wf.") for node in executed.nodes())
+    assert executed_node_names(workflow) == expected
+    assert any(name.startswith("sub_02_wf.") for name in expected)
