@@ -87,6 +87,9 @@ class RunConfig:
     # inference (participant level) and external evaluation (group level)
     models: tuple[Path, ...] = ()
     allow_training_subjects: bool = False
+    # group level: re-render the subject reports with the group's percentiles (None: up to
+    # SUBJECT_REPORT_REFRESH_MAX participants)
+    refresh_subject_reports: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict whose keys mirror the long options (usable again with ``--config``)."""
@@ -111,6 +114,9 @@ class RunConfig:
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
+
+#: The most participants whose subject reports the group level re-renders unless told (~0.06 s and ~2 MB each).
+SUBJECT_REPORT_REFRESH_MAX = 500
 
 #: Fields that decide what the group level learns, in declaration order.
 LEARNING_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("learning"))
@@ -144,6 +150,7 @@ _NOT_HASHED = frozenset(
         "compile",
         "fold",
         "labels",
+        "refresh_subject_reports",
     }
 )
 

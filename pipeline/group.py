@@ -16,14 +16,16 @@ import pandas as pd
 from . import __version__, derivatives
 from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
-from .config import RunConfig, settings_from
+from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, settings_from
 from .errors import InputDataError
 from .learn.splits import SplitSettings
 from .learn.study import RESULTS, StudySettings, run_study, study_dir
 from .learn.train import TrainSettings
-from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, gather_qc, robust_z
+from .progress import Progress, timed
+from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
 from .reports import figures
 from .reports.group_learning import dataset_summary, external_context, learning_context
+from .reports.group_tables import LIST_ITEMS, capped, manifest_rows
 from .reports.render import write_report
 from .reports.subject import write_subject_report
 
@@ -59,32 +61,36 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
     )
     outliers = qc_table[qc_table["qc_outlier"]]
     verdicts = qc_table["qc_verdict"] if "qc_verdict" in qc_table else pd.Series("n/a", index=qc_table.index)
+    failed = qc_table[verdicts == "fail"]
     return {
         "n_images": len(qc_table),
         "min_images": MIN_IMAGES_FOR_OUTLIERS,
-        "failed": [
+        "failed": capped([
             {"source": row["source"], "flags": [f for f in str(row["flags"]).split(",") if f]}
-            for _, row in qc_table[verdicts == "fail"].iterrows()
-        ],
+            for row in failed.head(LIST_ITEMS).to_dict(orient="records")
+        ], "qc.tsv") | {"more": max(len(failed) - LIST_ITEMS, 0)},
         "verdicts": {v: int(n) for v, n in verdicts.value_counts().items()},
         "figure": "data:image/png;base64," + base64.b64encode(figure).decode(),
-        "outliers": [
+        "outliers": capped([
             {"source": row["source"], "metrics": [m for m in metrics if row[f"{m}_outlier"]]}
-            for _, row in outliers.iterrows()
-        ],
+            for row in outliers.head(LIST_ITEMS).to_dict(orient="records")
+        ], "qc.tsv") | {"more": max(len(outliers) - LIST_ITEMS, 0)},
         "medians": {m: float(qc_table[m].astype(float).median()) for m in metrics},
     }
 
 
 def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    def check(name: str, items: list[str], *, fail: bool) -> dict[str, Any]:
+    def check(name: str, items: list[str], *, fail: bool, where: str = "group_audit.json") -> dict[str, Any]:
+        shown = capped(items, where)
         if not items:
-            return {"name": name, "result": "pass", "css": "pass", "details": []}
+            return {"name": name, "result": "pass", "css": "pass", "details": [], "more": 0, "where": where}
         return {
             "name": name,
             "result": "fail" if fail else "warning",
             "css": "fail" if fail else "warn",
-            "details": items,
+            "details": shown["shown"],
+            "more": shown["more"],
+            "where": where,
         }
 
     return [
@@ -98,18 +104,101 @@ def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[
             "Every image passed quality control (registration, brain extraction)",
             [
                 f"{f['source']}: {', '.join(f['flags'])}; left out of learning unless --include-failed-qc"
-                for f in (qc or {}).get("failed", [])
+                for f in (qc or {}).get("failed", {}).get("shown", [])
             ],
             fail=True,
+            where="qc.tsv",
         ),
         check("Every participant has images", findings["participants_without_images"], fail=False),
         check("Every image has a participants.tsv row", findings["images_without_participants_row"], fail=False),
         check(
             "No audit flags",
             [f"{src}: {flags}" for src, flags in findings["flagged_images"].items()],
+            where="manifest.tsv",
             fail=False,
         ),
     ]
+
+
+def _read_records(paths: Sequence[Path], what: str) -> list[dict[str, Any]]:
+    """The JSON records at ``paths``, read with progress (ten thousand of them take a while on a network disk)."""
+    progress = Progress(what, len(paths), logger=LOGGER)
+    records = []
+    for path in paths:
+        records.append(json.loads(path.read_text()))
+        progress.advance()
+    if len(paths) > 1000:
+        progress.finish()
+    return records
+
+
+def _gather(
+    config: RunConfig, *, with_t1w: Sequence[str] | None, folders: Sequence[str] | None
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """The participants' audits and quality records, joined with participants.tsv and sessions.tsv: the manifest,
+    the dataset's findings and the QC table."""
+    subjects = config.participant_label or None
+    audit_paths = mf.find_audits(config.output_dir, subjects)
+    if not audit_paths:
+        raise InputDataError(
+            f"No participant-level audits found in {config.output_dir}. Run "
+            f"'bidsdl {config.bids_dir} {config.output_dir} participant' first."
+        )
+    records = _read_records(audit_paths, "audits read")
+    audits = [(record, p.relative_to(config.output_dir).as_posix()) for record, p in zip(records, audit_paths,
+                                                                                         strict=True)]  # fmt: skip
+    participants = read_participants(config.bids_dir)
+    on_disk = list(folders) if folders is not None else subjects_on_disk(config.bids_dir)
+    sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
+    table, findings = mf.build_manifest(audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk)
+    # participants with T1w in BIDS_DIR but no participant-level outputs yet are not "without images"
+    if with_t1w is None:
+        with_t1w = [pid[4:] for pid in findings["participants_without_images"]
+                    if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
+    has_t1w = {f"sub-{s}" for s in with_t1w}
+    not_run = [pid for pid in findings["participants_without_images"] if pid in has_t1w]
+    findings["participants_not_preprocessed"] = not_run
+    findings["participants_without_images"] = [p for p in findings["participants_without_images"] if p not in not_run]
+    qc = make_qc_table(_read_records(mf.find_records(config.output_dir, "iqm", subjects), "quality records read"))
+    return table, findings, qc
+
+
+def _log_findings(findings: dict[str, Any]) -> None:
+    for group in findings["duplicates"]:
+        LOGGER.warning(
+            "Identical voxel data under different participant IDs: %s. One subject may "
+            "appear twice; remove the copy before learning.",
+            ", ".join(group),
+        )
+    for pid in findings["participants_not_preprocessed"]:
+        LOGGER.warning("%s has T1w images in BIDS_DIR but no participant-level outputs: run the participant level "
+                       "for it (--participant-label %s), then the group level again.", pid, pid[4:])  # fmt: skip
+    for pid in findings["participants_without_images"]:
+        LOGGER.warning("%s has no T1w image in BIDS_DIR.", pid)
+    for source in findings["images_without_participants_row"]:
+        LOGGER.warning("%s has no row in participants.tsv: add one so its labels are known.", source)
+
+
+def _refresh_subject_reports(
+    config: RunConfig, out: Path, subjects: Sequence[str], qc_table: pd.DataFrame
+) -> dict[str, Any]:
+    """Re-render the subject reports with this group's percentiles, when asked or the group is small enough;
+    returns what the group report says of it."""
+    refresh = config.refresh_subject_reports
+    if refresh is None:
+        refresh = len(subjects) <= SUBJECT_REPORT_REFRESH_MAX
+    if not refresh:
+        LOGGER.info("Subject reports not re-rendered (%d participants; more than %d unless "
+                    "--refresh-subject-reports): each shows the percentiles of its participant run.",
+                    len(subjects), SUBJECT_REPORT_REFRESH_MAX)  # fmt: skip
+        return {"refreshed": False, "n": len(subjects), "max": SUBJECT_REPORT_REFRESH_MAX}
+    with_status = [s for s in subjects if derivatives.status_path(out, s).exists()]
+    progress = Progress("subject reports", len(with_status), logger=LOGGER)
+    for subject in with_status:
+        write_subject_report(out, subject, qc=qc_table if not qc_table.empty else None)
+        progress.advance()
+    progress.finish()
+    return {"refreshed": True, "n": len(with_status), "max": SUBJECT_REPORT_REFRESH_MAX}
 
 
 def study_settings(config: RunConfig) -> StudySettings:
@@ -172,54 +261,24 @@ def run_group_level(
     With ``--target``, also train and evaluate a model (:mod:`pipeline.learn.study`); with ``--model``,
     train nothing but gather the predictions and evaluate them (:mod:`pipeline.learn.external`).
     """
-    audit_paths = mf.find_audits(config.output_dir, config.participant_label or None)
-    if not audit_paths:
-        raise InputDataError(
-            f"No participant-level audits found in {config.output_dir}. Run "
-            f"'bidsdl {config.bids_dir} {config.output_dir} participant' first."
-        )
-    audits = [(mf.load_audit(p), p.relative_to(config.output_dir).as_posix()) for p in audit_paths]
-    participants = read_participants(config.bids_dir)
-    on_disk = list(folders) if folders is not None else subjects_on_disk(config.bids_dir)
-    sessions = {f"sub-{s}": t for s in on_disk if (t := read_sessions(config.bids_dir, s)) is not None}
-    table, findings = mf.build_manifest(audits, participants=participants, sessions=sessions, subjects_on_disk=on_disk)
-    # participants with T1w in BIDS_DIR but no participant-level outputs yet are not "without images"
-    if with_t1w is None:
-        with_t1w = [pid[4:] for pid in findings["participants_without_images"]
-                    if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
-    has_t1w = {f"sub-{s}" for s in with_t1w}
-    not_run = [pid for pid in findings["participants_without_images"] if pid in has_t1w]
-    findings["participants_not_preprocessed"] = not_run
-    findings["participants_without_images"] = [p for p in findings["participants_without_images"] if p not in not_run]
     out = config.output_dir
-    derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    participants_json_path = config.bids_dir / "participants.json"
-    participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
-    derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
-    derivatives.write_json(out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__})
-    qc_table = gather_qc(out, config.participant_label or None)
-    qc_context = _write_qc(out, qc_table)
-    for group in findings["duplicates"]:
-        LOGGER.warning(
-            "Identical voxel data under different participant IDs: %s. One subject may "
-            "appear twice; remove the copy before learning.",
-            ", ".join(group),
-        )
-    for pid in not_run:
-        LOGGER.warning("%s has T1w images in BIDS_DIR but no participant-level outputs: run the participant level "
-                       "for it (--participant-label %s), then the group level again.", pid, pid[4:])  # fmt: skip
-    for pid in findings["participants_without_images"]:
-        LOGGER.warning("%s has no T1w image in BIDS_DIR.", pid)
-    for source in findings["images_without_participants_row"]:
-        LOGGER.warning("%s has no row in participants.tsv: add one so its labels are known.", source)
+    with timed("gathering", LOGGER):
+        table, findings, qc_table = _gather(config, with_t1w=with_t1w, folders=folders)
+    with timed("writing the manifest and QC table", LOGGER):
+        derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
+        participants_json_path = config.bids_dir / "participants.json"
+        participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
+        derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
+        derivatives.write_json(out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__})
+        qc_context = _write_qc(out, qc_table)
+    _log_findings(findings)
     description = (
         json.loads((config.bids_dir / "dataset_description.json").read_text())
         if (config.bids_dir / "dataset_description.json").exists()
         else {}
     )
-    for subject in sorted({pid[4:] for pid in table["participant_id"]}):
-        if derivatives.status_path(out, subject).exists():
-            write_subject_report(out, subject, qc=qc_table if not qc_table.empty else None)
+    with timed("subject reports", LOGGER):
+        reports = _refresh_subject_reports(config, out, sorted({pid[4:] for pid in table["participant_id"]}), qc_table)
     manifest_sha256 = hashlib.sha256((out / "manifest.tsv").read_bytes()).hexdigest()
     learning = _learning_results(
         config,
@@ -239,19 +298,30 @@ def run_group_level(
             table, output_dir=out, model_dirs=list(config.models), target=config.target, seed=config.seed,
             bids_dir=config.bids_dir, labels=config.labels, label_desc=config.label_desc,
         )  # fmt: skip
-    rows = table.to_dict(orient="records")
-    for row in rows:
-        row["flags"] = [f for f in str(row["flags"]).split(",") if f]
+    with timed("group report", LOGGER):
+        _write_group_report(config, out, {
+            "description": description, "findings": findings, "qc_context": qc_context, "table": table,
+            "reports": reports, "run_id": run_id, "environment": environment, "manifest_sha256": manifest_sha256,
+            "learning": learning, "external": external,
+        })  # fmt: skip
+    LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")
+    return findings
+
+
+def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> None:
+    findings, table, learning, external = parts["findings"], parts["table"], parts["learning"], parts["external"]
+    environment, run_id = parts["environment"], parts["run_id"]
     write_report(
         out / "group.html",
         "group.html.j2",
         {
-            "dataset_name": description.get("Name", config.bids_dir.name),
+            "dataset_name": parts["description"].get("Name", config.bids_dir.name),
             "findings": findings,
-            "checks": _checks(findings, qc_context),
-            "qc": qc_context,
+            "checks": _checks(findings, parts["qc_context"]),
+            "qc": parts["qc_context"],
             "manifest_columns": _REPORT_COLUMNS,
-            "manifest_rows": rows,
+            "manifest": manifest_rows(table),
+            "subject_reports": parts["reports"],
             "version": __version__,
             "run_id": run_id,
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -259,10 +329,8 @@ def run_group_level(
             "config_json": json.dumps(config.to_dict(), indent=2),
             "dataset": dataset_summary(table, config.target),
             "seed": config.seed,
-            "manifest_sha256": manifest_sha256,
+            "manifest_sha256": parts["manifest_sha256"],
             "learning": learning_context(learning, out) if learning else None,
             "external": external_context(external) if external else None,
         },
     )
-    LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")
-    return findings

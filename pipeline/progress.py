@@ -6,10 +6,12 @@ line every :data:`LOG_EVERY_S` seconds and one at the end, so a batch job's log 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import IO
 
@@ -58,6 +60,16 @@ def progress_line(
         return line + ", ETA after the first one"
     remaining_s = elapsed_s / finished * (total - finished)
     return line + f", ETA {_duration(remaining_s)} ({(now + timedelta(seconds=remaining_s)):%H:%M})"
+
+
+@contextlib.contextmanager
+def timed(what: str, logger: logging.Logger) -> Iterator[None]:
+    """Log how long the block took, as ``Timing: <what> <seconds>s`` (benchmarks read these lines)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        logger.info("Timing: %s %.2fs", what, time.monotonic() - started)
 
 
 class LiveLine:

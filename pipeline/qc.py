@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from .derivatives import DERIVATIVES
 
 #: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
 SCREENED_METRICS = (
@@ -22,12 +19,6 @@ MIN_RELATIVE_SPREAD = 0.02
 #: Fewest images a metric needs before any is called an outlier: the median and MAD of fewer are
 #: too unstable (with 3 images, one is "beyond 3 robust SDs" by chance alone).
 MIN_IMAGES_FOR_OUTLIERS = 5
-
-
-def find_iqm_records(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
-    patterns = [f"sub-{s}" for s in subjects] if subjects else ["sub-*"]
-    name = DERIVATIVES["iqm"].pattern
-    return sorted({p for pattern in patterns for p in Path(output_dir).glob(f"{pattern}/**/anat/{name}")})
 
 
 def iqm_table(records: Sequence[dict]) -> pd.DataFrame:
@@ -103,6 +94,6 @@ def load_qc(output_dir: Path) -> pd.DataFrame | None:
     return pd.read_csv(path, sep="\t") if path.exists() else None
 
 
-def gather_qc(output_dir: Path, subjects: Iterable[str] | None = None) -> pd.DataFrame:
-    records = [json.loads(p.read_text()) for p in find_iqm_records(output_dir, subjects)]
+def make_qc_table(records: Sequence[dict]) -> pd.DataFrame:
+    """``qc.tsv``'s table: one row per IQM record, with the robust outlier flags (empty without records)."""
     return robust_outliers(iqm_table(records)) if records else pd.DataFrame()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +40,28 @@ COLUMNS: dict[str, str] = {
 }
 
 
-def find_audits(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
+def find_records(output_dir: Path, kind: str, subjects: Iterable[str] | None = None) -> list[Path]:
+    """The per-image records of ``kind`` (a name of :data:`~pipeline.derivatives.DERIVATIVES`) of every participant,
+    or of ``subjects``: ``sub-<label>/[ses-<label>/]anat/`` only, not every folder of every participant."""
     output_dir = Path(output_dir)
-    patterns = [f"sub-{s}" for s in subjects] if subjects else ["sub-*"]
+    name = DERIVATIVES[kind].pattern
+    wanted = {f"sub-{s}" for s in subjects} if subjects else None
     found: list[Path] = []
-    for pattern in patterns:
-        found += output_dir.glob(f"{pattern}/**/anat/{DERIVATIVES['audit'].pattern}")
-    return sorted(set(found))
+    for participant in os.scandir(output_dir):
+        if not participant.name.startswith("sub-") or not participant.is_dir():
+            continue
+        if wanted is not None and participant.name not in wanted:
+            continue
+        folders = [Path(participant.path) / "anat"]
+        folders += [Path(e.path) / "anat" for e in os.scandir(participant.path) if e.name.startswith("ses-")]
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                found += [Path(e.path) for e in os.scandir(folder) if fnmatch.fnmatchcase(e.name, name)]
+    return sorted(found)
+
+
+def find_audits(output_dir: Path, subjects: Iterable[str] | None = None) -> list[Path]:
+    return find_records(output_dir, "audit", subjects)
 
 
 def _row(record: dict[str, Any], audit_rel: str) -> dict[str, Any]:
@@ -84,6 +102,7 @@ def duplicate_groups(rows: pd.DataFrame) -> list[list[str]]:
     """
     groups = []
     hashed = rows[rows["data_sha256"].astype(bool)]
+    hashed = hashed[hashed.duplicated("data_sha256", keep=False)]  # only hashes seen twice can be duplicates
     for _, group in hashed.groupby("data_sha256", sort=True):
         subjects = sorted(set(group["participant_id"]))
         if len(subjects) > 1:
@@ -108,7 +127,8 @@ def build_manifest(
     table = pd.DataFrame([_row(rec, rel) for rec, rel in audits], columns=list(COLUMNS)[:-2])
     table = table.sort_values(["participant_id", "session_id", "source"], ignore_index=True)
     groups = duplicate_groups(table)
-    owners = table[table["data_sha256"].astype(bool)].groupby("data_sha256")["participant_id"].agg(set)
+    shared = table[table["data_sha256"].astype(bool) & table.duplicated("data_sha256", keep=False)]
+    owners = shared.groupby("data_sha256")["participant_id"].agg(set)
     table["duplicate_of"] = [
         ",".join(sorted(owners.get(h, set()) - {pid})) if h else ""
         for pid, h in zip(table["participant_id"], table["data_sha256"], strict=True)
@@ -123,14 +143,14 @@ def build_manifest(
             columns={c: f"participant_{c}" for c in extra.columns if c in table.columns and c != "participant_id"}
         )
         table = table.merge(extra, on="participant_id", how="left")
-    for subject, ses_table in (sessions or {}).items():
-        if "session_id" not in ses_table.columns:
-            continue
-        for _, row in ses_table.iterrows():
-            match = (table["participant_id"] == subject) & (table["session_id"] == row["session_id"])
-            for column, value in row.items():
-                if column != "session_id":
-                    table.loc[match, f"session_{column}"] = value
+    per_session = [t.assign(participant_id=subject) for subject, t in (sessions or {}).items()
+                   if "session_id" in t.columns]  # fmt: skip
+    if per_session:  # one join, not a lookup per row (ten thousand sessions.tsv files)
+        joined = pd.concat(per_session, ignore_index=True)
+        joined = joined.drop_duplicates(["participant_id", "session_id"], keep="last")
+        joined = joined.rename(columns={c: f"session_{c}" for c in joined.columns
+                                        if c not in ("participant_id", "session_id")})  # fmt: skip
+        table = table.merge(joined, on=["participant_id", "session_id"], how="left")
     with_images = set(table["participant_id"])
     findings = {
         "n_images": len(table),

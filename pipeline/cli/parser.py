@@ -15,7 +15,15 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..bids.layout import normalize_label
-from ..config import LEARNING_FIELDS, POSITIONAL_KEYS, RunConfig, available_cpus, available_memory_gb, load_config_file
+from ..config import (
+    LEARNING_FIELDS,
+    POSITIONAL_KEYS,
+    SUBJECT_REPORT_REFRESH_MAX,
+    RunConfig,
+    available_cpus,
+    available_memory_gb,
+    load_config_file,
+)
 from ..errors import UnknownAnalysisLevel, UsageError
 from ..learn import ARCHITECTURE_NAMES, SEGMENTATION_ARCHITECTURE_NAMES
 from ..learn.tasks import (
@@ -120,6 +128,13 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="voxel size of the cropped template-space array that learning uses (default 2)",
     )
 
+    gather = parser.add_argument_group("group level: gathering and reports")
+    gather.add_argument(
+        "--refresh-subject-reports",
+        action=argparse.BooleanOptionalAction,
+        help="re-render every subject report with this group's quality percentiles; default: when the group has at "
+        f"most {SUBJECT_REPORT_REFRESH_MAX} participants (each report is ~2 MB: 10,000 of them take ~10 min)",
+    )
     learn = parser.add_argument_group("group level: learning (without --target, only gather and report)")
     learn.add_argument("--target", metavar="COLUMN", help="participants.tsv/sessions.tsv column to predict")
     learn.add_argument("--task", choices=TASKS, help="auto: categorical -> classification, numeric -> regression")
@@ -360,6 +375,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         models=tuple(Path(m).absolute() for m in merged.get("models") or ()),
         allow_training_subjects=bool(merged.get("allow_training_subjects")),
         labels=Path(merged["labels"]).absolute() if merged.get("labels") else None,
+        refresh_subject_reports=merged.get("refresh_subject_reports"),
         **_learning_options(merged),
     )
 
