@@ -24,6 +24,7 @@ from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.preprocessing import OneHotEncoder
 
+from . import near_duplicates
 from .tasks import get_task
 
 LOGGER = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def check_identical_images(images: pd.DataFrame, splits: pd.DataFrame) -> dict[s
     for column in ("data_sha256", "input_sha256"):
         if column not in images.columns:
             continue
-        for digest, group in images[images[column].astype(bool)].groupby(column):
+        hashed = images[images[column].astype(bool)]
+        for digest, group in hashed[hashed.duplicated(column, keep=False)].groupby(column):
             owners = sorted(set(group["participant_id"]))
             for a, b in itertools.combinations(owners, 2):
                 where = "across splits" if _separated(a, b, membership) else "within one split"
@@ -91,56 +93,25 @@ def check_identical_images(images: pd.DataFrame, splits: pd.DataFrame) -> dict[s
     )
 
 
-def downsampled(arrays: list[np.ndarray], factor: int = 3) -> np.ndarray:
-    """Block means (``factor``^3) of each volume, flattened: one row per image."""
-    rows = []
-    for array in arrays:
-        volume = np.asarray(array, dtype=np.float32).reshape(array.shape[-3:])
-        shape = [dim // factor * factor for dim in map(int, volume.shape)]
-        cut = volume[: shape[0], : shape[1], : shape[2]]
-        blocks = cut.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor)
-        rows.append(blocks.mean(axis=(1, 3, 5)).ravel())
-    return np.stack(rows)
-
-
-def residual_correlations(vectors: np.ndarray) -> np.ndarray:
-    """Pearson correlations between rows after subtracting the mean row.
-
-    >>> rng = np.random.default_rng(0)
-    >>> v = rng.normal(size=(4, 50)); v[3] = v[0]
-    >>> r = residual_correlations(v)
-    >>> bool(r[0, 3] > 0.99), bool(abs(r[0, 1]) < 0.9)
-    (True, True)
-    """
-    residual = vectors - vectors.mean(axis=0, keepdims=True)
-    residual -= residual.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(residual, axis=1, keepdims=True)
-    unit = residual / np.where(norms > 0, norms, 1)
-    return unit @ unit.T
-
-
 def check_near_duplicates(
-    images: pd.DataFrame, arrays: list[np.ndarray], splits: pd.DataFrame, *, threshold: float = NEAR_DUPLICATE_R
+    images: pd.DataFrame, arrays: list[np.ndarray], splits: pd.DataFrame, *, threshold: float = NEAR_DUPLICATE_R,
+    exact_max_images: int = near_duplicates.EXACT_MAX_IMAGES,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The check, and the most correlated pairs of images of different subjects (for the report)."""
     membership = split_of(splits)
-    corr = residual_correlations(downsampled(arrays)) if len(arrays) > 2 else np.eye(len(arrays))
     ids = images["participant_id"].tolist()
-    pairs = []
-    for i, j in itertools.combinations(range(len(ids)), 2):
-        if ids[i] != ids[j]:
-            pairs.append((float(corr[i, j]), i, j))
-    pairs.sort(reverse=True)
+    sources = images["source"].tolist()
+    found = near_duplicates.scan(arrays, ids, threshold=threshold, exact_max_images=exact_max_images)
     problems = []
-    for r, i, j in pairs:
-        if r < threshold:
-            break
+    for r, i, j in found.pairs:
         where = "across splits" if _separated(ids[i], ids[j], membership) else "within one split"
-        problems.append(f"{images['source'].iloc[i]} ~ {images['source'].iloc[j]}: r = {r:.3f}, {where}")
+        problems.append(f"{sources[i]} ~ {sources[j]}: r = {r:.3f}, {where}")
     severity = "fail" if any("across splits" in p for p in problems) else "warning"
-    top = [{"a": images["source"].iloc[i], "b": images["source"].iloc[j], "r": round(r, 4)} for r, i, j in pairs[:5]]
-    median = float(np.median([p[0] for p in pairs])) if pairs else float("nan")
-    detail = f"residual r > {threshold} flags a pair; median over {len(pairs)} pairs of subjects: {median:.3f}"
+    top = [{"a": sources[i], "b": sources[j], "r": round(r, 4)} for r, i, j in found.top]
+    how = (f"; compared on {near_duplicates.PROJECTED_DIMS}-number projections, every pair near the threshold "
+           "checked exactly" if found.projected else "")  # fmt: skip
+    detail = (f"residual r > {threshold} flags a pair; median over {found.n_pairs} pairs of subjects: "
+              f"{found.median:.3f}{how}")  # fmt: skip
     return _check("No near-identical image under two participant IDs", problems, severity=severity, detail=detail), top
 
 

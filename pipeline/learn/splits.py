@@ -112,7 +112,8 @@ def identical_image_units(images: pd.DataFrame) -> dict[str, str]:
     for column in ("data_sha256", "input_sha256"):
         if column not in images.columns:
             continue
-        for _, group in images[images[column].astype(bool)].groupby(column):
+        hashed = images[images[column].astype(bool)]
+        for _, group in hashed[hashed.duplicated(column, keep=False)].groupby(column):
             owners = sorted({root(p) for p in group["participant_id"]})
             for other in owners[1:]:
                 unit[other] = owners[0]

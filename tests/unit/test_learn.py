@@ -326,3 +326,49 @@ def test_a_resident_cohort_gives_the_batches_of_the_memory_mapped_one(planted):
     import pickle
 
     assert pickle.loads(pickle.dumps(resident))._resident is None  # shared with other ranks as paths
+
+
+def test_the_near_duplicate_scan_on_projections_finds_what_the_exact_one_finds():
+    """Beyond EXACT_MAX_IMAGES the residuals are compared on random projections and every candidate checked
+    exactly: the same pairs are flagged, with the same (exact) correlations, and the median stays close."""
+    from pipeline.learn import near_duplicates
+
+    rng = np.random.default_rng(3)
+    mean = rng.normal(5, 1, SHAPE).astype(np.float32)
+    arrays = [mean + rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(300)]
+    arrays.append(arrays[17] + rng.normal(0, 0.05, SHAPE).astype(np.float32))  # sub-017 again as sub-300
+    arrays.append(arrays[42] * 1.01)  # rescaled: the same scan
+    owners = [f"sub-{i:03d}" for i in range(len(arrays))]
+    owners[5] = owners[4]  # two sessions of one participant are not a pair
+    exact = near_duplicates.scan(arrays, owners, threshold=0.95)
+    projected = near_duplicates.scan(arrays, owners, threshold=0.95, exact_max_images=10)
+    assert not exact.projected and projected.projected
+    assert [(i, j) for _, i, j in exact.pairs] == [(42, 301), (17, 300)] == [(i, j) for _, i, j in projected.pairs]
+    assert [r for r, _, _ in projected.pairs] == pytest.approx([r for r, _, _ in exact.pairs], abs=1e-5)
+    assert [t[1:] for t in projected.top[:2]] == [t[1:] for t in exact.top[:2]]  # the two copies
+    assert [t[0] for t in projected.top[:2]] == pytest.approx([t[0] for t in exact.top[:2]], abs=1e-5)
+    vectors = np.stack([near_duplicates.block_means(a) for a in arrays])
+    residual = vectors - vectors.mean(axis=0)
+    residual -= residual.mean(axis=1, keepdims=True)
+    unit = residual / np.linalg.norm(residual, axis=1, keepdims=True)
+    for (r, i, j), (best, _, _) in zip(projected.top[2:], exact.top[2:], strict=True):  # the nearest others
+        assert r == pytest.approx(float(unit[i] @ unit[j]), abs=1e-5)  # an exact correlation, not an estimate
+        assert best - 0.1 < r <= best + 1e-6
+    assert exact.n_pairs == projected.n_pairs == len(arrays) * (len(arrays) - 1) // 2 - 1
+    assert abs(projected.median - exact.median) < 0.02
+
+
+def test_the_near_duplicate_scan_holds_blocks_not_pairs(monkeypatch):
+    """Memory grows with the block, not with the number of pairs: a cohort many blocks long gives the same result."""
+    from pipeline.learn import near_duplicates
+
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(120)]
+    arrays[7] = arrays[99].copy()
+    owners = [f"sub-{i:03d}" for i in range(120)]
+    whole = near_duplicates.scan(arrays, owners, threshold=0.95)
+    monkeypatch.setattr(near_duplicates, "BLOCK_ROWS", 16)
+    blocks = near_duplicates.scan(arrays, owners, threshold=0.95)
+    assert [(i, j) for _, i, j in blocks.pairs] == [(7, 99)] == [(i, j) for _, i, j in whole.pairs]
+    assert blocks.median == pytest.approx(whole.median)
+    assert [(i, j) for _, i, j in blocks.top] == [(i, j) for _, i, j in whole.top]
