@@ -180,6 +180,7 @@ def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | No
 def run(config: RunConfig, argv: Sequence[str]) -> int:
     work_dir = check_paths(config)
     if config.list_participants:  # the dataset's validation as in a run; only the index is written
+        setup_logging(config.verbosity, None)  # messages on stderr: stdout is the list
         subjects, _ = _validated_subjects(config, work_dir=work_dir, log_dir=None, check_headers=False)
         for subject in subjects:
             print(subject)

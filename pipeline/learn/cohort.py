@@ -22,6 +22,7 @@ import pandas as pd
 from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
+from ..progress import Progress
 from .tasks import get_task
 from .tasks.classification import class_labels
 
@@ -204,11 +205,15 @@ def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
 def cache_cohort(table: pd.DataFrame, cache_dir: Path) -> pd.DataFrame:
     """Add ``array`` (cached .npy) and ``input_sha256`` columns; all arrays must share one shape."""
     arrays, hashes, shapes = [], [], set()
+    progress = Progress("cohort images cached", len(table), logger=LOGGER)
     for source in table["input"]:
         array_path, sha = cache_array(Path(source), cache_dir)
         arrays.append(array_path)
         hashes.append(sha)
         shapes.add(np.load(array_path, mmap_mode="r").shape)
+        progress.advance()
+    if len(table) > 100:
+        progress.finish()
     if len(shapes) > 1:
         raise InputDataError(
             f"The model-resolution derivatives have different shapes ({sorted(shapes)}): they were made with "

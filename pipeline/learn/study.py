@@ -24,6 +24,7 @@ import torch
 from .. import derivatives
 from ..errors import InputDataError, UsageError
 from ..ops.template import TEMPLATE_SPACE, resolution_label
+from ..progress import Progress
 from . import distributed, evaluate, leakage
 from .cohort import build_cohort, cache_cohort
 from .models import ModelConfig, build_model
@@ -438,10 +439,13 @@ def run_study(
         n_outputs=cohort.task.n_outputs(cohort.classes),
         in_shape=tuple(int(s) for s in np.load(cohort.images["array"].iloc[0], mmap_mode="r").shape[-3:]),  # type: ignore[arg-type]
     )
-    folds = [
-        train_fold(fold, cohort=cohort, split=split, settings=settings, model_config=model_config, device=device)
-        for fold in selected
-    ]
+    progress = Progress("folds", len(selected), logger=LOGGER, log_every_s=0)  # a line as each fold ends
+    folds = []
+    for fold in selected:
+        progress.update(running=1)
+        folds.append(train_fold(fold, cohort=cohort, split=split, settings=settings, model_config=model_config,
+                                device=device))  # fmt: skip
+        progress.update(done=progress.done + 1, running=0)
     if settings.fold:
         LOGGER.info(
             "Trained fold(s) %s of %d in %s. When every fold has finished, run the group level again without "

@@ -18,10 +18,14 @@ BIDS_DIR=$(realpath "$BIDS_DIR"); OUTPUT_DIR=$(realpath -m "$OUTPUT_DIR")
 [[ -n ${WORK_DIR:-} ]] && WORK_DIR=$(realpath -m "$WORK_DIR")
 export BIDS_DIR OUTPUT_DIR WORK_DIR SIF BIDSDL
 
-binds="-B $BIDS_DIR:$BIDS_DIR:ro"
+# The listing indexes BIDS_DIR once (WORK_DIR/bids_index, or --bids-database-dir in PARTICIPANT_ARGS): every
+# array task then reuses that index and reads only its own participant's files, instead of the whole dataset.
+mkdir -p "$OUTPUT_DIR" ${WORK_DIR:+"$WORK_DIR"}
+binds="-B $BIDS_DIR:$BIDS_DIR:ro -B $OUTPUT_DIR${WORK_DIR:+ -B $WORK_DIR}"
 BIDSDL_HERE=${BIDSDL:-"singularity run --cleanenv $binds ${SIF:-bidsdl.sif}"}
 # shellcheck disable=SC2086
-participants=$($BIDSDL_HERE "$BIDS_DIR" "$OUTPUT_DIR" participant --list-participants ${PARTICIPANT_ARGS:-})
+participants=$($BIDSDL_HERE "$BIDS_DIR" "$OUTPUT_DIR" participant --list-participants ${WORK_DIR:+-w "$WORK_DIR"} \
+    ${PARTICIPANT_ARGS:-})
 n=$(printf '%s\n' "$participants" | grep -c .) || true
 if (( n == 0 )); then
   echo "submit.sh: no participants selected in $BIDS_DIR; nothing submitted." >&2
