@@ -23,6 +23,7 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -225,6 +226,8 @@ def main() -> None:
             splits = time_splits(bids, out, n, work)
             print(f"cohort_cache_s: {splits['cohort_cache_s']:.2f} (not in the target: the cohort is read once)")
             print(f"splits_and_leakage_s: {splits['splits_and_leakage_s']:.2f}")
+            print(f"splits_peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+                  "(this process: cohort cache, splits and checks)")
             total = group["wall_s"] + splits["splits_and_leakage_s"]
             print(f"group_with_splits_s: {total:.2f} (target <= 60)")
     finally:

@@ -83,7 +83,10 @@ class LiveLine:
     @property
     def enabled(self) -> bool:
         isatty = getattr(self.stream, "isatty", None)
-        return bool(isatty and isatty())
+        try:
+            return bool(isatty and isatty())
+        except (ValueError, OSError):  # a stream closed since (a finished run's captured console)
+            return False
 
     def show(self, text: str) -> None:
         if not self.enabled:

@@ -145,7 +145,7 @@ def test_real_layouts_work_or_fail_cleanly(layout, tmp_path, run_cli, caplog):
     if code == 16:  # one problem, not a line per file
         assert err.count("\n  - ") == 1, err
     else:
-        warned = caplog.text  # warnings are logged (on stderr from the command line)
+        warned = caplog.text + err  # warnings are logged (on stderr from the command line)
         assert "sub-03/: has no row in participants.tsv" in warned and "a row for sub-04" in warned
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert all(p.parent.name == "bids_index" for p in written), written  # listing writes only the index
