@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -159,3 +160,40 @@ def test_the_participant_log_shows_progress_and_the_index(sample_run):
     assert "Progress: participants: 4 done, 0 left of 4 (100%)" in (run / "bidsdl.log").read_text()
     record = json.loads((run / "bids_validation.json").read_text())["index"]
     assert record["state"] in ("built", "reused") and record["participants"] == 4
+
+
+def test_a_large_group_gets_a_bounded_report(tmp_path, run_cli):
+    """520 participants (synthetic participant-level records): the manifest holds them all, the report shows 200
+    rows, says so, and leaves the subject reports as they are (more than 500)."""
+    from pipeline import derivatives
+    from pipeline.bids.audit import audit_t1w
+    from pipeline.ops import iqm
+    from tests.helpers import make_bids, write_nifti
+
+    n = 520
+    bids = make_bids(tmp_path / "bids", {f"{i:03d}": [] for i in range(n)})
+    out = tmp_path / "out"
+    out.mkdir()
+    derivatives.ensure_dataset_description(out, derivatives.dataset_description(
+        bids_dir=bids, source_description=None, container=None))  # fmt: skip
+    metrics = {"snr_wm": 25.0, "cnr": 2.6, "cjv": 0.5, "registration_ncc": 0.94, "mask_dice": 0.985, "wm_dice": 0.5,
+               "gm_wm_ratio": 1.4}  # fmt: skip
+    for i in range(n):
+        label = f"{i:03d}"
+        t1w = write_nifti(bids / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz",
+                          np.full((4, 4, 4), i, np.int16))  # fmt: skip
+        audit = audit_t1w(t1w, bids_dir=bids, metadata={})
+        anat = out / f"sub-{label}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{label}_desc-audit_T1w.json").write_text(json.dumps(audit))
+        record = {"source": audit["source"], "metrics": {k: v * (1 + i / 5000) for k, v in metrics.items()},
+                  "qc": iqm.assess(metrics), "flags": audit["flags"]}  # fmt: skip
+        (anat / f"sub-{label}_desc-iqm_T1w.json").write_text(json.dumps(record))
+    code, _, err = run_cli(bids, out, "group")
+    assert code == 0, err
+    assert len(pd.read_csv(out / "manifest.tsv", sep="\t")) == n
+    html = (out / "group.html").read_text()
+    assert f"Showing 200 of {n} images" in html and html.count('.html">sub-') == 200
+    assert "subject reports were not re-rendered" in html
+    log = (sorted((out / "logs").glob("*_group_*"))[0] / "bidsdl.log").read_text()
+    assert "Timing: gathering" in log and "Subject reports not re-rendered" in log
