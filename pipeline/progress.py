@@ -35,15 +35,27 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(
-    what: str, *, total: int, done: int, failed: int = 0, running: int = 0, elapsed_s: float, now: datetime
+    what: str,
+    *,
+    total: int,
+    done: int,
+    failed: int = 0,
+    running: int = 0,
+    elapsed_s: float,
+    now: datetime,
+    steps: tuple[int, int] | None = None,
 ) -> str:
-    """One progress line; the ETA comes from the rate at which items have finished so far.
+    """One progress line; the ETA comes from the rate at which items have finished so far, or, with
+    ``steps`` (finished, all) of the finer units the items are made of, from the rate of those: participants
+    run side by side often all finish near the end, their steps (workflow nodes) finish all along.
 
     >>> t = datetime(2026, 1, 1, 12, 0, 0)
     >>> progress_line("participants", total=100, done=20, failed=1, running=2, elapsed_s=420, now=t)
     'participants: 20 done, 2 running, 1 failed, 77 left of 100 (21%); 7 min 0 s elapsed, ETA 26 min 20 s (12:26)'
     >>> progress_line("images", total=5, done=0, elapsed_s=3, now=t)
     'images: 0 done, 5 left of 5 (0%); 3 s elapsed, ETA after the first one'
+    >>> progress_line("participants", total=4, done=0, running=2, elapsed_s=60, now=t, steps=(30, 120))
+    'participants: 0 done, 2 running, 2 left of 4; steps 30 of 120 (25%); 1 min 0 s elapsed, ETA 3 min 0 s (12:03)'
     """
     finished = done + failed
     left = max(total - finished - running, 0)
@@ -52,13 +64,20 @@ def progress_line(
         parts.append(f"{running} running")
     if failed:
         parts.append(f"{failed} failed")
-    share = finished / total * 100 if total else 100.0
-    line = f"{what}: {', '.join(parts)}, {left} left of {total} ({share:.0f}%); {_duration(elapsed_s)} elapsed"
+    line = f"{what}: {', '.join(parts)}, {left} left of {total}"
+    if steps is not None and finished < total:
+        units_done, units = steps
+        share = units_done / units if units else 1.0
+        line += f"; steps {units_done} of {units} ({share * 100:.0f}%)"
+    else:
+        share = finished / total if total else 1.0
+        line += f" ({share * 100:.0f}%)"
+    line += f"; {_duration(elapsed_s)} elapsed"
     if finished >= total:
         return line
-    if finished == 0:
+    if share <= 0:
         return line + ", ETA after the first one"
-    remaining_s = elapsed_s / finished * (total - finished)
+    remaining_s = elapsed_s * (1 - share) / share
     return line + f", ETA {_duration(remaining_s)} ({(now + timedelta(seconds=remaining_s)):%H:%M})"
 
 
@@ -148,16 +167,29 @@ class Progress:
         self.log_every_s = log_every_s
         self.started = time.monotonic()
         self.done = self.failed = self.running = 0
+        self.steps: tuple[int, int] | None = None  # (finished, all) of the items' finer units, when counted
         self._logged = self._drawn = self.started
 
     def line(self) -> str:
-        return progress_line(self.what, total=self.total, done=self.done, failed=self.failed, running=self.running,
-                             elapsed_s=time.monotonic() - self.started, now=datetime.now())  # fmt: skip
+        return progress_line(
+            self.what,
+            total=self.total,
+            done=self.done,
+            failed=self.failed,
+            running=self.running,
+            elapsed_s=time.monotonic() - self.started,
+            now=datetime.now(),
+            steps=self.steps,
+        )
 
-    def update(self, *, done: int | None = None, failed: int | None = None, running: int | None = None) -> None:
+    def update(self, *, done: int | None = None, failed: int | None = None, running: int | None = None,
+               show: bool = True) -> None:  # fmt: skip
+        """New counts; ``show``: log or draw them now if it is time (not between two events that belong together)."""
         self.done = self.done if done is None else done
         self.failed = self.failed if failed is None else failed
         self.running = self.running if running is None else running
+        if not show:
+            return
         now = time.monotonic()
         if now - self._logged >= self.log_every_s:
             self._logged = now
@@ -188,8 +220,10 @@ class WorkflowProgress:
     """Nipype's ``status_callback``: the nodes' start, end and failure events counted per participant.
 
     A participant is done when every one of its nodes has ended (run or found cached), failed at its first
-    failed node, and running from its first node's start. ``owners`` maps the first part of a node's name
-    below the top workflow (a participant's workflow) to the participant.
+    failed node, and running while one of its nodes is (Nipype interleaves participants: one that has
+    started and waits for a free process counts as left). The ETA comes from the share of nodes ended.
+    ``owners`` maps the first part of a node's name below the top workflow (a participant's workflow) to
+    the participant.
     """
 
     def __init__(self, node_names: list[str], top: str, owners: dict[str, str], *, logger: logging.Logger) -> None:
@@ -199,10 +233,13 @@ class WorkflowProgress:
             label = owners.get(name.split(".", 1)[0])
             if label is not None:
                 self._remaining[label].add(f"{top}.{name}")
-        self._started: set[str] = set()
+        self._executing: dict[str, set[str]] = {label: set() for label in self._remaining}
         self._failed: set[str] = set()
         self._done: set[str] = set()
+        self._nodes = sum(len(nodes) for nodes in self._remaining.values())
+        self._nodes_ended = 0
         self.progress = Progress("participants", len(self._remaining), logger=logger)
+        self.progress.steps = (0, self._nodes)
 
     def __call__(self, node: object, status: str) -> None:
         fullname = str(getattr(node, "fullname", ""))
@@ -210,19 +247,22 @@ class WorkflowProgress:
         label = self._owner_of.get(parts[1]) if len(parts) > 2 else None
         if label is None or label in self._failed or label in self._done:
             return
-        progress = self.progress
-        if label not in self._started:
-            self._started.add(label)
-            progress.running += 1
-        if status == "exception":
+        remaining, executing = self._remaining[label], self._executing[label]
+        if status == "start":
+            if fullname in remaining:
+                executing.add(fullname)
+        elif status == "exception":
             self._failed.add(label)
-            progress.running -= 1
-            progress.failed += 1
-        elif status == "end":
-            remaining = self._remaining[label]
+            self._nodes_ended += len(remaining)  # what is left of a failed participant will not run
+            remaining.clear()
+            executing.clear()
+        elif status == "end" and fullname in remaining:
             remaining.discard(fullname)
+            executing.discard(fullname)
+            self._nodes_ended += 1
             if not remaining:
                 self._done.add(label)
-                progress.running -= 1
-                progress.done += 1
-        progress.update()
+        running = sum(1 for label, nodes in self._executing.items() if nodes)
+        self.progress.steps = (self._nodes_ended, self._nodes)
+        # shown at a start or a failure: at a node's end the scheduler has not yet started the next one
+        self.progress.update(done=len(self._done), failed=len(self._failed), running=running, show=status != "end")

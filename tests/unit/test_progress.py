@@ -27,7 +27,8 @@ def test_node_events_become_participant_counts(caplog):
     tracker(_node("sub_02_wf.anat_wf.a"), "start")
     assert (p.done, p.running, p.failed) == (0, 2, 0)
     tracker(_node("sub_01_wf.anat_wf.a"), "end")
-    assert (p.done, p.running) == (0, 2)  # sub-01 has another node to run
+    assert (p.done, p.running) == (0, 1)  # sub-01 has another node to run, none running: it waits
+    assert p.steps == (1, 4)
     tracker(_node("sub_02_wf.anat_wf.a"), "exception")
     tracker(_node("sub_01_wf.anat_wf.b"), "start")
     tracker(_node("sub_01_wf.anat_wf.b"), "end")
@@ -36,7 +37,8 @@ def test_node_events_become_participant_counts(caplog):
     assert (p.done, p.running, p.failed) == (1, 0, 1)
     with caplog.at_level(logging.INFO, logger="pipeline.test"):
         p.finish()
-    assert "participants: 1 done, 1 failed, 1 left of 3 (67%)" in caplog.text
+    # the ETA comes from the nodes ended (sub-02's node will not run: it failed)
+    assert "participants: 1 done, 1 failed, 1 left of 3; steps 3 of 4 (75%)" in caplog.text
 
 
 def test_the_live_line_gives_way_to_log_records(monkeypatch):
@@ -80,4 +82,22 @@ def test_a_batch_log_gets_periodic_lines(caplog, monkeypatch):
     assert lines == [
         "Progress: participants: 3 done, 7 left of 10 (30%); 30 s elapsed, ETA 1 min 10 s" + lines[0][-8:],
         "Progress: participants: 6 done, 4 left of 10 (60%); 1 min 0 s elapsed, ETA 40 s" + lines[1][-8:],
+    ]
+
+
+def test_workflow_lines_are_logged_when_a_step_starts_not_between_two(caplog, monkeypatch):
+    """At a node's end the scheduler has not started the next one yet: a line then would say 0 running."""
+    now = [0.0]
+    monkeypatch.setattr(pg.time, "monotonic", lambda: now[0])
+    names = ["sub_01_wf.anat_wf.a", "sub_01_wf.anat_wf.b", "sub_02_wf.anat_wf.a"]
+    owners = {"sub_01_wf": "01", "sub_02_wf": "02"}
+    with caplog.at_level(logging.INFO, logger="pipeline.test_steps"):
+        tracker = pg.WorkflowProgress(names, "bidsdl_wf", owners, logger=logging.getLogger("pipeline.test_steps"))
+        tracker(_node("sub_01_wf.anat_wf.a"), "start")
+        now[0] = 40.0
+        tracker(_node("sub_01_wf.anat_wf.a"), "end")
+        assert not caplog.records
+        tracker(_node("sub_01_wf.anat_wf.b"), "start")
+    assert [r.getMessage()[:-8] for r in caplog.records] == [
+        "Progress: participants: 0 done, 1 running, 1 left of 2; steps 1 of 3 (33%); 40 s elapsed, ETA 1 min 20 s"
     ]
