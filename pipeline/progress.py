@@ -237,7 +237,7 @@ class WorkflowProgress:
         self._failed: set[str] = set()
         self._done: set[str] = set()
         self._nodes = sum(len(nodes) for nodes in self._remaining.values())
-        self._nodes_ended = 0
+        self._nodes_ended = self._running = 0
         self.progress = Progress("participants", len(self._remaining), logger=logger)
         self.progress.steps = (0, self._nodes)
 
@@ -248,6 +248,7 @@ class WorkflowProgress:
         if label is None or label in self._failed or label in self._done:
             return
         remaining, executing = self._remaining[label], self._executing[label]
+        was_running = bool(executing)
         if status == "start":
             if fullname in remaining:
                 executing.add(fullname)
@@ -262,7 +263,9 @@ class WorkflowProgress:
             self._nodes_ended += 1
             if not remaining:
                 self._done.add(label)
-        running = sum(1 for label, nodes in self._executing.items() if nodes)
+        self._running += bool(executing) - was_running  # kept as a count: one event costs the same at any size
         self.progress.steps = (self._nodes_ended, self._nodes)
         # shown at a start or a failure: at a node's end the scheduler has not yet started the next one
-        self.progress.update(done=len(self._done), failed=len(self._failed), running=running, show=status != "end")
+        self.progress.update(
+            done=len(self._done), failed=len(self._failed), running=self._running, show=status != "end"
+        )
