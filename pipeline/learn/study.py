@@ -219,10 +219,42 @@ def gather_cohort(
         _check_selection_metric(named, settings.train.selection_metric)  # before minutes of gathering
     gather = _labelled_cohort if named is not None and named.voxelwise else _scalar_cohort
     stage = gather(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
-    for item in stage.excluded:
-        LOGGER.warning("Not learning from %s: %s.", item["source"], item["reason"])
+    record = (study_dir(output_dir, settings.target, settings.architecture) / RESULTS).relative_to(output_dir)
+    for message in excluded_messages(stage.excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
+        LOGGER.warning(message)
     _check_selection_metric(stage.task, settings.train.selection_metric)
     return stage
+
+
+#: Images left out for one reason that the log names one by one; beyond, one line names the first few.
+EXCLUDED_LISTED = 20
+
+
+def excluded_messages(excluded: Sequence[dict[str, str]], record: str, listed: int | None = None) -> list[str]:
+    """The log's lines on the images left out of learning: one an image, or one a reason when many share it
+    (10,000 participants with 4% failing QC must not mean 400 warnings); ``record``: the file listing them all;
+    ``listed``: default :data:`EXCLUDED_LISTED`.
+
+    >>> excluded_messages([{"source": "sub-01/anat/a.nii.gz", "reason": "no value for age"}], "results.json")
+    ['Not learning from sub-01/anat/a.nii.gz: no value for age.']
+    >>> many = [{"source": f"sub-{i:02d}/anat/a.nii.gz", "reason": "failed quality control"} for i in range(30)]
+    >>> excluded_messages(many, "results.json", listed=3)[0]
+    'Not learning from 30 images: failed quality control: sub-00/anat/a.nii.gz, ... and 27 more (all in results.json).'
+    """
+    listed = EXCLUDED_LISTED if listed is None else listed
+    by_reason: dict[str, list[str]] = {}
+    for item in excluded:
+        by_reason.setdefault(item["reason"], []).append(item["source"])
+    messages = []
+    for reason, sources in by_reason.items():
+        if len(sources) <= listed:
+            messages += [f"Not learning from {source}: {reason}." for source in sources]
+        else:
+            messages.append(
+                f"Not learning from {len(sources)} images: {reason}: {', '.join(sources[:listed])} and "
+                f"{len(sources) - listed} more (all in {record})."
+            )
+    return messages
 
 
 def _check_selection_metric(task: Task, metric: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import learning as figures
+from .group_tables import capped
 
 LOGGER = logging.getLogger(__name__)
 
@@ -124,6 +125,14 @@ def _previews(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
     return out
 
 
+def _results_file(results: dict[str, Any], output_dir: Path) -> str:
+    """Where the study's ``results.json`` lies, relative to OUTPUT_DIR."""
+    from ..learn.study import RESULTS, study_dir
+
+    path = study_dir(output_dir, results["target"], results["architecture"]) / RESULTS
+    return path.relative_to(output_dir).as_posix()
+
+
 def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Figures and tables of a study's ``results.json`` for the group report."""
     from ..learn.tasks import get_task
@@ -142,7 +151,7 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
         "content_sha256": results["content_sha256"],
         "n_images": results["n_images"],
         "n_subjects": results["n_subjects"],
-        "excluded": results["excluded"],
+        "excluded": capped(results["excluded"], f"{_results_file(results, output_dir)}, under excluded"),
         "splits": results["splits"],
         "splits_reused": results["splits_reused"],
         "checks": results["checks"],
@@ -168,6 +177,7 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
 def external_context(results: dict[str, Any]) -> dict[str, Any]:
     """What the group report shows of an external evaluation (``group --model``)."""
     evaluation = results.get("evaluation")
+    from ..learn.external import EVALUATION
     from ..learn.tasks import get_task
 
     figure = None
@@ -180,7 +190,7 @@ def external_context(results: dict[str, Any]) -> dict[str, Any]:
         "n_predicted": results["n_predicted"],
         "n_evaluated": results["n_evaluated"],
         "skipped": results["skipped"],
-        "excluded": results["excluded"],
+        "excluded": capped(results["excluded"], f"{EVALUATION}, under excluded"),
         "seen_in_training": results["seen_in_training"],
         "metrics": _metric_rows(evaluation) if evaluation else [],
         "training_metrics": {row["metric"]: row for row in _metric_rows(training_test)},

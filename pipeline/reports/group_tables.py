@@ -17,12 +17,13 @@ MANIFEST_ROWS = 200
 LIST_ITEMS = 50
 
 
-def capped(items: Sequence[Any], where: str, limit: int = LIST_ITEMS) -> dict[str, Any]:
-    """The first ``limit`` items, and how many more there are in ``where``.
+def capped(items: Sequence[Any], where: str, limit: int | None = None) -> dict[str, Any]:
+    """The first ``limit`` items (default :data:`LIST_ITEMS`), and how many more there are in ``where``.
 
     >>> capped(list(range(5)), "qc.tsv", limit=2)
     {'shown': [0, 1], 'more': 3, 'where': 'qc.tsv'}
     """
+    limit = LIST_ITEMS if limit is None else limit
     return {"shown": list(items[:limit]), "more": max(len(items) - limit, 0), "where": where}
 
 

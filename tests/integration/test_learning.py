@@ -153,7 +153,10 @@ def test_cuda_requested_without_gpu(learning_sample, tmp_path, run_cli):
     assert code == 64 and "no CUDA GPU" in err
 
 
-def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path, run_cli):
+def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path, run_cli, monkeypatch):
+    from pipeline.learn import study
+    from pipeline.reports import group_tables
+
     bids, derivatives = learning_sample
     copy = tmp_path / "bids"
     shutil.copytree(bids, copy)
@@ -165,7 +168,26 @@ def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path
     code, _, err = run_cli(copy, out, "group", *FAST, "--epochs", "1", "--skip-bids-validation")
     assert code == 0, err
     assert "Not learning from sub-08/ses-01/anat/sub-08_ses-01_T1w.nii.gz: no value for diagnosis" in err
-    results = json.loads((out / "learn" / "target-diagnosis" / "arch-conv5fc3" / "results.json").read_text())
+    results_path = out / "learn" / "target-diagnosis" / "arch-conv5fc3" / "results.json"
+    results = json.loads(results_path.read_text())
     assert [e["source"] for e in results["excluded"]] == ["sub-08/ses-01/anat/sub-08_ses-01_T1w.nii.gz"]
     assert "sub-08" not in (out / "learn" / "target-diagnosis" / "splits.tsv").read_text()
     assert "no value for diagnosis" in (out / "group.html").read_text()
+
+    # many left out for one reason (10,000 participants, 4% failing QC): one log line, a bounded report list
+    table.loc[table["participant_id"] == "sub-07", "diagnosis"] = "n/a"
+    table.to_csv(copy / "participants.tsv", sep="\t", index=False)
+    monkeypatch.setattr(study, "EXCLUDED_LISTED", 1)
+    monkeypatch.setattr(group_tables, "LIST_ITEMS", 1)
+    code, _, err = run_cli(copy, out, "group", *FAST, "--epochs", "1", "--skip-bids-validation", "--resplit")
+    assert code == 0, err
+    excluded = [e["source"] for e in json.loads(results_path.read_text())["excluded"]]
+    assert len(excluded) == 2 and "sub-07" in excluded[0]
+    assert (f"Not learning from 2 images: no value for diagnosis: {excluded[0]} and 1 more (all in "
+            "OUTPUT_DIR/learn/target-diagnosis/arch-conv5fc3/results.json, under excluded).") in err  # fmt: skip
+    assert "Not learning from sub-08" not in err
+    report = (out / "group.html").read_text()
+    section = report.split("2 image(s) left out", 1)[1].split("</details>", 1)[0]
+    assert excluded[0] in section and excluded[1] not in section
+    where = "learn/target-diagnosis/arch-conv5fc3/results.json, under excluded"
+    assert f"and 1 more (all in <code>{where}</code>)" in report
