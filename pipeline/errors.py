@@ -19,6 +19,7 @@ EXIT_NO_DATA = 18
 EXIT_USAGE = 64
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
+EXIT_SOFTWARE = 70
 EXIT_CANT_CREATE = 73
 
 
@@ -63,6 +64,13 @@ class BidsDirMissing(BidsdlError, FileNotFoundError):
 
 class OutputNotWritable(BidsdlError, PermissionError):
     exit_code = EXIT_CANT_CREATE
+
+
+class ReportFailed(BidsdlError, RuntimeError):
+    """A report could not be rendered (a bug of bidsdl): a plain page stands in its place, and the run does not
+    end as a success (exit 70, EX_SOFTWARE), so nobody takes an earlier run's report for this one's."""
+
+    exit_code = EXIT_SOFTWARE
 
 
 class TrainingDiverged(BidsdlError, ArithmeticError):

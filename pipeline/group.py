@@ -17,7 +17,7 @@ from . import __version__, derivatives
 from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, settings_from
-from .errors import InputDataError
+from .errors import InputDataError, ReportFailed
 from .learn.splits import SplitSettings
 from .learn.study import RESULTS, StudySettings, run_study, study_dir
 from .learn.train import TrainSettings
@@ -26,7 +26,7 @@ from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENE
 from .reports import figures
 from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.group_tables import LIST_ITEMS, capped, manifest_rows
-from .reports.render import write_report
+from .reports.render import write_fallback_report, write_report
 from .reports.subject import write_subject_report
 
 LOGGER = logging.getLogger(__name__)
@@ -309,9 +309,10 @@ def run_group_level(
 
 
 def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> None:
+    """``group.html``; when its template cannot be rendered, a plain page in its place and :class:`ReportFailed`."""
     findings, table, learning, external = parts["findings"], parts["table"], parts["learning"], parts["external"]
     environment, run_id = parts["environment"], parts["run_id"]
-    write_report(
+    written = write_report(
         out / "group.html",
         "group.html.j2",
         {
@@ -334,3 +335,13 @@ def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> 
             "external": external_context(external) if external else None,
         },
     )
+    if written is None:
+        reason = "its template could not be rendered (the error is in the log)"
+        checks = _checks(findings, parts["qc_context"])
+        write_fallback_report(out / "group.html", f"Group report of run {run_id}", reason,
+                              [f"{c['name']}: {c['result']}" for c in checks if c["result"] != "pass"])  # fmt: skip
+        raise ReportFailed(
+            f"The group report {out / 'group.html'} could not be made ({reason}); a plain page stands in its place. "
+            "manifest.tsv, qc.tsv and any model package are complete. Please report this as a bug of bidsdl with "
+            "the run's log."
+        )

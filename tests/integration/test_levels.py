@@ -102,6 +102,33 @@ def test_group_report_is_self_contained(sample_run):
     assert "Image quality" in html and "data:image/png;base64," in html
 
 
+def test_a_group_report_that_cannot_be_rendered_is_not_a_success(sample_run, tmp_path, run_cli, monkeypatch):
+    """A template error (a bug) must not leave an earlier run's group.html looking like this run's, nor exit 0."""
+    import jinja2
+
+    from pipeline.reports import render
+    from tests.helpers import fresh_output
+
+    bids, derivatives, _ = sample_run
+    out = fresh_output(derivatives, tmp_path / "out")
+    (out / "group.html").write_text("<html>an earlier run's report</html>")
+    real = render.render
+
+    def broken(template, context):
+        if template == "group.html.j2":
+            raise jinja2.UndefinedError("'dict object' has no attribute 'planted'")
+        return real(template, context)
+
+    monkeypatch.setattr(render, "render", broken)
+    code, _, err = run_cli(bids, out, "group")
+    assert code == 70, err
+    assert "could not be made" in err and "manifest.tsv, qc.tsv and any model package are complete" in err
+    page = (out / "group.html").read_text()
+    assert "report unavailable" in page and "earlier run" not in page
+    assert "No identical image under two participant IDs: fail" in page  # the planted duplicate, still said
+    assert (out / "manifest.tsv").exists()
+
+
 def test_rerun_resumes_from_the_work_dir(sample_run):
     bids, out, _ = sample_run
     work = out / ".bidsdl_work" / "bidsdl_wf"
