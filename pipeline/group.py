@@ -19,7 +19,7 @@ from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, settings_from
 from .errors import InputDataError, ReportFailed
 from .learn.splits import SplitSettings
-from .learn.study import RESULTS, StudySettings, run_study, study_dir
+from .learn.study import StudySettings, results_path, run_study
 from .learn.train import TrainSettings
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
@@ -224,14 +224,14 @@ def _learning_results(
 ) -> dict[str, Any] | None:
     if config.target is None or config.models:
         return None
-    results_path = study_dir(config.output_dir, config.target, config.architecture) / RESULTS
+    results_file = results_path(config.output_dir, config.target, config.architecture)
     if config.reports_only:
-        if not results_path.exists():
+        if not results_file.exists():
             raise InputDataError(
                 f"--reports-only: no training results for --target {config.target} --architecture "
-                f"{config.architecture} ({results_path} is missing). Run the group level without --reports-only."
+                f"{config.architecture} ({results_file} is missing). Run the group level without --reports-only."
             )
-        return json.loads(results_path.read_text())
+        return json.loads(results_file.read_text())
     return run_study(
         table,
         output_dir=config.output_dir,

@@ -89,6 +89,11 @@ def study_dir(output_dir: Path, target: str, architecture: str) -> Path:
     return Path(output_dir) / "learn" / f"target-{_safe(target)}" / f"arch-{architecture}"
 
 
+def results_path(output_dir: Path, target: str, architecture: str) -> Path:
+    """The study's ``results.json`` (what the group report shows of it)."""
+    return study_dir(output_dir, target, architecture) / RESULTS
+
+
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() else "" for c in text) or "target"
 
@@ -219,7 +224,7 @@ def gather_cohort(
         _check_selection_metric(named, settings.train.selection_metric)  # before minutes of gathering
     gather = _labelled_cohort if named is not None and named.voxelwise else _scalar_cohort
     stage = gather(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
-    record = (study_dir(output_dir, settings.target, settings.architecture) / RESULTS).relative_to(output_dir)
+    record = results_path(output_dir, settings.target, settings.architecture).relative_to(output_dir)
     for message in excluded_messages(stage.excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
         LOGGER.warning(message)
     _check_selection_metric(stage.task, settings.train.selection_metric)

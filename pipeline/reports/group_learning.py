@@ -127,10 +127,9 @@ def _previews(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
 
 def _results_file(results: dict[str, Any], output_dir: Path) -> str:
     """Where the study's ``results.json`` lies, relative to OUTPUT_DIR."""
-    from ..learn.study import RESULTS, study_dir
+    from ..learn.study import results_path
 
-    path = study_dir(output_dir, results["target"], results["architecture"]) / RESULTS
-    return path.relative_to(output_dir).as_posix()
+    return results_path(output_dir, results["target"], results["architecture"]).relative_to(output_dir).as_posix()
 
 
 def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
