@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.learn import infer, package
+from pipeline.learn import ensemble, infer, package
 from pipeline.learn.models import ModelConfig, build_model
 from pipeline.learn.train import save_weights
 from pipeline.reports.figures import attribution_overlay
@@ -71,7 +71,7 @@ def main() -> None:
     else:
         inputs = synthetic_inputs(tmp, args.subjects)
     start = time.perf_counter()
-    models = infer.load_models(folders)
+    models = ensemble.load_models(folders)
     load_s = time.perf_counter() - start
     times = []
     for path in inputs:

@@ -467,10 +467,47 @@ def bidsignore() -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The group level's files and folders in OUTPUT_DIR (none of them defined by BIDS).
-GROUP_FILES = ("group_audit.json", "manifest.json", "manifest.tsv", "qc.json", "qc.tsv", "predictions.tsv",
-               "predictions.json", "external_evaluation.json", "external_case_scores.tsv", "learn",
-               "models")  # fmt: skip
+#: The group level's files and folders in OUTPUT_DIR, by name (none of them defined by BIDS): the table that the
+#: group level, learning and the reports name them through, as :data:`DERIVATIVES` is for per-image files.
+GROUP_OUTPUTS: dict[str, str] = {
+    "group_audit": "group_audit.json", "manifest_record": "manifest.json", "manifest": "manifest.tsv",
+    "qc_record": "qc.json", "qc": "qc.tsv", "predictions": "predictions.tsv", "predictions_record": "predictions.json",
+    "external_evaluation": "external_evaluation.json", "external_case_scores": "external_case_scores.tsv",
+    "learn": "learn", "models": "models",
+}  # fmt: skip
+GROUP_FILES = tuple(GROUP_OUTPUTS.values())
+#: Files inside a study's folder (``learn/target-<t>/arch-<a>/``), its folds' and a model package's, by name.
+STUDY_OUTPUTS: dict[str, str] = {
+    "results": "results.json", "case_scores": "case_scores.tsv", "fold_record": "fold.json",
+    "predictions": "predictions.tsv", "history": "history.tsv", "model_record": "model.json",
+}  # fmt: skip
+#: The group report, in OUTPUT_DIR (the subject reports: :func:`subject_report_path`).
+GROUP_REPORT = "group.html"
+
+
+def group_path(output_dir: Path, name: str) -> Path:
+    """The group-level file ``name`` (a key of :data:`GROUP_OUTPUTS`) in OUTPUT_DIR.
+
+    >>> group_path(Path("out"), "qc").as_posix()
+    'out/qc.tsv'
+    """
+    return Path(output_dir) / GROUP_OUTPUTS[name]
+
+
+def subject_report_path(output_dir: Path, subject: str) -> Path:
+    """The participant's report ``sub-<label>.html``."""
+    return Path(output_dir) / f"sub-{subject}.html"
+
+
+def study_dir(output_dir: Path, target: str, architecture: str) -> Path:
+    """A study's folder: ``learn/target-<target>/arch-<architecture>/`` (the target in letters and digits)."""
+    return group_path(output_dir, "learn") / f"target-{bids_label(target) or 'target'}" / f"arch-{architecture}"
+
+
+def results_path(output_dir: Path, target: str, architecture: str) -> Path:
+    """The study's ``results.json`` (what the group report shows of it)."""
+    return study_dir(output_dir, target, architecture) / STUDY_OUTPUTS["results"]
+
 
 README = """\
 # bidsdl derivatives

@@ -19,7 +19,8 @@ from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, settings_from
 from .errors import InputDataError, ReportFailed
 from .learn.splits import SplitSettings
-from .learn.study import StudySettings, results_path, run_study
+from .learn.study import StudySettings, run_study
+from .learn.tasks import get_task
 from .learn.train import TrainSettings
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
@@ -47,7 +48,7 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
     """Write ``qc.tsv`` (+ ``qc.json``) and return what the group report shows of it."""
     if qc_table.empty:
         return None
-    derivatives.write_text(out / "qc.tsv", qc_table.to_csv(sep="\t", index=False, na_rep="n/a"))
+    derivatives.write_text(derivatives.group_path(out, "qc"), qc_table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(out / "qc.json", {
         "Description": "Image quality metrics of every preprocessed T1w, with robust outlier flags",
         "OutlierRule": f"|x - median| > 3 x max({MAD_TO_SD} x MAD, {MIN_RELATIVE_SPREAD} x |median|), per metric, "
@@ -224,7 +225,7 @@ def _learning_results(
 ) -> dict[str, Any] | None:
     if config.target is None or config.models:
         return None
-    results_file = results_path(config.output_dir, config.target, config.architecture)
+    results_file = derivatives.results_path(config.output_dir, config.target, config.architecture)
     if config.reports_only:
         if not results_file.exists():
             raise InputDataError(
@@ -265,7 +266,8 @@ def run_group_level(
     with timed("gathering", LOGGER):
         table, findings, qc_table = _gather(config, with_t1w=with_t1w, folders=folders)
     with timed("writing the manifest and QC table", LOGGER):
-        derivatives.write_text(out / "manifest.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
+        manifest_tsv = table.to_csv(sep="\t", index=False, na_rep="n/a")
+        derivatives.write_text(derivatives.group_path(out, "manifest"), manifest_tsv)
         participants_json_path = config.bids_dir / "participants.json"
         participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
         derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
@@ -279,7 +281,7 @@ def run_group_level(
     )
     with timed("subject reports", LOGGER):
         reports = _refresh_subject_reports(config, out, sorted({pid[4:] for pid in table["participant_id"]}), qc_table)
-    manifest_sha256 = hashlib.sha256((out / "manifest.tsv").read_bytes()).hexdigest()
+    manifest_sha256 = hashlib.sha256(derivatives.group_path(out, "manifest").read_bytes()).hexdigest()
     learning = _learning_results(
         config,
         table,
@@ -304,7 +306,7 @@ def run_group_level(
             "reports": reports, "run_id": run_id, "environment": environment, "manifest_sha256": manifest_sha256,
             "learning": learning, "external": external,
         })  # fmt: skip
-    LOGGER.info("Manifest of %d image(s): %s", len(table), out / "manifest.tsv")
+    LOGGER.info("Manifest of %d image(s): %s", len(table), derivatives.group_path(out, "manifest"))
     return findings
 
 
@@ -313,7 +315,7 @@ def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> 
     findings, table, learning, external = parts["findings"], parts["table"], parts["learning"], parts["external"]
     environment, run_id = parts["environment"], parts["run_id"]
     written = write_report(
-        out / "group.html",
+        out / derivatives.GROUP_REPORT,
         "group.html.j2",
         {
             "dataset_name": parts["description"].get("Name", config.bids_dir.name),
@@ -331,14 +333,14 @@ def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> 
             "dataset": dataset_summary(table, config.target),
             "seed": config.seed,
             "manifest_sha256": parts["manifest_sha256"],
-            "learning": learning_context(learning, out) if learning else None,
-            "external": external_context(external) if external else None,
+            "learning": learning_context(learning, out, get_task(learning["task"])) if learning else None,
+            "external": external_context(external, get_task(external["task"])) if external else None,
         },
     )
     if written is None:
         reason = "its template could not be rendered (the error is in the log)"
         checks = _checks(findings, parts["qc_context"])
-        write_fallback_report(out / "group.html", f"Group report of run {run_id}", reason,
+        write_fallback_report(out / derivatives.GROUP_REPORT, f"Group report of run {run_id}", reason,
                               [f"{c['name']}: {c['result']}" for c in checks if c["result"] != "pass"])  # fmt: skip
         raise ReportFailed(
             f"The group report {out / 'group.html'} could not be made ({reason}); a plain page stands in its place. "

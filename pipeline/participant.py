@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, derivatives
-from .bids.layout import T1wImage
+from .bids.layout import AnatImage
 from .config import RunConfig
 from .errors import RunInterrupted
 from .interfaces import brain_service
@@ -44,7 +44,7 @@ def _crash_summary(crash_file: Path) -> str:
 def subject_status(
     *,
     subject: str,
-    images: Sequence[T1wImage],
+    images: Sequence[AnatImage],
     output_dir: Path,
     bids_dir: Path,
     run_id: str,
@@ -126,7 +126,7 @@ def output_records(output_dir: Path, subject: str) -> list[dict[str, Any]]:
     ]
 
 
-def input_records(images: Sequence[T1wImage], bids_dir: Path) -> list[dict[str, Any]]:
+def input_records(images: Sequence[AnatImage], bids_dir: Path) -> list[dict[str, Any]]:
     """The selected images with the sha256 of their files, as the audit records them."""
     from .bids.audit import sha256_file
 
@@ -192,7 +192,7 @@ def _remove_leftovers(output_dir: Path, subject: str) -> list[Path]:
     return candidates
 
 
-def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) -> list[str]:
+def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]]) -> list[str]:
     """Before anything runs with ``--model``: the packages are complete and untampered, they expect
     this run's resolution, and no selected image was seen in training (the leakage guard).
 
@@ -201,7 +201,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) 
     """
     from .bids.audit import load_spatial, sha256_array
     from .errors import InputDataError
-    from .learn.infer import check_ensemble, check_resolution, training_matches
+    from .learn.ensemble import check_ensemble, check_resolution, training_matches
     from .learn.package import read_package
     from .learn.train import resolve_device
 
@@ -234,14 +234,14 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]]) 
 
 
 def plan_participants(
-    config: RunConfig, subjects: Mapping[str, Sequence[T1wImage]], model_hashes: Sequence[str]
-) -> tuple[dict[str, Sequence[T1wImage]], list[dict[str, Any]]]:
+    config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]], model_hashes: Sequence[str]
+) -> tuple[dict[str, Sequence[AnatImage]], list[dict[str, Any]]]:
     """Split ``subjects`` into those to run and the status records of those already done.
 
     A re-submitted array job thus redoes only failed, interrupted or changed participants;
     ``--force`` runs every selected one.
     """
-    to_run: dict[str, Sequence[T1wImage]] = {}
+    to_run: dict[str, Sequence[AnatImage]] = {}
     skipped: list[dict[str, Any]] = []
     config_hash = config.config_hash()
     for subject, images in subjects.items():
@@ -274,7 +274,7 @@ def plan_participants(
 
 
 def run_participant_level(
-    config: RunConfig, *, subjects: Mapping[str, Sequence[T1wImage]], run_id: str, work_dir: Path
+    config: RunConfig, *, subjects: Mapping[str, Sequence[AnatImage]], run_id: str, work_dir: Path
 ) -> list[dict[str, Any]]:
     """Build and run the graph for ``subjects``; write and return their status records.
 
@@ -307,7 +307,7 @@ def run_participant_level(
 
 def _run_locked(
     config: RunConfig,
-    subjects: Mapping[str, Sequence[T1wImage]],
+    subjects: Mapping[str, Sequence[AnatImage]],
     *,
     run_id: str,
     work_dir: Path,

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import derivatives
+
 #: Metrics screened for outliers (higher or lower than the group by more than ``k`` robust SDs).
 SCREENED_METRICS = (
     "snr_wm", "cnr", "cjv", "efc", "fber", "bias_range", "registration_ncc", "mask_dice", "wm_dice", "brain_volume_ml",
@@ -90,7 +92,7 @@ def percentile_of(values: pd.Series, value: float) -> float | None:
 
 
 def load_qc(output_dir: Path) -> pd.DataFrame | None:
-    path = Path(output_dir) / "qc.tsv"
+    path = derivatives.group_path(output_dir, "qc")
     return pd.read_csv(path, sep="\t") if path.exists() else None
 
 

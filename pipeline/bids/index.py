@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import Problem, UsageError
-from .layout import T1wImage
+from .files import AnatImage
 from .scan import (
     DatasetContext,
     FileStat,
@@ -56,7 +56,7 @@ from .validation import file_name_problems
 LOGGER = logging.getLogger(__name__)
 
 #: Bumped whenever what the index holds or how it is read changes: an index of another format is rebuilt.
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: images carry their kind
 INDEX_FILE = "bids_index.sqlite"
 _LOCK_FILE = ".bids_index.lock"
 #: How long a run waits for another process that is building the index before it indexes in memory.
@@ -71,7 +71,7 @@ CREATE TABLE files (rel TEXT PRIMARY KEY, participant TEXT NOT NULL, size INTEGE
                     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL);
 CREATE INDEX files_participant ON files (participant);
 CREATE TABLE images (rel TEXT PRIMARY KEY, participant TEXT NOT NULL, subject TEXT NOT NULL, session TEXT,
-                     entities TEXT NOT NULL, metadata TEXT NOT NULL, unread TEXT NOT NULL);
+                     entities TEXT NOT NULL, metadata TEXT NOT NULL, unread TEXT NOT NULL, kind TEXT NOT NULL);
 CREATE INDEX images_participant ON images (participant);
 CREATE TABLE problems (participant TEXT NOT NULL, path TEXT NOT NULL, issue TEXT NOT NULL, fix TEXT NOT NULL,
                        severity TEXT NOT NULL);
@@ -124,27 +124,27 @@ class BidsIndex:
         """Whether this index, built anew, lists other participants with T1w than the one it replaced."""
         return self._before is not None and self._before != self._stored_participants()
 
-    def t1w(self, subjects: Sequence[str] | None = None, sessions: Sequence[str] = ()) -> list[T1wImage]:
+    def t1w(self, subjects: Sequence[str] | None = None, sessions: Sequence[str] = ()) -> list[AnatImage]:
         """The T1w images (of ``subjects``, in ``sessions``), sorted by path; unreadable sidecars are logged."""
         wanted = None if subjects is None else set(subjects)
-        images: list[T1wImage] = []
+        images: list[AnatImage] = []
         unread: dict[str, list[str]] = {}
         for label, scan in self._fresh.items():
             if wanted is None or label in wanted:
                 images += scan.images
                 unread.update(scan.metadata_problems)
-        query, args = "SELECT rel, participant, subject, session, entities, metadata, unread FROM images", []
+        query, args = "SELECT rel, participant, subject, session, entities, metadata, unread, kind FROM images", []
         if wanted is not None:
             labels = sorted(wanted - set(self._fresh))
             if not labels:
                 labels = [""]  # matches nothing
             query += f" WHERE participant IN ({','.join('?' * len(labels))})"
             args = labels
-        for rel, label, subject, session, entities, metadata, problems in self._conn.execute(query, args):
+        for rel, label, subject, session, entities, metadata, problems, kind in self._conn.execute(query, args):
             if label in self._fresh:
                 continue
-            images.append(T1wImage(path=self.bids_dir / rel, subject=subject, session=session,
-                                   entities=json.loads(entities), metadata=json.loads(metadata)))  # fmt: skip
+            images.append(AnatImage(path=self.bids_dir / rel, subject=subject, session=session, kind=kind,
+                                    entities=json.loads(entities), metadata=json.loads(metadata)))  # fmt: skip
             if problems != "[]":
                 unread[rel] = json.loads(problems)
         if sessions:
@@ -320,8 +320,9 @@ def _insert_scan(conn: sqlite3.Connection, scan: ParticipantScan, bids_dir: Path
     for image in scan.images:
         rel = image.relative_to(bids_dir)
         rows.append((rel, scan.label, image.subject, image.session, json.dumps(image.entities),
-                     json.dumps(image.metadata), json.dumps(scan.metadata_problems.get(rel, []))))  # fmt: skip
-    conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                     json.dumps(image.metadata), json.dumps(scan.metadata_problems.get(rel, [])),
+                     image.kind))  # fmt: skip
+    conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 # --- checking and opening ----------------------------------------------------------------------------------

@@ -1,65 +1,35 @@
-"""Find what a BIDS dataset holds: subjects, sessions, T1w images, their metadata and tables.
+"""Find what a BIDS dataset holds: subjects, sessions, anatomical images, their metadata and tables.
 
-The dataset is read once into an index (:mod:`pipeline.bids.index`), never written into BIDS_DIR.
+The top of the BIDS layer (files -> scan/validation -> index -> layout): the dataset is read once into an
+index (:mod:`pipeline.bids.index`), never written into BIDS_DIR.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from ..errors import InputDataError, NoDataSelected, UsageError
+from ..errors import NoDataSelected, Problem
+from .files import (  # noqa: F401 - the layer's public names, re-exported for callers above it
+    AnatImage,
+    normalize_label,
+    read_participants,
+    read_sessions,
+    read_tsv,
+    subjects_on_disk,
+)
+from .index import BidsIndex, open_index
+from .scan import inherited_metadata, read_json
+from .validation import check_images
 
 LOGGER = logging.getLogger(__name__)
 
-T1W_EXTENSIONS = (".nii", ".nii.gz")
-_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
-
-@dataclass(frozen=True)
-class T1wImage:
-    """One T1w file of the dataset and what BIDS says about it."""
-
-    path: Path
-    subject: str
-    session: str | None
-    entities: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
-    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-    def relative_to(self, bids_dir: Path) -> str:
-        return self.path.relative_to(bids_dir).as_posix()
-
-
-def normalize_label(label: str, prefix: str) -> str:
-    """Strip an optional ``sub-``/``ses-`` prefix and refuse anything but letters and digits.
-
-    >>> normalize_label("sub-01", "sub")
-    '01'
-    >>> normalize_label("../x", "sub")
-    Traceback (most recent call last):
-    ...
-    pipeline.errors.UsageError: Invalid sub label '../x': BIDS labels hold only letters and digits...
-    """
-    raw = str(label)
-    value = raw[len(prefix) + 1 :] if raw.startswith(f"{prefix}-") else raw
-    if not _LABEL_RE.match(value):
-        raise UsageError(
-            f"Invalid {prefix} label {raw!r}: BIDS labels hold only letters and digits. Use e.g. '01' or '{prefix}-01'."
-        )
-    return value
-
-
-def index_dataset(bids_dir: Path):
+def index_dataset(bids_dir: Path) -> BidsIndex:
     """An index of BIDS_DIR in memory (:class:`pipeline.bids.index.BidsIndex`): what a run keeps on disk and
     shares, made here for this caller alone."""
-    from .index import open_index
-
     return open_index(bids_dir, None)
 
 
@@ -69,8 +39,6 @@ def sidecar_metadata(bids_dir: Path, image: Path) -> tuple[dict[str, Any], list[
     Sidecars from the dataset root down to the image's folder apply when their entities are a
     subset of the image's and their suffix matches; deeper and more specific ones win.
     """
-    from .scan import inherited_metadata, read_json
-
     bids_dir = Path(bids_dir)
 
     def sidecars_in(folder: str) -> list[str]:
@@ -80,13 +48,9 @@ def sidecar_metadata(bids_dir: Path, image: Path) -> tuple[dict[str, Any], list[
     return inherited_metadata(rel, sidecars_in, lambda sidecar: read_json(bids_dir / sidecar))
 
 
-def subjects_on_disk(bids_dir: Path) -> list[str]:
-    return sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
-
-
 def collect_t1w(
-    index, *, subjects: Sequence[str] | None = None, sessions: Sequence[str] | None = None
-) -> list[T1wImage]:
+    index: BidsIndex, *, subjects: Sequence[str] | None = None, sessions: Sequence[str] | None = None
+) -> list[AnatImage]:
     """Every T1w image (``.nii``/``.nii.gz``; any session, run, acquisition) in ``index``, sorted by path."""
     return index.t1w(subjects, sessions or ())
 
@@ -132,32 +96,13 @@ def select_participants(
     return selected
 
 
-def read_tsv(path: Path) -> pd.DataFrame:
-    """Read a BIDS TSV as strings ('n/a' kept as missing)."""
-    try:
-        return pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputDataError(
-            f"{path} is not a readable tab-separated table ({exc}). Fix its format "
-            "(tabs between columns, a header row)."
-        ) from exc
 
 
-def read_participants(bids_dir: Path) -> pd.DataFrame | None:
-    """participants.tsv with ``participant_id`` as ``sub-<label>``, or None when absent."""
-    path = Path(bids_dir) / "participants.tsv"
-    if not path.exists():
-        return None
-    table = read_tsv(path)
-    if "participant_id" not in table.columns:
-        raise InputDataError(
-            f"{path} has no 'participant_id' column (columns: {', '.join(table.columns)}). "
-            "Its first column must be participant_id with values like 'sub-01'."
-        )
-    table["participant_id"] = [pid if str(pid).startswith("sub-") else f"sub-{pid}" for pid in table["participant_id"]]
-    return table
+def validate_dataset(bids_dir: Path, *, t1w_paths: Iterable[Path] = ()) -> list[Problem]:
+    """Every problem found in BIDS_DIR; those with severity 'error' stop the run (exit 16).
 
-
-def read_sessions(bids_dir: Path, subject: str) -> pd.DataFrame | None:
-    path = Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-    return read_tsv(path) if path.exists() else None
+    A derivatives dataset or one without participants gets that one problem (not one line per file).
+    The checks are those an index of BIDS_DIR records (:mod:`pipeline.bids.index`), plus the headers of
+    ``t1w_paths``.
+    """
+    return open_index(bids_dir, None).problems() + check_images(bids_dir, t1w_paths)

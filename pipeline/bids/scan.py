@@ -16,7 +16,8 @@ from typing import Any
 
 from ..derivatives import PYBIDS_ENTITIES, parse_bids_name
 from ..errors import InputDataError, Problem
-from .layout import T1W_EXTENSIONS, T1wImage
+from ..kinds import IMAGE_EXTENSIONS, PROCESSED_KINDS
+from .files import AnatImage
 from .validation import (
     bidsignore_patterns,
     check_dataset_description,
@@ -169,24 +170,27 @@ def inherited_metadata(
     return metadata, problems
 
 
-def t1w_entities(rel: str) -> dict[str, str] | None:
-    """The pybids-named entities of ``sub-<label>/[ses-<label>/]anat/<name>_T1w.nii[.gz]``, else None.
+def image_entities(rel: str, kinds: Sequence[str] = PROCESSED_KINDS) -> tuple[str, dict[str, str]] | None:
+    """The kind and pybids-named entities of ``sub-<label>/[ses-<label>/]anat/<name>_<kind>.nii[.gz]`` when
+    ``<kind>`` is one of ``kinds`` (:mod:`pipeline.kinds`), else None.
 
-    >>> t1w_entities("sub-01/ses-a/anat/sub-01_ses-a_run-2_T1w.nii.gz")
-    {'subject': '01', 'session': 'a', 'run': '2'}
-    >>> t1w_entities("sub-01/anat/sub-01_T2w.nii.gz") is None
+    >>> image_entities("sub-01/ses-a/anat/sub-01_ses-a_run-2_T1w.nii.gz")
+    ('T1w', {'subject': '01', 'session': 'a', 'run': '2'})
+    >>> image_entities("sub-01/anat/sub-01_T2w.nii.gz") is None
     True
+    >>> image_entities("sub-01/anat/sub-01_T2w.nii.gz", kinds=("T1w", "T2w"))
+    ('T2w', {'subject': '01'})
     """
     parts = rel.split("/")
-    if len(parts) not in (3, 4) or parts[-2] != "anat" or not parts[-1].endswith(T1W_EXTENSIONS):
+    if len(parts) not in (3, 4) or parts[-2] != "anat" or not parts[-1].endswith(IMAGE_EXTENSIONS):
         return None
     try:
         entities, suffix, extension = parse_bids_name(parts[-1])
     except InputDataError:
         return None
-    if suffix != "T1w" or extension not in T1W_EXTENSIONS or "sub" not in entities:
+    if suffix not in kinds or extension not in IMAGE_EXTENSIONS or "sub" not in entities:
         return None
-    return {_LONG_NAMES[k]: v for k, v in entities.items() if k in _LONG_NAMES}
+    return suffix, {_LONG_NAMES[k]: v for k, v in entities.items() if k in _LONG_NAMES}
 
 
 @dataclass
@@ -210,7 +214,7 @@ class ParticipantScan:
 
     label: str
     files: tuple[FileStat, ...]
-    images: tuple[T1wImage, ...]
+    images: tuple[AnatImage, ...]
     metadata_problems: Mapping[str, list[str]]  # image rel -> sidecars that could not be read
     problems: tuple[Problem, ...]
 
@@ -234,14 +238,15 @@ def scan_participant(context: DatasetContext, label: str) -> ParticipantScan:
 
     images, metadata_problems = [], {}
     for rel in rels:
-        entities = t1w_entities(rel)
-        if entities is None:
+        found = image_entities(rel)
+        if found is None:
             continue
+        kind, entities = found
         metadata, unread = inherited_metadata(rel, lambda folder: by_folder.get(folder, ()), content)
         if unread:
             metadata_problems[rel] = unread
-        images.append(T1wImage(path=bids_dir / rel, subject=entities["subject"], session=entities.get("session"),
-                               entities=entities, metadata=metadata))  # fmt: skip
+        images.append(AnatImage(path=bids_dir / rel, subject=entities["subject"], session=entities.get("session"),
+                               entities=entities, metadata=metadata, kind=kind))  # fmt: skip
     return ParticipantScan(label, tuple(files), tuple(images), metadata_problems, tuple(problems))
 
 

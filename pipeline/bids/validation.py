@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputDataError, Problem
 from .audit import _READ_ERRORS, header_problems, load_spatial
-from .layout import read_participants, subjects_on_disk
+from .files import read_participants, subjects_on_disk
 
 LOGGER = logging.getLogger(__name__)
 
@@ -189,15 +189,3 @@ def check_images(bids_dir: Path, paths: Iterable[Path]) -> list[Problem]:
                 )
             )
     return problems
-
-
-def validate_dataset(bids_dir: Path, *, t1w_paths: Iterable[Path] = ()) -> list[Problem]:
-    """Every problem found in BIDS_DIR; those with severity 'error' stop the run (exit 16).
-
-    A derivatives dataset or one without participants gets that one problem (not one line per file).
-    The checks are those an index of BIDS_DIR records (:mod:`pipeline.bids.index`), plus the headers of
-    ``t1w_paths``.
-    """
-    from .index import open_index
-
-    return open_index(bids_dir, None).problems() + check_images(bids_dir, t1w_paths)

@@ -25,9 +25,9 @@ from ..errors import (
     RunInterrupted,
     UsageError,
 )
+from ..processes import guard_forks, interrupt_on_signals, terminate_descendants
 from ..progress import ConsoleHandler
 from .parser import parse_args
-from .signals import guard_forks, interrupt_on_signals, terminate_descendants
 
 LOGGER = logging.getLogger("pipeline.cli")
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -136,7 +136,7 @@ def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | No
     its own participant). Problems are logged and, with ``log_dir``, recorded; errors raise
     :class:`BidsValidationError` (exit 16) unless ``--skip-bids-validation``."""
     from .. import derivatives
-    from ..bids.layout import T1wImage
+    from ..bids.layout import AnatImage
     from ..bids.validation import check_images
     from ..errors import NoDataSelected
 
@@ -150,7 +150,7 @@ def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | No
         if errors and not config.skip_bids_validation:
             raise BidsValidationError(errors) from None
         raise
-    subjects: dict[str, list[T1wImage]] = {s: [] for s in selected}
+    subjects: dict[str, list[AnatImage]] = {s: [] for s in selected}
     for image in index.t1w(selected, config.session_label):
         subjects[image.subject].append(image)
     if config.skip_bids_validation:
@@ -249,7 +249,7 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
         run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir,
                         with_t1w=list(subjects), folders=index.folders())  # fmt: skip
     if not config.fold:
-        LOGGER.info("Group report: %s", config.output_dir / "group.html")
+        LOGGER.info("Group report: %s", config.output_dir / derivatives.GROUP_REPORT)
     return EXIT_OK
 
 

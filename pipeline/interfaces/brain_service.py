@@ -30,8 +30,8 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import IO, Any
 
-from ..cli.signals import child_environment, die_with_launcher
 from ..errors import BidsdlError, InputDataError
+from ..processes import child_environment, die_with_launcher
 
 _MODULE = "pipeline.interfaces.brain_service"
 

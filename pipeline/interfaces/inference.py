@@ -17,6 +17,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..processes import run_module
+
 
 class _ModelNodeInputSpec(BaseInterfaceInputSpec):
     """What every node that runs model packages on one image takes."""
@@ -84,23 +86,9 @@ class RunInference(SimpleInterface):
 
 
 def _run_node(spec: dict, cwd: Path) -> dict:
-    """Run :func:`pipeline.learn.infer.run_node` on ``spec`` in a fresh interpreter (torch's thread pools do not
-    survive the fork() that made this worker); its one-line error becomes this node's error."""
-    import subprocess
-    import sys
-
-    from ..cli.signals import child_environment
-    from ..errors import InputDataError
-
-    (cwd / "inference.json").write_text(json.dumps(spec, indent=2) + "\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.learn.infer", str(cwd / "inference.json"), str(cwd)],
-        capture_output=True, text=True, check=False, env=child_environment(),
-    )  # fmt: skip
-    if done.returncode != 0:
-        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-        raise InputDataError(lines[-1] if lines else f"inference exited with {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """:func:`pipeline.learn.infer.run_node` on ``spec``, in a fresh interpreter (torch's thread pools do not survive
+    the fork() that made this worker); its one-line error becomes this node's error."""
+    return run_module("pipeline.learn.infer", spec, cwd)
 
 
 class _RunSegmentationInputSpec(_ModelNodeInputSpec):

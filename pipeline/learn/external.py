@@ -20,15 +20,15 @@ import pandas as pd
 from .. import derivatives
 from ..errors import InputDataError
 from .cohort import target_values
-from .infer import check_ensemble, ensemble_id
+from .ensemble import check_ensemble, ensemble_id
 from .package import read_package
 from .tasks import get_task
 
 LOGGER = logging.getLogger(__name__)
-PREDICTIONS = "predictions.tsv"
-EVALUATION = "external_evaluation.json"
+PREDICTIONS = derivatives.GROUP_OUTPUTS["predictions"]
+EVALUATION = derivatives.GROUP_OUTPUTS["external_evaluation"]
 #: Case-wise scores of an external segmentation evaluation (per image and structure, each T1w's grid).
-CASE_SCORES = "external_case_scores.tsv"
+CASE_SCORES = derivatives.GROUP_OUTPUTS["external_case_scores"]
 
 
 def prediction_path(output_dir: Path, source: str) -> Path:

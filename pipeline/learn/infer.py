@@ -11,7 +11,6 @@ folds and models are averaged, so every network counts equally.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,78 +24,10 @@ from torch import nn
 
 from ..bids.audit import load_spatial
 from ..derivatives import parse_bids_name
-from ..errors import BidsdlError, InputDataError, UsageError
-from .package import load_package
-from .tasks import get_task
+from ..errors import InputDataError
+from ..processes import module_main
+from .ensemble import LoadedModel, ensemble_id, load_models, model_card, training_matches
 from .tasks.base import Task
-
-#: Model-record fields that all models of an ensemble must share.
-_CONTRACT = ("space", "resolution_mm", "shape")
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A checked package: its folder, its ``model.json`` and one network per fold."""
-
-    folder: Path
-    record: dict[str, Any]
-    networks: list[nn.Module]
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What every output made with this model records about it."""
-        return {
-            "name": self.record["name"],
-            "package": self.folder.name,
-            "content_sha256": self.record["content_sha256"],
-            "bidsdl_version": self.record["bidsdl_version"],
-            "task": self.record["task"],
-            "target": self.record["target"],
-        }
-
-
-def load_models(folders: Sequence[Path | str], device: str | torch.device = "cpu") -> list[LoadedModel]:
-    """Load and check every package; an ensemble's models must share task, classes and input."""
-    models = []
-    for folder in folders:
-        record, networks = load_package(Path(folder), device)
-        models.append(LoadedModel(Path(folder), record, networks))
-    check_ensemble([m.record for m in models], [m.folder for m in models])
-    return models
-
-
-def check_ensemble(records: Sequence[dict[str, Any]], folders: Sequence[Path]) -> None:
-    """Refuse models that cannot be averaged (naming both values)."""
-    first, first_folder = records[0], folders[0]
-    for record, folder in zip(records[1:], folders[1:], strict=True):
-        for key, a, b in [("task", first["task"], record["task"]), ("classes", first["classes"], record["classes"])] + [
-            (f"input {k}", first["input"][k], record["input"][k]) for k in _CONTRACT
-        ]:
-            if a != b:
-                raise UsageError(
-                    f"--model {first_folder} and --model {folder} cannot form an ensemble: {key} is {a!r} in the "
-                    f"first and {b!r} in the second. Give models trained for the same target on the same input."
-                )
-
-
-def ensemble_id(records: Sequence[dict[str, Any]]) -> str:
-    """A short identifier of a set of models (its members' content hashes, in order)."""
-    if len(records) == 1:
-        return str(records[0]["content_sha256"][:8])
-    joined = ",".join(r["content_sha256"] for r in records)
-    return hashlib.sha256(joined.encode()).hexdigest()[:8]
-
-
-def check_resolution(records: Sequence[dict[str, Any]], resolution_mm: float, folders: Sequence[Path]) -> None:
-    """The participant level's ``--model-resolution`` must be the one the models were trained at."""
-    for record, folder in zip(records, folders, strict=True):
-        expected = float(record["input"]["resolution_mm"])
-        if abs(expected - float(resolution_mm)) > 1e-6:
-            raise UsageError(
-                f"The model {folder} expects input at {expected:g} mm (res-{record['input']['res']}); this run "
-                f"prepares {resolution_mm:g} mm (--model-resolution {resolution_mm:g}). "
-                f"Run with --model-resolution {expected:g}, or use a model trained at {resolution_mm:g} mm."
-            )
 
 
 def check_input_image(record: dict[str, Any], path: Path, *, space: str | None = None) -> np.ndarray:
@@ -129,29 +60,6 @@ def check_input_image(record: dict[str, Any], path: Path, *, space: str | None =
             "The template grid differs from training: preprocess with the bidsdl version the model was trained with."
         )
     return np.asarray(img.dataobj, dtype=np.float32)
-
-
-def training_matches(records: Sequence[dict[str, Any]], participant_id: str, data_sha256: Sequence[str]) -> list[str]:
-    """Why this participant was seen in training or validation by any of the models (empty: never).
-
-    Matched by participant ID and by voxel-data hash, so a renamed copy of a training subject is caught.
-
-    >>> rec = {"name": "m", "training_subjects": [{"participant_id": "sub-01", "images": [{"data_sha256": "a"}]}]}
-    >>> training_matches([rec], "sub-02", ["a"])
-    ["sub-02's image has the voxel data of sub-01, a training subject of m"]
-    """
-    reasons = []
-    hashes = set(data_sha256)
-    for record in records:
-        for subject in record.get("training_subjects", []):
-            if subject["participant_id"] == participant_id:
-                reasons.append(f"{participant_id} is a training subject of {record['name']}")
-            elif hashes & {img.get("data_sha256") for img in subject["images"]}:
-                reasons.append(
-                    f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
-                    f"a training subject of {record['name']}"
-                )
-    return reasons
 
 
 def _feature_layer(network: nn.Module) -> nn.Module:
@@ -211,7 +119,7 @@ def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, 1, *array.shape[-3:]).to(device)
     per_model, saliency, gradcam = [], [], []
     for model in models:
-        task = get_task(model.record["task"])
+        task = model.task
         fold_outputs = []
         for fold, network in enumerate(model.networks):
             raw, sal, cam = explain(network, x, task)
@@ -237,7 +145,7 @@ def prediction_record(
 ) -> dict[str, Any]:
     """The JSON-ready prediction of one image, with the model card the subject report shows."""
     first = models[0].record
-    task = get_task(first["task"])
+    task = models[0].task
     record: dict[str, Any] = {
         "source": source,
         "participant_id": participant_id,
@@ -251,30 +159,6 @@ def prediction_record(
     record.update(task.prediction_fields([m.record for m in models], result.output, result.per_model))
     record["model_card"] = [model_card(m) for m in models]
     return record
-
-
-def model_card(model: LoadedModel) -> dict[str, Any]:
-    """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
-    record = model.record
-    test = record.get("metrics", {}).get("test", {})
-    metrics = []
-    for key in get_task(record["task"]).card_metrics:
-        value = test.get("metrics", {}).get(key)
-        if value is None or not np.isfinite(value):
-            continue
-        ci = test.get("ci", {}).get(key)
-        metrics.append({"name": key, "value": value, "ci": ci if ci and all(np.isfinite(ci)) else None})
-    return {
-        **model.identity,
-        "classes": record.get("classes"),
-        "n_training_subjects": len(record.get("training_subjects", [])),
-        "n_training_images": sum(len(s["images"]) for s in record.get("training_subjects", [])),
-        "n_test_subjects": len(record.get("test_subjects", [])),
-        "test_metrics": metrics,
-        "intended_use": record.get("model_card", {}).get("intended_use"),
-        "limitations": record.get("model_card", {}).get("limitations"),
-        "not_for_clinical_use": True,
-    }
 
 
 def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -294,7 +178,7 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
     )
     if seen and not spec["allow_training_subjects"]:
         raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
-    if get_task(models[0].record["task"]).voxelwise:
+    if models[0].task.voxelwise:
         from .segment import segment_node
 
         return segment_node(spec, out_dir, models, seen=seen, device=device)
@@ -315,7 +199,7 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "Models": record["models"],
         "EnsembleID": record["ensemble_id"],
         "SeenInTraining": record["seen_in_training"],
-        "Score": get_task(record["task"]).attribution_score_name(len(models[0].record["classes"] or [])),
+        "Score": models[0].task.attribution_score_name(len(models[0].record["classes"] or [])),
         "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
     }  # fmt: skip
     outputs["record"] = str(out_dir / "prediction.json")
@@ -329,26 +213,5 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
     return outputs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.learn.infer SPEC.json OUT_DIR``: the inference node's work in a fresh process.
-
-    torch's thread pools do not survive ``fork()``; Nipype's workers are forked, so the node runs the
-    networks in a new interpreter. Errors print one line (what is wrong and what to do) and exit 65.
-    """
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        outputs = run_node(json.loads(Path(args[0]).read_text()), Path(args[1]))
-    except BidsdlError as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(outputs))
-    return 0
-
-
-if __name__ == "__main__":
-    from ..cli.signals import die_with_launcher
-
-    die_with_launcher()  # a node's interpreter ends with the worker that waits for it
-    raise SystemExit(main())
+if __name__ == "__main__":  # the inference node's work in a fresh interpreter (:func:`pipeline.processes.run_module`)
+    raise SystemExit(module_main(run_node))

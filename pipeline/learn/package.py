@@ -28,7 +28,7 @@ from ..errors import InputDataError
 from .models import ModelConfig, build_model
 
 FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
+MODEL_JSON = derivatives.STUDY_OUTPUTS["model_record"]
 
 
 def content_hash(record: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from ..bids.audit import load_spatial
 from ..derivatives import bids_label
 from ..errors import InputDataError
 from ..ops.mesh import mask_surface, surface_summary, write_gifti
-from .infer import LoadedModel, ensemble_id, model_card
+from .ensemble import LoadedModel, ensemble_id, model_card
 from .tasks.segmentation import (
     image_on_grid,
     keep_largest_components,

@@ -27,8 +27,9 @@ from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
 from . import distributed, evaluate, leakage
 from .cohort import build_cohort, cache_cohort
+from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
-from .package import hardware_record, write_package
+from .package import MODEL_JSON, hardware_record, write_package
 from .splits import (
     SplitSettings,
     fingerprint,
@@ -42,20 +43,18 @@ from .tasks.base import Task
 from .train import (
     TargetScale,
     TrainSettings,
-    derived_seed,
     determinism_record,
     fit,
     load_weights,
     predict,
-    reference_image,
     resolve_device,
     seed_everything,
 )
 
 LOGGER = logging.getLogger(__name__)
-RESULTS = "results.json"
+RESULTS = derivatives.STUDY_OUTPUTS["results"]
 #: Case-wise scores of voxel-wise tasks (per image and structure, every fold and split, both spaces).
-CASE_SCORES = "case_scores.tsv"
+CASE_SCORES = derivatives.STUDY_OUTPUTS["case_scores"]
 
 
 @dataclass(frozen=True)
@@ -85,25 +84,12 @@ class StudySettings:
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: every fold, then the assembly
 
 
-def study_dir(output_dir: Path, target: str, architecture: str) -> Path:
-    return Path(output_dir) / "learn" / f"target-{_safe(target)}" / f"arch-{architecture}"
-
-
-def results_path(output_dir: Path, target: str, architecture: str) -> Path:
-    """The study's ``results.json`` (what the group report shows of it)."""
-    return study_dir(output_dir, target, architecture) / RESULTS
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() else "" for c in text) or "target"
-
-
 def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 #: Written into a fold's folder when its training has finished: what it was trained with (hashes).
-FOLD_RECORD = "fold.json"
+FOLD_RECORD = derivatives.STUDY_OUTPUTS["fold_record"]
 
 
 def prepare_run_dir(run_dir: Path, settings: StudySettings, split: SplitStage, folds: Sequence[int]) -> None:
@@ -224,7 +210,7 @@ def gather_cohort(
         _check_selection_metric(named, settings.train.selection_metric)  # before minutes of gathering
     gather = _labelled_cohort if named is not None and named.voxelwise else _scalar_cohort
     stage = gather(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
-    record = results_path(output_dir, settings.target, settings.architecture).relative_to(output_dir)
+    record = derivatives.results_path(output_dir, settings.target, settings.architecture).relative_to(output_dir)
     for message in excluded_messages(stage.excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
         LOGGER.warning(message)
     _check_selection_metric(stage.task, settings.train.selection_metric)
@@ -318,7 +304,7 @@ def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySett
     site_columns = tuple(c for c in leakage.SITE_COLUMNS if c in images.columns)
     subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task.name)
     split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
-    run_dir = study_dir(output_dir, settings.target, settings.architecture)
+    run_dir = derivatives.study_dir(output_dir, settings.target, settings.architecture)
     splits, reused = load_or_make_splits(
         run_dir.parent,
         subjects,
@@ -571,7 +557,8 @@ def assemble(
     validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
     test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
 
-    derivatives.write_text(run_dir / "predictions.tsv", predictions.to_csv(sep="\t", index=False, float_format="%.6g"))
+    table = predictions.to_csv(sep="\t", index=False, float_format="%.6g")
+    derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"], table)
     record = _model_record(
         settings=settings,
         task=task,
@@ -597,12 +584,13 @@ def assemble(
         "environment.json": env,
         "splits.tsv": run_dir.parent / "splits.tsv",
         "splits.json": run_dir.parent / "splits.json",
-        "predictions.tsv": run_dir / "predictions.tsv",
+        "predictions.tsv": run_dir / derivatives.STUDY_OUTPUTS["predictions"],
     }
     if (run_dir / CASE_SCORES).exists():
         files[CASE_SCORES] = run_dir / CASE_SCORES
     for fold in folds:
-        files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / "history.tsv"
+        history = derivatives.STUDY_OUTPUTS["history"]
+        files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / history
     package = write_package(
         output_dir / "models",
         record=record,
@@ -617,7 +605,7 @@ def assemble(
         "positive_class": cohort.classes[-1] if len(cohort.classes) == 2 else None,
         "architecture": settings.architecture,
         "package": package.relative_to(output_dir).as_posix(),
-        "content_sha256": json.loads((package / "model.json").read_text())["content_sha256"],
+        "content_sha256": json.loads((package / MODEL_JSON).read_text())["content_sha256"],
         "excluded": cohort.excluded,
         "n_images": len(images),
         "n_subjects": int(images["participant_id"].nunique()),

@@ -5,14 +5,25 @@ from __future__ import annotations
 import base64
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from .. import derivatives
 from . import learning as figures
 from .group_tables import capped
+
+
+class Task(Protocol):
+    """What the report asks of a learning task (the group level hands the task object in; reports never look
+    one up)."""
+
+    discrete: bool
+
+    def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes: ...
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,13 +103,11 @@ def _fold_table(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worst(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
-    from ..learn.cohort import model_input_path
-
     resolution = float(results.get("model_resolution", 2.0))
     cases = []
     for case in results["worst"]:
         case = dict(case)
-        path = model_input_path(output_dir, case["source"], resolution)
+        path = derivatives.named_path(output_dir, case["source"], "t1w_model", model_resolution=resolution)
         case["figure"] = None
         if path.exists():
             try:
@@ -127,24 +136,21 @@ def _previews(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
 
 def _results_file(results: dict[str, Any], output_dir: Path) -> str:
     """Where the study's ``results.json`` lies, relative to OUTPUT_DIR."""
-    from ..learn.study import results_path
+    path = derivatives.results_path(output_dir, results["target"], results["architecture"])
+    return path.relative_to(output_dir).as_posix()
 
-    return results_path(output_dir, results["target"], results["architecture"]).relative_to(output_dir).as_posix()
 
-
-def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """Figures and tables of a study's ``results.json`` for the group report."""
-    from ..learn.tasks import get_task
-
+def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> dict[str, Any]:
+    """Figures and tables of a study's ``results.json`` (of ``task``) for the group report."""
     test = results["test"]
-    predictions = pd.read_csv(output_dir / results["package"] / "predictions.tsv", sep="\t")
+    predictions = pd.read_csv(output_dir / results["package"] / derivatives.STUDY_OUTPUTS["predictions"], sep="\t")
     ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
-    cases_path = output_dir / results["package"] / "case_scores.tsv"
+    cases_path = output_dir / results["package"] / derivatives.STUDY_OUTPUTS["case_scores"]
     if cases_path.exists():  # voxel-wise tasks: the case-wise scores in each T1w's grid
         cases = pd.read_csv(cases_path, sep="\t")
         ensemble = cases[(cases["split"] == "test") & (cases["fold"].astype(str) == "ensemble")]
         ensemble = ensemble[ensemble["space"] == ("T1w" if (ensemble["space"] == "T1w").any() else "template")]
-    evaluation_figure = get_task(results["task"]).evaluation_figure(test, results["classes"], ensemble)
+    evaluation_figure = task.evaluation_figure(test, results["classes"], ensemble)
     return {
         **{k: results[k] for k in ("target", "task", "classes", "positive_class", "architecture", "package")},
         "content_sha256": results["content_sha256"],
@@ -163,7 +169,7 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
         "threshold": _fmt(results["threshold"]),
         "evaluation_figure": _data_uri(evaluation_figure),
         "worst": _worst(results, output_dir),
-        "threshold_used": get_task(results["task"]).discrete,
+        "threshold_used": task.discrete,
         "native_metrics": _metric_rows(results["test_native"]) if results.get("test_native") else [],
         "native_sd": results.get("test_native", {}).get("sd"),
         "test_sd": test.get("sd"),
@@ -173,28 +179,26 @@ def learning_context(results: dict[str, Any], output_dir: Path) -> dict[str, Any
     }
 
 
-def external_context(results: dict[str, Any]) -> dict[str, Any]:
-    """What the group report shows of an external evaluation (``group --model``)."""
+def external_context(results: dict[str, Any], task: Task) -> dict[str, Any]:
+    """What the group report shows of an external evaluation (``group --model``) of a model of ``task``."""
     evaluation = results.get("evaluation")
-    from ..learn.external import EVALUATION
-    from ..learn.tasks import get_task
 
     figure = None
     if evaluation:
         table = pd.DataFrame({"y": results["truth"] or [], "predicted": results["predicted"] or []})
-        figure = _data_uri(get_task(results["task"]).evaluation_figure(evaluation, results["classes"], table))
+        figure = _data_uri(task.evaluation_figure(evaluation, results["classes"], table))
     training_test = results["training"]["test"]
     return {
         **{k: results[k] for k in ("models", "ensemble_id", "task", "target", "classes", "positive_class")},
         "n_predicted": results["n_predicted"],
         "n_evaluated": results["n_evaluated"],
         "skipped": results["skipped"],
-        "excluded": capped(results["excluded"], f"{EVALUATION}, under excluded"),
+        "excluded": capped(results["excluded"], f"{derivatives.GROUP_OUTPUTS['external_evaluation']}, under excluded"),
         "seen_in_training": results["seen_in_training"],
         "metrics": _metric_rows(evaluation) if evaluation else [],
         "training_metrics": {row["metric"]: row for row in _metric_rows(training_test)},
         "training_subjects": results["training"]["n_subjects"],
         "figure": figure,
-        "threshold_used": get_task(results["task"]).discrete,
+        "threshold_used": task.discrete,
         "worst": [{"source": w["source"], "dice": _fmt(w["dice"])} for w in results.get("worst", [])],
     }

@@ -166,7 +166,7 @@ def write_subject_report(output_dir: Path, subject: str, *, qc: pd.DataFrame | N
     """Write ``OUTPUT_DIR/sub-<label>.html``; returns its path, or None when not even a fallback page could
     be written. When the report cannot be gathered or rendered, the error is logged and a plain page
     saying so (with the participant's errors) takes its place: never a silent absence."""
-    path = Path(output_dir) / f"sub-{subject}.html"
+    path = derivatives.subject_report_path(output_dir, subject)
     try:
         context = subject_context(output_dir, subject, qc=qc)
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -15,7 +15,8 @@ from typing import Any
 
 from nipype.pipeline import engine as pe
 
-from ..bids.layout import T1wImage
+from .. import derivatives
+from ..bids.layout import AnatImage
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
 from .anatomical import init_anat_wf
@@ -25,10 +26,10 @@ def _node_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", text)
 
 
-def image_key(image: T1wImage) -> str:
+def image_key(image: AnatImage) -> str:
     """A name for an image within its subject: every entity that can tell two of its T1w apart.
 
-    >>> image_key(T1wImage(Path("x"), "01", "02", {"subject": "01", "session": "02", "run": "1", "echo": "2"}))
+    >>> image_key(AnatImage(Path("x"), "01", "02", {"subject": "01", "session": "02", "run": "1", "echo": "2"}))
     'ses_02_run_1_echo_2'
     """
     parts = [f"{short}_{image.entities[k]}" for k, short in PYBIDS_ENTITIES.items()
@@ -58,7 +59,7 @@ def single_subject_name(subject: str) -> str:
 def init_single_subject_wf(
     *,
     subject: str,
-    images: Sequence[T1wImage],
+    images: Sequence[AnatImage],
     bids_dir: Path,
     output_dir: Path,
     model_resolution: float = 2.0,
@@ -105,7 +106,7 @@ def init_single_subject_wf(
 
 def _segmentation(model: Path) -> dict[str, Any] | None:
     """What the graph needs of a segmentation model (its labels and grid; checked already), or None."""
-    record = json.loads((Path(model) / "model.json").read_text())
+    record = json.loads((Path(model) / derivatives.STUDY_OUTPUTS["model_record"]).read_text())
     if "labels" not in record:
         return None
     return {
@@ -118,7 +119,7 @@ def _segmentation(model: Path) -> dict[str, Any] | None:
 def init_bidsdl_wf(
     config: RunConfig,
     *,
-    subjects: Mapping[str, Sequence[T1wImage]],
+    subjects: Mapping[str, Sequence[AnatImage]],
     run_id: str,
     work_dir: Path,
     model_hashes: Sequence[str] = (),

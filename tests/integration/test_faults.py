@@ -166,7 +166,7 @@ def _session_members(session: int) -> list[str]:
 def test_no_process_outlives_a_run_killed_outright(bids_factory, tmp_path):
     """SIGKILL of the main process (the OOM killer's way) runs no handler: its MultiProc workers and helper
     interpreter must end by themselves, at once; the re-run then resumes."""
-    from pipeline.cli.signals import descendants
+    from pipeline.processes import descendants
 
     bids = bids_factory(subjects={s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02")})
     out = tmp_path / "out"

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.learn.data import Volumes
 from pipeline.learn.package import load_package, read_package
-from pipeline.learn.train import Volumes, predict
+from pipeline.learn.train import predict
 from tests.helpers import FAST, fresh_output, set_read_only, the_package
 
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.bids.validation import validate_dataset
+from pipeline.bids.layout import validate_dataset
 from pipeline.cli.sample import main as sample_main
 from pipeline.sample.anatomy import load_template
 from pipeline.sample.generate import SampleOptions, write_sample_dataset

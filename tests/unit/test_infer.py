@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputDataError, UsageError
-from pipeline.learn import export, infer, package
+from pipeline.learn import ensemble, export, infer, package
 from pipeline.learn.models import ModelConfig, build_model
 from pipeline.learn.train import save_weights
 from pipeline.ops.mesh import mask_surface, surface_summary, write_gifti
@@ -66,7 +66,7 @@ def model_input(folder: Path, *, zoom: float = 4.0, shape=SHAPE, space="MNI152NL
 
 
 def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
-    models = infer.load_models([make_package(tmp_path / "a"), make_package(tmp_path / "b", seed=1)])
+    models = ensemble.load_models([make_package(tmp_path / "a"), make_package(tmp_path / "b", seed=1)])
     array = infer.check_input_image(models[0].record, model_input(tmp_path))
     result = infer.infer(models, array)
     assert result.output.shape == (2,) and np.isclose(result.output.sum(), 1)
@@ -84,16 +84,16 @@ def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
 
 
 def test_regression_outputs_are_back_on_the_target_scale(tmp_path):
-    models = infer.load_models([make_package(tmp_path, task="regression")])
+    models = ensemble.load_models([make_package(tmp_path, task="regression")])
     result = infer.infer(models, infer.check_input_image(models[0].record, model_input(tmp_path)))
     assert 40 < float(result.output[0]) < 100  # 70 +- a few SD of 5
 
 
 def test_leakage_guard_matches_ids_and_image_hashes(tmp_path):
     record = package.read_package(make_package(tmp_path, training=[("sub-01", "aaa"), ("sub-03", "bbb")]))
-    assert infer.training_matches([record], "sub-02", ["ccc"]) == []
-    assert "sub-01 is a training subject" in infer.training_matches([record], "sub-01", ["ccc"])[0]
-    renamed = infer.training_matches([record], "sub-77", ["bbb"])
+    assert ensemble.training_matches([record], "sub-02", ["ccc"]) == []
+    assert "sub-01 is a training subject" in ensemble.training_matches([record], "sub-01", ["ccc"])[0]
+    renamed = ensemble.training_matches([record], "sub-77", ["bbb"])
     assert len(renamed) == 1 and "voxel data of sub-03" in renamed[0]
 
 
@@ -106,14 +106,14 @@ def test_input_in_another_space_resolution_or_grid_is_refused(tmp_path):
     with pytest.raises(InputDataError, match=r"shape \(16, 16, 16\)"):
         infer.check_input_image(record, model_input(tmp_path, shape=(16, 16, 16)))
     with pytest.raises(UsageError, match=r"expects input at 4 mm .* prepares 2 mm"):
-        infer.check_resolution([record], 2.0, [tmp_path])
+        ensemble.check_resolution([record], 2.0, [tmp_path])
 
 
 def test_models_that_cannot_be_averaged_are_refused(tmp_path):
     a = make_package(tmp_path / "a")
     b = make_package(tmp_path / "b", task="regression")
     with pytest.raises(UsageError, match="cannot form an ensemble: task is 'classification' in the first"):
-        infer.load_models([a, b])
+        ensemble.load_models([a, b])
 
 
 def test_bad_packages_are_refused_with_what_to_do(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 _PARENT = textwrap.dedent(
     """
     import os, sys, threading, time
-    from pipeline.cli.signals import guard_forks
+    from pipeline.processes import guard_forks
     guard_forks()
     def fork():
         pid = os.fork()
@@ -64,9 +64,9 @@ def test_a_forked_child_ends_with_its_killed_parent(forked_from):
 
 
 def test_an_interpreter_started_by_bidsdl_ends_when_its_launcher_is_gone():
-    from pipeline.cli.signals import PARENT_PID_VARIABLE
+    from pipeline.processes import PARENT_PID_VARIABLE
 
     env = {**os.environ, PARENT_PID_VARIABLE: "1"}  # named a launcher that is not its parent: already adopted
-    code = "from pipeline.cli.signals import die_with_launcher; die_with_launcher(); print('still here')"
+    code = "from pipeline.processes import die_with_launcher; die_with_launcher(); print('still here')"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "still here" not in done.stdout

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.bids.layout import T1wImage
+from pipeline.bids.layout import AnatImage
 from pipeline.participant import output_records, rerun_reason, subject_status
 
 
-def _image(bids: Path, label: str) -> T1wImage:
+def _image(bids: Path, label: str) -> AnatImage:
     path = bids / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
-    return T1wImage(path=path, subject=label, session=None, entities={"subject": label})
+    return AnatImage(path=path, subject=label, session=None, entities={"subject": label})
 
 
 def test_status_done_failed_and_crashed(tmp_path):
@@ -117,7 +117,7 @@ def test_descendants_and_their_termination():
     import subprocess
     import sys
 
-    from pipeline.cli.signals import descendants, terminate_descendants
+    from pipeline.processes import descendants, terminate_descendants
 
     sleeper = "import time; time.sleep(60)"
     script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"

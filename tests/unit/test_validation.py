@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.bids.validation import validate_dataset
+from pipeline.bids.layout import validate_dataset
 from tests.helpers import make_bids
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import Volumes
+
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -113,8 +115,6 @@ class Task:
 
     def dataset(self, rows: pd.DataFrame, *, patch_size: int, n_outputs: int) -> Any:
         """What :func:`~pipeline.learn.train.fit` trains on or predicts: cached arrays and targets of ``rows``."""
-        from ..train import Volumes
-
         return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
 
     def ensemble(self, outputs: Sequence[Any]) -> Any:

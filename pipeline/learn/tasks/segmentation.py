@@ -289,7 +289,7 @@ class SegmentationData:
         return np.load(self.label_paths[index], mmap_mode="r")
 
     def epoch_order(self, *, epoch: int, seed: int, weights: np.ndarray | None) -> np.ndarray:
-        from ..train import derived_seed
+        from ..data import derived_seed
 
         rng = np.random.default_rng(derived_seed(seed, epoch, 0))
         size = max(PATCHES_PER_IMAGE * len(self), MIN_PATCHES_PER_EPOCH)
@@ -346,7 +346,7 @@ def augment_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The image and label patches moved together (affine: the image linear, the labels nearest); intensity and
     noise as for the other tasks. No left-right flip: it would swap left and right structures."""
-    from ..train import _rotation, augment_batch
+    from ..data import _rotation, augment_batch
 
     if "affine" in kinds:
         rng = np.random.default_rng(seed)

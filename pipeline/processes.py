@@ -1,4 +1,10 @@
-"""Termination signals: end cleanly when SLURM, ``docker stop`` or ``kill`` asks.
+"""Processes: worker lifetime, termination signals, and torch run out of process.
+
+Everything about the processes bidsdl starts lives here, below the interfaces and learning that use it:
+the participant level's Nipype workers, the brain-extraction helper (:mod:`pipeline.interfaces.brain_service`)
+and the inference interpreters (:func:`run_module` on the parent's side, :func:`module_main` on the child's).
+
+Termination signals: end cleanly when SLURM, ``docker stop`` or ``kill`` asks.
 
 SLURM sends SIGTERM at a job's time limit or on ``scancel`` (and SIGKILL ``KillWait`` seconds
 later); ``docker stop`` does the same. bidsdl turns the signal into
@@ -16,15 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from ..errors import RunInterrupted
+from .errors import BidsdlError, InputDataError, RunInterrupted
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The environment variable that hands a child interpreter the pid of the process it must not outlive.
@@ -166,3 +175,41 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rindex(")") + 2] != "Z"  # a zombie has exited (its parent reaps it)
+
+
+# --- torch out of process -------------------------------------------------------------------------------------
+# torch's OpenMP pool does not survive the fork() that made a Nipype worker: a node that runs networks hands its
+# work to a fresh interpreter, ``python -m MODULE SPEC.json OUT_DIR``, which answers with one JSON line on stdout
+# (the outputs) or one line on stderr (what is wrong and what to do) and the error's exit code.
+
+#: The file a node writes its request into, in its own folder.
+SPEC_FILE = "request.json"
+
+
+def run_module(module: str, spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Run ``module``'s :func:`module_main` on ``spec`` in a fresh interpreter that dies with this process; its
+    outputs, or its one-line error as :class:`~pipeline.errors.InputDataError`."""
+    out_dir = Path(out_dir)
+    request = out_dir / SPEC_FILE
+    request.write_text(json.dumps(spec, indent=2) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", module, str(request), str(out_dir)],
+        capture_output=True, text=True, check=False, env=child_environment(),
+    )  # fmt: skip
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        raise InputDataError(lines[-1] if lines else f"{module} exited with {done.returncode}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def module_main(work: Callable[[dict[str, Any], Path], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+    """The child's side of :func:`run_module`: end with the launcher, do ``work(spec, out_dir)``, answer."""
+    die_with_launcher()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        outputs = work(json.loads(Path(args[0]).read_text()), Path(args[1]))
+    except BidsdlError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(outputs))
+    return 0

@@ -1,0 +1,92 @@
+"""The anatomical images bidsdl knows, as data: one row per kind, and what differs between kinds.
+
+Discovery, the audit, derivative names, reports and cohorts ask this table; none of them spells a
+suffix where any anatomical kind would do (pybids keeps its entities in a config file the same way).
+A kind is processed when :attr:`ImageKind.processed` is set; the others are recognised (listed in the
+index and the audit) but not yet preprocessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: The image file extensions bidsdl reads.
+IMAGE_EXTENSIONS = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    """One kind of anatomical image (a BIDS suffix) and how bidsdl treats it."""
+
+    #: The BIDS suffix (``T1w``, ``FLAIR`` ...).
+    suffix: str
+    #: ``reference``: registered to the template itself; ``coregistered``: aligned to the session's reference.
+    role: str
+    #: Where its brain mask comes from: ``deepbet`` on the image itself, or ``reference`` (the reference's mask).
+    brain_extraction: str
+    #: The image quality metrics computed for it (names of :mod:`pipeline.ops.iqm`'s metrics).
+    iqms: tuple[str, ...]
+    #: The sections of its subject report, in order (the template's section names).
+    report_sections: tuple[str, ...]
+    #: Whether the participant level preprocesses it today.
+    processed: bool = False
+    #: Human words for reports and messages.
+    description: str = ""
+
+
+#: Intensity metrics, for every anatomical kind (MRIQC's anatomical IQMs).
+_INTENSITY_IQMS = ("snr_wm", "snr_gm", "cnr", "cjv", "efc", "fber")
+#: What only the reference has: its own registration, brain mask, tissues and field of view.
+_REFERENCE_IQMS = (*_INTENSITY_IQMS, "registration_ncc", "mask_dice", "wm_dice", "brain_volume_ml", "gm_volume_ml",
+                   "wm_volume_ml", "csf_volume_ml", "gm_wm_ratio", "brain_fov_edge_mm2", "brain_fov_bottom_mm2")
+
+#: The anatomical kinds, reference first (the order in which reports show them).
+IMAGE_KINDS: Mapping[str, ImageKind] = {
+    kind.suffix: kind
+    for kind in (
+        ImageKind("T1w", "reference", "deepbet", _REFERENCE_IQMS,
+                  ("audit", "brainmask", "registration", "biasfield", "mesh", "prediction"), processed=True,
+                  description="T1-weighted"),
+        ImageKind("T2w", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+                  description="T2-weighted"),
+        ImageKind("FLAIR", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+                  description="fluid-attenuated inversion recovery"),
+        ImageKind("PDw", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+                  description="proton-density weighted"),
+    )
+}  # fmt: skip
+
+#: Entities that mark a variant of a kind, and what it means (a ``ce-`` T1w keeps the T1w's row; the audit
+#: and the report say what differs).
+VARIANT_ENTITIES: Mapping[str, str] = {
+    "ce": "contrast-enhanced: intensity-based quality metrics are not comparable with unenhanced images",
+    "rec": "a reconstruction other than the scanner's default",
+}
+
+#: The kind every participant-level run is anchored on: the one kind with the ``reference`` role.
+REFERENCE_KIND = next(k.suffix for k in IMAGE_KINDS.values() if k.role == "reference")
+#: The kinds the participant level preprocesses, in table order.
+PROCESSED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.processed)
+#: The learning inputs when none are named: one channel, the reference kind.
+DEFAULT_CHANNELS = (REFERENCE_KIND,)
+
+
+def image_kind(suffix: str) -> ImageKind | None:
+    """The row of ``suffix``, or None when bidsdl does not know it.
+
+    >>> image_kind("FLAIR").role
+    'coregistered'
+    >>> image_kind("bold") is None
+    True
+    """
+    return IMAGE_KINDS.get(suffix)
+
+
+def variants(entities: Mapping[str, str]) -> dict[str, str]:
+    """The variant entities of an image's entities and what each means.
+
+    >>> list(variants({"sub": "01", "ce": "gadolinium"}))
+    ['ce']
+    """
+    return {key: VARIANT_ENTITIES[key] for key in entities if key in VARIANT_ENTITIES}

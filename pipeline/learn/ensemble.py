@@ -1,0 +1,135 @@
+"""Model packages loaded for use: one :class:`LoadedModel` per package, checked as an ensemble, with the task
+resolved once (:attr:`LoadedModel.task`), the leakage guard and the model card a prediction carries."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .package import load_package
+from .tasks import get_task
+from .tasks.base import Task
+
+#: Model-record fields that all models of an ensemble must share.
+_CONTRACT = ("space", "resolution_mm", "shape")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked package: its folder, its ``model.json`` and one network per fold."""
+
+    folder: Path
+    record: dict[str, Any]
+    networks: list[nn.Module]
+    task: Task
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What every output made with this model records about it."""
+        return {
+            "name": self.record["name"],
+            "package": self.folder.name,
+            "content_sha256": self.record["content_sha256"],
+            "bidsdl_version": self.record["bidsdl_version"],
+            "task": self.record["task"],
+            "target": self.record["target"],
+        }
+
+
+def load_models(folders: Sequence[Path | str], device: str | torch.device = "cpu") -> list[LoadedModel]:
+    """Load and check every package; an ensemble's models must share task, classes and input."""
+    models = []
+    for folder in folders:
+        record, networks = load_package(Path(folder), device)
+        models.append(LoadedModel(Path(folder), record, networks, get_task(record["task"])))
+    check_ensemble([m.record for m in models], [m.folder for m in models])
+    return models
+
+
+def check_ensemble(records: Sequence[dict[str, Any]], folders: Sequence[Path]) -> None:
+    """Refuse models that cannot be averaged (naming both values)."""
+    first, first_folder = records[0], folders[0]
+    for record, folder in zip(records[1:], folders[1:], strict=True):
+        for key, a, b in [("task", first["task"], record["task"]), ("classes", first["classes"], record["classes"])] + [
+            (f"input {k}", first["input"][k], record["input"][k]) for k in _CONTRACT
+        ]:
+            if a != b:
+                raise UsageError(
+                    f"--model {first_folder} and --model {folder} cannot form an ensemble: {key} is {a!r} in the "
+                    f"first and {b!r} in the second. Give models trained for the same target on the same input."
+                )
+
+
+def ensemble_id(records: Sequence[dict[str, Any]]) -> str:
+    """A short identifier of a set of models (its members' content hashes, in order)."""
+    if len(records) == 1:
+        return str(records[0]["content_sha256"][:8])
+    joined = ",".join(r["content_sha256"] for r in records)
+    return hashlib.sha256(joined.encode()).hexdigest()[:8]
+
+
+def check_resolution(records: Sequence[dict[str, Any]], resolution_mm: float, folders: Sequence[Path]) -> None:
+    """The participant level's ``--model-resolution`` must be the one the models were trained at."""
+    for record, folder in zip(records, folders, strict=True):
+        expected = float(record["input"]["resolution_mm"])
+        if abs(expected - float(resolution_mm)) > 1e-6:
+            raise UsageError(
+                f"The model {folder} expects input at {expected:g} mm (res-{record['input']['res']}); this run "
+                f"prepares {resolution_mm:g} mm (--model-resolution {resolution_mm:g}). "
+                f"Run with --model-resolution {expected:g}, or use a model trained at {resolution_mm:g} mm."
+            )
+
+
+def training_matches(records: Sequence[dict[str, Any]], participant_id: str, data_sha256: Sequence[str]) -> list[str]:
+    """Why this participant was seen in training or validation by any of the models (empty: never).
+
+    Matched by participant ID and by voxel-data hash, so a renamed copy of a training subject is caught.
+
+    >>> rec = {"name": "m", "training_subjects": [{"participant_id": "sub-01", "images": [{"data_sha256": "a"}]}]}
+    >>> training_matches([rec], "sub-02", ["a"])
+    ["sub-02's image has the voxel data of sub-01, a training subject of m"]
+    """
+    reasons = []
+    hashes = set(data_sha256)
+    for record in records:
+        for subject in record.get("training_subjects", []):
+            if subject["participant_id"] == participant_id:
+                reasons.append(f"{participant_id} is a training subject of {record['name']}")
+            elif hashes & {img.get("data_sha256") for img in subject["images"]}:
+                reasons.append(
+                    f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
+                    f"a training subject of {record['name']}"
+                )
+    return reasons
+
+
+def model_card(model: LoadedModel) -> dict[str, Any]:
+    """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
+    record = model.record
+    test = record.get("metrics", {}).get("test", {})
+    metrics = []
+    for key in model.task.card_metrics:
+        value = test.get("metrics", {}).get(key)
+        if value is None or not np.isfinite(value):
+            continue
+        ci = test.get("ci", {}).get(key)
+        metrics.append({"name": key, "value": value, "ci": ci if ci and all(np.isfinite(ci)) else None})
+    return {
+        **model.identity,
+        "classes": record.get("classes"),
+        "n_training_subjects": len(record.get("training_subjects", [])),
+        "n_training_images": sum(len(s["images"]) for s in record.get("training_subjects", [])),
+        "n_test_subjects": len(record.get("test_subjects", [])),
+        "test_metrics": metrics,
+        "intended_use": record.get("model_card", {}).get("intended_use"),
+        "limitations": record.get("model_card", {}).get("limitations"),
+        "not_for_clinical_use": True,
+    }
