@@ -70,7 +70,7 @@ def _task(kind: str, folder: Path) -> dict[str, Any]:
         images, _ = _arrays(folder, 24, CLASSIFIER_GRID)
         data: Any = Volumes(images, np.arange(24) % 2)
         config = ModelConfig("conv5fc3", 2, CLASSIFIER_GRID)
-        settings = TrainSettings(task="classification", n_outputs=2, batch_size=8)
+        settings = TrainSettings(n_outputs=2, batch_size=8)
 
         def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(out.float(), y.long())
@@ -80,7 +80,7 @@ def _task(kind: str, folder: Path) -> dict[str, Any]:
         images, masks = _arrays(folder, 8, shape, labels=6)
         data = SegmentationData(images, masks, patch_size=64, n_classes=7)
         config = ModelConfig("unet", 7, (64, 64, 64))
-        settings = TrainSettings(task="segmentation", n_outputs=7, batch_size=2)
+        settings = TrainSettings(n_outputs=7, batch_size=2)
 
         def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(out.float(), y[:, 0])

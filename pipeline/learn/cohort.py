@@ -23,15 +23,13 @@ from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
 from ..progress import Progress
-from .tasks import get_task
+from .tasks import get_task, resolve_task_name
 from .tasks.classification import class_labels
 
 __all__ = ["Cohort", "build_cohort", "cache_cohort", "class_labels", "model_input_path", "target_values"]
 
 LOGGER = logging.getLogger(__name__)
 
-#: Numeric targets with fewer distinct values than this are taken as classes under ``--task auto``.
-MIN_REGRESSION_VALUES = 5
 
 
 def model_input_path(output_dir: Path, source: str, resolution_mm: float) -> Path:
@@ -72,20 +70,6 @@ _MANIFEST_OWN = frozenset(
         "inf_count", "flags", "manufacturer", "field_strength", "duplicate_of", "in_participants_tsv",
     }
 )  # fmt: skip
-
-
-def resolve_task(values: pd.Series, task: str) -> str:
-    """``classification`` or ``regression``; ``auto`` decides by the values.
-
-    >>> resolve_task(pd.Series(["AD", "CN"]), "auto"), resolve_task(pd.Series([1.0, 2, 3, 4, 5]), "auto")
-    ('classification', 'regression')
-    """
-    if task != "auto":
-        return task
-    numeric = pd.to_numeric(values.dropna(), errors="coerce")
-    if numeric.notna().all() and numeric.nunique() >= MIN_REGRESSION_VALUES:
-        return "regression"
-    return "classification"
 
 
 @dataclass(frozen=True)
@@ -146,7 +130,7 @@ def build_cohort(
             f"No image can be learned from: {len(excluded)} excluded ({_summary(excluded)}). Run the participant "
             "level first and check that participants.tsv gives the target."
         )
-    resolved = resolve_task(table["target"], task)
+    resolved = resolve_task_name(table["target"], task)
     table, classes = get_task(resolved).encode_targets(table, target, positive_class)
     return Cohort(table=table.reset_index(drop=True), excluded=excluded, task=resolved, classes=classes)
 

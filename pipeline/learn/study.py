@@ -358,7 +358,6 @@ def train_fold(
     scale = task.target_scale(rows["train"]["y"].to_numpy())
     fold_settings = dataclasses.replace(
         settings.train,
-        task=task.name,
         n_outputs=model_config.n_outputs,
         seed=derived_seed(settings.train.seed, fold),
     )
@@ -377,6 +376,7 @@ def train_fold(
         "network": network,
         "train": data["train"],
         "settings": fold_settings,
+        "task": task,
         "run_dir": fold_dir,
         "scale": scale,
         "resume": settings.resume or finished,  # a finished fit returns at once from its checkpoint
@@ -388,6 +388,7 @@ def train_fold(
         data["train"],
         data["validation"],
         fold_settings,
+        task=task,
         run_dir=fold_dir,
         device=device,
         scale=scale,
@@ -500,8 +501,8 @@ def serve_jobs(device: torch.device) -> int:
     while (job := distributed.share_job(None)) is not None:
         if "stop" in job:
             raise distributed.stopped_by_main(job)
-        fit(job["network"], job["train"], None, job["settings"], run_dir=job["run_dir"], device=device,
-            scale=job["scale"], resume=job["resume"], label=job["label"])  # fmt: skip
+        fit(job["network"], job["train"], None, job["settings"], task=job["task"], run_dir=job["run_dir"],
+            device=device, scale=job["scale"], resume=job["resume"], label=job["label"])  # fmt: skip
         fitted += 1
     return fitted
 

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +34,6 @@ from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
 from . import distributed, memory
 from .data import Volumes, batches, derived_seed
-from .tasks import METRIC_RANGES, get_task
 from .tasks.base import NO_SCALE, TargetScale, Task
 
 __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
@@ -51,7 +50,6 @@ EMA_DECAY = 0.99
 class TrainSettings:
     """How one model is fitted (plain values; defaults and meaning: :class:`~pipeline.config.RunConfig`)."""
 
-    task: str
     n_outputs: int
     epochs: int = default("epochs")
     batch_size: int = default("batch_size")
@@ -152,7 +150,7 @@ def predict(
     model: nn.Module,
     data: Any,
     *,
-    task: str | Task,
+    task: Task,
     device: torch.device,
     amp: bool = False,
     scale: TargetScale = NO_SCALE,
@@ -166,7 +164,6 @@ def predict(
         with precision.autocast(device):
             return model(_to_device(x, device, precision)).float().cpu()
 
-    task = get_task(task) if isinstance(task, str) else task
     return task.predict(run, data, scale=scale, batch_size=batch_size)
 
 
@@ -242,6 +239,7 @@ def fit(
     val: Volumes | None,
     settings: TrainSettings,
     *,
+    task: Task,
     run_dir: Path,
     device: torch.device,
     scale: TargetScale = NO_SCALE,
@@ -267,7 +265,6 @@ def fit(
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.lr / 100)
-    task = get_task(settings.task)
     criterion = task.loss(train.targets, settings.n_outputs, settings.class_weighting)
     weights = task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting)
     metrics = ["loss", *task.metrics(settings.n_outputs)]
@@ -293,7 +290,7 @@ def fit(
         start_epoch, bad_epochs = int(state["epoch"]) + 1, int(state["bad_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
         if state.get("finished"):
-            outlook = projection(history, score_key, settings.epochs)
+            outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
             return FitResult(history, best, run_dir, bool(state.get("stopped_early")), outlook)
         if int(state.get("world_size", 1)) != world.size:
             raise InputDataError(
@@ -385,7 +382,7 @@ def fit(
             "epoch_time_s": time.monotonic() - started,
         }
         history.append(row)
-        outlook = projection(history, score_key, settings.epochs)
+        outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
         improved_selection = False
         for metric in metrics:
             value = scores.get(metric)
@@ -446,7 +443,8 @@ def fit(
             break
     if writer is not None:
         writer.close()
-    return FitResult(history, best, run_dir, stopped_early, projection(history, score_key, settings.epochs))
+    outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
+    return FitResult(history, best, run_dir, stopped_early, outlook)
 
 
 #: The share of a GPU's free memory (after the training step's) that may hold the training cohort.
@@ -526,7 +524,9 @@ def _training_files(data: Any) -> list[Path]:
     return [*data.paths, *getattr(data, "label_paths", [])]
 
 
-def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict[str, Any] | None:
+def projection(
+    history: Sequence[dict[str, Any]], key: str, epochs: int, ranges: Mapping[str, tuple[float, float]] | None = None
+) -> dict[str, Any] | None:
     """Where a validation score is heading: ``y = a + b exp(-t / c)`` fitted to its trajectory (from 4 epochs).
 
     Returns the expected final value ``a`` (the plateau), the epoch by which the curve is within 1% of
@@ -535,9 +535,9 @@ def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict
     still climbing in a straight line says nothing of where it ends).
 
     >>> h = [{"val_dice": 0.9 - 0.8 * np.exp(-t / 3)} for t in range(1, 9)]
-    >>> round(projection(h, "val_dice", 30)["expected"], 3)
+    >>> round(projection(h, "val_dice", 30, {"dice": (0.0, 1.0)})["expected"], 3)
     0.9
-    >>> projection([{"val_dice": 0.1 * t} for t in range(1, 6)], "val_dice", 10) is None  # no plateau in sight
+    >>> projection([{"val_dice": 0.1 * t} for t in range(1, 6)], "val_dice", 10, {"dice": (0.0, 1.0)}) is None
     True
     """
     values = np.array([row.get(key, np.nan) for row in history], dtype=float)
@@ -560,7 +560,7 @@ def projection(history: Sequence[dict[str, Any]], key: str, epochs: int) -> dict
         return None
     settle = float(np.ceil(c * np.log(100)))  # |b| e^{-t/c} < 1% of |b|
     expected = float(a)
-    low, high = METRIC_RANGES.get(key.removeprefix("val_"), (-np.inf, np.inf))
+    low, high = (ranges or {}).get(key.removeprefix("val_"), (-np.inf, np.inf))
     if not low <= expected <= high or settle > 10 * epochs:
         return None
     return {

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.learn.data import Volumes
 from pipeline.learn.package import load_package, read_package
+from pipeline.learn.tasks import get_task
 from pipeline.learn.train import predict
 from tests.helpers import FAST, fresh_output, set_read_only, the_package
 
@@ -52,7 +53,7 @@ def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trai
     stems = [Path(src).name.split("_T1w")[0] + "_" for src in ensemble["source"]]
     data = Volumes([next(p for p in cache if p.name.startswith(stem)) for stem in stems], np.zeros(len(stems)))
     cpu = torch.device("cpu")
-    mean = np.mean([predict(n, data, task="classification", device=cpu)[:, 1] for n in networks], axis=0)
+    mean = np.mean([predict(n, data, task=get_task("classification"), device=cpu)[:, 1] for n in networks], axis=0)
     np.testing.assert_allclose(mean, ensemble["probability"], atol=1e-5)
 
     # the report shows every learning section, self-contained

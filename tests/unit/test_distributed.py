@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import distributed
 from pipeline.learn.distributed import World, detect, first_host
+from pipeline.learn.tasks import get_task
 from pipeline.learn.train import TrainSettings, Volumes, _check_world, fit, load_checkpoint
 
 SHAPE = (8, 8, 8)
@@ -80,8 +81,9 @@ def _plain_model() -> torch.nn.Module:
     )
 
 
+REGRESSION = get_task("regression")
 SETTINGS = TrainSettings(
-    task="regression", n_outputs=1, epochs=3, batch_size=5, lr=1e-2, patience=10, seed=3, amp=False
+    n_outputs=1, epochs=3, batch_size=5, lr=1e-2, patience=10, seed=3, amp=False
 )  # fp32: bf16 rounds a batch and its shares differently
 
 
@@ -94,7 +96,15 @@ def _fit_rank(rank: int, size: int, port: int, folder: str) -> None:
     try:
         train, val = _volumes(Path(folder) / "train", 11, 0), _volumes(Path(folder) / "val", 4, 1)
         run_dir = Path(folder) / ("ddp" if rank == 0 else "never-written")
-        fit(_plain_model(), train, val if rank == 0 else None, SETTINGS, run_dir=run_dir, device=torch.device("cpu"))
+        fit(
+            _plain_model(),
+            train,
+            val if rank == 0 else None,
+            SETTINGS,
+            task=REGRESSION,
+            run_dir=run_dir,
+            device=torch.device("cpu"),
+        )
     finally:
         distributed.stop()
 
@@ -114,7 +124,9 @@ def test_two_gloo_processes_learn_what_one_process_learns(tmp_path):
     """The gradients of each rank's share, weighted by its size and averaged, are the batch's gradient."""
     torch.set_num_threads(1)
     train, val = _volumes(tmp_path / "train", 11, 0), _volumes(tmp_path / "val", 4, 1)
-    single = fit(_plain_model(), train, val, SETTINGS, run_dir=tmp_path / "single", device=torch.device("cpu"))
+    single = fit(
+        _plain_model(), train, val, SETTINGS, task=REGRESSION, run_dir=tmp_path / "single", device=torch.device("cpu")
+    )
     _in_processes(_fit_rank, 2, str(tmp_path))
     assert not (tmp_path / "never-written").exists()  # rank 1 wrote nothing
     one = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
@@ -180,6 +192,6 @@ def test_a_compiled_training_step_learns_what_the_plain_one_learns(tmp_path):
     for compiled in (False, True):
         model = _plain_model()
         settings = dataclasses.replace(SETTINGS, epochs=1, compile=compiled)
-        fit(model, train, val, settings, run_dir=tmp_path / str(compiled), device=torch.device("cpu"))
+        fit(model, train, val, settings, task=REGRESSION, run_dir=tmp_path / str(compiled), device=torch.device("cpu"))
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[1], weights[0], atol=1e-5, rtol=1e-4)

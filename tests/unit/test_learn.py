@@ -14,6 +14,7 @@ import torch
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import ARCHITECTURE_NAMES, cohort, evaluate, leakage, package, splits
 from pipeline.learn.models import ARCHITECTURES, Conv5FC3, ModelConfig, build_model
+from pipeline.learn.tasks import get_task
 from pipeline.learn.train import TrainSettings, Volumes, fit, predict, resolve_device, seed_everything
 
 SHAPE = (16, 16, 16)
@@ -33,13 +34,16 @@ def planted_volumes(folder: Path, n: int, *, seed: int, signal: float = 1.0) -> 
     return paths, labels.astype(np.float32)
 
 
+CLASSIFICATION = get_task("classification")
+
+
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return Conv5FC3(2, channels=(4, 4, 8, 8, 8), hidden=(16,), dropout=0.2)
 
 
 def settings(**kwargs) -> TrainSettings:
-    defaults = {"task": "classification", "n_outputs": 2, "epochs": 4, "batch_size": 8, "lr": 3e-3, "patience": 10}
+    defaults = {"n_outputs": 2, "epochs": 4, "batch_size": 8, "lr": 3e-3, "patience": 10}
     return TrainSettings(**{**defaults, **kwargs})
 
 
@@ -80,7 +84,8 @@ def test_training_is_deterministic(planted, tmp_path):
     for run in ("a", "b"):
         seed_everything(3)
         model = tiny_model()
-        fit(model, train, val, settings(epochs=2, augment=("affine", "noise", "intensity")), run_dir=tmp_path / run,
+        fit(model, train, val, settings(epochs=2, augment=("affine", "noise", "intensity")), task=CLASSIFICATION,
+            run_dir=tmp_path / run,
             device=torch.device("cpu"))  # fmt: skip
         results.append(weights_of(model))
     assert same_weights(*results)
@@ -92,7 +97,15 @@ def test_training_is_deterministic(planted, tmp_path):
 def test_resume_after_a_kill_ends_with_the_same_weights(planted, tmp_path):
     train, val = planted
     uninterrupted = tiny_model()
-    fit(uninterrupted, train, val, settings(), run_dir=tmp_path / "full", device=torch.device("cpu"))
+    fit(
+        uninterrupted,
+        train,
+        val,
+        settings(),
+        task=CLASSIFICATION,
+        run_dir=tmp_path / "full",
+        device=torch.device("cpu"),
+    )
 
     class Killed(Exception):
         pass
@@ -102,11 +115,21 @@ def test_resume_after_a_kill_ends_with_the_same_weights(planted, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        fit(tiny_model(), train, val, settings(), run_dir=tmp_path / "resumed", device=torch.device("cpu"),
+        fit(tiny_model(), train, val, settings(), task=CLASSIFICATION,
+            run_dir=tmp_path / "resumed", device=torch.device("cpu"),
             on_epoch_end=kill_after_epoch_2)  # fmt: skip
     assert len(pd.read_csv(tmp_path / "resumed" / "history.tsv", sep="\t")) == 2
     resumed = tiny_model()  # fresh weights: everything must come from the checkpoint
-    fit(resumed, train, val, settings(), run_dir=tmp_path / "resumed", device=torch.device("cpu"), resume=True)
+    fit(
+        resumed,
+        train,
+        val,
+        settings(),
+        task=CLASSIFICATION,
+        run_dir=tmp_path / "resumed",
+        device=torch.device("cpu"),
+        resume=True,
+    )
     assert same_weights(weights_of(uninterrupted), weights_of(resumed))
     for name in ("best-loss.safetensors", "best-roc_auc.safetensors"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
@@ -117,14 +140,25 @@ def test_positive_and_negative_controls(tmp_path):
     paths, labels = planted_volumes(tmp_path, 240, seed=7, signal=1.0)
     train_idx, test_idx = np.arange(120), np.arange(120, 240)
     aucs = {}
-    for name, train_labels in (("real", labels[train_idx]), ("permuted", np.random.default_rng(0).permutation(labels[train_idx]))):  # noqa: E501
+    for name, train_labels in (
+        ("real", labels[train_idx]),
+        ("permuted", np.random.default_rng(0).permutation(labels[train_idx])),
+    ):
         seed_everything(0)
         model = tiny_model()
         train = Volumes([paths[i] for i in train_idx[:96]], train_labels[:96])
         val = Volumes([paths[i] for i in train_idx[96:]], train_labels[96:])
-        fit(model, train, val, settings(epochs=8, batch_size=16), run_dir=tmp_path / name, device=torch.device("cpu"))
+        fit(
+            model,
+            train,
+            val,
+            settings(epochs=8, batch_size=16),
+            task=CLASSIFICATION,
+            run_dir=tmp_path / name,
+            device=torch.device("cpu"),
+        )
         test = Volumes([paths[i] for i in test_idx], labels[test_idx])
-        probabilities = predict(model, test, task="classification", device=torch.device("cpu"))
+        probabilities = predict(model, test, task=CLASSIFICATION, device=torch.device("cpu"))
         aucs[name] = evaluate.binary_metrics(labels[test_idx].astype(int), probabilities[:, 1], 0.5)["roc_auc"]
     assert aucs["real"] > 0.9, aucs
     assert abs(aucs["permuted"] - 0.5) <= 0.15, aucs
@@ -290,8 +324,12 @@ def test_images_that_failed_quality_control_are_left_out_unless_asked(tmp_path):
               "resolution_mm": 2.0, "qc": qc, "exclude_qc_outliers": False}  # fmt: skip
     kept = cohort.build_cohort(manifest, **common)
     assert sources[1] not in set(kept.table["source"]) and len(kept.table) == 3  # a flagged image stays
-    assert kept.excluded == [{"source": sources[1], "reason": "failed quality control (registration or brain "
-                                                              "extraction; --include-failed-qc keeps it)"}]
+    assert kept.excluded == [
+        {
+            "source": sources[1],
+            "reason": "failed quality control (registration or brain extraction; --include-failed-qc keeps it)",
+        }
+    ]
     assert len(cohort.build_cohort(manifest, **common, include_failed_qc=True).table) == 4
     strict = cohort.build_cohort(manifest, **{**common, "exclude_qc_outliers": True})
     assert sorted(strict.table["source"]) == [sources[0], sources[3]]  # the flagged image only on request
@@ -308,7 +346,8 @@ def test_a_loss_that_becomes_nan_stops_training_and_keeps_nothing_of_that_epoch(
     from pipeline.errors import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match=r"epoch 1: the training loss became nan .* lower --lr"):
-        fit(tiny_model(), Volumes(paths, train.targets), val, settings(epochs=2), run_dir=tmp_path / "run",
+        fit(tiny_model(), Volumes(paths, train.targets), val, settings(epochs=2), task=CLASSIFICATION,
+            run_dir=tmp_path / "run",
             device=torch.device("cpu"))  # fmt: skip
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not list((tmp_path / "run").glob("best-*"))
 

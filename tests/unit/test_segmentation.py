@@ -175,14 +175,16 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
     from pipeline.learn.train import TrainSettings, fit
 
     train, val = _tiny_cases(tmp_path, 4), _tiny_cases(tmp_path, 2)
-    settings = TrainSettings(task="segmentation", n_outputs=3, epochs=2, batch_size=2, lr=3e-3, seed=1, ema=True)
+    settings = TrainSettings(n_outputs=3, epochs=2, batch_size=2, lr=3e-3, seed=1, ema=True)
 
     def model():
         torch.manual_seed(0)
         return build_model(ModelConfig("unet", 3, (16, 16, 16), {"channels": (4, 8), "strides": (2,)}))
 
     full = model()
-    result = fit(full, train, val, settings, run_dir=tmp_path / "full", device=torch.device("cpu"))
+    result = fit(
+        full, train, val, settings, task=get_task("segmentation"), run_dir=tmp_path / "full", device=torch.device("cpu")
+    )
     assert "val_dice_2" in result.history[-1] and (tmp_path / "full" / "worst_validation.png").exists()
 
     class Killed(Exception):
@@ -193,9 +195,27 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        fit(model(), train, val, settings, run_dir=tmp_path / "resumed", device=torch.device("cpu"), on_epoch_end=kill)
+        fit(
+            model(),
+            train,
+            val,
+            settings,
+            task=get_task("segmentation"),
+            run_dir=tmp_path / "resumed",
+            device=torch.device("cpu"),
+            on_epoch_end=kill,
+        )
     resumed = model()
-    fit(resumed, train, val, settings, run_dir=tmp_path / "resumed", device=torch.device("cpu"), resume=True)
+    fit(
+        resumed,
+        train,
+        val,
+        settings,
+        task=get_task("segmentation"),
+        run_dir=tmp_path / "resumed",
+        device=torch.device("cpu"),
+        resume=True,
+    )
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     for name in ("best-loss.safetensors", "best-dice.safetensors"):  # the averaged weights, kept

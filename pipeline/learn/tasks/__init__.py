@@ -1,56 +1,78 @@
-"""The learning tasks: one module each, one object each, looked up by name once.
+"""The learning tasks: one module each, one object each, resolved once at the entry points.
 
 A task object says everything that differs between tasks: how targets are encoded, the loss, how raw
-network outputs become predictions, the validation metrics and their direction, the evaluation, the
-prediction table, the attribution score, what a prediction record holds and which metrics a model card
-shows. The training loop, the study and inference call these methods and never compare task names.
+network outputs become predictions, its metrics (direction and range), its defaults and architectures, the
+evaluation, the prediction table, the attribution score, what a prediction record holds and which metrics a
+model card shows. The training loop, the study, inference and the reports call these methods and never
+compare task names.
 
-Adding a task means adding a module here with a subclass of :class:`~.base.Task` and its line in
-:data:`TASK_MODULES`. Importing this package imports neither torch nor the task modules.
+Adding a task means adding a module here whose ``TASK`` is a :class:`~.base.Task`: the package's modules
+are the tasks (found without importing them, so importing this package imports neither torch nor a task
+module). A task defined elsewhere (a plug-in, a test) is added with :func:`register_task`.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
+import pkgutil
 from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ...errors import UsageError
 
 if TYPE_CHECKING:
     from .base import Task
 
-#: Task name -> module that defines it (the module's ``TASK`` object).
-TASK_MODULES = {
-    "classification": "classification",
-    "regression": "regression",
-    "segmentation": "segmentation",
-}
-TASK_NAMES = tuple(TASK_MODULES)
-#: Each task's validation metrics -> whether larger is better (the parser reads it without importing torch).
-METRIC_DIRECTIONS: dict[str, dict[str, bool]] = {
-    "classification": {"loss": False, "balanced_accuracy": True, "roc_auc": True},
-    "regression": {"loss": False, "mae": False},
-    "segmentation": {"loss": False, "dice": True},
-}
-#: The values a validation metric can take (a curve fitted to its trajectory must plateau inside them).
-METRIC_RANGES: dict[str, tuple[float, float]] = {
-    "loss": (0.0, math.inf), "mae": (0.0, math.inf), "balanced_accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0),
-    "dice": (0.0, 1.0),
-}  # fmt: skip
-#: The default voxel size (mm) of a segmentation's grid (the others' is the participant level's, 2 mm).
-SEGMENTATION_RESOLUTION_MM = 1.5
-#: Learning settings whose default depends on the task (used when the option is not given; the rest are
-#: :class:`~pipeline.config.RunConfig`'s). Segmentation: AdamW at 3e-3 learned the sample's structures
-#: fastest of 1e-3/3e-3/1e-2 in 300 steps; batches of two 3D patches, as nnU-Net's 3D configuration.
-TASK_DEFAULTS: dict[str, dict[str, object]] = {
-    "segmentation": {"architecture": "unet", "lr": 3e-3, "batch_size": 2},
-}
-SELECTION_METRICS = tuple(dict.fromkeys(m for d in METRIC_DIRECTIONS.values() for m in d))
+#: Modules of this package that are not tasks (what every task shares).
+_SHARED_MODULES = frozenset({"base"})
+#: The tasks of this package, by name (= module name), in name order.
+TASK_NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED_MODULES))
+#: Tasks added by :func:`register_task`.
+_REGISTERED: dict[str, Task] = {}
+#: What ``--task auto`` chooses between: classes for categorical targets, values for numeric ones.
+AUTO_CATEGORICAL, AUTO_NUMERIC = "classification", "regression"
+#: Numeric targets with fewer distinct values than this are taken as classes under ``--task auto``.
+MIN_REGRESSION_VALUES = 5
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task's name: this package's and the registered ones."""
+    return tuple(dict.fromkeys((*TASK_NAMES, *sorted(_REGISTERED))))
 
 
 def get_task(name: str) -> Task:
     """The task object of ``name`` (``classification`` ...)."""
-    if name not in TASK_MODULES:
-        from ...errors import UsageError
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in TASK_NAMES:
+        raise UsageError(f"Unknown task {name!r}: choose one of {', '.join(task_names())}.")
+    return importlib.import_module(f"{__name__}.{name}").TASK  # type: ignore[no-any-return]
 
-        raise UsageError(f"Unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}.")
-    return importlib.import_module(f"{__name__}.{TASK_MODULES[name]}").TASK
+
+def register_task(task: Task) -> Task:
+    """Add a task defined outside this package (its ``name`` must be new); returns it."""
+    if task.name in TASK_NAMES or task.name in ("", "auto"):
+        raise UsageError(f"A task named {task.name!r} exists already: give the new task another name.")
+    _REGISTERED[task.name] = task
+    return task
+
+
+def auto_task_names() -> tuple[str, str]:
+    """The tasks ``--task auto`` may choose."""
+    return (AUTO_CATEGORICAL, AUTO_NUMERIC)
+
+
+def resolve_task_name(values: pd.Series, task: str) -> str:
+    """``task``, or for ``auto`` the one the target's values call for: numbers with at least
+    :data:`MIN_REGRESSION_VALUES` distinct values are regressed, anything else is classified.
+
+    >>> resolve_task_name(pd.Series(["AD", "CN"]), "auto"), resolve_task_name(pd.Series([1.0, 2, 3, 4, 5]), "auto")
+    ('classification', 'regression')
+    """
+    if task != "auto":
+        return task
+    numeric = pd.to_numeric(values.dropna(), errors="coerce")
+    if numeric.notna().all() and numeric.nunique() >= MIN_REGRESSION_VALUES:
+        return AUTO_NUMERIC
+    return AUTO_CATEGORICAL

@@ -46,6 +46,13 @@ class Task:
     scaled_targets: bool = False
     #: Validation metric -> whether larger is better ("loss" is every task's).
     direction: ClassVar[dict[str, bool]] = {"loss": False}
+    #: Validation metric -> the values it can take (a curve fitted to its course must plateau inside them).
+    metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {"loss": (0.0, math.inf)}
+    #: Learning settings whose default differs for this task (the others are :class:`~pipeline.config.RunConfig`'s);
+    #: the parser applies them and ``--help`` shows them.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: The networks that fit this task (names of :data:`pipeline.learn.models.ARCHITECTURES`).
+    architectures: tuple[str, ...] = ("conv5fc3", "densenet121", "resnet10", "resnet18")
     #: The metrics of the full evaluation, in the order the report shows them.
     evaluation_metrics: tuple[str, ...] = ()
     #: Test metrics a model card shows, in order.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -13,7 +14,6 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from ...errors import InputDataError
 from .. import evaluate
-from . import METRIC_DIRECTIONS
 from .base import Criterion, TargetScale, Task
 
 
@@ -53,7 +53,9 @@ def class_of(value: Any, classes: Sequence[str]) -> str | None:
 class Classification(Task):
     name = "classification"
     discrete = True
-    direction: ClassVar[dict[str, bool]] = METRIC_DIRECTIONS["classification"]
+    direction: ClassVar[dict[str, bool]] = {"loss": False, "balanced_accuracy": True, "roc_auc": True}
+    metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "loss": (0.0, math.inf), "balanced_accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0)}
     evaluation_metrics = evaluate.CLASSIFICATION_METRICS
     card_metrics = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
     output_kind = "probabilities"

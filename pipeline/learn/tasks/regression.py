@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,7 +13,6 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from ...errors import InputDataError
 from .. import evaluate
-from . import METRIC_DIRECTIONS
 from .base import Criterion, TargetScale, Task
 
 
@@ -20,7 +20,8 @@ class Regression(Task):
     name = "regression"
     discrete = False
     scaled_targets = True
-    direction: ClassVar[dict[str, bool]] = METRIC_DIRECTIONS["regression"]
+    direction: ClassVar[dict[str, bool]] = {"loss": False, "mae": False}
+    metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {"loss": (0.0, math.inf), "mae": (0.0, math.inf)}
     evaluation_metrics = evaluate.REGRESSION_METRICS
     card_metrics = ("mae", "rmse", "r2", "pearson_r")
     export_output = "predicted value (mean over folds)"
