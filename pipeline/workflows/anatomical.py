@@ -230,9 +230,9 @@ def init_anat_wf(
     for field in QC_OUTPUTS:
         if field in DERIVATIVE_INPUTS:
             workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
-    if inference is not None and inference.get("segmentation"):
+    if inference is not None and inference.get("labels"):
         options = dict(inference)
-        segmentation = options.pop("segmentation")
+        segmentation = options.pop("labels")
         seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
         ds_seg_wf = init_segmentation_derivatives_wf(
             bids_dir=bids_dir,
@@ -254,7 +254,7 @@ def init_anat_wf(
         for field in SEGMENTATION_INPUTS:
             workflow.connect(seg_wf, f"outputnode.{field}", ds_seg_wf, f"inputnode.{field}")
     elif inference is not None:
-        inference = {k: v for k, v in inference.items() if k != "segmentation"}
+        inference = {k: v for k, v in inference.items() if k != "labels"}
         infer_wf = init_anat_inference_wf(**inference, omp_nthreads=omp_nthreads)
         ds_infer_wf = init_inference_derivatives_wf(
             bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution

@@ -139,7 +139,7 @@ def init_bidsdl_wf(
             "model_hashes": list(model_hashes),
             "allow_training_subjects": config.allow_training_subjects,
             "device": config.device,
-            "segmentation": _segmentation(config.models[0]),
+            "labels": _segmentation(config.models[0]),
         }
     workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
     workflow.config["execution"].update(
