@@ -26,6 +26,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputDataError, OutputNotWritable, UsageError
+from .kinds import PROCESSED_KINDS, REFERENCE_KIND
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,11 +67,17 @@ def resolution_label(resolution_mm: float) -> str:
     return f"{resolution_mm:g}".replace(".", "p")
 
 
+#: A suffix or entity value of :data:`DERIVATIVES` that is the source image's own kind (``T1w``, ``FLAIR`` ...:
+#: :data:`pipeline.kinds.IMAGE_KINDS`): ``desc-preproc_T1w`` of a T1w, ``desc-preproc_FLAIR`` of a FLAIR.
+SOURCE_KIND = "<kind>"
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """One kind of file bidsdl writes for each T1w: its entities (besides the source's), suffix and
-    extension, where it lives (``anat`` or ``figures``), and whether BIDS defines it (``bids=False``: listed in
-    OUTPUT_DIR's .bidsignore). Writers and readers both name files through it (:func:`named_path`)."""
+    """One kind of file bidsdl writes for each anatomical image: its entities (besides the source's), suffix
+    and extension (:data:`SOURCE_KIND` where they are the source's kind), where it lives (``anat`` or
+    ``figures``), and whether BIDS defines it (``bids=False``: listed in OUTPUT_DIR's .bidsignore). Writers and
+    readers both name files through it (:func:`named_path`)."""
 
     suffix: str
     extension: str
@@ -79,11 +86,14 @@ class Kind:
     bids: bool = True
 
     def resolved(
-        self, model_resolution: float | None = None, *, label_desc: str | None = None, structure: str | None = None
-    ) -> dict[str, str]:
-        """The entities, with the model grid's ``res`` label, the labels' ``desc`` and the structure filled in."""
+        self, model_resolution: float | None = None, *, label_desc: str | None = None, structure: str | None = None,
+        source_kind: str = REFERENCE_KIND,
+    ) -> dict[str, str]:  # fmt: skip
+        """The entities, with the model grid's ``res`` label, the labels' ``desc``, the structure and the source's
+        kind filled in."""
         values = {MODEL_RES: None if model_resolution is None else resolution_label(model_resolution),
-                  LABEL_DESC: label_desc, STRUCTURE: None if structure is None else bids_label(structure)}  # fmt: skip
+                  LABEL_DESC: label_desc, STRUCTURE: None if structure is None else bids_label(structure),
+                  SOURCE_KIND: source_kind}  # fmt: skip
         out = {}
         for key, value in self.entities.items():
             if value in values:
@@ -93,34 +103,39 @@ class Kind:
             out[key] = value
         return out
 
+    def suffix_of(self, source_kind: str) -> str:
+        """The suffix of this derivative of an image of ``source_kind``."""
+        return source_kind if self.suffix == SOURCE_KIND else self.suffix
+
     @property
-    def pattern(self) -> str:
-        """A glob of the file name by its ``desc``, suffix and extension (the last parts of a BIDS name; the
-        entities before them vary with the source): ``*_desc-iqm_T1w.json``. One ``*`` only: the BIDS
-        validator's .bidsignore matching fails on some names with two."""
+    def patterns(self) -> tuple[str, ...]:
+        """Globs of the file name by its ``desc``, suffix and extension (the last parts of a BIDS name; the
+        entities before them vary with the source), one per processed kind: ``*_desc-iqm_T1w.json``. One ``*``
+        only: the BIDS validator's .bidsignore matching fails on some names with two."""
         desc = self.entities.get("desc")
         fixed = f"desc-{desc}_" if desc and desc != LABEL_DESC else ""
-        return f"*_{fixed}{self.suffix}{self.extension}"
+        suffixes = dict.fromkeys(self.suffix_of(kind) for kind in PROCESSED_KINDS)
+        return tuple(f"*_{fixed}{suffix}{self.extension}" for suffix in suffixes)
 
 
 def _figure(desc: str) -> Kind:
-    return Kind("T1w", ".png", {"desc": desc}, datatype="figures", bids=False)
+    return Kind(SOURCE_KIND, ".png", {"desc": desc}, datatype="figures", bids=False)
 
 
 _TPL = {"space": TEMPLATE_SPACE}
 _MODEL = {"space": TEMPLATE_SPACE, "res": MODEL_RES}
 #: Every file bidsdl writes per T1w, by name: the one table of derivative names.
 DERIVATIVES: dict[str, Kind] = {
-    "audit": Kind("T1w", ".json", {"desc": "audit"}, bids=False),
-    "iqm": Kind("T1w", ".json", {"desc": "iqm"}, bids=False),
-    "t1w_preproc": Kind("T1w", ".nii.gz", {"desc": "preproc"}),
-    "bias_field": Kind("T1w", ".nii.gz", {"desc": "biasfield"}),
+    "audit": Kind(SOURCE_KIND, ".json", {"desc": "audit"}, bids=False),
+    "iqm": Kind(SOURCE_KIND, ".json", {"desc": "iqm"}, bids=False),
+    "preproc": Kind(SOURCE_KIND, ".nii.gz", {"desc": "preproc"}),
+    "bias_field": Kind(SOURCE_KIND, ".nii.gz", {"desc": "biasfield"}),
     "brain_mask": Kind("mask", ".nii.gz", {"desc": "brain"}),
     "template_mask": Kind("mask", ".nii.gz", {"desc": "template"}),
-    "xfm": Kind("xfm", ".txt", {"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image"}, bids=False),
-    "t1w_template": Kind("T1w", ".nii.gz", {**_TPL, "desc": "preproc"}),
+    "xfm": Kind("xfm", ".txt", {"from": SOURCE_KIND, "to": TEMPLATE_SPACE, "mode": "image"}, bids=False),
+    "preproc_template": Kind(SOURCE_KIND, ".nii.gz", {**_TPL, "desc": "preproc"}),
     "mask_template": Kind("mask", ".nii.gz", {**_TPL, "desc": "brain"}),
-    "t1w_model": Kind("T1w", ".nii.gz", {**_MODEL, "desc": "preproc"}),
+    "preproc_model": Kind(SOURCE_KIND, ".nii.gz", {**_MODEL, "desc": "preproc"}),
     "mask_model": Kind("mask", ".nii.gz", {**_MODEL, "desc": "brain"}),
     "mesh": Kind("mesh", ".surf.gii", {"desc": "brainmask"}, bids=False),
     "prediction": Kind("prediction", ".json", bids=False),
@@ -169,8 +184,19 @@ def named_path(
     'sub-01_space-MNI152NLin2009aSym_res-1p5_desc-brain_mask.nii.gz'
     """
     kind = DERIVATIVES[name]
-    return derivative_path(output_dir, source, suffix=kind.suffix, extension=kind.extension, datatype=kind.datatype,
-                           **kind.resolved(model_resolution, label_desc=label_desc, structure=structure))  # fmt: skip
+    source_kind = source_suffix(source)
+    entities = kind.resolved(model_resolution, label_desc=label_desc, structure=structure, source_kind=source_kind)
+    return derivative_path(output_dir, source, suffix=kind.suffix_of(source_kind), extension=kind.extension,
+                           datatype=kind.datatype, **entities)  # fmt: skip
+
+
+def source_suffix(source: Path | str) -> str:
+    """The suffix (the image's kind) of the BIDS file ``source``.
+
+    >>> source_suffix("sub-01/anat/sub-01_ce-gd_T1w.nii.gz"), source_suffix("sub-01_FLAIR.nii")
+    ('T1w', 'FLAIR')
+    """
+    return parse_bids_name(Path(source).name)[1]
 
 
 def sidecar_of(path: Path) -> Path:
@@ -331,8 +357,11 @@ def derivative_path(
     datatype: str = "anat",
     **entities: str,
 ) -> Path:
-    """Where a derivative of the BIDS file ``source`` goes; figures live in ``sub-<label>/figures/``."""
-    ents = {**source_entities(source), **{k: v for k, v in entities.items() if v}}
+    """Where a derivative of the BIDS file ``source`` goes; figures live in ``sub-<label>/figures/``.
+    :data:`SOURCE_KIND`, as the suffix or an entity's value, is the source's kind (its suffix)."""
+    kind = source_suffix(source)
+    suffix = kind if suffix == SOURCE_KIND else suffix
+    ents = {**source_entities(source), **{k: (kind if v == SOURCE_KIND else v) for k, v in entities.items() if v}}
     if datatype == "figures":
         name = build_path(ents, suffix=suffix, extension=extension, datatype=None).name
         return Path(output_dir) / f"sub-{ents['sub']}" / "figures" / name
@@ -341,7 +370,8 @@ def derivative_path(
 
 def spatial_reference(output_dir: Path, source: Path | str, *, suffix: str, **entities: str) -> str:
     """``SpatialReference`` of a derivative of ``source`` that lies on the grid of another one (``entities``,
-    ``suffix``): that image's path relative to OUTPUT_DIR (BIDS' dataset-relative form)."""
+    ``suffix``; :data:`SOURCE_KIND` stands for the source's kind): that image's path relative to OUTPUT_DIR
+    (BIDS' dataset-relative form)."""
     path = derivative_path(output_dir, source, suffix=suffix, extension=".nii.gz", **entities)
     return path.relative_to(output_dir).as_posix()
 
@@ -453,13 +483,14 @@ def bidsignore() -> str:
     """OUTPUT_DIR's ``.bidsignore``: bidsdl's files that BIDS does not define (the kinds of :data:`DERIVATIVES`
     with ``bids=False`` and their sidecars; reports, logs, status records; the group level's files), which
     the BIDS validator then skips."""
-    per_image = sorted({kind.pattern for kind in DERIVATIVES.values() if not kind.bids and kind.datatype == "anat"})
+    per_image = sorted({pattern for kind in DERIVATIVES.values() if not kind.bids and kind.datatype == "anat"
+                        for pattern in kind.patterns})  # fmt: skip
     sidecars = sorted({sidecar_of(Path(p)).name for p in per_image if not p.endswith(".json")})
     lines = [
         f"# Files of bidsdl's outputs that the BIDS specification does not define (written by bidsdl {__version__}).",
         "# Reports, figures, logs and status records:",
         "*.html", "logs", "sub-*/figures", "sub-*/log",
-        "# Per T1w: records (audit, quality metrics and verdict), transforms, meshes, predictions, attribution maps:",
+        "# Per image: records (audit, quality metrics and verdict), transforms, meshes, predictions, attribution maps:",
         *per_image, *sidecars,
         "# The group level: dataset audit, manifest, quality table, splits, training runs, model packages:",
         *GROUP_FILES,

@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from . import __version__, derivatives
 from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
-from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, settings_from
+from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, available_cpus, settings_from
 from .errors import InputDataError, ReportFailed
+from .kinds import REFERENCE_KIND
+from .learn import distributed
+from .learn.external import run_external_evaluation
+from .learn.package import read_package
 from .learn.splits import SplitSettings
-from .learn.study import StudySettings, run_study
+from .learn.study import StudySettings, run_study, serve_jobs
 from .learn.tasks import get_task
-from .learn.train import TrainSettings
+from .learn.train import TrainSettings, seed_everything
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
 from .reports import figures
@@ -155,7 +160,7 @@ def _gather(
     # participants with T1w in BIDS_DIR but no participant-level outputs yet are not "without images"
     if with_t1w is None:
         with_t1w = [pid[4:] for pid in findings["participants_without_images"]
-                    if any((config.bids_dir / pid).glob("**/anat/*_T1w.nii*"))]  # fmt: skip
+                    if any((config.bids_dir / pid).glob(f"**/anat/*_{REFERENCE_KIND}.nii*"))]  # fmt: skip
     has_t1w = {f"sub-{s}" for s in with_t1w}
     not_run = [pid for pid in findings["participants_without_images"] if pid in has_t1w]
     findings["participants_not_preprocessed"] = not_run
@@ -172,10 +177,11 @@ def _log_findings(findings: dict[str, Any]) -> None:
             ", ".join(group),
         )
     for pid in findings["participants_not_preprocessed"]:
-        LOGGER.warning("%s has T1w images in BIDS_DIR but no participant-level outputs: run the participant level "
-                       "for it (--participant-label %s), then the group level again.", pid, pid[4:])  # fmt: skip
+        LOGGER.warning("%s has %s images in BIDS_DIR but no participant-level outputs: run the participant level "
+                       "for it (--participant-label %s), then the group level again.", pid, REFERENCE_KIND,
+                       pid[4:])  # fmt: skip
     for pid in findings["participants_without_images"]:
-        LOGGER.warning("%s has no T1w image in BIDS_DIR.", pid)
+        LOGGER.warning("%s has no %s image in BIDS_DIR.", pid, REFERENCE_KIND)
     for source in findings["images_without_participants_row"]:
         LOGGER.warning("%s has no row in participants.tsv: add one so its labels are known.", source)
 
@@ -245,6 +251,46 @@ def _learning_results(
     )
 
 
+def run_group(config: RunConfig, **kwargs: Any) -> None:
+    """The group level as the command line runs it (``kwargs``: :func:`run_group_level`'s): training threads set,
+    and under torchrun a rank that fails ends this one with a message."""
+    use_training_threads(config)
+    with distributed.peers_guard():
+        run_group_level(config, **kwargs)
+
+
+def join_distributed(config: RunConfig) -> tuple[int, int] | None:
+    """Under torchrun or an srun step of several tasks, join the process group (the ranks' settings checked
+    alike); for the ranks other than 0, their rank and the number of ranks (None for rank 0 and one process)."""
+    world = distributed.detect()
+    if not world.active:
+        return None
+    distributed.start(world, distributed.device_for(world, config.device))
+    shared = {**config.learning_settings(), **{k: config.to_dict()[k] for k in _SAME_ON_EVERY_RANK}}
+    distributed.check_same_settings(shared, world)
+    return None if world.main else (world.rank, world.size)
+
+
+#: Options (besides the learning settings) every process of a distributed run must share.
+_SAME_ON_EVERY_RANK = ("fold", "resume", "resplit", "reports_only", "models", "device", "participant_label")
+
+
+def serve_rank(config: RunConfig) -> int:
+    """Another rank of a distributed run: fit each fold rank 0 shares, write nothing; the number of folds fitted."""
+    world = distributed.current()
+    seed_everything(config.seed)
+    use_training_threads(config)
+    with distributed.peers_guard():
+        return serve_jobs(distributed.device_for(world, config.device))
+
+
+def use_training_threads(config: RunConfig) -> None:
+    """Training uses ``--omp-nthreads`` threads per process, at most this process's share of the node's CPUs
+    (a fold-array task of one CPU, or four processes of torchrun on one node, do not oversubscribe the cores)."""
+    share = max(1, available_cpus() // distributed.processes_on_node())
+    torch.set_num_threads(max(1, min(config.omp_nthreads, share)))
+
+
 def run_group_level(
     config: RunConfig,
     *,
@@ -266,13 +312,7 @@ def run_group_level(
     with timed("gathering", LOGGER):
         table, findings, qc_table = _gather(config, with_t1w=with_t1w, folders=folders)
     with timed("writing the manifest and QC table", LOGGER):
-        manifest_tsv = table.to_csv(sep="\t", index=False, na_rep="n/a")
-        derivatives.write_text(derivatives.group_path(out, "manifest"), manifest_tsv)
-        participants_json_path = config.bids_dir / "participants.json"
-        participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
-        derivatives.write_json(out / "manifest.json", mf.manifest_sidecar(table, participants_json))
-        derivatives.write_json(out / "group_audit.json", {**findings, "run_id": run_id, "bidsdl_version": __version__})
-        qc_context = _write_qc(out, qc_table)
+        qc_context = _write_tables(config, table, findings, qc_table, run_id=run_id)
     _log_findings(findings)
     description = (
         json.loads((config.bids_dir / "dataset_description.json").read_text())
@@ -292,14 +332,7 @@ def run_group_level(
     )
     if config.fold:  # a fold job: its output is the fold's folder; the assembly run writes the report
         return findings
-    external = None
-    if config.models:
-        from .learn.external import run_external_evaluation
-
-        external = run_external_evaluation(
-            table, output_dir=out, model_dirs=list(config.models), target=config.target, seed=config.seed,
-            bids_dir=config.bids_dir, labels=config.labels, label_desc=config.label_desc,
-        )  # fmt: skip
+    external = _external_results(config, table) if config.models else None
     with timed("group report", LOGGER):
         _write_group_report(config, out, {
             "description": description, "findings": findings, "qc_context": qc_context, "table": table,
@@ -308,6 +341,30 @@ def run_group_level(
         })  # fmt: skip
     LOGGER.info("Manifest of %d image(s): %s", len(table), derivatives.group_path(out, "manifest"))
     return findings
+
+
+def _write_tables(
+    config: RunConfig, table: pd.DataFrame, findings: dict[str, Any], qc_table: pd.DataFrame, *, run_id: str
+) -> dict[str, Any] | None:
+    """``manifest.tsv`` with its sidecar, ``group_audit.json`` and the QC table; what the report shows of QC."""
+    out = config.output_dir
+    derivatives.write_text(derivatives.group_path(out, "manifest"), table.to_csv(sep="\t", index=False, na_rep="n/a"))
+    participants_json_path = config.bids_dir / "participants.json"
+    participants_json = json.loads(participants_json_path.read_text()) if participants_json_path.exists() else None
+    derivatives.write_json(derivatives.group_path(out, "manifest_record"), mf.manifest_sidecar(table,
+                                                                                               participants_json))
+    derivatives.write_json(derivatives.group_path(out, "group_audit"),
+                           {**findings, "run_id": run_id, "bidsdl_version": __version__})  # fmt: skip
+    return _write_qc(out, qc_table)
+
+
+def _external_results(config: RunConfig, table: pd.DataFrame) -> dict[str, Any]:
+    """``group --model``: the participant level's predictions gathered and evaluated by the models' own task."""
+    task = get_task(read_package(config.models[0])["task"])  # resolved once, here
+    return run_external_evaluation(
+        table, task=task, output_dir=config.output_dir, model_dirs=list(config.models), target=config.target,
+        seed=config.seed, bids_dir=config.bids_dir, labels=config.labels, label_desc=config.label_desc,
+    )  # fmt: skip
 
 
 def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> None:

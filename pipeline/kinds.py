@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 #: The image file extensions bidsdl reads.
 IMAGE_EXTENSIONS = (".nii", ".nii.gz")
@@ -90,3 +91,15 @@ def variants(entities: Mapping[str, str]) -> dict[str, str]:
     ['ce']
     """
     return {key: VARIANT_ENTITIES[key] for key in entities if key in VARIANT_ENTITIES}
+
+
+def kind_of_file(path: str | Path) -> str:
+    """The kind (the BIDS suffix) of an image file's name.
+
+    >>> kind_of_file("sub-01/anat/sub-01_ce-gd_T1w.nii.gz"), kind_of_file("sub-01_FLAIR.nii")
+    ('T1w', 'FLAIR')
+    """
+    name = Path(path).name
+    for extension in IMAGE_EXTENSIONS[::-1]:  # .nii.gz before .nii
+        name = name.removesuffix(extension)
+    return name.rsplit("_", 1)[-1]

@@ -273,6 +273,11 @@ def plan_participants(
     return to_run, skipped
 
 
+def start_helpers(config: RunConfig) -> None:
+    """Start this process's brain-extraction helper (it loads torch while the dataset is read and indexed)."""
+    brain_service.process_helper(config.device)
+
+
 def run_participant_level(
     config: RunConfig, *, subjects: Mapping[str, Sequence[AnatImage]], run_id: str, work_dir: Path
 ) -> list[dict[str, Any]]:
@@ -313,68 +318,98 @@ def _run_locked(
     work_dir: Path,
     model_hashes: Sequence[str],
 ) -> list[dict[str, Any]]:
-    """Run the graph for participants whose locks this process holds."""
+    """Run the graph for participants whose locks this process holds, at most ``--nprocs`` of them in flight;
+    each participant's status record and report are written as soon as its last step has ended."""
     from .workflows.base import init_bidsdl_wf
 
-    statuses = []
-    config_hash = config.config_hash()
-    started = time.time()
+    finish = _Finisher(config, subjects, run_id=run_id, model_hashes=model_hashes)
     for subject in subjects:
         for leftover in _remove_leftovers(config.output_dir, subject):
             LOGGER.info("Removed a temporary file of an earlier, killed run: %s", leftover)
-        derivatives.write_json(
-            derivatives.status_path(config.output_dir, subject),
-            _status_header(subject, "running", run_id=run_id, config_hash=config_hash, started=started),
-        )
-    plugin_args: dict[str, Any] = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False}
+        finish.write_header(subject, "running")
     # one brain-extraction helper for the process (already loading when the command line started it)
     helper = brain_service.process_helper(config.device)
     workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir,
                               model_hashes=model_hashes, brain_helper=helper.contact)  # fmt: skip
+    owners = {single_subject_name(subject): subject for subject in subjects}
+    tracker = WorkflowProgress(executed_node_names(workflow), workflow.name, owners, logger=LOGGER, on_done=finish)
     # Nipype's scheduler runs gc.collect() around every node it starts; with the run's imports frozen
     # out of the collector's sight each one takes milliseconds, not ~0.2 s
-    owners = {single_subject_name(subject): subject for subject in subjects}
-    tracker = WorkflowProgress(executed_node_names(workflow), workflow.name, owners, logger=LOGGER)
-    plugin_args["status_callback"] = tracker
     gc.freeze()
     LOGGER.info("Workflow starts: %d participant(s), %s.", len(subjects),
                 f"{config.nprocs} processes" if config.nprocs > 1 else "one process")  # fmt: skip
     try:
-        workflow.run(plugin="MultiProc" if config.nprocs > 1 else "Linear", plugin_args=plugin_args)
+        workflow.run(plugin=_plugin(config, list(subjects), owners, tracker))
     except RuntimeError as exc:  # Nipype's "Workflow did not execute cleanly"
         LOGGER.debug("Nipype reported failed nodes: %s", exc)
     except RunInterrupted as exc:
         for subject in subjects:
-            record = _status_header(subject, "interrupted", run_id=run_id, config_hash=config_hash, started=started)
-            record["errors"] = [f"{exc} after {time.time() - started:.0f} s; re-run the same command to resume."]
-            derivatives.write_json(derivatives.status_path(config.output_dir, subject), record)
+            if subject not in finish.statuses:  # those finished keep their record
+                finish.write_header(subject, "interrupted", [f"{exc} after {time.time() - finish.started:.0f} s; "
+                                                              "re-run the same command to resume."])  # fmt: skip
         raise
     finally:
         gc.unfreeze()
         tracker.progress.finish()
-    finished = time.time()
-    qc = load_qc(config.output_dir)  # group percentiles in the reports, once a group run exists
-    for subject, images in subjects.items():
+    for subject in subjects:
+        if subject not in finish.statuses:  # failed ones (and, in a Linear run's error path, any left)
+            finish(subject)
+    return [finish.statuses[subject] for subject in subjects]
+
+
+def _plugin(config: RunConfig, order: list[str], owners: dict[str, str], tracker: WorkflowProgress) -> Any:
+    """The Nipype plugin: participants in turn, at most ``--nprocs`` in flight (one process: one after another)."""
+    from .workflows.scheduling import ParticipantsInOrder, ParticipantsInTurn
+
+    position = {owner: order.index(subject) for owner, subject in owners.items()}
+
+    def owner(fullname: str) -> int | None:
+        parts = fullname.split(".")
+        return position.get(parts[1]) if len(parts) > 2 else None
+
+    plugin_args: dict[str, Any] = {"n_procs": config.nprocs, "memory_gb": config.mem_gb, "raise_insufficient": False,
+                                   "status_callback": tracker}  # fmt: skip
+    if config.nprocs > 1:
+        return ParticipantsInTurn(plugin_args, owner=owner, n_participants=len(order), limit=config.nprocs)
+    return ParticipantsInOrder(plugin_args, owner=owner)
+
+
+class _Finisher:
+    """Writes a participant's status record and report once its steps have ended (called by the progress
+    tracker as each participant finishes, and for the others when the workflow returns)."""
+
+    def __init__(
+        self, config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]], *, run_id: str,
+        model_hashes: Sequence[str],
+    ) -> None:  # fmt: skip
+        self.config, self.subjects, self.run_id, self.model_hashes = config, subjects, run_id, model_hashes
+        self.config_hash = config.config_hash()
+        self.started = time.time()
+        self.qc = load_qc(config.output_dir)  # group percentiles in the reports, once a group run exists
+        self.statuses: dict[str, dict[str, Any]] = {}
+
+    def write_header(self, subject: str, state: str, errors: Sequence[str] = ()) -> None:
+        record = _status_header(subject, state, run_id=self.run_id, config_hash=self.config_hash,
+                                started=self.started)  # fmt: skip
+        if errors:
+            record["errors"] = list(errors)
+        derivatives.write_json(derivatives.status_path(self.config.output_dir, subject), record)
+
+    def __call__(self, subject: str) -> None:
+        config, images = self.config, self.subjects[subject]
         status = subject_status(
-            subject=subject,
-            images=images,
-            output_dir=config.output_dir,
-            bids_dir=config.bids_dir,
-            run_id=run_id,
-            config_hash=config_hash,
-            started=started,
-            finished=finished,
-            model_hashes=model_hashes,
-        )
+            subject=subject, images=images, output_dir=config.output_dir, bids_dir=config.bids_dir,
+            run_id=self.run_id, config_hash=self.config_hash, started=self.started, finished=time.time(),
+            model_hashes=self.model_hashes,
+        )  # fmt: skip
         derivatives.write_json(derivatives.status_path(config.output_dir, subject), status)
-        statuses.append(status)
-        report = write_subject_report(config.output_dir, subject, qc=qc)
+        report = write_subject_report(config.output_dir, subject, qc=self.qc)
         status["report"] = report.name if report else None
+        self.statuses[subject] = status
         if status["state"] == "failed":
             LOGGER.error("sub-%s failed:\n  %s", subject, "\n  ".join(status["errors"]))
         else:
             LOGGER.info("sub-%s done (%d image(s)); report: %s", subject, len(images), report)
-    return statuses
 
 
 def _status_header(subject: str, state: str, *, run_id: str, config_hash: str, started: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import IO
 
@@ -226,8 +226,12 @@ class WorkflowProgress:
     the participant.
     """
 
-    def __init__(self, node_names: list[str], top: str, owners: dict[str, str], *, logger: logging.Logger) -> None:
+    def __init__(
+        self, node_names: list[str], top: str, owners: dict[str, str], *, logger: logging.Logger,
+        on_done: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self._owner_of = owners
+        self._on_done = on_done
         self._remaining: dict[str, set[str]] = {label: set() for label in owners.values()}
         for name in node_names:
             label = owners.get(name.split(".", 1)[0])
@@ -263,6 +267,8 @@ class WorkflowProgress:
             self._nodes_ended += 1
             if not remaining:
                 self._done.add(label)
+                if self._on_done is not None:  # its outputs are all written: its status and report now
+                    self._on_done(label)
         self._running += bool(executing) - was_running  # kept as a count: one event costs the same at any size
         self.progress.steps = (self._nodes_ended, self._nodes)
         # shown at a start or a failure: at a node's end the scheduler has not yet started the next one

@@ -1,4 +1,4 @@
-"""The audit of one T1w image: what the file really holds, before anything touches it.
+"""The audit of one anatomical image: what the file really holds, before anything touches it.
 
 Pure functions on a file path; no writing. :func:`audit_t1w` never raises for bad data: an
 unreadable image gives a record with ``readable: false`` and the reason, so the evidence of a
@@ -17,6 +17,7 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 
 from .. import __version__
+from ..kinds import REFERENCE_KIND, kind_of_file
 
 #: Thresholds of the audit flags (recorded in every audit record).
 FLAG_THRESHOLDS = {
@@ -58,18 +59,20 @@ def load_spatial(path: Path) -> SpatialImage:
     return img
 
 
-def header_problems(img: SpatialImage) -> list[str]:
+def header_problems(img: SpatialImage, kind: str = REFERENCE_KIND) -> list[str]:
     """What is wrong with an image header, in words (empty when it is sane).
 
     >>> header_problems(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)))
     []
     >>> header_problems(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)))
     ['2 dimensions (a T1w needs 3)']
+    >>> header_problems(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), "FLAIR")
+    ['2 dimensions (a FLAIR needs 3)']
     """
     problems = []
     shape = img.shape
     if len(shape) not in (3, 4):
-        problems.append(f"{len(shape)} dimensions (a T1w needs 3)")
+        problems.append(f"{len(shape)} dimensions (a {kind} needs 3)")
     if any(n < 1 for n in shape):
         problems.append(f"empty dimension in shape {tuple(shape)}")
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
@@ -215,7 +218,7 @@ def audit_t1w(path: Path, *, bids_dir: Path, metadata: dict[str, Any] | None = N
         return record
     try:
         img = load_spatial(path)
-        problems = header_problems(img)
+        problems = header_problems(img, kind_of_file(path))
         if problems:
             raise ValueError("; ".join(problems))
         header = header_summary(img)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NoDataSelected, Problem
+from ..kinds import REFERENCE_KIND
 from .files import (  # noqa: F401 - the layer's public names, re-exported for callers above it
     AnatImage,
     normalize_label,
@@ -76,14 +77,15 @@ def select_participants(
         if missing:
             known = ", ".join(f"sub-{s}" for s in selected) or "none"
             raise NoDataSelected(
-                f"No T1w images for participant(s) {', '.join(f'sub-{s}' for s in missing)}. "
-                f"Participants with T1w images: {known}."
+                f"No {REFERENCE_KIND} images for participant(s) {', '.join(f'sub-{s}' for s in missing)}. "
+                f"Participants with {REFERENCE_KIND} images: {known}."
             )
         selected = sorted(set(requested))
     if not selected:
         raise NoDataSelected(
-            "The filters selected no T1w images. Check --participant-label/--session-label, "
-            "and that images are named sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>]_T1w.nii[.gz]."
+            f"The filters selected no {REFERENCE_KIND} images. Check --participant-label/--session-label, "
+            f"and that images are named sub-<label>[/ses-<label>]/anat/sub-<label>[_ses-<label>]_{REFERENCE_KIND}"
+            ".nii[.gz]."
         )
     if index is not None:
         if not 0 <= index < len(selected):

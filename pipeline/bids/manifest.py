@@ -44,7 +44,7 @@ def find_records(output_dir: Path, kind: str, subjects: Iterable[str] | None = N
     """The per-image records of ``kind`` (a name of :data:`~pipeline.derivatives.DERIVATIVES`) of every participant,
     or of ``subjects``: ``sub-<label>/[ses-<label>/]anat/`` only, not every folder of every participant."""
     output_dir = Path(output_dir)
-    name = DERIVATIVES[kind].pattern
+    names = DERIVATIVES[kind].patterns
     wanted = {f"sub-{s}" for s in subjects} if subjects else None
     found: list[Path] = []
     for participant in os.scandir(output_dir):
@@ -56,7 +56,8 @@ def find_records(output_dir: Path, kind: str, subjects: Iterable[str] | None = N
         folders += [Path(e.path) / "anat" for e in os.scandir(participant.path) if e.name.startswith("ses-")]
         for folder in folders:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                found += [Path(e.path) for e in os.scandir(folder) if fnmatch.fnmatchcase(e.name, name)]
+                found += [Path(e.path) for e in os.scandir(folder)
+                          if any(fnmatch.fnmatchcase(e.name, name) for name in names)]  # fmt: skip
     return sorted(found)
 
 

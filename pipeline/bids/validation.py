@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import InputDataError, Problem
+from ..kinds import kind_of_file
 from .audit import _READ_ERRORS, header_problems, load_spatial
 from .files import read_participants, subjects_on_disk
 
@@ -176,7 +177,7 @@ def check_images(bids_dir: Path, paths: Iterable[Path]) -> list[Problem]:
         try:
             if Path(path).stat().st_size == 0:
                 raise ValueError("the file is empty (0 bytes)")
-            issues = header_problems(load_spatial(path))
+            issues = header_problems(load_spatial(path), kind_of_file(path))
         except _READ_ERRORS as exc:
             issues = [f"the header cannot be read ({exc})"]
         if issues:

@@ -10,11 +10,12 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
+from ..bids.files import AnatImage
 from ..config import RunConfig, save_config
 from ..errors import (
     EXIT_OK,
@@ -136,7 +137,6 @@ def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | No
     its own participant). Problems are logged and, with ``log_dir``, recorded; errors raise
     :class:`BidsValidationError` (exit 16) unless ``--skip-bids-validation``."""
     from .. import derivatives
-    from ..bids.layout import AnatImage
     from ..bids.validation import check_images
     from ..errors import NoDataSelected
 
@@ -185,15 +185,15 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
         for subject in subjects:
             print(subject)
         return EXIT_OK
-    if config.analysis_level == "group" and _join_distributed(config):
-        return _serve(config)  # another rank of a distributed run: trains what rank 0 shares, writes nothing
+    if config.analysis_level == "group" and (rank := _join_distributed(config)) is not None:
+        return _serve(config, *rank)  # another rank of a distributed run: trains what rank 0 shares, writes nothing
 
     from .. import derivatives
 
     if config.analysis_level == "participant":
-        from ..interfaces.brain_service import process_helper
+        from ..participant import start_helpers
 
-        process_helper(config.device)  # the brain-extraction helper loads torch while the dataset is read
+        start_helpers(config)  # the brain-extraction helper loads torch while the dataset is read
     from ..environment import detect_container, environment_record
 
     derivatives.check_writable(config.output_dir)
@@ -218,84 +218,57 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     derivatives.ensure_dataset_description(config.output_dir, description)
 
     if config.analysis_level == "participant":
-        from ..participant import run_participant_level
+        return _participants(config, subjects, run_id=run_id, work_dir=work_dir)
 
-        LOGGER.info("Participants: %s", ", ".join(f"sub-{s}" for s in subjects))
-        statuses = run_participant_level(config, subjects=subjects, run_id=run_id, work_dir=work_dir)
-        failed = [s["participant_id"] for s in statuses if s["state"] == "failed"]
-        if failed:
-            LOGGER.error(
-                "%d of %d participant(s) failed: %s. Their status records and crash files are "
-                "in <OUTPUT_DIR>/sub-<label>/log/.",
-                len(failed),
-                len(statuses),
-                ", ".join(failed),
-            )
-            return EXIT_PARTICIPANT_FAILED
-        skipped = sum(bool(s.get("skipped")) for s in statuses)
-        LOGGER.info(
-            "All %d participant(s) finished%s. Outputs: %s",
-            len(statuses),
-            f" ({skipped} already up to date, skipped)" if skipped else "",
-            config.output_dir,
-        )
-        return EXIT_OK
+    from ..group import run_group
 
-    from ..group import run_group_level
-    from ..learn import distributed
-
-    _use_training_threads(config)
-    with distributed.peers_guard():  # under torchrun/srun: another rank that fails ends this one with a message
-        run_group_level(config, run_id=run_id, environment=environment, work_dir=work_dir,
-                        with_t1w=list(subjects), folders=index.folders())  # fmt: skip
+    run_group(config, run_id=run_id, environment=environment, work_dir=work_dir, with_t1w=list(subjects),
+              folders=index.folders())  # fmt: skip
     if not config.fold:
         LOGGER.info("Group report: %s", config.output_dir / derivatives.GROUP_REPORT)
     return EXIT_OK
 
 
-def _join_distributed(config: RunConfig) -> bool:
-    """Under torchrun or an srun step of several tasks, join the process group; True for the ranks other than 0."""
-    from ..learn import distributed
+def _participants(
+    config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]], *, run_id: str, work_dir: Path
+) -> int:
+    """The participant level over ``subjects``; the exit code (a failed participant: 1, the others finished)."""
+    from ..participant import run_participant_level
 
-    world = distributed.detect()
-    if not world.active:
-        return False
-    distributed.start(world, distributed.device_for(world, config.device))
-    shared = {**config.learning_settings(), **{k: config.to_dict()[k] for k in _SAME_ON_EVERY_RANK}}
-    distributed.check_same_settings(shared, world)
-    return not world.main
-
-
-#: Options (besides the learning settings) every process of a distributed run must share.
-_SAME_ON_EVERY_RANK = ("fold", "resume", "resplit", "reports_only", "models", "device", "participant_label")
-
-
-def _serve(config: RunConfig) -> int:
-    from ..learn import distributed
-    from ..learn.study import serve_jobs
-    from ..learn.train import seed_everything
-
-    world = distributed.current()
-    setup_logging(config.verbosity, None, prefix=f"[rank {world.rank}] ")
-    seed_everything(config.seed)
-    _use_training_threads(config)
-    with distributed.peers_guard():
-        fitted = serve_jobs(distributed.device_for(world, config.device))
-    LOGGER.info("Rank %d of %d: trained %d fold(s) with rank 0; wrote nothing (rank 0 writes).", world.rank,
-                world.size, fitted)  # fmt: skip
+    LOGGER.info("Participants: %s", ", ".join(f"sub-{s}" for s in subjects))
+    statuses = run_participant_level(config, subjects=subjects, run_id=run_id, work_dir=work_dir)
+    failed = [s["participant_id"] for s in statuses if s["state"] == "failed"]
+    if failed:
+        LOGGER.error(
+            "%d of %d participant(s) failed: %s. Their status records and crash files are in "
+            "<OUTPUT_DIR>/sub-<label>/log/.", len(failed), len(statuses), ", ".join(failed),
+        )  # fmt: skip
+        return EXIT_PARTICIPANT_FAILED
+    skipped = sum(bool(s.get("skipped")) for s in statuses)
+    LOGGER.info(
+        "All %d participant(s) finished%s. Outputs: %s", len(statuses),
+        f" ({skipped} already up to date, skipped)" if skipped else "", config.output_dir,
+    )  # fmt: skip
     return EXIT_OK
 
 
-def _use_training_threads(config: RunConfig) -> None:
-    """Training uses ``--omp-nthreads`` threads per process, at most this process's share of the node's CPUs
-    (a fold-array task of one CPU, or four processes of torchrun on one node, do not oversubscribe the cores)."""
-    import torch
+def _join_distributed(config: RunConfig) -> tuple[int, int] | None:
+    """Under torchrun or an srun step of several tasks, join the process group; for the ranks other than 0, their
+    rank and the number of ranks (None for rank 0 and a run of one process)."""
+    from ..group import join_distributed
 
-    from ..config import available_cpus
-    from ..learn import distributed
+    return join_distributed(config)
 
-    share = max(1, available_cpus() // distributed.processes_on_node())
-    torch.set_num_threads(max(1, min(config.omp_nthreads, share)))
+
+def _serve(config: RunConfig, rank: int, size: int) -> int:
+    """Another rank of a distributed run: its log lines prefixed with its rank; it trains what rank 0 shares."""
+    from ..group import serve_rank
+
+    setup_logging(config.verbosity, None, prefix=f"[rank {rank}] ")
+    fitted = serve_rank(config)
+    LOGGER.info("Rank %d of %d: trained %d fold(s) with rank 0; wrote nothing (rank 0 writes).", rank, size,
+                fitted)  # fmt: skip
+    return EXIT_OK
 
 
 def _end_distributed(error: BidsdlError | None) -> None:

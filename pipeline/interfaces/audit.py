@@ -17,22 +17,22 @@ from nipype.interfaces.base import (
 from ..bids.audit import audit_t1w
 
 
-class _AuditT1wInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="the T1w image in BIDS_DIR")
+class _AuditImageInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the anatomical image (any kind of pipeline.kinds) in BIDS_DIR")
     bids_dir = Directory(exists=True, mandatory=True, desc="root of the BIDS dataset")
     metadata = traits.Dict(desc="sidecar metadata of the image")
 
 
-class _AuditT1wOutputSpec(TraitedSpec):
+class _AuditImageOutputSpec(TraitedSpec):
     out_record = File(exists=True, desc="the audit record (JSON)")
     readable = traits.Bool(desc="whether the image could be read")
 
 
-class AuditT1w(SimpleInterface):
-    """Audit one T1w image: hashes, header, orientation, intensities and flags."""
+class AuditImage(SimpleInterface):
+    """Audit one anatomical image: hashes, header, orientation, intensities and flags."""
 
-    input_spec = _AuditT1wInputSpec
-    output_spec = _AuditT1wOutputSpec
+    input_spec = _AuditImageInputSpec
+    output_spec = _AuditImageOutputSpec
 
     def _run_interface(self, runtime):
         record = audit_t1w(

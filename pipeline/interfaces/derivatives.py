@@ -21,7 +21,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     bids_dir = Directory(mandatory=True, desc="BIDS_DIR (for relative Sources)")
     source_file = File(mandatory=True, desc="the BIDS file the result derives from")
     in_file = File(exists=True, mandatory=True, desc="the result to save")
-    suffix = traits.Str("T1w", usedefault=True)
+    suffix = traits.Str(derivatives.SOURCE_KIND, usedefault=True, desc="the suffix (SOURCE_KIND: the source's)")
     datatype = traits.Enum("anat", "figures", usedefault=True)
     desc = traits.Str(desc="the 'desc' entity")
     space = traits.Str(desc="the 'space' entity")
@@ -81,12 +81,14 @@ def sink_inputs(
     name: str, model_resolution: float | None = None, *, label_desc: str | None = None, structure: str | None = None
 ) -> dict[str, str]:
     """:class:`DerivativesSink`'s naming inputs for the derivative ``name`` (a key of
-    :data:`pipeline.derivatives.DERIVATIVES`): the writer names files from the same table as the readers.
+    :data:`pipeline.derivatives.DERIVATIVES`): the writer names files from the same table as the readers
+    (:data:`~pipeline.derivatives.SOURCE_KIND`, the source image's kind, is filled in by the writer).
 
     >>> sink_inputs("xfm")
-    {'suffix': 'xfm', 'datatype': 'anat', 'from_': 'T1w', 'to': 'MNI152NLin2009aSym', 'mode': 'image'}
+    {'suffix': 'xfm', 'datatype': 'anat', 'from_': '<kind>', 'to': 'MNI152NLin2009aSym', 'mode': 'image'}
     """
     kind = derivatives.DERIVATIVES[name]
-    resolved = kind.resolved(model_resolution, label_desc=label_desc, structure=structure)
+    resolved = kind.resolved(model_resolution, label_desc=label_desc, structure=structure,
+                             source_kind=derivatives.SOURCE_KIND)  # fmt: skip
     entities = {("from_" if key == "from" else key): value for key, value in resolved.items()}
     return {"suffix": kind.suffix, "datatype": kind.datatype, **entities}

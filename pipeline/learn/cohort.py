@@ -23,10 +23,9 @@ from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
 from ..progress import Progress
-from .tasks import get_task, resolve_task_name
-from .tasks.classification import class_labels
+from .tasks.base import Task
 
-__all__ = ["Cohort", "build_cohort", "cache_cohort", "class_labels", "model_input_path", "target_values"]
+__all__ = ["Cohort", "build_cohort", "cache_cohort", "model_input_path", "target_values", "usable_images"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ LOGGER = logging.getLogger(__name__)
 
 def model_input_path(output_dir: Path, source: str, resolution_mm: float) -> Path:
     """The model-resolution derivative of the BIDS image ``source`` (relative to BIDS_DIR)."""
-    return derivatives.named_path(output_dir, source, "t1w_model", model_resolution=resolution_mm)
+    return derivatives.named_path(output_dir, source, "preproc_model", model_resolution=resolution_mm)
 
 
 def target_values(manifest: pd.DataFrame, target: str) -> pd.Series:
@@ -78,23 +77,21 @@ class Cohort:
 
     table: pd.DataFrame
     excluded: list[dict[str, str]]
-    task: str
     classes: list[str]
 
 
-def build_cohort(
+def usable_images(
     manifest: pd.DataFrame,
     *,
     output_dir: Path,
     target: str,
-    task: str,
-    positive_class: str | None,
     resolution_mm: float,
     qc: pd.DataFrame | None,
     exclude_qc_outliers: bool,
     include_failed_qc: bool = False,
-) -> Cohort:
-    """Join the target to every image and keep those that can be learned from.
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Join the target to every image and keep those that can be learned from (with ``target`` and ``input``
+    columns); the others listed with the reason.
 
     Images that failed quality control (``qc_verdict`` fail in ``qc``: a failed registration or brain
     extraction) are left out unless ``include_failed_qc``; the group's outliers and the images quality
@@ -130,9 +127,16 @@ def build_cohort(
             f"No image can be learned from: {len(excluded)} excluded ({_summary(excluded)}). Run the participant "
             "level first and check that participants.tsv gives the target."
         )
-    resolved = resolve_task_name(table["target"], task)
-    table, classes = get_task(resolved).encode_targets(table, target, positive_class)
-    return Cohort(table=table.reset_index(drop=True), excluded=excluded, task=resolved, classes=classes)
+    return table, excluded
+
+
+def build_cohort(
+    manifest: pd.DataFrame, *, task: Task, target: str, positive_class: str | None, **selection: Any
+) -> Cohort:
+    """The usable images (:func:`usable_images`, ``selection`` its options) with the target encoded by ``task``."""
+    table, excluded = usable_images(manifest, target=target, **selection)
+    table, classes = task.encode_targets(table, target, positive_class)
+    return Cohort(table=table.reset_index(drop=True), excluded=excluded, classes=classes)
 
 
 def _summary(excluded: list[dict[str, str]]) -> str:

@@ -122,7 +122,7 @@ def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int) -> torch.Ten
         shifts = rng.uniform(-3, 3, size=(n, 3)) * 2 / np.array(x.shape[2:])
         theta = np.zeros((n, 3, 4))
         for i in range(n):
-            theta[i, :, :3] = _rotation(angles[i]) @ np.diag(scales[i])
+            theta[i, :, :3] = rotation_matrix(angles[i]) @ np.diag(scales[i])
             theta[i, :, 3] = shifts[i]
         grid = F.affine_grid(torch.as_tensor(theta, dtype=x.dtype, device=x.device), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -140,7 +140,7 @@ def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int) -> torch.Ten
     return x
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles: np.ndarray) -> np.ndarray:
     a, b, c = angles
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])

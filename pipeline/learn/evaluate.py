@@ -192,20 +192,29 @@ def evaluate_classification(
     return result
 
 
+def scored(
+    compute: Callable[[np.ndarray], dict[str, float]], groups: Sequence[str], *, seed: int, ci: bool = True
+) -> dict[str, Any]:
+    """What every evaluation records (reports and model cards read it): the number of images and subjects, the
+    metrics ``compute`` gives on every image (its argument: the images' indices), and their bootstrap CIs
+    (resampling subjects, ``groups``: each image's participant) when ``ci``."""
+    result: dict[str, Any] = {
+        "n": len(groups),
+        "n_subjects": len(set(groups)),
+        "metrics": compute(np.arange(len(groups))),
+    }
+    if ci:
+        result["ci"] = bootstrap_ci(compute, groups, seed=seed)
+    return result
+
+
 def evaluate_regression(
     y: np.ndarray, predicted: np.ndarray, *, groups: Sequence[str], seed: int, ci: bool = True
 ) -> dict[str, Any]:
     def compute(idx: np.ndarray) -> dict[str, float]:
         return regression_metrics(y[idx], predicted[idx])
 
-    result: dict[str, Any] = {
-        "n": len(y),
-        "n_subjects": len(set(groups)),
-        "metrics": compute(np.arange(len(y))),
-    }
-    if ci:
-        result["ci"] = bootstrap_ci(compute, groups, seed=seed)
-    return result
+    return scored(compute, groups, seed=seed, ci=ci)
 
 
 def fold_summary(per_fold: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:

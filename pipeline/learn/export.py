@@ -20,6 +20,7 @@ from .. import __version__, derivatives
 from ..errors import UsageError
 from .package import load_package
 from .tasks import get_task
+from .tasks.base import TargetScale, Task, fold_scale
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -28,23 +29,17 @@ TOLERANCE = 1e-4
 
 
 class Ensemble(nn.Module):
-    """The package's folds as one network: mean of softmax probabilities, or of de-standardised values."""
+    """The package's folds as one network: the mean of their outputs, post-processed by the task
+    (:meth:`~pipeline.learn.tasks.base.Task.outputs`: the same path as evaluation and inference)."""
 
-    def __init__(self, networks: list[nn.Module], task: str, scales: list[dict[str, float]] | None = None) -> None:
+    def __init__(self, networks: list[nn.Module], task: Task, scales: list[TargetScale]) -> None:
         super().__init__()
         self.networks = nn.ModuleList(networks)
-        self.probabilities = get_task(task).output_kind == "probabilities"
-        scales = scales or [{"mean": 0.0, "sd": 1.0}] * len(networks)
-        self.sd: torch.Tensor
-        self.offset: torch.Tensor
-        self.register_buffer("sd", torch.tensor([float(s["sd"]) for s in scales]))
-        self.register_buffer("offset", torch.tensor([float(s["mean"]) for s in scales]))
+        self.task, self.scales = task, scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for i, network in enumerate(self.networks):
-            out = network(x)
-            outputs.append(torch.softmax(out, dim=1) if self.probabilities else out * self.sd[i] + self.offset[i])
+        pairs = zip(self.networks, self.scales, strict=True)
+        outputs = [self.task.outputs(network(x), scale) for network, scale in pairs]
         return torch.stack(outputs).mean(0)
 
 
@@ -93,7 +88,8 @@ def _exportable(module: nn.Module, x: torch.Tensor) -> nn.Module:
 
 def package_ensemble(folder: Path) -> tuple[dict[str, Any], Ensemble]:
     record, networks = load_package(folder)
-    ensemble = Ensemble(list(networks), record["task"], record.get("target_scale")).eval()
+    task = get_task(record["task"])  # the entry point of export: the task resolved once, here
+    ensemble = Ensemble(list(networks), task, [fold_scale(record, k) for k in range(len(networks))]).eval()
     return record, ensemble
 
 
@@ -175,7 +171,7 @@ def export_package(folder: Path, fmt: str, output: Path | None = None) -> dict[s
         "ExportedBy": {"Name": "bidsdl", "Version": __version__, "torch": torch.__version__},
         "Input": {**record["input"], "tensor": f"float32 (batch, 1, {', '.join(map(str, input_shape(record)))})"},
         "SlidingWindow": record.get("inference"),
-        "Output": get_task(record["task"]).export_output,
+        "Output": ensemble.task.export_output,
         "Classes": record["classes"],
         "PositiveClass": record.get("positive_class"),
         "Threshold": record["threshold"],

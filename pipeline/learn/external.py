@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .. import derivatives
@@ -22,7 +22,7 @@ from ..errors import InputDataError
 from .cohort import target_values
 from .ensemble import check_ensemble, ensemble_id
 from .package import read_package
-from .tasks import get_task
+from .tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
 PREDICTIONS = derivatives.GROUP_OUTPUTS["predictions"]
@@ -45,12 +45,11 @@ def _failed_quality_control(output_dir: Path, source: str) -> bool:
 
 
 def gather_predictions(
-    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]]
+    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]], task: Task
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """One row per image predicted by exactly these models; the others listed with the reason."""
     wanted = [r["content_sha256"] for r in records]
     classes = records[0]["classes"]
-    task = get_task(records[0]["task"])
     rows, skipped = [], []
     for _, image in manifest.iterrows():
         path = prediction_path(output_dir, image["source"])
@@ -83,10 +82,14 @@ def gather_predictions(
 
 
 def _gathered(
-    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]], model_dirs: Sequence[Path]
+    manifest: pd.DataFrame,
+    output_dir: Path,
+    records: Sequence[dict[str, Any]],
+    model_dirs: Sequence[Path],
+    task: Task,
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """The gathered predictions and the images left out (logged); no prediction at all is an input error."""
-    table, skipped = gather_predictions(manifest, output_dir, records)
+    table, skipped = gather_predictions(manifest, output_dir, records, task)
     for item in skipped:
         LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
     if table.empty:
@@ -97,9 +100,47 @@ def _gathered(
     return table, skipped
 
 
+@dataclass(frozen=True)
+class ExternalRun:
+    """What one external evaluation is given: the manifest of the new dataset, where its participant-level
+    predictions are, the model packages (their folders and records) and the references to evaluate against."""
+
+    manifest: pd.DataFrame
+    output_dir: Path
+    model_dirs: list[Path]
+    records: list[dict[str, Any]]
+    target: str | None
+    seed: int
+    bids_dir: Path | None = None
+    labels: Path | None = None
+    label_desc: str | None = None
+
+    def gathered(self, task: Task) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+        """One row per image that these models predicted (``task``'s columns), and the images skipped, logged."""
+        return _gathered(self.manifest, self.output_dir, self.records, self.model_dirs, task)
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        return _model_entries(self.model_dirs, self.records)
+
+    def base_results(self, table: pd.DataFrame, skipped: list[dict[str, str]]) -> dict[str, Any]:
+        """What every external evaluation records: the models, their training, what was predicted and skipped."""
+        first = self.records[0]
+        return {
+            "models": self.model_entries(),
+            "ensemble_id": ensemble_id(self.records),
+            "task": first["task"],
+            "classes": first["classes"],
+            "training": {"n_subjects": first["data"]["n_subjects"], "test": first["metrics"]["test"]},
+            "n_predicted": len(table),
+            "skipped": skipped,
+            "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
+        }
+
+
 def run_external_evaluation(
     manifest: pd.DataFrame,
     *,
+    task: Task,
     output_dir: Path,
     model_dirs: Sequence[Path],
     target: str | None,
@@ -108,78 +149,51 @@ def run_external_evaluation(
     labels: Path | None = None,
     label_desc: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``predictions.tsv`` (+ ``.json``) and ``external_evaluation.json``; return the results."""
+    """Write ``predictions.tsv`` (+ ``.json``) and ``external_evaluation.json`` of ``task``'s models; return the
+    results (the task gathers and evaluates: :meth:`~pipeline.learn.tasks.base.Task.external_evaluation`)."""
     records = [read_package(folder) for folder in model_dirs]
     check_ensemble(records, list(model_dirs))
-    first = records[0]
-    if get_task(first["task"]).voxelwise:
-        return _external_segmentation(
-            manifest, output_dir=output_dir, model_dirs=model_dirs, records=records, seed=seed, bids_dir=bids_dir,
-            labels=labels, label_desc=label_desc,
-        )  # fmt: skip
-    task, classes = get_task(first["task"]), first["classes"]
-    column = target or first["target"]
-    table, skipped = _gathered(manifest, output_dir, records, model_dirs)
-    evaluated, excluded = table, []
-    try:
-        values = target_values(manifest.set_index("source").loc[table["source"]].reset_index(), column)
-    except InputDataError:
-        if target is not None:
-            raise
-        values = None
-        LOGGER.info("participants.tsv has no column %r: predictions gathered, nothing to evaluate.", column)
+    run = ExternalRun(manifest, Path(output_dir), list(model_dirs), records, target, seed, bids_dir, labels, label_desc)
+    return task.external_evaluation(run)
+
+
+def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
+    """A whole-image task's external evaluation: each image's prediction against its participants.tsv value."""
+    first, classes = run.records[0], run.records[0]["classes"]
+    column = run.target or first["target"]
+    table, skipped = run.gathered(task)
+    values = _reference_values(run.manifest, table, column, required=run.target is not None)
+    evaluated, excluded = table, list[dict[str, str]]()
     if values is not None:
         table["target"] = values.to_numpy()
-        keep = pd.Series(True, index=table.index)
-        for index, row in table.iterrows():
-            reason = None
-            if row["seen_in_training"]:
-                reason = "seen in training (--allow-training-subjects): not an external test"
-            elif pd.isna(row["target"]):
-                reason = f"no value for {column}"
-            else:
-                reason = task.external_reason(row["target"], column, classes)
-            if reason:
-                keep[index] = False
-                excluded.append({"source": row["source"], "reason": reason})
-        evaluated = table[keep]
+        evaluated, excluded = _evaluable(table, column, task, classes)
     evaluation = None
     if values is not None and not evaluated.empty:
-        evaluation = task.external_evaluate(evaluated, classes, seed=seed)
-    derivatives.write_text(output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    models = _model_entries(model_dirs, records)
+        evaluation = task.external_evaluate(evaluated, classes, seed=run.seed)
+    derivatives.write_text(run.output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(
-        output_dir / PREDICTIONS.replace(".tsv", ".json"),
+        run.output_dir / PREDICTIONS.replace(".tsv", ".json"),
         {
             "Description": "The participant level's predictions of every image, gathered by the group level",
-            "Models": models,
-            "EnsembleID": ensemble_id(records),
+            "Models": run.model_entries(),
+            "EnsembleID": ensemble_id(run.records),
             "seen_in_training": "true when the model saw this participant (or this image) in training or validation",
             "predicted": "the label at the model's threshold, or the predicted value",
             "probability": "probability of the positive class" if len(classes or []) == 2 else None,
         },
     )
+    shown = evaluation is not None and not classes  # values (no classes): the report draws them, one by one
     results = {
-        "models": models,
-        "ensemble_id": ensemble_id(records),
-        "task": task.name,
+        **run.base_results(table, skipped),
         "target": column,
-        "classes": classes,
         "positive_class": first.get("positive_class"),
-        "training": {
-            "n_subjects": first["data"]["n_subjects"],
-            "test": first["metrics"]["test"],
-        },
-        "n_predicted": len(table),
         "n_evaluated": len(evaluated) if evaluation else 0,
-        "skipped": skipped,
         "excluded": excluded,
         "evaluation": evaluation,
-        "truth": evaluated["target"].tolist() if evaluation and not task.discrete else None,
-        "predicted": evaluated["predicted"].tolist() if evaluation and not task.discrete else None,
-        "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
+        "truth": evaluated["target"].tolist() if shown else None,
+        "predicted": evaluated["predicted"].tolist() if shown else None,
     }
-    derivatives.write_json(output_dir / EVALUATION, results)
+    derivatives.write_json(run.output_dir / EVALUATION, results)
     if evaluation:
         headline = task.headline_metric(len(classes or []))
         LOGGER.info(
@@ -188,120 +202,39 @@ def run_external_evaluation(
     return results
 
 
-def _external_segmentation(
-    manifest: pd.DataFrame,
-    *,
-    output_dir: Path,
-    model_dirs: Sequence[Path],
-    records: Sequence[dict[str, Any]],
-    seed: int,
-    bids_dir: Path | None,
-    labels: Path | None,
-    label_desc: str | None,
-) -> dict[str, Any]:
-    """Compare the participant level's labels (each T1w's own grid) with reference labels, case by case."""
-    import nibabel as nib
-
-    from .labels import check_labels_dataset, find_label, find_table, load_label
-    from .tasks.segmentation import structure_scores, summarise_cases
-
-    first = records[0]
-    desc = first["label_desc"]
-    table, skipped = _gathered(manifest, output_dir, records, model_dirs)
-    names = {int(e["index"]): e["name"] for e in first["labels"]}
-    cases, excluded = [], []
-    if labels is not None and label_desc is not None and bids_dir is not None:
-        check_labels_dataset(labels)
-        reference_table = find_table(labels, label_desc)
-        if set(reference_table.names.values()) != set(names.values()):
-            LOGGER.warning(
-                "The reference labels name %s; the model predicts %s: only the structures of both are compared.",
-                ", ".join(reference_table.structures), ", ".join(names.values()),
-            )  # fmt: skip
-        for _, row in table.iterrows():
-            source = row["source"]
-            reference_path = find_label(labels, source, label_desc)
-            reason = None
-            if row["seen_in_training"]:
-                reason = "seen in training (--allow-training-subjects): not an external test"
-            elif reference_path is None:
-                reason = f"no reference labels (desc-{label_desc}) in {labels}"
-            if reason:
-                excluded.append({"source": source, "reason": reason})
-                continue
-            assert reference_path is not None
-            try:
-                reference = load_label(reference_path, Path(bids_dir) / source, reference_table)
-            except InputDataError as exc:
-                excluded.append({"source": source, "reason": str(exc)})
-                LOGGER.error("%s", exc)
-                continue
-            predicted_img = nib.load(derivatives.named_path(output_dir, source, "dseg", label_desc=desc))
-            predicted = np.asarray(predicted_img.dataobj).astype(np.uint8)  # type: ignore[attr-defined]
-            # compare structure by structure name: the reference's indices may differ from the model's
-            by_name = {n: i for i, n in reference_table.names.items()}
-            remapped = np.zeros_like(reference)
-            for index, name in names.items():
-                if name in by_name:
-                    remapped[reference == by_name[name]] = index
-            spacing = [float(z) for z in predicted_img.header.get_zooms()[:3]]  # type: ignore[attr-defined]
-            common = {i: n for i, n in names.items() if n in by_name}
-            for score in structure_scores(predicted, remapped, common, spacing):
-                cases.append({"participant_id": row["participant_id"], "source": source, **score})
-    evaluation = None
-    if cases:
-        evaluation = summarise_cases(pd.DataFrame(cases), seed=seed, ci=True)
-        derivatives.write_text(
-            output_dir / CASE_SCORES,
-            pd.DataFrame(cases).to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"),
-        )
-        evaluation["cases"] = cases
-        LOGGER.info(
-            "External evaluation on %d image(s): mean Dice %.3f", evaluation["n"], evaluation["metrics"]["dice"]
-        )
-    volumes = pd.DataFrame(
-        [{"participant_id": r["participant_id"], "source": r["source"], **json.loads(
-            derivatives.named_path(output_dir, r["source"], "prediction").read_text())["volumes_ml"]}
-         for _, r in table.iterrows()]
-    )  # fmt: skip
-    derivatives.write_text(output_dir / PREDICTIONS, volumes.to_csv(sep="\t", index=False, na_rep="n/a"))
-    models = _model_entries(model_dirs, records)
-    derivatives.write_json(
-        output_dir / PREDICTIONS.replace(".tsv", ".json"),
-        {
-            "Description": "Volumes (ml) of the structures the models segmented in each image, gathered by the "
-            "group level",
-            "Models": models,
-            "EnsembleID": ensemble_id(records),
-        },
-    )
-    worst = []
-    if cases:
-        per_case = pd.DataFrame(cases).groupby("source", sort=False)["dice"].mean().sort_values().head(5)
-        worst = [{"source": source, "dice": float(dice)} for source, dice in per_case.items()]
-    results = {
-        "worst": worst,
-        "models": models,
-        "ensemble_id": ensemble_id(records),
-        "task": first["task"],
-        "target": desc,
-        "classes": first["classes"],
-        "positive_class": None,
-        "training": {"n_subjects": first["data"]["n_subjects"], "test": first["metrics"]["test"]},
-        "n_predicted": len(table),
-        "n_evaluated": evaluation["n"] if evaluation else 0,
-        "skipped": skipped,
-        "excluded": excluded,
-        "evaluation": evaluation,
-        "truth": None,
-        "predicted": None,
-        "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
-    }
-    derivatives.write_json(output_dir / EVALUATION, {**results, "evaluation": _without_cases(evaluation)})
-    return results
+def _reference_values(manifest: pd.DataFrame, table: pd.DataFrame, column: str, *, required: bool) -> pd.Series | None:
+    """The participants.tsv/sessions.tsv value of ``column`` for every gathered image; None (logged) when the new
+    dataset does not give it and ``--target`` did not ask for it."""
+    try:
+        return target_values(manifest.set_index("source").loc[table["source"]].reset_index(), column)
+    except InputDataError:
+        if required:
+            raise
+        LOGGER.info("participants.tsv has no column %r: predictions gathered, nothing to evaluate.", column)
+        return None
 
 
-def _without_cases(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+def _evaluable(
+    table: pd.DataFrame, column: str, task: Task, classes: Sequence[str]
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The images whose prediction can be scored, and the others with the reason."""
+    keep = pd.Series(True, index=table.index)
+    excluded = []
+    for index, row in table.iterrows():
+        reason = None
+        if row["seen_in_training"]:
+            reason = "seen in training (--allow-training-subjects): not an external test"
+        elif pd.isna(row["target"]):
+            reason = f"no value for {column}"
+        else:
+            reason = task.external_reason(row["target"], column, classes)
+        if reason:
+            keep[index] = False
+            excluded.append({"source": row["source"], "reason": reason})
+    return table[keep], excluded
+
+
+def without_cases(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if evaluation is None else {k: v for k, v in evaluation.items() if k != "cases"}
 
 

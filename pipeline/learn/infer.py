@@ -26,8 +26,10 @@ from ..bids.audit import load_spatial
 from ..derivatives import parse_bids_name
 from ..errors import InputDataError
 from ..processes import module_main
+from ..reports.figures import attribution_overlay
 from .ensemble import LoadedModel, ensemble_id, load_models, model_card, training_matches
 from .tasks.base import Task
+from .train import resolve_device
 
 
 def check_input_image(record: dict[str, Any], path: Path, *, space: str | None = None) -> np.ndarray:
@@ -161,12 +163,10 @@ def prediction_record(
     return record
 
 
-def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """Everything the inference node does, in this process: load and check the models, check the input and
-    the leakage guard, predict, write the maps, the records and the figure into ``out_dir``."""
-    from ..reports.figures import attribution_overlay
-    from .train import resolve_device
-
+def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Everything the inference node does, in this process: load and check the models, the leakage guard, then
+    the models' task predicts the participant (:meth:`~pipeline.learn.tasks.base.Task.predict_participant`) into
+    ``out_dir``."""
     torch.set_num_threads(max(1, int(spec["num_threads"])))
     device = resolve_device(spec["device"])
     models = load_models(spec["model_dirs"], device)
@@ -178,10 +178,14 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, str]:
     )
     if seen and not spec["allow_training_subjects"]:
         raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
-    if models[0].task.voxelwise:
-        from .segment import segment_node
+    return models[0].task.predict_participant(spec, out_dir, models, seen=seen, device=device)
 
-        return segment_node(spec, out_dir, models, seen=seen, device=device)
+
+def predict_image(
+    spec: dict[str, Any], out_dir: Path, models: Sequence[LoadedModel], *, seen: Sequence[str], device: torch.device
+) -> dict[str, str]:
+    """A whole-image task's participant prediction: check the input, predict, write the attribution maps, the
+    record and the figure into ``out_dir``."""
     space = json.loads(Path(spec["resampling_record"]).read_text()).get("SpatialReference")
     array = check_input_image(models[0].record, Path(spec["in_file"]), space=space)
     result = infer(models, array, device)

@@ -25,7 +25,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.preprocessing import OneHotEncoder
 
 from . import near_duplicates
-from .tasks import get_task
+from .tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def check_near_duplicates(
     return _check("No near-identical image under two participant IDs", problems, severity=severity, detail=detail), top
 
 
-def check_site_leakage(subjects: pd.DataFrame, *, task: str, seed: int) -> dict[str, Any]:
+def check_site_leakage(subjects: pd.DataFrame, *, task: Task, seed: int) -> dict[str, Any]:
     """How well site/scanner columns alone predict the target, cross-validated over subjects."""
     columns = [c for c in SITE_COLUMNS if c in subjects.columns and subjects[c].nunique(dropna=False) > 1]
     name = "Site/scanner does not predict the target"
@@ -124,7 +124,7 @@ def check_site_leakage(subjects: pd.DataFrame, *, task: str, seed: int) -> dict[
     features = OneHotEncoder(handle_unknown="ignore").fit_transform(subjects[columns].astype(str))
     y = subjects["y"].to_numpy()
     n_splits = 5
-    if get_task(task).discrete:
+    if task.discrete:
         counts = np.unique(y, return_counts=True)[1]
         n_splits = int(min(n_splits, counts.min()))
         if n_splits < 2:

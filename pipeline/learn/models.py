@@ -1,8 +1,8 @@
 """The model registry: an architecture name and its arguments rebuild the network exactly.
 
-Every model takes a ``(batch, 1, X, Y, Z)`` volume and returns ``(batch, n_outputs)`` logits or
-values. The first layer halves the resolution: on CPU a full-resolution stem costs ~10x more for
-no measurable gain at 2 mm (monai's ResNets likewise get ``conv1_t_stride=2``).
+Every model takes a ``(batch, C, X, Y, Z)`` volume (``C``: the input channels, one image kind each; one
+today) and returns ``(batch, n_outputs)`` logits or values. The first layer halves the resolution: on CPU a
+full-resolution stem costs ~10x more for no measurable gain at 2 mm (monai's ResNets likewise get ``conv1_t_stride=2``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class ModelConfig:
     n_outputs: int
     in_shape: tuple[int, int, int]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Input channels (one per image kind of the model package's ``input.channels``).
+    in_channels: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -39,6 +41,7 @@ class ModelConfig:
             n_outputs=int(data["n_outputs"]),
             in_shape=tuple(int(x) for x in data["in_shape"]),  # type: ignore[arg-type]
             kwargs=dict(data.get("kwargs", {})),
+            in_channels=int(data.get("in_channels", 1)),
         )
 
 
@@ -65,12 +68,13 @@ class Conv5FC3(nn.Module):
         self,
         n_outputs: int,
         *,
+        in_channels: int = 1,
         channels: tuple[int, ...] = (8, 16, 32, 64, 128),
         hidden: tuple[int, ...] = (128, 64),
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        blocks = [_conv_block(1, channels[0], stride=2, pool=False)]
+        blocks = [_conv_block(in_channels, channels[0], stride=2, pool=False)]
         blocks += [_conv_block(a, b) for a, b in itertools.pairwise(channels)]
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool3d(2)
@@ -85,27 +89,27 @@ class Conv5FC3(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-def _monai_densenet121(n_outputs: int, **kwargs: Any) -> nn.Module:
+def _monai_densenet121(n_outputs: int, in_channels: int = 1, **kwargs: Any) -> nn.Module:
     from monai.networks.nets import DenseNet121
 
-    net = DenseNet121(spatial_dims=3, in_channels=1, out_channels=n_outputs, **kwargs)
+    net = DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=n_outputs, **kwargs)
     # monai's stem is a stride-2 7^3 convolution followed by a max-pool: already reduced 4x.
     return net
 
 
 def _monai_resnet(depth: int) -> Callable[..., nn.Module]:
-    def build(n_outputs: int, **kwargs: Any) -> nn.Module:
+    def build(n_outputs: int, in_channels: int = 1, **kwargs: Any) -> nn.Module:
         from monai.networks.nets import resnet
 
         factory = {10: resnet.resnet10, 18: resnet.resnet18}[depth]
         options = {"conv1_t_stride": 2, "conv1_t_size": 7, **kwargs}
-        return factory(spatial_dims=3, n_input_channels=1, num_classes=n_outputs, **options)
+        return factory(spatial_dims=3, n_input_channels=in_channels, num_classes=n_outputs, **options)
 
     return build
 
 
 def _monai_unet(large: bool) -> Callable[..., nn.Module]:
-    def build(n_outputs: int, **kwargs: Any) -> nn.Module:
+    def build(n_outputs: int, in_channels: int = 1, **kwargs: Any) -> nn.Module:
         from monai.networks.nets import UNet
 
         options: dict[str, Any] = (
@@ -113,7 +117,8 @@ def _monai_unet(large: bool) -> Callable[..., nn.Module]:
             if large
             else {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
         )
-        return UNet(spatial_dims=3, in_channels=1, out_channels=n_outputs, norm="instance", **(options | kwargs))
+        return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_outputs, norm="instance",
+                    **(options | kwargs))  # fmt: skip
 
     return build
 
@@ -125,7 +130,7 @@ SEGMENTATION_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet-large": _monai_unet(large=True),
 }
 
-#: Architecture name -> builder(n_outputs, **kwargs).
+#: Architecture name -> builder(n_outputs, in_channels=..., **kwargs).
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "conv5fc3": Conv5FC3,
     "densenet121": _monai_densenet121,
@@ -145,12 +150,12 @@ class Standardized(nn.Module):
     feeds the network correctly.
     """
 
-    def __init__(self, net: nn.Module, in_shape: tuple[int, int, int]) -> None:
+    def __init__(self, net: nn.Module, in_shape: tuple[int, int, int], in_channels: int = 1) -> None:
         super().__init__()
         self.net = net
         self.mean: torch.Tensor
         self.scale: torch.Tensor
-        self.register_buffer("mean", torch.zeros(1, 1, *in_shape))
+        self.register_buffer("mean", torch.zeros(1, in_channels, *in_shape))
         self.register_buffer("scale", torch.ones(1))
 
     def set_reference(self, mean: torch.Tensor, scale: float) -> None:
@@ -178,7 +183,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         raise UsageError(
             f"Unknown architecture {config.architecture!r}: choose one of {', '.join(sorted(ARCHITECTURES))}."
         )
-    net = ARCHITECTURES[config.architecture](config.n_outputs, **config.kwargs)
+    net = ARCHITECTURES[config.architecture](config.n_outputs, in_channels=config.in_channels, **config.kwargs)
     if config.architecture in SEGMENTATION_ARCHITECTURES:
         return Segmenter(net)
-    return Standardized(net, config.in_shape)
+    return Standardized(net, config.in_shape, config.in_channels)

@@ -22,7 +22,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from .. import derivatives
 from ..errors import InputDataError
-from .tasks import get_task
+from .tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ class SplitSettings:
     stratify: tuple[str, ...]
 
 
-def subject_table(images: pd.DataFrame, stratify: tuple[str, ...], task: str) -> pd.DataFrame:
+def subject_table(images: pd.DataFrame, stratify: tuple[str, ...], task: Task) -> pd.DataFrame:
     """One row per subject: the target (mode or mean over sessions) and the stratification columns."""
     rows = []
     for pid, group in images.groupby("participant_id", sort=True):
         row: dict[str, Any] = {"participant_id": pid}
-        row["y"] = get_task(task).subject_target(group["y"])
+        row["y"] = task.subject_target(group["y"])
         for column in stratify:
             if column == "target":
                 continue
@@ -121,7 +121,7 @@ def identical_image_units(images: pd.DataFrame) -> dict[str, str]:
 
 
 def make_splits(
-    subjects: pd.DataFrame, settings: SplitSettings, *, task: str, units: dict[str, str] | None = None
+    subjects: pd.DataFrame, settings: SplitSettings, *, task: Task, units: dict[str, str] | None = None
 ) -> pd.DataFrame:
     """The long splits table: test rows, then a train and a validation row set per fold.
 
@@ -151,7 +151,7 @@ def make_splits(
     columns = tuple("y" if c == "target" else c for c in settings.stratify)
     n_splits = max(settings.n_folds, 2)
     key = strata(subjects, columns, min_count=n_splits) if columns else None
-    if get_task(task).discrete:
+    if task.discrete:
         smallest = subjects["y"].value_counts().min()
         if smallest < n_splits + 1:
             raise InputDataError(
@@ -218,7 +218,7 @@ def load_or_make_splits(
     subjects: pd.DataFrame,
     settings: SplitSettings,
     *,
-    task: str,
+    task: Task,
     data_fingerprint: str,
     resplit: bool,
     units: dict[str, str] | None = None,

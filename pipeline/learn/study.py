@@ -23,10 +23,11 @@ import torch
 
 from .. import derivatives
 from ..errors import InputDataError, UsageError
+from ..kinds import DEFAULT_CHANNELS
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
 from . import distributed, evaluate, leakage
-from .cohort import build_cohort, cache_cohort
+from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
 from .package import MODEL_JSON, hardware_record, write_package
@@ -38,7 +39,7 @@ from .splits import (
     load_or_make_splits,
     subject_table,
 )
-from .tasks import TASK_NAMES, get_task
+from .tasks import get_task, resolve_task_name
 from .tasks.base import Task
 from .train import (
     TargetScale,
@@ -204,17 +205,28 @@ class FoldResult:
 def gather_cohort(
     manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
 ) -> CohortStage:
-    """Stage 1: the images with a target and a model input, cached as arrays; the task resolved."""
-    named = get_task(settings.task) if settings.task in TASK_NAMES else None  # else inferred from the target
-    if named is not None:
-        _check_selection_metric(named, settings.train.selection_metric)  # before minutes of gathering
-    gather = _labelled_cohort if named is not None and named.voxelwise else _scalar_cohort
-    stage = gather(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
+    """Stage 1: the task resolved (once, for the whole study); the images it learns from, cached as arrays."""
+    task = study_task(manifest, output_dir=output_dir, qc=qc, settings=settings)
+    _check_selection_metric(task, settings.train.selection_metric)  # before minutes of gathering
+    images, classes, excluded = task.build_cohort(
+        manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings
+    )
     record = derivatives.results_path(output_dir, settings.target, settings.architecture).relative_to(output_dir)
-    for message in excluded_messages(stage.excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
+    for message in excluded_messages(excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
         LOGGER.warning(message)
-    _check_selection_metric(stage.task, settings.train.selection_metric)
-    return stage
+    return CohortStage(images=images, classes=classes, task=task, excluded=excluded)
+
+
+def study_task(manifest: pd.DataFrame, *, output_dir: Path, qc: pd.DataFrame | None, settings: StudySettings) -> Task:
+    """The task object of ``--task``; for ``auto``, the one the values of the usable images' target call for."""
+    name = settings.task
+    if name == "auto":
+        table, _ = usable_images(
+            manifest, output_dir=output_dir, target=settings.target, resolution_mm=settings.model_resolution, qc=qc,
+            exclude_qc_outliers=settings.exclude_qc_outliers, include_failed_qc=settings.include_failed_qc,
+        )  # fmt: skip
+        name = resolve_task_name(table["target"], name)
+    return get_task(name)
 
 
 #: Images left out for one reason that the log names one by one; beyond, one line names the first few.
@@ -255,61 +267,20 @@ def _check_selection_metric(task: Task, metric: str) -> None:
         )
 
 
-def _scalar_cohort(
-    manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
-) -> CohortStage:
-    cohort = build_cohort(
-        manifest,
-        output_dir=output_dir,
-        target=settings.target,
-        task=settings.task,
-        positive_class=settings.positive_class,
-        resolution_mm=settings.model_resolution,
-        qc=qc,
-        exclude_qc_outliers=settings.exclude_qc_outliers,
-        include_failed_qc=settings.include_failed_qc,
-    )
-    images = cache_cohort(cohort.table, cache_dir)
-    return CohortStage(images=images, classes=cohort.classes, task=get_task(cohort.task), excluded=cohort.excluded)
-
-
-def _labelled_cohort(
-    manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: StudySettings
-) -> CohortStage:
-    from .tasks import segmentation
-
-    if settings.labels is None or settings.label_desc is None:
-        raise UsageError(f"--task {settings.task} needs --labels DIR and --label-desc NAME (the reference labels).")
-    cohort = segmentation.build_cohort(
-        manifest,
-        output_dir=output_dir,
-        bids_dir=settings.bids_dir,
-        labels_dir=settings.labels,
-        label_desc=settings.label_desc,
-        resolution_mm=settings.model_resolution,
-        cache_dir=cache_dir,
-        qc=qc,
-        exclude_qc_outliers=settings.exclude_qc_outliers,
-        include_failed_qc=settings.include_failed_qc,
-    )
-    task = get_task(settings.task)
-    return CohortStage(images=cohort.table, classes=cohort.label_table.structures, task=task, excluded=cohort.excluded)
-
-
 def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySettings) -> SplitStage:
     """Stage 2: subject-level splits (made or reused) and the leakage checks; leaking splits stop here."""
     images, task = stage.images, stage.task
     stratify = settings.stratify or (("target",) if task.stratify_by_target else ())
     columns = tuple(c for c in stratify if c != "target")
     site_columns = tuple(c for c in leakage.SITE_COLUMNS if c in images.columns)
-    subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task.name)
+    subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task)
     split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
     run_dir = derivatives.study_dir(output_dir, settings.target, settings.architecture)
     splits, reused = load_or_make_splits(
         run_dir.parent,
         subjects,
         split_settings,
-        task=task.name,
+        task=task,
         data_fingerprint=fingerprint(images),
         resplit=settings.resplit,
         units=identical_image_units(images),
@@ -321,9 +292,8 @@ def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySett
         leakage.check_subject_overlap(splits),
         leakage.check_identical_images(images, splits),
         near_check,
+        *task.leakage_checks(subjects, seed=settings.train.seed),
     ]
-    if not task.voxelwise:  # a label image per voxel: no one value that a site could predict
-        checks.append(leakage.check_site_leakage(subjects, task=task.name, seed=settings.train.seed))
     for check in checks:
         log = LOGGER.warning if check["result"] != "pass" else LOGGER.info
         log("Leakage check '%s': %s%s", check["name"], check["result"], "".join(f"; {d}" for d in check["details"]))
@@ -356,57 +326,16 @@ def train_fold(
         "test": images[images["participant_id"].isin(split.members(0)["test"])],
     }
     scale = task.target_scale(rows["train"]["y"].to_numpy())
-    fold_settings = dataclasses.replace(
-        settings.train,
-        n_outputs=model_config.n_outputs,
-        seed=derived_seed(settings.train.seed, fold),
-    )
     torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
     network = build_model(model_config)
     data = {name: _data(task, part, settings, model_config) for name, part in rows.items()}
     if task.standardize_inputs:
         network.set_reference(*reference_image(data["train"]))  # type: ignore[operator]
-    fold_dir = split.run_dir / f"fold-{fold}"
-    label = f"fold {fold + 1}/{split.n_folds} " if split.n_folds > 1 else ""
-    key = fold_key(settings, split, fold)
-    finished = fold_finished(fold_dir, key)
-    if finished:
-        LOGGER.info("%sfinished earlier with these settings and splits (%s): reused", label, fold_dir / FOLD_RECORD)
-    job = {
-        "network": network,
-        "train": data["train"],
-        "settings": fold_settings,
-        "task": task,
-        "run_dir": fold_dir,
-        "scale": scale,
-        "resume": settings.resume or finished,  # a finished fit returns at once from its checkpoint
-        "label": label,
-    }
-    distributed.share_job(job)  # the other ranks of a distributed run fit the same job with this one
-    result = fit(
-        network,
-        data["train"],
-        data["validation"],
-        fold_settings,
-        task=task,
-        run_dir=fold_dir,
-        device=device,
-        scale=scale,
-        resume=job["resume"],
-        label=label,
-        tensorboard=settings.tensorboard,
-    )
-    distributed.job_done()
-    if not finished:
-        derivatives.write_json(
-            fold_dir / FOLD_RECORD,
-            {"fold": fold, **key, "epochs": len(result.history), "stopped_early": result.stopped_early,
-             "world_size": distributed.current().size,
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-        )  # fmt: skip
-    best_path = fold_dir / f"best-{settings.train.selection_metric}.safetensors"
+    result = _fit_fold(fold, network, data, task=task, split=split, settings=settings, model_config=model_config,
+                       scale=scale, device=device)  # fmt: skip
+    best_path = split.run_dir / f"fold-{fold}" / f"best-{settings.train.selection_metric}.safetensors"
     if not best_path.exists():  # e.g. AUC undefined on every epoch: fall back to the loss
-        best_path = fold_dir / "best-loss.safetensors"
+        best_path = best_path.with_name("best-loss.safetensors")
     load_weights(network, best_path)
     network.to(device)
     outputs = {
@@ -436,6 +365,46 @@ def train_fold(
     )
 
 
+def _fit_fold(
+    fold: int, network: torch.nn.Module, data: dict[str, Any], *, task: Task, split: SplitStage,
+    settings: StudySettings, model_config: ModelConfig, scale: TargetScale, device: torch.device,
+) -> Any:  # fmt: skip
+    """Fit one fold (shared with the other ranks of a distributed run); a fold that finished earlier with these
+    settings and splits is reused from its checkpoint. Returns the :class:`~pipeline.learn.train.FitResult`."""
+    fold_settings = dataclasses.replace(
+        settings.train, n_outputs=model_config.n_outputs, seed=derived_seed(settings.train.seed, fold)
+    )
+    fold_dir = split.run_dir / f"fold-{fold}"
+    label = f"fold {fold + 1}/{split.n_folds} " if split.n_folds > 1 else ""
+    key = fold_key(settings, split, fold)
+    finished = fold_finished(fold_dir, key)
+    if finished:
+        LOGGER.info("%sfinished earlier with these settings and splits (%s): reused", label, fold_dir / FOLD_RECORD)
+    job = {
+        "network": network,
+        "train": data["train"],
+        "settings": fold_settings,
+        "task": task,
+        "run_dir": fold_dir,
+        "scale": scale,
+        "resume": settings.resume or finished,  # a finished fit returns at once from its checkpoint
+        "label": label,
+    }
+    distributed.share_job(job)  # the other ranks of a distributed run fit the same job with this one
+    result = fit(network, data["train"], data["validation"], fold_settings, task=task, run_dir=fold_dir,
+                 device=device, scale=scale, resume=job["resume"], label=label,
+                 tensorboard=settings.tensorboard)  # fmt: skip
+    distributed.job_done()
+    if not finished:
+        derivatives.write_json(
+            fold_dir / FOLD_RECORD,
+            {"fold": fold, **key, "epochs": len(result.history), "stopped_early": result.stopped_early,
+             "world_size": distributed.current().size,
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )  # fmt: skip
+    return result
+
+
 def run_study(
     manifest: pd.DataFrame,
     *,
@@ -462,6 +431,7 @@ def run_study(
         architecture=settings.architecture,
         n_outputs=cohort.task.n_outputs(cohort.classes),
         in_shape=tuple(int(s) for s in np.load(cohort.images["array"].iloc[0], mmap_mode="r").shape[-3:]),  # type: ignore[arg-type]
+        in_channels=len(DEFAULT_CHANNELS),
     )
     progress = Progress("folds", len(selected), logger=LOGGER, log_every_s=0)  # a line as each fold ends
     folds = []
@@ -537,67 +507,20 @@ def assemble(
 ) -> dict[str, Any]:
     """Stage 4: the fold ensemble on the test set, the prediction table, the package and ``results.json``."""
     task, images, run_dir = cohort.task, cohort.images, split.run_dir
-    test_rows = images[images["participant_id"].isin(split.members(0)["test"])]
-    tables = [table for fold in folds for table in fold.predictions]
-    # The ensemble: mean of the folds' outputs; its threshold chosen on the pooled validation predictions.
-    pooled = pd.concat([t for t in tables if t["split"].iloc[0] == "validation"], ignore_index=True)
-    ensemble_threshold = 0.5
-    if task.discrete:
-        pooled_outputs = np.concatenate([f.validation_output for f in folds])
-        ensemble_threshold = task.choose_threshold(pooled["y"].to_numpy(), pooled_outputs)
-    validation = [
-        (images[images["participant_id"].isin(split.members(f.fold)["validation"])], f.validation_output) for f in folds
-    ]
-    postprocessing = task.postprocessing(validation)
-    ensemble = task.postprocessed(task.ensemble([f.test_output for f in folds]), postprocessing)
-    tables.append(_prediction_table(task, test_rows, ensemble, "test", "ensemble", cohort.classes, ensemble_threshold))
-    predictions = pd.concat(tables, ignore_index=True)
-    test_eval = _evaluate(task, test_rows, ensemble, ensemble_threshold, seed=settings.train.seed, ci=True)
-    extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings)
-    _write_case_scores(run_dir, folds, test_eval, extra)
+    ensemble_threshold, postprocessing, predictions, test_eval, extra = _ensemble_on_test(cohort, split, folds,
+                                                                                          settings)  # fmt: skip
     validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
     test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
-
     table = predictions.to_csv(sep="\t", index=False, float_format="%.6g")
     derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"], table)
-    record = _model_record(
-        settings=settings,
-        task=task,
-        classes=cohort.classes,
-        model_config=model_config,
-        images=images,
-        splits=split.splits,
-        threshold=ensemble_threshold,
-        folds=folds,
-        metrics={"validation_folds": validation_summary, "test_folds": test_fold_summary, "test": test_eval},
-        manifest_sha256=manifest_sha256,
-    )
+    metrics = {"validation_folds": validation_summary, "test_folds": test_fold_summary, "test": test_eval}
+    record = _model_record(settings=settings, task=task, classes=cohort.classes, model_config=model_config,
+                           images=images, splits=split.splits, threshold=ensemble_threshold, folds=folds,
+                           metrics=metrics, manifest_sha256=manifest_sha256)  # fmt: skip
     record.update(postprocessing)
-    env = {
-        **environment,
-        "hardware": hardware_record(),
-        "determinism": determinism_record(device, settings.train.amp),
-        "distributed": distributed.current().record(),
-        "seed": settings.train.seed,
-    }
-    files: dict[str, Any] = {
-        "config.json": config_record,
-        "environment.json": env,
-        "splits.tsv": run_dir.parent / "splits.tsv",
-        "splits.json": run_dir.parent / "splits.json",
-        "predictions.tsv": run_dir / derivatives.STUDY_OUTPUTS["predictions"],
-    }
-    if (run_dir / CASE_SCORES).exists():
-        files[CASE_SCORES] = run_dir / CASE_SCORES
-    for fold in folds:
-        history = derivatives.STUDY_OUTPUTS["history"]
-        files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / history
-    package = write_package(
-        output_dir / "models",
-        record=record,
-        weights={f"fold-{f.fold}.safetensors": f.weights for f in folds},
-        files=files,
-    )
+    env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
+           "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
+    package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env)
     LOGGER.info("Model package: %s", package)
     results = {
         "target": settings.target,
@@ -628,6 +551,53 @@ def assemble(
     }
     derivatives.write_json(run_dir / RESULTS, results)
     return results
+
+
+def _ensemble_on_test(
+    cohort: CohortStage, split: SplitStage, folds: list[FoldResult], settings: StudySettings
+) -> tuple[float, dict[str, Any], pd.DataFrame, dict[str, Any], dict[str, Any]]:
+    """The fold ensemble (the mean of the folds' outputs; its threshold and post-processing chosen on every fold's
+    validation outputs pooled) on the test set: threshold, post-processing, the prediction table of every fold and
+    split and the ensemble, the test evaluation, and the task's extra results (case scores written)."""
+    task, images, run_dir = cohort.task, cohort.images, split.run_dir
+    test_rows = images[images["participant_id"].isin(split.members(0)["test"])]
+    validation = [
+        (images[images["participant_id"].isin(split.members(f.fold)["validation"])], f.validation_output) for f in folds
+    ]
+    threshold = task.pooled_threshold(validation)
+    postprocessing = task.postprocessing(validation)
+    ensemble = task.postprocessed(task.ensemble([f.test_output for f in folds]), postprocessing)
+    tables = [table for fold in folds for table in fold.predictions]
+    tables.append(_prediction_table(task, test_rows, ensemble, "test", "ensemble", cohort.classes, threshold))
+    test_eval = _evaluate(task, test_rows, ensemble, threshold, seed=settings.train.seed, ci=True)
+    extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings)
+    _write_case_scores(run_dir, folds, test_eval, extra)
+    return threshold, postprocessing, pd.concat(tables, ignore_index=True), test_eval, extra
+
+
+def _write_study_package(
+    output_dir: Path, run_dir: Path, folds: list[FoldResult], *, record: dict[str, Any],
+    config_record: dict[str, Any], env: dict[str, Any],
+) -> Path:  # fmt: skip
+    """The model package: ``model.json``, each fold's kept weights, and the evidence they came from."""
+    files: dict[str, Any] = {
+        "config.json": config_record,
+        "environment.json": env,
+        "splits.tsv": run_dir.parent / "splits.tsv",
+        "splits.json": run_dir.parent / "splits.json",
+        "predictions.tsv": run_dir / derivatives.STUDY_OUTPUTS["predictions"],
+    }
+    if (run_dir / CASE_SCORES).exists():
+        files[CASE_SCORES] = run_dir / CASE_SCORES
+    for fold in folds:
+        history = derivatives.STUDY_OUTPUTS["history"]
+        files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / history
+    return write_package(
+        output_dir / "models",
+        record=record,
+        weights={f"fold-{f.fold}.safetensors": f.weights for f in folds},
+        files=files,
+    )
 
 
 def _write_case_scores(
@@ -671,8 +641,7 @@ def _evaluate(task: Task, rows: pd.DataFrame, outputs: Any, threshold: float, *,
 def _prediction_table(
     task: Task, rows: pd.DataFrame, outputs: np.ndarray, split: str, fold: str, classes: list[str], threshold: float
 ) -> pd.DataFrame:
-    columns = ["participant_id", "session_id", "source", "target", "y", *(["label_array"] if task.voxelwise else [])]
-    table = rows[columns].copy()
+    table = rows[list(task.prediction_row_columns)].copy()
     table.insert(3, "split", split)
     table.insert(4, "fold", fold)
     return task.prediction_columns(table, outputs, classes, threshold)
@@ -755,6 +724,7 @@ def _model_record(
         "threshold": threshold,
         "model": model_config.to_dict(),
         "input": {
+            "channels": list(DEFAULT_CHANNELS),  # the image kinds fed as channels, in order
             "space": TEMPLATE_SPACE,
             "resolution_mm": settings.model_resolution,
             "res": resolution_label(settings.model_resolution),

@@ -34,7 +34,7 @@ from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
 from . import distributed, memory
 from .data import Volumes, batches, derived_seed
-from .tasks.base import NO_SCALE, TargetScale, Task
+from .tasks.base import NO_SCALE, Criterion, TargetScale, Task
 
 __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
 
@@ -249,12 +249,99 @@ def fit(
     tensorboard: bool = False,
 ) -> FitResult:
     """Fit ``model``; write ``checkpoint.pt`` every epoch, ``best-<metric>.safetensors`` and ``history.tsv``.
-
-    With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once).
-    In a distributed run every rank calls this with the same job; each trains on its share of every
-    batch and only rank 0 validates and writes (:mod:`.distributed`).
-    """
+    With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once). In a distributed
+    run every rank calls this with the same job; each trains on its share of every batch and only rank 0
+    validates and writes (:mod:`.distributed`). The loop is over small parts: :func:`_resume`, :func:`_training_module`
+    (pre-flight, residency, DDP, compile), :func:`_train_epoch`, :func:`_validate`, :func:`_select`, the checkpoint."""
     world = distributed.current()
+    run = _start(model, train, settings, task=task, device=device, world=world, run_dir=run_dir)
+    checkpoint_path = run_dir / CHECKPOINT
+    score_key = f"val_{run.metrics[1] if len(run.metrics) > 1 else 'loss'}"  # the score whose course is projected
+    if resume and checkpoint_path.exists():
+        finished = _resume(run, checkpoint_path, world=world, label=label)
+        if finished is not None:  # the fit had ended: its record, nothing trained
+            return FitResult(run.history, run.best, run_dir, finished,
+                             projection(run.history, score_key, settings.epochs, task.metric_ranges))  # fmt: skip
+    trained = _training_module(run.model, train, settings, device=device, world=world, label=label,
+                               start_epoch=run.start_epoch)  # fmt: skip
+    writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
+    stopped_early = False
+    for epoch in range(run.start_epoch, settings.epochs):
+        started = time.monotonic()
+        total, seen, lr = _train_epoch(run, trained, train, settings, epoch=epoch, task=task, scale=scale,
+                                       device=device, world=world, label=label)  # fmt: skip
+        _check_finite(total, epoch=epoch, lr=lr, precision=run.precision, label=label, run_dir=run_dir)
+        if world.main:  # rank 0 validates, writes and decides whether to go on
+            assert val is not None, "the validation set is needed where the model is validated (rank 0)"
+            row, scores = _validate(run, val, task=task, device=device, scale=scale, run_dir=run_dir, epoch=epoch)
+            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **row, "lr": lr,
+                   "epoch_time_s": time.monotonic() - started}  # fmt: skip
+            run.history.append(row)
+            stopped_early = _select(run, scores, settings, task=task, epoch=epoch, run_dir=run_dir, label=label)
+            finished = stopped_early or epoch + 1 == settings.epochs
+            _save_checkpoint(checkpoint_path, run.checkpoint(epoch, world.size, finished, stopped_early, settings))
+            _write_history(run_dir / derivatives.STUDY_OUTPUTS["history"], run.history)
+            _report_epoch(run, row, scores, settings, writer=writer, label=label, epoch=epoch,
+                          outlook=projection(run.history, score_key, settings.epochs, task.metric_ranges),
+                          on_epoch_end=on_epoch_end)  # fmt: skip
+        if world.active:
+            stopped_early = distributed.broadcast_flag(stopped_early, device)
+        if stopped_early:
+            break
+    if writer is not None:
+        writer.close()
+    outlook = projection(run.history, score_key, settings.epochs, task.metric_ranges)
+    return FitResult(run.history, run.best, run_dir, stopped_early, outlook)
+
+
+@dataclass
+class _Run:
+    """One fit's state from epoch to epoch: the model, what optimises it, and its record so far."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: Any  # torch.optim.swa_utils.AveragedModel, or None
+    criterion: Criterion
+    weights: np.ndarray | None
+    precision: Precision
+    metrics: list[str]
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    start_epoch: int = 0
+    bad_epochs: int = 0
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What is validated, kept and packaged: the EMA of the weights (``--ema``), else the weights."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint(
+        self, epoch: int, world_size: int, finished: bool, stopped_early: bool, settings: TrainSettings
+    ) -> dict[str, Any]:
+        """Everything a resumed run needs to end where an uninterrupted one does (no code: ``weights_only``)."""
+        return {
+            "world_size": world_size,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "history": self.history,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "finished": finished,
+            "stopped_early": stopped_early,
+            "settings": settings.to_dict(),
+            "rng": _rng_states(),
+        }
+
+
+def _start(
+    model: nn.Module, train: Volumes, settings: TrainSettings, *, task: Task, device: torch.device,
+    world: distributed.World, run_dir: Path,
+) -> _Run:  # fmt: skip
+    """The model on its device, its optimiser, schedule, loss and (``--ema``) weight average; the run folder."""
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_for(device, settings.amp)
@@ -265,40 +352,48 @@ def fit(
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.lr / 100)
-    criterion = task.loss(train.targets, settings.n_outputs, settings.class_weighting)
-    weights = task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting)
-    metrics = ["loss", *task.metrics(settings.n_outputs)]
-    score_key = f"val_{metrics[1] if len(metrics) > 1 else 'loss'}"  # the score whose course is projected
     ema = None
     if settings.ema:  # validated, kept and packaged instead of the raw weights
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
-    evaluated = ema.module if ema is not None else model
-    history: list[dict[str, Any]] = []
-    best: dict[str, dict[str, float]] = {}
-    start_epoch, bad_epochs = 0, 0
-    checkpoint_path = run_dir / CHECKPOINT
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history, best = state["history"], state["best"]
-        start_epoch, bad_epochs = int(state["epoch"]) + 1, int(state["bad_epochs"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state.get("finished"):
-            outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
-            return FitResult(history, best, run_dir, bool(state.get("stopped_early")), outlook)
-        if int(state.get("world_size", 1)) != world.size:
-            raise InputDataError(
-                f"The checkpoint {checkpoint_path} was written by a run of {state.get('world_size', 1)} process(es); "
-                f"this run has {world.size}. Each process's share of the batches depends on their number: resume "
-                f"with {state.get('world_size', 1)} process(es), or run without --resume to train this fold anew."
-            )
-        LOGGER.info("%sresuming after epoch %d (%s)", label, start_epoch, checkpoint_path)
+    return _Run(
+        model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, precision=precision,
+        criterion=task.loss(train.targets, settings.n_outputs, settings.class_weighting),
+        weights=task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting),
+        metrics=["loss", *task.metrics(settings.n_outputs)],
+    )  # fmt: skip
+
+
+def _resume(run: _Run, path: Path, *, world: distributed.World, label: str) -> bool | None:
+    """Load the checkpoint into ``run``; a finished fit returns whether it stopped early, else None."""
+    state = load_checkpoint(path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.history, run.best = state["history"], state["best"]
+    run.start_epoch, run.bad_epochs = int(state["epoch"]) + 1, int(state["bad_epochs"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state.get("finished"):
+        return bool(state.get("stopped_early"))
+    if int(state.get("world_size", 1)) != world.size:
+        raise InputDataError(
+            f"The checkpoint {path} was written by a run of {state.get('world_size', 1)} process(es); "
+            f"this run has {world.size}. Each process's share of the batches depends on their number: resume "
+            f"with {state.get('world_size', 1)} process(es), or run without --resume to train this fold anew."
+        )
+    LOGGER.info("%sresuming after epoch %d (%s)", label, run.start_epoch, path)
+    return None
+
+
+def _training_module(
+    model: nn.Module, train: Volumes, settings: TrainSettings, *, device: torch.device, world: distributed.World,
+    label: str, start_epoch: int,
+) -> nn.Module:  # fmt: skip
+    """What the training step runs, decided before the loop: the memory pre-flight (a step that cannot fit stops
+    here, with what to do), the cohort resident on a GPU when it fits easily, DDP across ranks, ``torch.compile``."""
     shape = tuple(train.batch(np.array([0]))[0].shape[2:])
     needed = memory.check_fits(
         memory.footprint(model, shape),
@@ -321,130 +416,118 @@ def fit(
         trained = nn.parallel.DistributedDataParallel(model, device_ids=gpus)
     if settings.compile:
         trained = torch.compile(trained)  # type: ignore[assignment]
-    writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
-    stopped_early = False
-    for epoch in range(start_epoch, settings.epochs):
-        started = time.monotonic()
-        torch.manual_seed(derived_seed(settings.seed, epoch, 1))  # dropout of this epoch
-        model.train()
-        order = train.epoch_order(epoch=epoch, seed=settings.seed, weights=weights)
-        progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
-        total, seen = 0.0, 0
-        made = _epoch_batches(train, order, settings, epoch, world, device)
-        for chunk, mine, x, y in prefetch(made, loader_threads(device)):
-            x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with precision.autocast(device):
-                loss = criterion(trained(x), y)
-            if world.active:  # DDP averages the ranks' gradients: weigh each by its share of the batch
-                loss = loss * (len(mine) * world.size / len(chunk))
-            if precision.scaler is not None:
-                precision.scaler.scale(loss).backward()
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            total += float(loss.detach()) * len(chunk) / world.size
-            seen += len(chunk)
-            progress.update(seen, f"loss {total / seen:.3f}")
-        progress.close()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        if world.active:
-            total = distributed.reduce_sum([total], device)[0]
-        if not math.isfinite(total):  # every rank sees the same sum: all stop together
-            raise TrainingDiverged(
-                f"{label}epoch {epoch + 1}: the training loss became {total} (learning rate {lr:g}, "
-                f"{precision.name} training steps); this epoch was not kept ({run_dir}: the checkpoint of the epoch "
-                "before is). Train again without --resume with a lower --lr" + (" or --no-amp." if precision.enabled
-                else ".")
-            )
-        if not world.main:  # rank 0 validates, writes and decides whether to go on
-            stopped_early = distributed.broadcast_flag(False, device)
-            if stopped_early:
-                break
+    return trained
+
+
+def _train_epoch(
+    run: _Run, trained: nn.Module, train: Volumes, settings: TrainSettings, *, epoch: int, task: Task,
+    scale: TargetScale, device: torch.device, world: distributed.World, label: str,
+) -> tuple[float, int, float]:  # fmt: skip
+    """One epoch of optimiser steps: the summed loss (over every rank), the images seen here, the learning rate."""
+    torch.manual_seed(derived_seed(settings.seed, epoch, 1))  # dropout of this epoch
+    run.model.train()
+    order = train.epoch_order(epoch=epoch, seed=settings.seed, weights=run.weights)
+    progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
+    precision, optimizer = run.precision, run.optimizer
+    total, seen = 0.0, 0
+    for chunk, mine, x, y in prefetch(_epoch_batches(train, order, settings, epoch, world, device),
+                                      loader_threads(device)):  # fmt: skip
+        x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            loss = run.criterion(trained(x), y)
+        if world.active:  # DDP averages the ranks' gradients: weigh each by its share of the batch
+            loss = loss * (len(mine) * world.size / len(chunk))
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        total += float(loss.detach()) * len(chunk) / world.size
+        seen += len(chunk)
+        progress.update(seen, f"loss {total / seen:.3f}")
+    progress.close()
+    lr = optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    if world.active:
+        total = distributed.reduce_sum([total], device)[0]
+    return total, seen, lr
+
+
+def _check_finite(
+    total: float, *, epoch: int, lr: float, precision: Precision, label: str, run_dir: Path
+) -> None:  # fmt: skip
+    """A loss that is no longer a number stops training (every rank sees the same sum: all stop together)."""
+    if not math.isfinite(total):
+        raise TrainingDiverged(
+            f"{label}epoch {epoch + 1}: the training loss became {total} (learning rate {lr:g}, "
+            f"{precision.name} training steps); this epoch was not kept ({run_dir}: the checkpoint of the epoch "
+            "before is). Train again without --resume with a lower --lr" + (" or --no-amp." if precision.enabled
+            else ".")
+        )  # fmt: skip
+
+
+def _validate(
+    run: _Run, val: Volumes, *, task: Task, device: torch.device, scale: TargetScale, run_dir: Path, epoch: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The validation scores of this epoch's weights (``val_``-prefixed for the history, and as they are)."""
+    outputs = predict(run.evaluated, val, task=task, device=device, scale=scale)  # fp32, as the package is used
+    scores = {
+        "loss": task.validation_loss(run.criterion, outputs, val.targets, scale),
+        **task.validation_scores(outputs, val.targets),
+    }
+    task.after_validation(outputs, val, run_dir=run_dir, epoch=epoch + 1)
+    return {f"val_{k}": v for k, v in scores.items()}, scores
+
+
+def _select(
+    run: _Run, scores: dict[str, float], settings: TrainSettings, *, task: Task, epoch: int, run_dir: Path,
+    label: str = "",
+) -> bool:
+    """Keep the weights of each metric's best epoch (``best-<metric>.safetensors``); whether to stop early (no
+    better selection metric for ``--patience`` epochs)."""
+    improved_selection = False
+    for metric in run.metrics:
+        value = scores.get(metric)
+        if value is None or not np.isfinite(value):
             continue
-        assert val is not None, "the validation set is needed where the model is validated (rank 0)"
-        outputs = predict(evaluated, val, task=task, device=device, scale=scale)  # fp32, as the package is used
-        scores = {
-            "loss": task.validation_loss(criterion, outputs, val.targets, scale),
-            **task.validation_scores(outputs, val.targets),
-        }
-        task.after_validation(outputs, val, run_dir=run_dir, epoch=epoch + 1)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(seen, 1),
-            **{f"val_{k}": v for k, v in scores.items()},
-            "lr": lr,
-            "epoch_time_s": time.monotonic() - started,
-        }
-        history.append(row)
-        outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
-        improved_selection = False
-        for metric in metrics:
-            value = scores.get(metric)
-            if value is None or not np.isfinite(value):
-                continue
-            previous = best.get(metric)
-            better = previous is None or (
-                value > previous["value"] if task.direction[metric] else value < previous["value"]
-            )
-            if better:
-                best[metric] = {"value": float(value), "epoch": epoch + 1}
-                save_weights(evaluated, run_dir / f"best-{metric}.safetensors")
-                improved_selection |= metric == settings.selection_metric
-        bad_epochs = 0 if improved_selection else bad_epochs + 1
-        stopped_early = bad_epochs >= settings.patience and epoch + 1 < settings.epochs
-        finished = stopped_early or epoch + 1 == settings.epochs
-        _save_checkpoint(
-            checkpoint_path,
-            {
-                "world_size": world.size,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-                "history": history,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "finished": finished,
-                "stopped_early": stopped_early,
-                "settings": settings.to_dict(),
-                "rng": _rng_states(),
-            },
-        )
-        _write_history(run_dir / derivatives.STUDY_OUTPUTS["history"], history)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, epoch + 1)
-        eta = np.mean([r["epoch_time_s"] for r in history]) * (settings.epochs - epoch - 1)
-        LOGGER.info(
-            "%sepoch %d/%d: train loss %.4f, %s, %.1f s; ETA %.0f s%s",
-            label,
-            epoch + 1,
-            settings.epochs,
-            row["train_loss"],
-            ", ".join(f"val {k} {v:.4f}" for k, v in scores.items() if k in metrics),
-            row["epoch_time_s"],
-            eta,
-            f"; {outlook['text']}" if outlook else "",
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
-        if world.active:
-            distributed.broadcast_flag(stopped_early, device)
-        if stopped_early:
-            LOGGER.info("%sno better %s for %d epochs: stopping early", label, settings.selection_metric, bad_epochs)
-            break
+        previous = run.best.get(metric)
+        larger_is_better = task.direction[metric]
+        better = previous is None or (value > previous["value"] if larger_is_better else value < previous["value"])
+        if better:
+            run.best[metric] = {"value": float(value), "epoch": epoch + 1}
+            save_weights(run.evaluated, run_dir / f"best-{metric}.safetensors")
+            improved_selection |= metric == settings.selection_metric
+    run.bad_epochs = 0 if improved_selection else run.bad_epochs + 1
+    stop = run.bad_epochs >= settings.patience and epoch + 1 < settings.epochs
+    if stop:
+        LOGGER.info("%sno better %s for %d epochs: stopping early", label, settings.selection_metric, run.bad_epochs)
+    return stop
+
+
+def _report_epoch(
+    run: _Run, row: dict[str, Any], scores: dict[str, float], settings: TrainSettings, *, writer: Any, label: str,
+    epoch: int, outlook: dict[str, Any] | None, on_epoch_end: Callable[[int], None] | None = None,
+) -> None:  # fmt: skip
+    """The epoch's log line (scores, time, ETA, where the score is heading), its TensorBoard scalars, and the
+    caller's ``on_epoch_end``."""
     if writer is not None:
-        writer.close()
-    outlook = projection(history, score_key, settings.epochs, task.metric_ranges)
-    return FitResult(history, best, run_dir, stopped_early, outlook)
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, epoch + 1)
+    eta = np.mean([r["epoch_time_s"] for r in run.history]) * (settings.epochs - epoch - 1)
+    LOGGER.info(
+        "%sepoch %d/%d: train loss %.4f, %s, %.1f s; ETA %.0f s%s",
+        label, epoch + 1, settings.epochs, row["train_loss"],
+        ", ".join(f"val {k} {v:.4f}" for k, v in scores.items() if k in run.metrics),
+        row["epoch_time_s"], eta, f"; {outlook['text']}" if outlook else "",
+    )  # fmt: skip
+    if on_epoch_end is not None:
+        on_epoch_end(epoch + 1)
 
 
 #: The share of a GPU's free memory (after the training step's) that may hold the training cohort.

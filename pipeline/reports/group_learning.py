@@ -107,7 +107,7 @@ def _worst(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
     cases = []
     for case in results["worst"]:
         case = dict(case)
-        path = derivatives.named_path(output_dir, case["source"], "t1w_model", model_resolution=resolution)
+        path = derivatives.named_path(output_dir, case["source"], "preproc_model", model_resolution=resolution)
         case["figure"] = None
         if path.exists():
             try:

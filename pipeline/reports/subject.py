@@ -74,7 +74,7 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     audit = _read_json(find("audit")) or {}
     iqm_record = _read_json(find("iqm")) or {}
     registration = _read_json(derivatives.sidecar_of(find("xfm"))) or {}
-    template = _read_json(derivatives.sidecar_of(find("t1w_template"))) or {}
+    template = _read_json(derivatives.sidecar_of(find("preproc_template"))) or {}
     figure = lambda desc: _png(find(f"fig_{desc}"))  # noqa: E731
     metrics = []
     for key, label, better in METRICS:

@@ -9,7 +9,7 @@ from typing import Any
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from ..interfaces.audit import AuditT1w
+from ..interfaces.audit import AuditImage
 from ..interfaces.derivatives import DerivativesSink, sink_inputs
 from ..interfaces.inference import MaskSurface, RunInference, RunSegmentation
 from ..interfaces.preprocess import (
@@ -54,7 +54,7 @@ def init_anat_audit_wf(*, bids_dir: Path, output_dir: Path, name: str = "anat_au
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["audit_record", "readable"]), name="outputnode")
-    audit = pe.Node(AuditT1w(bids_dir=str(bids_dir)), name="audit")
+    audit = pe.Node(AuditImage(bids_dir=str(bids_dir)), name="audit")
     ds_audit = pe.Node(
         DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), **sink_inputs("audit")),
         name="ds_audit",

@@ -159,7 +159,8 @@ def test_the_patterns_of_files_bids_does_not_define_match_no_bids_file():
     for name, kind in derivatives.DERIVATIVES.items():
         if kind.bids:
             continue
-        matched = {other for other, file in files.items() if fnmatch.fnmatch(file, kind.pattern)}
-        assert name in matched and not any(derivatives.DERIVATIVES[other].bids for other in matched), kind.pattern
-        if kind.entities.get("desc") != derivatives.LABEL_DESC:  # a fixed name: readers glob it, it must be unique
-            assert matched == {name}, f"{kind.pattern} matches {sorted(matched)}"
+        for pattern in kind.patterns:
+            matched = {other for other, file in files.items() if fnmatch.fnmatch(file, pattern)}
+            assert name in matched and not any(derivatives.DERIVATIVES[other].bids for other in matched), pattern
+            if kind.entities.get("desc") != derivatives.LABEL_DESC:  # a fixed name: readers glob it: unique
+                assert matched == {name}, f"{pattern} matches {sorted(matched)}"

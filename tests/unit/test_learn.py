@@ -15,6 +15,7 @@ from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import ARCHITECTURE_NAMES, cohort, evaluate, leakage, package, splits
 from pipeline.learn.models import ARCHITECTURES, Conv5FC3, ModelConfig, build_model
 from pipeline.learn.tasks import get_task
+from pipeline.learn.tasks.classification import class_labels
 from pipeline.learn.train import TrainSettings, Volumes, fit, predict, resolve_device, seed_everything
 
 SHAPE = (16, 16, 16)
@@ -184,8 +185,8 @@ def _subjects(n: int, seed: int = 0) -> pd.DataFrame:
 def test_splits_are_subject_level_stratified_and_seeded():
     subjects = _subjects(40)
     settings_ = splits.SplitSettings(test_size=0.2, n_folds=5, val_size=0.2, seed=1, stratify=("target",))
-    table = splits.make_splits(subjects, settings_, task="classification")
-    again = splits.make_splits(subjects, settings_, task="classification")
+    table = splits.make_splits(subjects, settings_, task=CLASSIFICATION)
+    again = splits.make_splits(subjects, settings_, task=CLASSIFICATION)
     pd.testing.assert_frame_equal(table, again)
     test = set(table.loc[table["split"] == "test", "participant_id"])
     assert len(test) == 8
@@ -204,21 +205,21 @@ def test_splits_are_subject_level_stratified_and_seeded():
 def test_too_few_subjects_names_the_minimum():
     settings_ = splits.SplitSettings(test_size=0.2, n_folds=5, val_size=0.2, seed=1, stratify=("target",))
     with pytest.raises(InputDataError, match="at least 13"):
-        splits.make_splits(_subjects(8), settings_, task="classification")
+        splits.make_splits(_subjects(8), settings_, task=CLASSIFICATION)
 
 
 def test_changed_data_stops_reuse_of_splits(tmp_path):
     settings_ = splits.SplitSettings(test_size=0.2, n_folds=2, val_size=0.2, seed=1, stratify=("target",))
     subjects = _subjects(20)
-    splits.load_or_make_splits(tmp_path, subjects, settings_, task="classification", data_fingerprint="a",
+    splits.load_or_make_splits(tmp_path, subjects, settings_, task=CLASSIFICATION, data_fingerprint="a",
                                resplit=False)  # fmt: skip
-    _, reused = splits.load_or_make_splits(tmp_path, subjects, settings_, task="classification",
+    _, reused = splits.load_or_make_splits(tmp_path, subjects, settings_, task=CLASSIFICATION,
                                                data_fingerprint="a", resplit=False)  # fmt: skip
     assert reused
     with pytest.raises(InputDataError, match="--resplit"):
-        splits.load_or_make_splits(tmp_path, subjects, settings_, task="classification", data_fingerprint="b",
+        splits.load_or_make_splits(tmp_path, subjects, settings_, task=CLASSIFICATION, data_fingerprint="b",
                                    resplit=False)  # fmt: skip
-    _, reused = splits.load_or_make_splits(tmp_path, subjects, settings_, task="classification", data_fingerprint="b",
+    _, reused = splits.load_or_make_splits(tmp_path, subjects, settings_, task=CLASSIFICATION, data_fingerprint="b",
                                            resplit=True)  # fmt: skip
     assert not reused
 
@@ -247,9 +248,9 @@ def test_leakage_checks_catch_a_renamed_subject_and_site_confounds():
 
     subjects = pd.DataFrame({"participant_id": [f"s{i}" for i in range(40)], "y": np.arange(40) % 2})
     subjects["site"] = np.where(subjects["y"] == 1, "A", "B")
-    assert leakage.check_site_leakage(subjects, task="classification", seed=0)["result"] == "warning"
+    assert leakage.check_site_leakage(subjects, task=CLASSIFICATION, seed=0)["result"] == "warning"
     subjects["site"] = np.where(np.arange(40) % 4 < 2, "A", "B")
-    assert leakage.check_site_leakage(subjects, task="classification", seed=0)["result"] == "pass"
+    assert leakage.check_site_leakage(subjects, task=CLASSIFICATION, seed=0)["result"] == "pass"
 
 
 def test_threshold_and_metrics():
@@ -286,7 +287,7 @@ def test_target_lookup_and_task():
     assert cohort.target_values(manifest, "age").tolist() == [71.0]
     with pytest.raises(InputDataError, match="Columns found: age"):
         cohort.target_values(manifest, "diagnosis")
-    assert cohort.class_labels(pd.Series(["AD", "CN", "CN"]), "CN") == ["AD", "CN"]
+    assert class_labels(pd.Series(["AD", "CN", "CN"]), "CN") == ["AD", "CN"]
 
 
 def test_package_refuses_tampering(tmp_path):
@@ -320,7 +321,7 @@ def test_images_that_failed_quality_control_are_left_out_unless_asked(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
     qc = pd.DataFrame({"source": sources, "qc_outlier": [False] * 4, "qc_verdict": ["pass", "fail", "flag", "pass"]})
-    common = {"output_dir": tmp_path, "target": "diagnosis", "task": "auto", "positive_class": "AD",
+    common = {"output_dir": tmp_path, "target": "diagnosis", "task": CLASSIFICATION, "positive_class": "AD",
               "resolution_mm": 2.0, "qc": qc, "exclude_qc_outliers": False}  # fmt: skip
     kept = cohort.build_cohort(manifest, **common)
     assert sources[1] not in set(kept.table["source"]) and len(kept.table) == 3  # a flagged image stays

@@ -176,3 +176,21 @@ def test_fold_selects_folds_of_a_study():
 def test_bad_fold_selection(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_args(["/in", "/out", "group", *argv])
+
+
+def test_help_shows_each_tasks_own_defaults_from_the_task_objects(run_cli):
+    """--help is generated from RunConfig and the task objects: a task's default that differs is shown beside the
+    general one, never written into a help string by hand."""
+    from pipeline.config import RunConfig
+    from pipeline.learn.tasks import get_task, task_names
+
+    code, out, _ = run_cli("--help")
+    text = " ".join(out.split())  # argparse wraps lines
+    assert code == 0
+    assert f"--lr X learning rate of AdamW (default {RunConfig.lr:g}" in text
+    for name in task_names():
+        task = get_task(name)
+        for option, value in task.defaults.items():
+            if option in ("lr", "batch_size", "architecture", "model_resolution"):
+                assert f"{name} {value:g}" in text if isinstance(value, float) else f"{name} {value}" in text
+        assert f"{name}: {', '.join(task.architectures)}" in text

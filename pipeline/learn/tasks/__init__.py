@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .base import Task
 
 #: Modules of this package that are not tasks (what every task shares).
-_SHARED_MODULES = frozenset({"base"})
+_SHARED_MODULES = frozenset({"base", "image"})
 #: The tasks of this package, by name (= module name), in name order.
 TASK_NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED_MODULES))
 #: Tasks added by :func:`register_task`.
@@ -47,7 +47,7 @@ def get_task(name: str) -> Task:
         return _REGISTERED[name]
     if name not in TASK_NAMES:
         raise UsageError(f"Unknown task {name!r}: choose one of {', '.join(task_names())}.")
-    return importlib.import_module(f"{__name__}.{name}").TASK  # type: ignore[no-any-return]
+    return importlib.import_module(f"{__name__}.{name}").TASK
 
 
 def register_task(task: Task) -> Task:
@@ -56,6 +56,11 @@ def register_task(task: Task) -> Task:
         raise UsageError(f"A task named {task.name!r} exists already: give the new task another name.")
     _REGISTERED[task.name] = task
     return task
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task added by :func:`register_task` (a test's, when it ends)."""
+    _REGISTERED.pop(name, None)
 
 
 def auto_task_names() -> tuple[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,10 +58,22 @@ class Task:
     evaluation_metrics: tuple[str, ...] = ()
     #: Test metrics a model card shows, in order.
     card_metrics: tuple[str, ...] = ()
-    #: ``probabilities`` (softmax over the output channels, averaged over folds) or ``values``.
-    output_kind: str = "values"
     #: What an exported ensemble returns (the export's sidecar).
     export_output: str = ""
+    #: The cohort table's columns that a prediction table keeps (before the task's prediction columns).
+    prediction_row_columns: tuple[str, ...] = ("participant_id", "session_id", "source", "target", "y")
+
+    # --- the cohort ----------------------------------------------------------------------------------------
+    def build_cohort(
+        self, manifest: pd.DataFrame, *, output_dir: Path, cache_dir: Path, qc: pd.DataFrame | None, settings: Any
+    ) -> tuple[pd.DataFrame, list[str], list[dict[str, str]]]:
+        """The images learned from (one row each: ``y``, cached ``array`` ...), the class names and the images
+        left out with the reason. ``settings``: the study's (:class:`~pipeline.learn.study.StudySettings`)."""
+        raise NotImplementedError
+
+    def leakage_checks(self, subjects: pd.DataFrame, *, seed: int) -> list[dict[str, Any]]:
+        """Leakage checks of this task beyond those of every task (subject overlap, identical images)."""
+        return []
 
     # --- targets -------------------------------------------------------------------------------------------
     def encode_targets(
@@ -105,9 +118,15 @@ class Task:
         raw = torch.cat([run(data.batch(chunk)[0]) for chunk in chunks(len(data), batch_size)])
         return self.postprocess(raw, scale)
 
-    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
-        """Raw network outputs ``(n, k)`` -> predictions (probabilities, or values in target units)."""
+    def outputs(self, raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
+        """The one post-processing of one network's raw outputs ``(n, k, ...)``: class probabilities, or values in
+        target units. Training's evaluation, the participant level's inference and an exported ensemble (traced)
+        all compute it here; an ensemble is the mean of its networks' outputs."""
         raise NotImplementedError
+
+    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
+        """Raw network outputs ``(n, k)`` -> predictions, as evaluation tabulates them (float64)."""
+        return self.outputs(raw, scale).numpy().astype(np.float64)
 
     def validation_loss(
         self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
@@ -156,9 +175,15 @@ class Task:
     def choose_threshold(self, y: np.ndarray, outputs: np.ndarray) -> float:
         return 0.5
 
+    def pooled_threshold(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> float:
+        """The ensemble's threshold, chosen on every fold's validation outputs ``(rows, outputs)`` pooled."""
+        return 0.5
+
     def evaluate(
         self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
     ) -> dict[str, Any]:
+        """The evaluation of ``outputs`` against ``y``: at least what :func:`pipeline.learn.evaluate.scored`
+        records (``n``, ``n_subjects``, ``metrics``, ``ci``), which reports and model cards read."""
         raise NotImplementedError
 
     def prediction_columns(
@@ -172,6 +197,18 @@ class Task:
         raise NotImplementedError
 
     # --- inference -----------------------------------------------------------------------------------------
+    def predict_participant(
+        self, spec: dict[str, Any], out_dir: Path, models: Sequence[Any], *, seen: Sequence[str], device: Any
+    ) -> dict[str, Any]:
+        """The participant level's prediction of one image by ``models`` (:class:`~pipeline.learn.ensemble.
+        LoadedModel`), written into ``out_dir``: what the inference node hands on."""
+        raise NotImplementedError
+
+    def external_evaluation(self, run: Any) -> dict[str, Any]:
+        """``group --model``: gather the participant level's predictions of ``run``
+        (:class:`~pipeline.learn.external.ExternalRun`) and evaluate them where references are given."""
+        raise NotImplementedError
+
     def attribution_score(self, outputs: torch.Tensor) -> torch.Tensor:
         """The scalar per input that saliency and Grad-CAM explain."""
         return outputs[:, 0]
@@ -180,8 +217,8 @@ class Task:
         return "predicted value"
 
     def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
-        """One fold network's raw output for one image -> its prediction."""
-        raise NotImplementedError
+        """One fold network's raw output for one image -> its prediction (:meth:`outputs`)."""
+        return self.outputs(torch.from_numpy(raw)[None], fold_scale(record, fold))[0].numpy()
 
     def prediction_fields(
         self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
@@ -207,6 +244,12 @@ class Task:
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
         """The report's panels of one evaluation; ``table`` has columns ``y`` and ``predicted``."""
         raise NotImplementedError
+
+
+def fold_scale(record: dict[str, Any], fold: int) -> TargetScale:
+    """The target scale of fold ``fold`` of the model package ``record`` (:data:`NO_SCALE` when none is recorded)."""
+    scales = record.get("target_scale") or []
+    return TargetScale(float(scales[fold]["mean"]), float(scales[fold]["sd"])) if fold < len(scales) else NO_SCALE
 
 
 def chunks(n: int, size: int) -> list[np.ndarray]:

@@ -13,8 +13,10 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from ...errors import InputDataError
+from ...reports import learning as figures
 from .. import evaluate
-from .base import Criterion, TargetScale, Task
+from .base import Criterion, TargetScale
+from .image import ImageTask
 
 
 def class_labels(values: pd.Series, positive_class: str | None) -> list[str]:
@@ -50,15 +52,17 @@ def class_of(value: Any, classes: Sequence[str]) -> str | None:
     return next((c for c in candidates if c in classes), None)
 
 
-class Classification(Task):
+class Classification(ImageTask):
     name = "classification"
     discrete = True
     direction: ClassVar[dict[str, bool]] = {"loss": False, "balanced_accuracy": True, "roc_auc": True}
     metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {
-        "loss": (0.0, math.inf), "balanced_accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0)}
+        "loss": (0.0, math.inf),
+        "balanced_accuracy": (0.0, 1.0),
+        "roc_auc": (0.0, 1.0),
+    }
     evaluation_metrics = evaluate.CLASSIFICATION_METRICS
     card_metrics = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
-    output_kind = "probabilities"
     export_output = "class probabilities (softmax, mean over folds)"
 
     def encode_targets(
@@ -103,8 +107,8 @@ class Classification(Task):
         counts = np.bincount(targets.astype(int), minlength=n_outputs).astype(np.float64)
         return 1.0 / counts[targets.astype(int)]
 
-    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
-        return torch.softmax(raw, dim=1).numpy().astype(np.float64)
+    def outputs(self, raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
+        return torch.softmax(raw, dim=1)
 
     def validation_loss(
         self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
@@ -157,9 +161,6 @@ class Classification(Task):
     def attribution_score_name(self, n_outputs: int) -> str:
         return "positive-class log-odds" if n_outputs == 2 else "predicted class logit"
 
-    def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(raw), 0).numpy()
-
     def prediction_fields(
         self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
     ) -> dict[str, Any]:
@@ -207,8 +208,6 @@ class Classification(Task):
         return "roc_auc" if n_classes == 2 else "balanced_accuracy"
 
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
-        from ...reports import learning as figures
-
         return figures.classification_panels(evaluation, classes)
 
 

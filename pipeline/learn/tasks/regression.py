@@ -12,11 +12,13 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from ...errors import InputDataError
+from ...reports import learning as figures
 from .. import evaluate
-from .base import Criterion, TargetScale, Task
+from .base import Criterion, TargetScale
+from .image import ImageTask
 
 
-class Regression(Task):
+class Regression(ImageTask):
     name = "regression"
     discrete = False
     scaled_targets = True
@@ -57,8 +59,11 @@ class Regression(Task):
     def loss_targets(self, y: torch.Tensor, scale: TargetScale) -> torch.Tensor:
         return (y - scale.mean) / scale.sd
 
+    def outputs(self, raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
+        return raw * scale.sd + scale.mean
+
     def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
-        return raw[:, 0].numpy().astype(np.float64) * scale.sd + scale.mean
+        return self.outputs(raw.double(), scale)[:, 0].numpy()  # in float64, as the targets
 
     def validation_loss(
         self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
@@ -84,11 +89,6 @@ class Regression(Task):
     def error_size(self, table: pd.DataFrame) -> pd.Series:
         return table["error"].abs()
 
-    def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
-        scales = record.get("target_scale") or []
-        scale = scales[fold] if fold < len(scales) else {"mean": 0.0, "sd": 1.0}
-        return raw * float(scale["sd"]) + float(scale["mean"])
-
     def prediction_fields(
         self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
     ) -> dict[str, Any]:
@@ -105,8 +105,6 @@ class Regression(Task):
         return "mae"
 
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
-        from ...reports import learning as figures
-
         return figures.regression_panels(table["y"], table["predicted"])
 
 

@@ -18,20 +18,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..bids.audit import load_spatial
-from ..derivatives import bids_label
-from ..errors import InputDataError
-from ..ops.mesh import mask_surface, surface_summary, write_gifti
-from .ensemble import LoadedModel, ensemble_id, model_card
-from .tasks.segmentation import (
-    image_on_grid,
-    keep_largest_components,
-    model_grid,
-    postprocessing_indices,
-    predict_volume,
-    probabilities_to_native,
-    read_transform,
-)
+from ....bids.audit import load_spatial
+from ....derivatives import bids_label
+from ....errors import InputDataError
+from ....ops.mesh import mask_surface, surface_summary, write_gifti
+from ....reports.figures import mesh_views
+from ....reports.learning import segmentation_preview
+from ...ensemble import LoadedModel, ensemble_id, model_card
+from .data import predict_volume
+from .grid import image_on_grid, model_grid, probabilities_to_native, read_transform
+from .postprocess import keep_largest_components, postprocessing_indices
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -45,8 +41,6 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
 
 def _mesh_figure(surfaces: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     """Every structure's surface in one rendering from three sides (an empty picture when none)."""
-    from ..reports.figures import mesh_views
-
     if not surfaces:
         surfaces = [(np.zeros((3, 3), np.float32), np.array([[0, 1, 2]], np.int32))]
     offsets = np.cumsum([0] + [len(v) for v, _ in surfaces[:-1]])
@@ -90,8 +84,6 @@ def segment_node(
     spec: dict[str, Any], out_dir: Path, models: Sequence[LoadedModel], *, seen: Sequence[str], device: Any
 ) -> dict[str, Any]:
     """Segment one image into ``out_dir``; returns the paths the interface hands to the sinks."""
-    from ..reports.learning import segmentation_preview
-
     check_models(models)
     record = models[0].record
     labels = {int(entry["index"]): entry["name"] for entry in record["labels"]}
@@ -111,7 +103,6 @@ def segment_node(
     raw = load_spatial(Path(spec["t1w"]))
     native = keep_largest_components(probabilities_to_native(probabilities, grid, transform, raw.affine,
                                                              raw.shape[:3]), keep)  # fmt: skip
-    voxel_ml = float(abs(np.linalg.det(raw.affine[:3, :3]))) / 1000
     outputs: dict[str, Any] = {
         "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
         "dseg_model": _save(on_grid, grid, out_dir / "dseg_model.nii"),
@@ -119,13 +110,28 @@ def segment_node(
     table = out_dir / "dseg.tsv"
     table.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in sorted(labels.items())))
     outputs["table"] = str(table)
+    structures, outputs["meshes"], surfaces = _structures(native, raw.affine, labels, out_dir)
+    outputs.update(_write_records(spec, models, structures, out_dir, seen=seen))
+    title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
+    outputs["figure"] = str(out_dir / "segmentation.png")
+    Path(outputs["figure"]).write_bytes(segmentation_preview(array, None, on_grid, title=title))
+    outputs["mesh_figure"] = str(out_dir / "segmentation_mesh.png")
+    Path(outputs["mesh_figure"]).write_bytes(_mesh_figure(surfaces))
+    return outputs
+
+
+def _structures(
+    native: np.ndarray, affine: np.ndarray, labels: dict[int, str], out_dir: Path
+) -> tuple[list[dict[str, Any]], list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """Per structure: its volume (ml) and a GIFTI surface in world millimetres (empty when none is predicted)."""
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000
     structures, meshes, surfaces = [], [], []
     for index, name in sorted(labels.items()):
         mask = native == index
         entry: dict[str, Any] = {"index": index, "name": name, "volume_ml": round(float(mask.sum()) * voxel_ml, 3)}
         path = out_dir / f"mesh_{bids_label(name)}.surf.gii"
         if mask.any():
-            vertices, faces = mask_surface(mask, raw.affine, step_size=1, sigma_mm=0.5)
+            vertices, faces = mask_surface(mask, affine, step_size=1, sigma_mm=0.5)
             entry["surface"] = surface_summary(vertices, faces)
             surfaces.append((vertices, faces))
         else:
@@ -134,7 +140,15 @@ def segment_node(
         write_gifti(vertices, faces, path, description=f"Surface of the predicted {name} (marching cubes, level 0.5)")
         meshes.append(str(path))
         structures.append(entry)
-    outputs["meshes"] = meshes
+    return structures, meshes, surfaces
+
+
+def _write_records(
+    spec: dict[str, Any], models: Sequence[LoadedModel], structures: list[dict[str, Any]], out_dir: Path, *,
+    seen: Sequence[str],
+) -> dict[str, str]:  # fmt: skip
+    """The prediction record (``prediction.json``) and the labels' sidecar metadata."""
+    record = models[0].record
     prediction = {
         "source": spec["source"],
         "participant_id": spec["participant_id"],
@@ -161,13 +175,7 @@ def segment_node(
         "PostProcessing, only the largest connected component is kept",
         "PostProcessing": record.get("postprocessing", {}),
     }
-    outputs["record"] = str(out_dir / "prediction.json")
-    outputs["metadata"] = str(out_dir / "metadata.json")
-    outputs["figure"] = str(out_dir / "segmentation.png")
-    Path(outputs["record"]).write_text(json.dumps(prediction, indent=2) + "\n")
-    Path(outputs["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
-    title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
-    Path(outputs["figure"]).write_bytes(segmentation_preview(array, None, on_grid, title=title))
-    outputs["mesh_figure"] = str(out_dir / "segmentation_mesh.png")
-    Path(outputs["mesh_figure"]).write_bytes(_mesh_figure(surfaces))
-    return outputs
+    paths = {"record": str(out_dir / "prediction.json"), "metadata": str(out_dir / "metadata.json")}
+    Path(paths["record"]).write_text(json.dumps(prediction, indent=2) + "\n")
+    Path(paths["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
+    return paths
