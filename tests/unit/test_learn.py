@@ -98,15 +98,8 @@ def test_training_is_deterministic(planted, tmp_path):
 def test_resume_after_a_kill_ends_with_the_same_weights(planted, tmp_path):
     train, val = planted
     uninterrupted = tiny_model()
-    fit(
-        uninterrupted,
-        train,
-        val,
-        settings(),
-        task=CLASSIFICATION,
-        run_dir=tmp_path / "full",
-        device=torch.device("cpu"),
-    )
+    common = {"task": CLASSIFICATION, "device": torch.device("cpu")}
+    fit(uninterrupted, train, val, settings(), run_dir=tmp_path / "full", **common)
 
     class Killed(Exception):
         pass
@@ -121,16 +114,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(planted, tmp_path):
             on_epoch_end=kill_after_epoch_2)  # fmt: skip
     assert len(pd.read_csv(tmp_path / "resumed" / "history.tsv", sep="\t")) == 2
     resumed = tiny_model()  # fresh weights: everything must come from the checkpoint
-    fit(
-        resumed,
-        train,
-        val,
-        settings(),
-        task=CLASSIFICATION,
-        run_dir=tmp_path / "resumed",
-        device=torch.device("cpu"),
-        resume=True,
-    )
+    fit(resumed, train, val, settings(), run_dir=tmp_path / "resumed", resume=True, **common)
     assert same_weights(weights_of(uninterrupted), weights_of(resumed))
     for name in ("best-loss.safetensors", "best-roc_auc.safetensors"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()

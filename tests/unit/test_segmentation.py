@@ -182,9 +182,8 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
         return build_model(ModelConfig("unet", 3, (16, 16, 16), {"channels": (4, 8), "strides": (2,)}))
 
     full = model()
-    result = fit(
-        full, train, val, settings, task=get_task("segmentation"), run_dir=tmp_path / "full", device=torch.device("cpu")
-    )
+    common = {"task": get_task("segmentation"), "device": torch.device("cpu")}
+    result = fit(full, train, val, settings, run_dir=tmp_path / "full", **common)
     assert "val_dice_2" in result.history[-1] and (tmp_path / "full" / "worst_validation.png").exists()
 
     class Killed(Exception):
@@ -195,27 +194,9 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        fit(
-            model(),
-            train,
-            val,
-            settings,
-            task=get_task("segmentation"),
-            run_dir=tmp_path / "resumed",
-            device=torch.device("cpu"),
-            on_epoch_end=kill,
-        )
+        fit(model(), train, val, settings, run_dir=tmp_path / "resumed", on_epoch_end=kill, **common)
     resumed = model()
-    fit(
-        resumed,
-        train,
-        val,
-        settings,
-        task=get_task("segmentation"),
-        run_dir=tmp_path / "resumed",
-        device=torch.device("cpu"),
-        resume=True,
-    )
+    fit(resumed, train, val, settings, run_dir=tmp_path / "resumed", resume=True, **common)
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     for name in ("best-loss.safetensors", "best-dice.safetensors"):  # the averaged weights, kept

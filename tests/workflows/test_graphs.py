@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.bids.layout import collect_t1w, index_dataset
 from pipeline.cli.parser import parse_args
+from pipeline.derivatives import SOURCE_KIND
 from pipeline.workflows.anatomical import init_anat_audit_wf, init_anat_wf
 from pipeline.workflows.base import image_key, init_bidsdl_wf, init_single_subject_wf
 from tests.helpers import make_bids
@@ -40,7 +41,7 @@ def test_anat_wf_chains_audit_preprocessing_qc_and_outputs(tmp_path):
     assert ds_model.inputs.res == "2" and ds_model.inputs.space == "MNI152NLin2009aSym"
     ds_xfm = wf.get_node("anat_derivatives_wf.ds_xfm")
     assert (ds_xfm.inputs.from_, ds_xfm.inputs.to, ds_xfm.inputs.mode, ds_xfm.inputs.suffix) == (
-        "T1w", "MNI152NLin2009aSym", "image", "xfm")  # fmt: skip
+        SOURCE_KIND, "MNI152NLin2009aSym", "image", "xfm")  # fmt: skip  (the source's kind, filled in by the writer)
     model_15 = init_anat_wf(bids_dir=tmp_path, output_dir=tmp_path, model_resolution=1.5, seed=1, omp_nthreads=1)
     assert model_15.get_node("anat_derivatives_wf.ds_t1w_model").inputs.res == "1p5"
 
