@@ -380,7 +380,7 @@ def _check_task_options(options: dict[str, Any], merged: dict[str, Any], tasks: 
         raise UsageError(f"--architecture {architecture} does not fit --task {options.get('task', 'auto')}: "
                          + (f"it is a network for {' or '.join(fits)}. " if fits else "no such network. ")
                          + "Networks: " + "; ".join(f"{t.name}: {', '.join(t.architectures)}" for t in tasks) + ".")
-    if len(tasks) == 1 and tasks[0].voxelwise:
+    if len(tasks) == 1 and tasks[0].learns_labels:
         task = tasks[0].name
         if not merged.get("labels") or not options.get("label_desc"):
             raise UsageError(

@@ -35,8 +35,8 @@ class Task:
     name: str = ""
     #: Whether targets are categories (splits stratify by class and check class counts).
     discrete: bool = False
-    #: Whether the target is a label per voxel (reference label images) rather than a value per image.
-    voxelwise: bool = False
+    #: Whether the task learns reference label images (the parser then asks for --labels and --label-desc).
+    learns_labels: bool = False
     #: Whether the network is fed ``(x - training mean image) / residual SD`` (whole-image tasks).
     standardize_inputs: bool = True
     #: Whether the splits stratify by the target when --stratify is not given.

@@ -41,7 +41,7 @@ LOGGER = logging.getLogger(__name__)
 class Segmentation(Task):
     name = "segmentation"
     discrete = False
-    voxelwise = True
+    learns_labels = True
     standardize_inputs = False
     stratify_by_target = False
     predicted_splits = ("validation", "test")
