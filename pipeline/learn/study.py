@@ -23,7 +23,7 @@ import torch
 
 from .. import derivatives
 from ..errors import InputDataError, UsageError
-from ..kinds import DEFAULT_CHANNELS
+from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
 from . import distributed, evaluate, leakage
@@ -610,7 +610,7 @@ def _write_case_scores(
             parts.append(_cases(evaluation, split, str(fold.fold), "template"))
     parts.append(_cases(test_eval, "test", "ensemble", "template"))
     if extra.get("test_native"):
-        parts.append(_cases(extra["test_native"], "test", "ensemble", "T1w"))
+        parts.append(_cases(extra["test_native"], "test", "ensemble", REFERENCE_KIND))  # each image's own grid
     tables = [p for p in parts if p is not None]
     if tables:
         table = pd.concat(tables, ignore_index=True)

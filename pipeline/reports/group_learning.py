@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import derivatives
+from ..kinds import REFERENCE_KIND
 from . import learning as figures
 from .group_tables import capped
 
@@ -149,7 +150,8 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
     if cases_path.exists():  # voxel-wise tasks: the case-wise scores in each T1w's grid
         cases = pd.read_csv(cases_path, sep="\t")
         ensemble = cases[(cases["split"] == "test") & (cases["fold"].astype(str) == "ensemble")]
-        ensemble = ensemble[ensemble["space"] == ("T1w" if (ensemble["space"] == "T1w").any() else "template")]
+        native = (ensemble["space"] == REFERENCE_KIND).any()  # each image's own grid, when scored there
+        ensemble = ensemble[ensemble["space"] == (REFERENCE_KIND if native else "template")]
     evaluation_figure = task.evaluation_figure(test, results["classes"], ensemble)
     return {
         **{k: results[k] for k in ("target", "task", "classes", "positive_class", "architecture", "package")},

@@ -19,6 +19,7 @@ from .. import derivatives
 from ..bids.layout import AnatImage
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
+from ..kinds import REFERENCE_KIND
 from .anatomical import init_anat_wf
 
 
@@ -34,7 +35,7 @@ def image_key(image: AnatImage) -> str:
     """
     parts = [f"{short}_{image.entities[k]}" for k, short in PYBIDS_ENTITIES.items()
              if short != "sub" and image.entities.get(k)]  # fmt: skip
-    return _node_name("_".join(parts)) or "T1w"
+    return _node_name("_".join(parts)) or REFERENCE_KIND
 
 
 def executed_node_names(workflow: pe.Workflow, prefix: str = "") -> list[str]:
