@@ -361,7 +361,8 @@ def _plugin(config: RunConfig, order: list[str], owners: dict[str, str], tracker
     """The Nipype plugin: participants in turn, at most ``--nprocs`` in flight (one process: one after another)."""
     from .workflows.scheduling import ParticipantsInOrder, ParticipantsInTurn
 
-    position = {owner: order.index(subject) for owner, subject in owners.items()}
+    rank = {subject: i for i, subject in enumerate(order)}
+    position = {owner: rank[subject] for owner, subject in owners.items()}
 
     def owner(fullname: str) -> int | None:
         parts = fullname.split(".")
