@@ -112,9 +112,13 @@ class Kind:
         """Globs of the file name by its ``desc``, suffix and extension (the last parts of a BIDS name; the
         entities before them vary with the source), one per processed kind: ``*_desc-iqm_T1w.json``. One ``*``
         only: the BIDS validator's .bidsignore matching fails on some names with two."""
+        return self.patterns_of(PROCESSED_KINDS)
+
+    def patterns_of(self, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        """:attr:`patterns` of the derivatives of images of ``kinds`` only."""
         desc = self.entities.get("desc")
         fixed = f"desc-{desc}_" if desc and desc != LABEL_DESC else ""
-        suffixes = dict.fromkeys(self.suffix_of(kind) for kind in PROCESSED_KINDS)
+        suffixes = dict.fromkeys(self.suffix_of(kind) for kind in kinds)
         return tuple(f"*_{fixed}{suffix}{self.extension}" for suffix in suffixes)
 
 
@@ -138,6 +142,11 @@ DERIVATIVES: dict[str, Kind] = {
     "preproc_model": Kind(SOURCE_KIND, ".nii.gz", {**_MODEL, "desc": "preproc"}),
     "mask_model": Kind("mask", ".nii.gz", {**_MODEL, "desc": "brain"}),
     "mesh": Kind("mesh", ".surf.gii", {"desc": "brainmask"}, bids=False),
+    # a co-registered image (FLAIR, T2w, PDw): on its T1w's grid, and the rigid transform to it
+    "preproc_reference": Kind(SOURCE_KIND, ".nii.gz", {"space": REFERENCE_KIND, "desc": "preproc"}),
+    "xfm_reference": Kind("xfm", ".txt", {"from": SOURCE_KIND, "to": REFERENCE_KIND, "mode": "image"}, bids=False),
+    "fig_coregreference": _figure("coregreference"),
+    "fig_coregimage": _figure("coregimage"),
     "prediction": Kind("prediction", ".json", bids=False),
     "saliency": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "saliency"}, bids=False),
     "gradcam": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "gradcam"}, bids=False),

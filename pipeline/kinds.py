@@ -2,8 +2,8 @@
 
 Discovery, the audit, derivative names, reports and cohorts ask this table; none of them spells a
 suffix where any anatomical kind would do (pybids keeps its entities in a config file the same way).
-A kind is processed when :attr:`ImageKind.processed` is set; the others are recognised (listed in the
-index and the audit) but not yet preprocessed.
+A kind is processed when :attr:`ImageKind.processed` is set. A ``coregistered`` kind is paired with a T1w of
+its session (:func:`pipeline.bids.pairing.pair_images`) and rigidly aligned to it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class ImageKind:
 
 #: Intensity metrics, for every anatomical kind (MRIQC's anatomical IQMs).
 _INTENSITY_IQMS = ("snr_wm", "snr_gm", "cnr", "cjv", "efc", "fber")
+#: What a co-registered kind has: intensity metrics in the reference's tissue classes, and the co-registration's.
+_COREGISTERED_IQMS = ("snr_wm", "snr_gm", "cjv", "efc", "coreg_edge_corr", "coreg_brain_coverage")
 #: What only the reference has: its own registration, brain mask, tissues and field of view.
 _REFERENCE_IQMS = (*_INTENSITY_IQMS, "registration_ncc", "mask_dice", "wm_dice", "brain_volume_ml", "gm_volume_ml",
                    "wm_volume_ml", "csf_volume_ml", "gm_wm_ratio", "brain_fov_edge_mm2", "brain_fov_bottom_mm2")
@@ -49,11 +51,11 @@ IMAGE_KINDS: Mapping[str, ImageKind] = {
         ImageKind("T1w", "reference", "deepbet", _REFERENCE_IQMS,
                   ("audit", "brainmask", "registration", "biasfield", "mesh", "prediction"), processed=True,
                   description="T1-weighted"),
-        ImageKind("T2w", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+        ImageKind("T2w", "coregistered", "reference", _COREGISTERED_IQMS, ("audit", "coregistration"), processed=True,
                   description="T2-weighted"),
-        ImageKind("FLAIR", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+        ImageKind("FLAIR", "coregistered", "reference", _COREGISTERED_IQMS, ("audit", "coregistration"), processed=True,
                   description="fluid-attenuated inversion recovery"),
-        ImageKind("PDw", "coregistered", "reference", _INTENSITY_IQMS, ("audit", "coregistration"),
+        ImageKind("PDw", "coregistered", "reference", _COREGISTERED_IQMS, ("audit", "coregistration"), processed=True,
                   description="proton-density weighted"),
     )
 }  # fmt: skip
@@ -67,6 +69,8 @@ VARIANT_ENTITIES: Mapping[str, str] = {
 
 #: The kind every participant-level run is anchored on: the one kind with the ``reference`` role.
 REFERENCE_KIND = next(k.suffix for k in IMAGE_KINDS.values() if k.role == "reference")
+#: The kinds aligned to a reference image of their session, in table order.
+COREGISTERED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.role == "coregistered")
 #: The kinds the participant level preprocesses, in table order.
 PROCESSED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.processed)
 #: The learning inputs when none are named: one channel, the reference kind.

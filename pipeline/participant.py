@@ -22,15 +22,21 @@ import numpy as np
 
 from . import __version__, derivatives
 from .bids.layout import AnatImage
+from .bids.pairing import Pairing, pair_images
 from .config import RunConfig
 from .errors import RunInterrupted
 from .interfaces import brain_service
+from .kinds import REFERENCE_KIND
 from .progress import WorkflowProgress
 from .qc import load_qc
 from .reports.subject import write_subject_report
-from .workflows.base import executed_node_names, image_key, single_subject_name
+from .workflows.base import executed_node_names, image_workflow_name, single_subject_name
 
 LOGGER = logging.getLogger(__name__)
+
+
+#: The state of an image that is listed but not processed (a FLAIR without a T1w in its session).
+NOT_PROCESSED = "not processed"
 
 
 def _crash_summary(crash_file: Path) -> str:
@@ -59,33 +65,23 @@ def subject_status(
     the config hash, the models' content hashes, every input's sha256 and every output's size.
     """
     image_records, errors, inputs = [], [], []
+    pairings = {p.image.path: p for p in pair_images(images)}
     for image in images:
-        audit_path = derivatives.named_path(Path(output_dir), image.path, "audit")
-        entry: dict[str, Any] = {"source": image.relative_to(bids_dir), "audit": None, "state": "failed"}
-        if audit_path.exists() and audit_path.stat().st_mtime >= started - 1:
-            record = json.loads(audit_path.read_text())
-            entry.update(audit=audit_path.relative_to(output_dir).as_posix(), flags=record["flags"])
-            inputs.append({"path": entry["source"], "sha256": record.get("file", {}).get("sha256")})
-            if record["readable"]:
-                entry["state"] = "done"
-            else:
-                errors += record["errors"]
-            verdict = _qc_verdict(derivatives.named_path(Path(output_dir), image.path, "iqm"), started)
-            if verdict is not None:
-                entry["qc_verdict"] = verdict
-                if verdict == "fail":
-                    entry["state"] = "failed"
+        entry, image_errors = _image_entry(image, pairings.get(image.path), Path(output_dir), bids_dir, started)
         image_records.append(entry)
+        errors += image_errors
+        if entry.get("audit"):
+            inputs.append({"path": entry["source"], "sha256": entry.pop("sha256")})
     crash_dir = derivatives.subject_log_dir(output_dir, subject) / run_id
     crashes = sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []
     for crash in crashes:
         summary = _crash_summary(crash)
-        source = next((img.relative_to(bids_dir) for img in images if f".anat_{image_key(img)}_wf." in summary), None)
+        source = next((img.relative_to(bids_dir) for img in images if f".{image_workflow_name(img)}." in summary), None)
         errors.append(f"{source}: {summary}" if source else summary)
-    missing = [e["source"] for e in image_records if e["audit"] is None]
+    missing = [str(e["source"]) for e in image_records if e["audit"] is None and e["state"] != NOT_PROCESSED]
     if missing and not crashes:
         errors.append(f"no audit was written for {', '.join(missing)}; see the run log.")
-    state = "done" if not errors and all(e["state"] == "done" for e in image_records) else "failed"
+    state = "done" if not errors and all(e["state"] in ("done", NOT_PROCESSED) for e in image_records) else "failed"
     return {
         **_status_header(subject, state, run_id=run_id, config_hash=config_hash, started=started),
         "model_hashes": list(model_hashes),
@@ -97,6 +93,33 @@ def subject_status(
         "errors": errors,
         "crash_files": [c.relative_to(output_dir).as_posix() for c in crashes],
     }
+
+
+def _image_entry(image: AnatImage, pairing: Pairing | None, output_dir: Path, bids_dir: Path, started: float
+                 ) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """An image's line in the status record (from the records this run wrote), and its errors. An image aligned to
+    a T1w names it and why; one without a T1w in its session is listed as not processed, with the reason."""
+    entry: dict[str, Any] = {"source": image.relative_to(bids_dir), "kind": image.kind, "audit": None,
+                             "state": "failed"}  # fmt: skip
+    if pairing is not None and pairing.reference is None:
+        return {**entry, "state": NOT_PROCESSED, "reason": pairing.reason}, []
+    if pairing is not None and pairing.reference is not None:
+        entry.update(reference=pairing.reference.relative_to(bids_dir), pairing=pairing.reason)
+    audit_path = derivatives.named_path(output_dir, image.path, "audit")
+    if not audit_path.exists() or audit_path.stat().st_mtime < started - 1:
+        return entry, []
+    record = json.loads(audit_path.read_text())
+    entry.update(audit=audit_path.relative_to(output_dir).as_posix(), flags=record["flags"],
+                 sha256=record.get("file", {}).get("sha256"))  # fmt: skip
+    if not record["readable"]:
+        return entry, list(record["errors"])
+    entry["state"] = "done"
+    verdict = _qc_verdict(derivatives.named_path(output_dir, image.path, "iqm"), started)
+    if verdict is not None:
+        entry["qc_verdict"] = verdict
+        if verdict == "fail":
+            entry["state"] = "failed"
+    return entry, []
 
 
 def _qc_verdict(iqm_path: Path, started: float) -> str | None:
@@ -213,7 +236,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
     seen = []
     for subject, images in subjects.items():
         hashes = []
-        for image in images:
+        for image in (img for img in images if img.kind == REFERENCE_KIND):  # what models are trained on
             try:
                 hashes.append(sha256_array(np.asanyarray(load_spatial(image.path).dataobj)))
             except Exception:  # unreadable: the audit reports it, with what to do

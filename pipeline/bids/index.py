@@ -38,6 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import Problem, UsageError
+from ..kinds import REFERENCE_KIND
 from .files import AnatImage
 from .scan import (
     DatasetContext,
@@ -56,7 +57,7 @@ from .validation import file_name_problems
 LOGGER = logging.getLogger(__name__)
 
 #: Bumped whenever what the index holds or how it is read changes: an index of another format is rebuilt.
-INDEX_FORMAT = 2  # 2: images carry their kind
+INDEX_FORMAT = 3  # 2: images carry their kind; 3: every processed kind, not only the reference
 INDEX_FILE = "bids_index.sqlite"
 _LOCK_FILE = ".bids_index.lock"
 #: How long a run waits for another process that is building the index before it indexes in memory.
@@ -111,13 +112,14 @@ class BidsIndex:
         stored = set(self._stored_participants(sessions))
         for label, scan in self._fresh.items():
             stored.discard(label)
-            stored |= {img.subject for img in scan.images if not sessions or img.session in sessions}
+            stored |= {img.subject for img in scan.images
+                       if img.kind == REFERENCE_KIND and (not sessions or img.session in sessions)}  # fmt: skip
         return sorted(stored)
 
     def _stored_participants(self, sessions: Sequence[str] = ()) -> list[str]:
-        query, args = "SELECT DISTINCT subject FROM images", list(sessions)
+        query, args = "SELECT DISTINCT subject FROM images WHERE kind = ?", [REFERENCE_KIND, *sessions]
         if sessions:
-            query += f" WHERE session IN ({','.join('?' * len(sessions))})"
+            query += f" AND session IN ({','.join('?' * len(sessions))})"
         return [row[0] for row in self._conn.execute(query + " ORDER BY subject", args)]
 
     def participant_list_changed(self) -> bool:
@@ -126,6 +128,11 @@ class BidsIndex:
 
     def t1w(self, subjects: Sequence[str] | None = None, sessions: Sequence[str] = ()) -> list[AnatImage]:
         """The T1w images (of ``subjects``, in ``sessions``), sorted by path; unreadable sidecars are logged."""
+        return [image for image in self.images(subjects, sessions) if image.kind == REFERENCE_KIND]
+
+    def images(self, subjects: Sequence[str] | None = None, sessions: Sequence[str] = ()) -> list[AnatImage]:
+        """The images of every processed kind (of ``subjects``, in ``sessions``), sorted by path; unreadable
+        sidecars are logged."""
         wanted = None if subjects is None else set(subjects)
         images: list[AnatImage] = []
         unread: dict[str, list[str]] = {}

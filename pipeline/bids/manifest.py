@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from ..derivatives import DERIVATIVES
+from ..kinds import REFERENCE_KIND
 
 #: Manifest columns and their descriptions (written as the manifest's JSON sidecar).
 COLUMNS: dict[str, str] = {
@@ -41,10 +42,11 @@ COLUMNS: dict[str, str] = {
 
 
 def find_records(output_dir: Path, kind: str, subjects: Iterable[str] | None = None) -> list[Path]:
-    """The per-image records of ``kind`` (a name of :data:`~pipeline.derivatives.DERIVATIVES`) of every participant,
-    or of ``subjects``: ``sub-<label>/[ses-<label>/]anat/`` only, not every folder of every participant."""
+    """The per-image records of ``kind`` (a name of :data:`~pipeline.derivatives.DERIVATIVES`) of every participant's
+    reference images (T1w: the rows of the manifest and of learning; a co-registered image belongs to its T1w), or
+    of ``subjects``: ``sub-<label>/[ses-<label>/]anat/`` only, not every folder of every participant."""
     output_dir = Path(output_dir)
-    names = DERIVATIVES[kind].patterns
+    names = DERIVATIVES[kind].patterns_of((REFERENCE_KIND,))
     wanted = {f"sub-{s}" for s in subjects} if subjects else None
     found: list[Path] = []
     for participant in os.scandir(output_dir):

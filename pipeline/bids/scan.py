@@ -176,10 +176,10 @@ def image_entities(rel: str, kinds: Sequence[str] = PROCESSED_KINDS) -> tuple[st
 
     >>> image_entities("sub-01/ses-a/anat/sub-01_ses-a_run-2_T1w.nii.gz")
     ('T1w', {'subject': '01', 'session': 'a', 'run': '2'})
-    >>> image_entities("sub-01/anat/sub-01_T2w.nii.gz") is None
+    >>> image_entities("sub-01/anat/sub-01_acq-2d_FLAIR.nii.gz")
+    ('FLAIR', {'subject': '01', 'acquisition': '2d'})
+    >>> image_entities("sub-01/anat/sub-01_T2w.nii.gz", kinds=("T1w",)) is None
     True
-    >>> image_entities("sub-01/anat/sub-01_T2w.nii.gz", kinds=("T1w", "T2w"))
-    ('T2w', {'subject': '01'})
     """
     parts = rel.split("/")
     if len(parts) not in (3, 4) or parts[-2] != "anat" or not parts[-1].endswith(IMAGE_EXTENSIONS):

@@ -151,7 +151,7 @@ def _validated_subjects(config: RunConfig, *, work_dir: Path, log_dir: Path | No
             raise BidsValidationError(errors) from None
         raise
     subjects: dict[str, list[AnatImage]] = {s: [] for s in selected}
-    for image in index.t1w(selected, config.session_label):
+    for image in index.images(selected, config.session_label):  # T1w and the kinds aligned to them
         subjects[image.subject].append(image)
     if config.skip_bids_validation:
         LOGGER.warning("BIDS validation skipped (--skip-bids-validation).")

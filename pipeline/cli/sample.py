@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="letters before each participant number (e.g. 'ext' gives sub-ext01): a second cohort whose IDs "
         "cannot be mistaken for the first's",
     )
+    parser.add_argument(
+        "--flair-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of participants whose sessions also have a 2D FLAIR (3 mm axial slices, the head moved "
+        "against the T1w; the true FLAIR-to-T1w transform in sourcedata/truth/; default 0)",
+    )
     parser.add_argument("--nprocs", type=int, default=available_cpus(), help="worker processes")
     parser.add_argument("--version", action="version", version=f"bidsdl-sample {__version__}")
     return parser
@@ -83,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.large_fov_fraction <= 1:
         print("bidsdl-sample: error: --large-fov-fraction must be between 0 and 1", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 <= args.flair_fraction <= 1:
+        print("bidsdl-sample: error: --flair-fraction must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
     if args.subjects < 1:
         print("bidsdl-sample: error: --subjects must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -98,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         corrupt_subject=args.corrupt_subject,
         voxel_scale=args.voxel_scale,
         label_prefix=args.label_prefix,
+        flair_fraction=args.flair_fraction,
         n_jobs=max(1, args.nprocs),
     )
     start = time.monotonic()

@@ -1,4 +1,4 @@
-"""Make a T1w safe to process: 3D, finite, RAS-oriented, without resampling."""
+"""Make an anatomical image safe to process: 3D, finite, RAS-oriented, without resampling."""
 
 from __future__ import annotations
 
@@ -8,21 +8,23 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputDataError
+from ..kinds import REFERENCE_KIND, image_kind, kind_of_file
 
 
 def prepare_t1w(img: nib.spatialimages.SpatialImage, *, name: str) -> tuple[nib.Nifti1Image, dict[str, Any]]:
     """Reorient to RAS (no resampling), squeeze a singleton 4th axis, zero non-finite voxels.
 
     Returns the float32 image and a record of what was done, with the original header's geometry.
-    Raises :class:`InputDataError` for what cannot be a T1w (2D, several volumes).
+    Raises :class:`InputDataError` for what cannot be an anatomical image (2D, several volumes).
     """
+    kind = kind_of_file(name) if image_kind(kind_of_file(name)) else REFERENCE_KIND
     shape = img.shape
     if len(shape) < 3:
-        raise InputDataError(f"{name}: has {len(shape)} dimensions; a T1w must be a 3D volume. Check the file.")
+        raise InputDataError(f"{name}: has {len(shape)} dimensions; a {kind} must be a 3D volume. Check the file.")
     if len(shape) > 3:
         if any(n != 1 for n in shape[3:]):
             raise InputDataError(
-                f"{name}: holds {int(np.prod(shape[3:]))} volumes (shape {tuple(shape)}); a T1w must be one "
+                f"{name}: holds {int(np.prod(shape[3:]))} volumes (shape {tuple(shape)}); a {kind} must be one "
                 "3D volume. Average or pick one volume before running bidsdl, or exclude this image."
             )
         img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(shape[:3]), img.affine, img.header)

@@ -40,6 +40,8 @@ METRICS = (
     ("csf_volume_ml", "CSF inside the brain mask (ml)", "—"),
     ("gm_wm_ratio", "Grey/white matter volume ratio", "—"),
     ("brain_fov_edge_mm2", "Brain mask on the FOV edge (mm², worst side)", "lower"),
+    ("coreg_edge_corr", "Co-registration: edge correlation with the T1w", "higher"),
+    ("coreg_brain_coverage", "Share of the T1w brain in the field of view", "higher"),
 )
 
 
@@ -54,6 +56,8 @@ FIGURES = (
     "attribution",
     "segmentation",
     "segmentationmesh",
+    "coregimage",
+    "coregreference",
 )
 
 
@@ -74,6 +78,7 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     audit = _read_json(find("audit")) or {}
     iqm_record = _read_json(find("iqm")) or {}
     registration = _read_json(derivatives.sidecar_of(find("xfm"))) or {}
+    coregistration = _read_json(derivatives.sidecar_of(find("xfm_reference"))) or {}
     template = _read_json(derivatives.sidecar_of(find("preproc_template"))) or {}
     figure = lambda desc: _png(find(f"fig_{desc}"))  # noqa: E731
     metrics = []
@@ -100,6 +105,11 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     return {
         "source": source,
         "state": entry.get("state", "unknown"),
+        "kind": entry.get("kind", derivatives.source_suffix(source)),
+        "reason": entry.get("reason"),
+        "reference": entry.get("reference"),
+        "pairing": entry.get("pairing"),
+        "coregistration": coregistration.get("Coregistration", {}),
         "audit": audit,
         "header": header,
         "intensity": intensity,

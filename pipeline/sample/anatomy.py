@@ -223,6 +223,25 @@ def structure_labels(resolution: int = 1) -> np.ndarray:
     return labels
 
 
+#: FLAIR-like intensities of the head model's T1-like values (WM ~ 0.85, GM ~ 0.6, CSF ~ 0.3 inside the brain):
+#: CSF suppressed, grey matter brighter than white, fat and marrow moderate.
+_FLAIR_BRAIN = ((0.0, 0.3, 0.45, 0.62, 0.85, 1.0), (0.04, 0.07, 0.5, 0.85, 0.58, 0.55))
+_FLAIR_OUTSIDE = ((0.0, 0.1, 0.3, 0.45, 0.62, 0.85), (0.0, 0.04, 0.35, 0.38, 0.42, 0.7))
+
+
+def flair_contrast(head: Head) -> np.ndarray:
+    """The head model's intensities with a FLAIR-like contrast: its T1-like values mapped piecewise linearly,
+    one mapping inside the brain and one outside.
+
+    >>> h = Head(np.array([[[0.3, 0.6, 0.85]]], np.float32), np.ones((1, 1, 3), bool), np.eye(4), np.zeros((1, 1, 3)))
+    >>> [round(float(v), 2) for v in flair_contrast(h).ravel()]
+    [0.07, 0.81, 0.58]
+    """
+    inside = np.interp(head.data, *_FLAIR_BRAIN)
+    outside = np.interp(head.data, *_FLAIR_OUTSIDE)
+    return np.where(head.brain, inside, outside).astype(np.float32)
+
+
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
     """Rotation about x, then y, then z (degrees).
 

@@ -97,6 +97,8 @@ class SampleOptions:
     corrupt_subject: bool = False
     voxel_scale: float = 1.0
     label_prefix: str = ""
+    #: Share of the participants whose sessions also have a 2D FLAIR (thick slices, the head moved).
+    flair_fraction: float = 0.0
     n_jobs: int = 1
 
 
@@ -111,10 +113,15 @@ class ImageSpec:
     ventricles: float
     hippocampi: float
     compressed: bool = True
+    flair: bool = False
 
     @property
     def stem(self) -> str:
         return f"sub-{self.subject}_ses-{self.session}_T1w"
+
+    @property
+    def flair_relpath(self) -> Path:
+        return self.relpath.with_name(f"sub-{self.subject}_ses-{self.session}_acq-2d_FLAIR.nii.gz")
 
     @property
     def relpath(self) -> Path:
@@ -136,6 +143,8 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
     width = max(2, len(str(options.n_subjects + 1)))
     sites = sorted(SITES)
     participants, images = [], []
+    # drawn apart from the rest, so that the T1w images do not depend on flair_fraction
+    with_flair = np.random.default_rng([options.seed, 1]).random(options.n_subjects) < options.flair_fraction
     for index in range(options.n_subjects):
         label = f"{options.label_prefix}{index + 1:0{width}d}"
         if options.confound_site:
@@ -171,6 +180,7 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
                     ventricles=ventricles,
                     hippocampi=hippocampi,
                     compressed=(index % 10 != 4),  # every tenth subject has an uncompressed .nii
+                    flair=bool(with_flair[index]),
                 )
             )
     return participants, images
@@ -266,6 +276,76 @@ def make_image(
     return img, mask, labels, truth
 
 
+#: The 2D FLAIR: axial slices (the third voxel axis runs foot to head), thick, covering the brain.
+FLAIR_VOXEL_MM = (0.9, 0.9, 3.0)
+FLAIR_FOV_MM = (216.0, 234.0, 165.0)
+FLAIR_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPS")
+#: The head's motion between the T1w and the FLAIR: up to this rotation (degrees) and shift (mm) per axis.
+FLAIR_MOTION_DEG = 5.0
+FLAIR_MOTION_MM = 6.0
+
+
+def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: SampleOptions
+               ) -> tuple[nib.Nifti1Image, dict[str, Any]]:  # fmt: skip
+    """The 2D FLAIR of one session and its ground truth: the head of the session's T1w (``pose``: template
+    world -> scanner world) moved rigidly, on a grid of thick axial slices (each the mean of three 1 mm
+    samples across its thickness, as a slice integrates its slab)."""
+    rng = np.random.default_rng([spec.seed, 2])
+    rotation = rng.uniform(-FLAIR_MOTION_DEG, FLAIR_MOTION_DEG, 3).round(3)
+    translation = rng.uniform(-FLAIR_MOTION_MM, FLAIR_MOTION_MM, 3).round(3)
+    centre = pose[:3, :3] @ np.asarray(HEAD_CENTRE_MM) + pose[:3, 3]  # the head's centre in the scanner
+    motion = np.eye(4)  # the head moves about its centre: scanner world (T1w) -> scanner world (FLAIR)
+    motion[:3, :3] = anatomy.rotation_matrix(rotation.tolist())
+    motion[:3, 3] = centre + translation - motion[:3, :3] @ centre
+    flair_pose = motion @ pose
+    orientation = str(rng.choice(FLAIR_ORIENTATIONS))
+    voxel = [z * options.voxel_scale for z in FLAIR_VOXEL_MM]
+    shape = [round(f / z) for f, z in zip(FLAIR_FOV_MM, voxel, strict=True)]
+    fine_voxel, fine_shape = [*voxel[:2], voxel[2] / 3], [*shape[:2], shape[2] * 3]
+    grid_centre = centre + np.array([0.0, 0.0, 12.0])  # the slab is centred on the brain, above the head's centre
+    fine = anatomy.grid_affine(orientation=orientation, voxel_size=fine_voxel, shape=fine_shape, centre_mm=grid_centre)
+    grid = anatomy.grid_affine(orientation=orientation, voxel_size=voxel, shape=shape, centre_mm=grid_centre)
+    deformed = anatomy.deform(anatomy.flair_contrast(head), head.affine, ventricles=spec.ventricles,
+                              hippocampi=spec.hippocampi)  # fmt: skip
+    signal = anatomy.resample_into(deformed, head.affine, fine, fine_shape, np.linalg.inv(flair_pose))
+    signal = signal.reshape(*shape[:2], shape[2], 3).mean(axis=3)
+    site = SITES[spec.site]
+    scale = 0.8 * site["scale"]
+    signal *= anatomy.bias_field(shape, rng.normal(0, 0.1, 9).round(4).tolist())
+    signal *= np.float32(scale)
+    sigma = site["noise"] * scale
+    data = np.clip(np.rint(anatomy.rician(signal.astype(np.float32), sigma, rng)), 0, np.iinfo(np.int16).max)
+    img = nib.Nifti1Image(data.astype(np.int16), grid)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(grid, code=1)
+    img.set_sform(grid, code=1)
+    truth = {
+        "Description": "Ground truth of a synthetic 2D FLAIR (bidsdl-sample): the head of the session's T1w, moved.",
+        "T1w": spec.relpath.name,
+        "FLAIRToT1w": np.linalg.inv(motion).round(8).tolist(),
+        "TransformConvention": "4x4 RAS+ world-to-world (mm): x_T1w = FLAIRToT1w @ x_FLAIR",
+        "motion_rotation_deg": rotation.tolist(),
+        "motion_translation_mm": translation.tolist(),
+        "orientation": orientation,
+        "voxel_size_mm": voxel,
+        "shape": shape,
+    }
+    return img, truth
+
+
+def flair_sidecar(site: str) -> dict[str, Any]:
+    keep = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength")
+    return {k: SITES[site][k] for k in keep} | {
+        "InstitutionName": f"bidsdl sample {site}",
+        "MRAcquisitionType": "2D",
+        "RepetitionTime": 9.0,
+        "EchoTime": 0.09,
+        "InversionTime": 2.5,
+        "SliceThickness": FLAIR_VOXEL_MM[2],
+        "PulseSequenceType": "FLAIR (synthetic)",
+    }
+
+
 def mask_name(spec: ImageSpec) -> str:
     """The file name of an image's true brain mask in ``sourcedata/truth/``."""
     return f"{spec.stem.removesuffix('_T1w')}_desc-brain_mask.nii.gz"
@@ -294,6 +374,14 @@ def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     with atomic_path(truth_dir / mask_name(spec)) as tmp:
         mask.to_filename(tmp)
     write_json(truth_dir / f"{spec.stem}.json", truth)
+    if spec.flair:
+        flair, flair_truth = make_flair(spec, _SHARED["head"], np.asarray(truth["TemplateToT1w"]), options)
+        target = out_dir / spec.flair_relpath
+        with atomic_path(target) as tmp:
+            flair.to_filename(tmp)
+        stem = target.name.removesuffix(".nii.gz")
+        write_json(target.with_name(f"{stem}.json"), flair_sidecar(spec.site))
+        write_json(truth_dir / f"{stem}.json", flair_truth)
     with atomic_path(label_path(out_dir / LABELS_DIR, spec.relpath, LABEL_DESC)) as tmp:
         labels.to_filename(tmp)
     return truth

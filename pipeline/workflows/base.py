@@ -17,10 +17,12 @@ from nipype.pipeline import engine as pe
 
 from .. import derivatives
 from ..bids.layout import AnatImage
+from ..bids.pairing import pair_images
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
 from ..kinds import REFERENCE_KIND
 from .anatomical import init_anat_wf
+from .coregistered import REFERENCE_INPUTS, init_coreg_wf
 
 
 def _node_name(text: str) -> str:
@@ -36,6 +38,14 @@ def image_key(image: AnatImage) -> str:
     parts = [f"{short}_{image.entities[k]}" for k, short in PYBIDS_ENTITIES.items()
              if short != "sub" and image.entities.get(k)]  # fmt: skip
     return _node_name("_".join(parts)) or REFERENCE_KIND
+
+
+def image_workflow_name(image: AnatImage) -> str:
+    """The name of an image's workflow within its participant's: ``anat_<key>_wf`` for a T1w,
+    ``coreg_<kind>_<key>_wf`` for an image aligned to one (its crash files name it)."""
+    if image.kind == REFERENCE_KIND:
+        return f"anat_{image_key(image)}_wf"
+    return f"coreg_{_node_name(image.kind)}_{image_key(image)}_wf"
 
 
 def executed_node_names(workflow: pe.Workflow, prefix: str = "") -> list[str]:
@@ -71,21 +81,24 @@ def init_single_subject_wf(
     inference: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
-    """All processing of one participant: one anatomical workflow per T1w image.
+    """All processing of one participant: one anatomical workflow per T1w image, and one per image aligned to a
+    T1w of its session (:func:`~pipeline.bids.pairing.pair_images`; an image without one is left out here and
+    listed in its status record).
 
     Parameters
     ----------
     subject
         Participant label without ``sub-``.
     images
-        The participant's selected T1w images.
+        The participant's selected images (T1w and the kinds aligned to them).
     bids_dir, output_dir
         Input BIDS dataset and derivatives root.
     model_resolution, seed, omp_nthreads, device, brain_helper, inference
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     """
     workflow = pe.Workflow(name=name or single_subject_name(subject))
-    for image in images:
+    anat_wfs = {}
+    for image in (img for img in images if img.kind == REFERENCE_KIND):
         anat_wf = init_anat_wf(
             bids_dir=bids_dir,
             output_dir=output_dir,
@@ -95,14 +108,34 @@ def init_single_subject_wf(
             device=device,
             brain_helper=brain_helper,
             inference=inference,
-            name=f"anat_{image_key(image)}_wf",
+            name=image_workflow_name(image),
         )
         anat_wf.inputs.inputnode.t1w = str(image.path)
         anat_wf.inputs.inputnode.metadata = dict(image.metadata)
         anat_wf.inputs.inputnode.source = image.relative_to(bids_dir)
         anat_wf.inputs.inputnode.participant_id = f"sub-{subject}"
         workflow.add_nodes([anat_wf])
+        anat_wfs[image.path] = anat_wf
+    _add_coregistered(workflow, images, anat_wfs, bids_dir=bids_dir, output_dir=output_dir,
+                      model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)  # fmt: skip
     return workflow
+
+
+def _add_coregistered(
+    workflow: pe.Workflow, images: Sequence[AnatImage], anat_wfs: Mapping[Path, pe.Workflow], **options: Any
+) -> None:
+    """One workflow per image aligned to a T1w of its session, fed by that T1w's preprocessing (``options``: the
+    keyword arguments of :func:`~pipeline.workflows.coregistered.init_coreg_wf` that every image shares)."""
+    for pairing in pair_images(images):
+        if pairing.reference is None:  # listed in the status record, not processed
+            continue
+        coreg_wf = init_coreg_wf(reference=pairing.reference.path, pairing=pairing.reason,
+                                 name=image_workflow_name(pairing.image), **options)  # fmt: skip
+        coreg_wf.inputs.inputnode.image = str(pairing.image.path)
+        coreg_wf.inputs.inputnode.metadata = dict(pairing.image.metadata)
+        for field in REFERENCE_INPUTS:
+            workflow.connect(anat_wfs[pairing.reference.path], f"anat_preproc_wf.outputnode.{field}",
+                             coreg_wf, f"inputnode.{field}")  # fmt: skip
 
 
 def _segmentation(model: Path) -> dict[str, Any] | None:

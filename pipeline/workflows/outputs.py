@@ -9,7 +9,7 @@ from typing import Any
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from ..derivatives import DERIVATIVES, MODEL_RES
+from ..derivatives import DERIVATIVES, MODEL_RES, named_path
 from ..interfaces.derivatives import DerivativesSink, sink_inputs
 from ..ops.template import model_grid_description
 
@@ -101,6 +101,46 @@ SEGMENTATION_INPUTS = (
     "prediction", "dseg", "dseg_model", "dseg_table", "segmentation_record", "segmentation_figure",
     "segmentation_mesh_figure", "meshes",
 )  # fmt: skip
+
+
+#: The outputs of a co-registered image (FLAIR, T2w, PDw); ``SpatialReference`` of the T1w-grid image is added by
+#: :func:`init_coreg_derivatives_wf` (its T1w's derivative).
+_COREG_OUTPUTS: tuple[Output, ...] = (
+    Output("ds_preproc_reference", "corrected", "preproc_reference",
+           {"Description": "The image rigidly co-registered to its T1w, on the T1w's grid (linear), bias-corrected "
+            "(N4 inside the T1w's brain mask)", "SkullStripped": False}, "coregistration_record"),
+    Output("ds_xfm_reference", "transform", "xfm_reference",
+           {"Description": "Rigid transform between the image and its T1w (ITK text; SimpleITK and ANTs read it)"},
+           "coregistration_record"),
+    Output("ds_coreg_template", "image_template", "preproc_template",
+           {"Description": "The co-registered image in template space (1 mm) through its T1w's affine, normalised",
+            "SkullStripped": False}, "template_record"),
+    Output("ds_coreg_model", "image_model", "preproc_model",
+           {"Description": "The co-registered image on the model grid through its T1w's affine, normalised: a "
+            "learning channel beside the T1w"}, "model_record"),
+    Output("ds_coreg_iqm", "iqm_record", "iqm"),
+    Output("ds_fig_coreg_reference", "reference_figure", "fig_coregreference"),
+    Output("ds_fig_coreg_image", "image_figure", "fig_coregimage"),
+)  # fmt: skip
+
+#: The inputs of :func:`init_coreg_derivatives_wf` besides ``source_file``.
+COREG_INPUTS = tuple(
+    sorted({o.field for o in _COREG_OUTPUTS} | {o.metadata_field for o in _COREG_OUTPUTS if o.metadata_field})
+)
+
+
+def init_coreg_derivatives_wf(
+    *, bids_dir: Path, output_dir: Path, model_resolution: float, reference: Path, name: str = "coreg_derivatives_wf"
+) -> pe.Workflow:
+    """Save the outputs of one co-registered image; those on the T1w grid name the T1w's (``reference``, in
+    BIDS_DIR) preprocessed image as their ``SpatialReference``."""
+    t1w_grid = named_path(output_dir, reference, "preproc").relative_to(output_dir).as_posix()
+    outputs = tuple(
+        dataclasses.replace(o, metadata={**o.metadata, "SpatialReference": t1w_grid})
+        if o.name == "preproc_reference" else o
+        for o in _COREG_OUTPUTS
+    )  # fmt: skip
+    return _sinks(outputs, COREG_INPUTS, bids_dir, output_dir, model_resolution, name)
 
 
 #: The inputs of :func:`init_anat_derivatives_wf` besides ``source_file``.

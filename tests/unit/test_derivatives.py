@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import __version__, derivatives
 from pipeline.errors import InputDataError, OutputNotWritable, UsageError
+from pipeline.kinds import PROCESSED_KINDS
 
 
 @pytest.mark.parametrize(
@@ -152,15 +153,18 @@ def test_writers_and_readers_name_files_from_one_table(tmp_path):
 
 
 def test_the_patterns_of_files_bids_does_not_define_match_no_bids_file():
-    """What .bidsignore (and the group level's globbing) names by pattern hides no BIDS derivative."""
-    source = "sub-01/ses-1/anat/sub-01_ses-1_run-1_chunk-2_T1w.nii.gz"
+    """What .bidsignore (and the group level's globbing) names by pattern hides no BIDS derivative, for every
+    processed kind (a FLAIR's records as a T1w's)."""
     names = {"model_resolution": 2.0, "label_desc": "structures", "structure": "Left-Hippocampus"}
-    files = {name: derivatives.named_path(Path("out"), source, name, **names).name for name in derivatives.DERIVATIVES}
-    for name, kind in derivatives.DERIVATIVES.items():
-        if kind.bids:
-            continue
-        for pattern in kind.patterns:
-            matched = {other for other, file in files.items() if fnmatch.fnmatch(file, pattern)}
-            assert name in matched and not any(derivatives.DERIVATIVES[other].bids for other in matched), pattern
-            if kind.entities.get("desc") != derivatives.LABEL_DESC:  # a fixed name: readers glob it: unique
-                assert matched == {name}, f"{pattern} matches {sorted(matched)}"
+    for image_kind in PROCESSED_KINDS:
+        source = f"sub-01/ses-1/anat/sub-01_ses-1_run-1_chunk-2_{image_kind}.nii.gz"
+        files = {name: derivatives.named_path(Path("out"), source, name, **names).name
+                 for name in derivatives.DERIVATIVES}  # fmt: skip
+        for name, kind in derivatives.DERIVATIVES.items():
+            if kind.bids:
+                continue
+            for pattern in kind.patterns_of((image_kind,)):
+                matched = {other for other, file in files.items() if fnmatch.fnmatch(file, pattern)}
+                assert name in matched and not any(derivatives.DERIVATIVES[other].bids for other in matched), pattern
+                if kind.entities.get("desc") not in (None, derivatives.LABEL_DESC):  # readers glob it: unique
+                    assert matched == {name}, f"{pattern} matches {sorted(matched)}"
