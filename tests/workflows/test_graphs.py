@@ -124,3 +124,32 @@ def test_the_progress_counts_exactly_the_nodes_nipype_runs(tmp_path):
     expected = sorted(node.fullname.removeprefix("bidsdl_wf.") for node in executed.nodes())
     assert executed_node_names(workflow) == expected
     assert any(name.startswith("sub_02_wf.") for name in expected)
+
+
+def test_images_of_other_kinds_are_aligned_to_a_t1w_of_their_session(tmp_path):
+    """A FLAIR with a T1w in its session gets a co-registration workflow fed by that T1w's preprocessing; two
+    FLAIRs in one session get one each; a FLAIR in a session without a T1w gets none (it is listed, not run)."""
+    root = _stub_tree(tmp_path / "bids")
+    for rel in ("sub-01/ses-1/anat/sub-01_ses-1_acq-2d_FLAIR.nii.gz",
+                "sub-01/ses-1/anat/sub-01_ses-1_acq-3d_FLAIR.nii.gz",
+                "sub-01/ses-2/anat/sub-01_ses-2_run-1_T2w.nii.gz", "sub-01/ses-3/anat/sub-01_ses-3_FLAIR.nii.gz"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    index = index_dataset(root)
+    assert [i.path.name for i in collect_t1w(index, subjects=["01"])] == [
+        "sub-01_ses-1_T1w.nii.gz", "sub-01_ses-2_run-1_T1w.nii.gz"]  # fmt: skip
+    images = index.images(["01"])
+    wf = init_single_subject_wf(subject="01", images=images, bids_dir=root, output_dir=tmp_path / "out")
+    coreg = sorted({n.split(".")[0] for n in wf.list_node_names() if n.startswith("coreg_")})
+    assert coreg == ["coreg_FLAIR_ses_1_acq_2d_wf", "coreg_FLAIR_ses_1_acq_3d_wf", "coreg_T2w_ses_2_run_1_wf"]
+    feeds = {(u.name, v.name) for u, v in wf._graph.edges()}
+    assert ("anat_ses_1_wf", "coreg_FLAIR_ses_1_acq_2d_wf") in feeds
+    assert ("anat_ses_2_run_1_wf", "coreg_T2w_ses_2_run_1_wf") in feeds
+    node = wf.get_node("coreg_T2w_ses_2_run_1_wf.coregister")
+    assert node.inputs.reference_source == "sub-01/ses-2/anat/sub-01_ses-2_run-1_T1w.nii.gz"
+    assert node.inputs.pairing == "the only T1w of ses-2"
+    sink = wf.get_node("coreg_FLAIR_ses_1_acq_2d_wf.coreg_derivatives_wf.ds_preproc_reference")
+    assert (sink.inputs.space, sink.inputs.desc, sink.inputs.suffix) == ("T1w", "preproc", SOURCE_KIND)
+    assert sink.inputs.metadata["SpatialReference"] == "sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz"
+    # a participant with only a FLAIR is no participant of the run (nothing to align it to)
+    assert index.participants() == ["01", "02"]
