@@ -47,6 +47,7 @@ class RunConfig:
     omp_nthreads: int = 1
     mem_gb: float = 1.0
     model_resolution: float = _learning(2.0)
+    lesion_masks: Path | None = None  # a derivatives dataset of lesion masks (desc-lesion_mask) in each T1w's grid
     stop_on_first_crash: bool = False
     force: bool = False
     seed: int = _learning(42)

@@ -142,6 +142,11 @@ DERIVATIVES: dict[str, Kind] = {
     "preproc_model": Kind(SOURCE_KIND, ".nii.gz", {**_MODEL, "desc": "preproc"}),
     "mask_model": Kind("mask", ".nii.gz", {**_MODEL, "desc": "brain"}),
     "mesh": Kind("mesh", ".surf.gii", {"desc": "brainmask"}, bids=False),
+    # a lesion mask given with the T1w (label-lesion_roi beside it, or --lesion-masks): on the RAS T1w grid, and in
+    # template space; drawn on the T1w
+    "lesion_mask": Kind("mask", ".nii.gz", {"label": "lesion"}),
+    "lesion_mask_template": Kind("mask", ".nii.gz", {**_TPL, "label": "lesion"}),
+    "fig_lesions": _figure("lesions"),
     # a co-registered image (FLAIR, T2w, PDw): on its T1w's grid, and the rigid transform to it
     "preproc_reference": Kind(SOURCE_KIND, ".nii.gz", {"space": REFERENCE_KIND, "desc": "preproc"}),
     "xfm_reference": Kind("xfm", ".txt", {"from": SOURCE_KIND, "to": REFERENCE_KIND, "mode": "image"}, bids=False),

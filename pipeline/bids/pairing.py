@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..kinds import REFERENCE_KIND, image_kind
+from ..derivatives import derivative_path
+from ..kinds import IMAGE_EXTENSIONS, REFERENCE_KIND, image_kind
 from .files import AnatImage
+
+#: A lesion mask beside its T1w, as fMRIPrep reads it (BIDS does not define it yet: list it in .bidsignore).
+LESION_ROI = "label-lesion_roi"
+#: The ``desc`` of a lesion mask in a derivatives dataset (``--lesion-masks``).
+LESION_DESC = "lesion"
 
 
 @dataclass(frozen=True)
@@ -66,3 +73,25 @@ def _choose(image: AnatImage, candidates: list[AnatImage]) -> Pairing:
             return Pairing(image, same[0], f"the {REFERENCE_KIND} of the same session and {word} ({short}-{value})")
     return Pairing(image, candidates[0], f"the first by name of the {len(candidates)} {REFERENCE_KIND} of "
                                          f"{_session(image)} (none shares its run or acquisition)")  # fmt: skip
+
+
+def lesion_mask(image: AnatImage, bids_dir: Path, lesion_dir: Path | None = None) -> tuple[Path, str] | None:
+    """The lesion mask of a T1w and where it comes from (a BIDS URI for its sidecars), or None: beside the T1w
+    (``<entities>_label-lesion_roi.nii[.gz]``) first, then in ``lesion_dir`` (``<entities>_desc-lesion_mask``)."""
+    name = image.path.name
+    for extension in IMAGE_EXTENSIONS[::-1]:
+        name = name.removesuffix(extension)
+    stem = name.removesuffix(f"_{image.kind}")
+    for extension in IMAGE_EXTENSIONS[::-1]:
+        beside = image.path.with_name(f"{stem}_{LESION_ROI}{extension}")
+        if beside.is_file():
+            return beside, f"bids:raw:{beside.relative_to(bids_dir).as_posix()}"
+    if lesion_dir is not None:
+        rel = image.path.relative_to(bids_dir)
+        derived = derivative_path(lesion_dir, rel, suffix="mask", extension=".nii.gz", desc=LESION_DESC)
+        if derived.is_file():
+            inside = derived.resolve().is_relative_to(Path(bids_dir).resolve())
+            where = f"bids:raw:{derived.resolve().relative_to(Path(bids_dir).resolve()).as_posix()}" if inside else (
+                derived.resolve().as_uri())  # fmt: skip
+            return derived, where
+    return None

@@ -132,6 +132,10 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
     "preprocessing": [
         _option("--model-resolution", type=_positive_float, metavar="MM",
                 help="voxel size of the cropped template-space array that learning uses"),
+        _option("--lesion-masks", type=Path, metavar="DIR",
+                help="a BIDS derivatives dataset of lesion masks in each T1w's grid (sub-<l>[_ses-<s>]..._desc-lesion_"
+                "mask.nii.gz), left out of the registrations' metrics and drawn in the report; a mask beside the T1w "
+                "(..._label-lesion_roi.nii.gz, as fMRIPrep reads it) is always used"),
     ],
     "group level: gathering and reports": [
         _option("--refresh-subject-reports", action=argparse.BooleanOptionalAction,
@@ -290,6 +294,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         skip_bids_validation=bool(merged.get("skip_bids_validation")),
         work_dir=_absolute(merged.get("work_dir")),
         bids_database_dir=_absolute(merged.get("bids_database_dir")),
+        lesion_masks=_absolute(merged.get("lesion_masks")),
         nprocs=nprocs,
         omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),

@@ -49,6 +49,11 @@ def check_paths(config: RunConfig) -> Path:
             f"OUTPUT_DIR {config.output_dir} is BIDS_DIR or inside it; bidsdl never writes into the "
             f"input dataset. Choose a folder outside {bids_dir} (e.g. {bids_dir.parent / 'derivatives'})."
         )
+    if config.lesion_masks is not None and not (config.lesion_masks / "dataset_description.json").is_file():
+        raise UsageError(
+            f"--lesion-masks {config.lesion_masks} is not a BIDS derivatives dataset (no dataset_description.json). "
+            "Give the folder that holds sub-<label>/.../*_desc-lesion_mask.nii.gz and its dataset_description.json."
+        )
     work_dir = config.work_dir or config.output_dir / ".bidsdl_work"
     if work_dir.resolve().is_relative_to(bids_real):
         raise UsageError(f"--work-dir {work_dir} is inside BIDS_DIR {bids_dir}; choose another folder.")

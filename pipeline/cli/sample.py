@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="letters before each participant number (e.g. 'ext' gives sub-ext01): a second cohort whose IDs "
         "cannot be mistaken for the first's",
     )
+    _add_contrast_options(parser)
+    parser.add_argument("--nprocs", type=int, default=available_cpus(), help="worker processes")
+    parser.add_argument("--version", action="version", version=f"bidsdl-sample {__version__}")
+    return parser
+
+
+def _add_contrast_options(parser: argparse.ArgumentParser) -> None:
+    """The FLAIRs and lesions of a multi-contrast sample."""
     parser.add_argument(
         "--flair-fraction",
         type=float,
@@ -67,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of participants whose sessions also have a 2D FLAIR (3 mm axial slices, the head moved "
         "against the T1w; the true FLAIR-to-T1w transform in sourcedata/truth/; default 0)",
     )
-    parser.add_argument("--nprocs", type=int, default=available_cpus(), help="worker processes")
-    parser.add_argument("--version", action="version", version=f"bidsdl-sample {__version__}")
-    return parser
+    parser.add_argument(
+        "--lesion-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of participants with white-matter lesions (dark on the T1w, bright on the FLAIR), their "
+        "masks in the derivatives dataset derivatives/lesions (desc-lesion_mask, each T1w's grid; default 0)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.large_fov_fraction <= 1:
         print("bidsdl-sample: error: --large-fov-fraction must be between 0 and 1", file=sys.stderr)
         return EXIT_USAGE
-    if not 0 <= args.flair_fraction <= 1:
-        print("bidsdl-sample: error: --flair-fraction must be between 0 and 1", file=sys.stderr)
-        return EXIT_USAGE
+    for option in ("flair_fraction", "lesion_fraction"):
+        if not 0 <= getattr(args, option) <= 1:
+            print(f"bidsdl-sample: error: --{option.replace('_', '-')} must be between 0 and 1", file=sys.stderr)
+            return EXIT_USAGE
     if args.subjects < 1:
         print("bidsdl-sample: error: --subjects must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -109,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         voxel_scale=args.voxel_scale,
         label_prefix=args.label_prefix,
         flair_fraction=args.flair_fraction,
+        lesion_fraction=args.lesion_fraction,
         n_jobs=max(1, args.nprocs),
     )
     start = time.monotonic()

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from ..ops import coregistration, iqm, resample, tissues
 from ..ops.images import nib_to_sitk
@@ -20,6 +20,7 @@ class _CoregisterInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the prepared image (RAS, its own grid)")
     in_reference = File(exists=True, mandatory=True, desc="the bias-corrected T1w")
     in_mask = File(exists=True, mandatory=True, desc="the T1w's brain mask")
+    in_lesion = File(exists=True, desc="a lesion mask on the T1w's grid, left out of the metric")
     reference_source = traits.Str(mandatory=True, desc="the T1w, relative to BIDS_DIR")
     pairing = traits.Str(mandatory=True, desc="why this T1w was chosen")
     seed = traits.Int(42, usedefault=True)
@@ -43,8 +44,10 @@ class CoregisterToReference(SimpleInterface):
         _threads(self.inputs.num_threads)
         reference = nib.load(self.inputs.in_reference)
         moving = nib_to_sitk(nib.load(self.inputs.in_file))
+        lesion = nib_to_sitk(nib.load(self.inputs.in_lesion), np.uint8) if isdefined(self.inputs.in_lesion) else None
         transform, record = coregistration.coregister(
-            nib_to_sitk(reference), nib_to_sitk(nib.load(self.inputs.in_mask), np.uint8), moving, seed=self.inputs.seed
+            nib_to_sitk(reference), nib_to_sitk(nib.load(self.inputs.in_mask), np.uint8), moving, exclude=lesion,
+            seed=self.inputs.seed,
         )
         cwd = Path(runtime.cwd)
         sitk.WriteTransform(transform, str(cwd / "xfm.txt"))

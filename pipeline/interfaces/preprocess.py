@@ -141,6 +141,7 @@ class ExtractBrain(SimpleInterface):
 class _RegisterInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="bias-corrected T1w")
     in_mask = File(exists=True, mandatory=True, desc="its brain mask (same grid)")
+    in_lesion = File(exists=True, desc="a lesion mask (same grid), left out of the metric")
     seed = traits.Int(42, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
@@ -166,7 +167,9 @@ class RegisterToTemplate(SimpleInterface):
             template.brain_mask,
             template.affine,
             seed=self.inputs.seed,
-        )
+            lesion_mask=nib_to_sitk(nib.load(self.inputs.in_lesion), np.uint8) if isdefined(self.inputs.in_lesion)
+            else None,
+        )  # fmt: skip
         cwd = Path(runtime.cwd)
         sitk.WriteTransform(transform, str(cwd / "xfm.txt"))
         self._results["out_transform"] = str(cwd / "xfm.txt")

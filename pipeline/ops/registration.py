@@ -90,13 +90,15 @@ def brain_start(
     return start
 
 
-def _registration(settings: RegistrationSettings, fixed_mask: sitk.Image, seed: int, iterations: int, sampling: float
-                  ) -> sitk.ImageRegistrationMethod:  # fmt: skip
+def _registration(settings: RegistrationSettings, fixed_mask: sitk.Image, seed: int, iterations: int, sampling: float,
+                  moving_mask: sitk.Image | None = None) -> sitk.ImageRegistrationMethod:  # fmt: skip
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:  # cost-function masking: samples that land in a lesion do not count
+        method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=settings.learning_rate,
@@ -114,10 +116,11 @@ def _multilevel(
     seed: int,
     shrink: tuple[int, ...],
     smoothing_mm: tuple[float, ...],
+    moving_mask: sitk.Image | None = None,
 ) -> sitk.ImageRegistrationMethod:
     """A multi-resolution run with ITK's own pyramid (the affine stage was seen to be unstable when
     its levels were run one by one on pre-shrunk images)."""
-    method = _registration(settings, fixed_mask, seed, settings.iterations, settings.sampling_percentage)
+    method = _registration(settings, fixed_mask, seed, settings.iterations, settings.sampling_percentage, moving_mask)
     sampling = [settings.sampling_percentage if f > 1 else settings.fine_sampling_percentage for f in shrink]
     method.SetMetricSamplingPercentagePerLevel(sampling, seed)
     method.SetShrinkFactorsPerLevel(list(shrink))
@@ -145,9 +148,10 @@ def _run_level(
     seed: int,
     iterations: int,
     sampling: float,
+    moving_mask: sitk.Image | None = None,
 ) -> sitk.ImageRegistrationMethod:
     """Optimise ``transform`` in place on one pyramid level; returns the method (metric, iterations)."""
-    method = _registration(settings, fixed_mask, seed, iterations, sampling)
+    method = _registration(settings, fixed_mask, seed, iterations, sampling, moving_mask)
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
     return method
@@ -195,20 +199,21 @@ def register_to_template(
     *,
     seed: int = 42,
     settings: RegistrationSettings | None = None,
+    lesion_mask: sitk.Image | None = None,
 ) -> tuple[sitk.AffineTransform, dict[str, Any]]:
     """Affine transform mapping template points to subject points (ITK convention), and a record.
 
     ``moving`` is the bias-corrected T1w and ``moving_brain_mask`` its brain mask on the same grid.
-    Resampling the subject with the transform brings the subject into template space.
+    Resampling the subject with the transform brings the subject into template space. ``lesion_mask`` (same
+    grid) is left out of the metric (cost-function masking, as for lesioned brains in ANTs and fMRIPrep).
     """
     settings = settings or RegistrationSettings()
     # ITK sums the metric over threads in no fixed order: one thread makes the result reproducible
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        return _register(
-            moving, moving_brain_mask, template, template_brain_mask, template_affine, seed=seed, settings=settings
-        )
+        return _register(moving, moving_brain_mask, template, template_brain_mask, template_affine, seed=seed,
+                         settings=settings, lesion_mask=lesion_mask)  # fmt: skip
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
@@ -222,8 +227,13 @@ def _register(
     *,
     seed: int,
     settings: RegistrationSettings,
+    lesion_mask: sitk.Image | None = None,
 ) -> tuple[sitk.AffineTransform, dict[str, Any]]:
     fixed_mask = metric_mask(template_brain_mask, template_affine, settings)
+    moving_mask = None
+    if lesion_mask is not None:
+        moving_mask = sitk.Cast(lesion_mask == 0, sitk.sitkUInt8)
+        moving_mask.CopyInformation(moving)
     template_mask = sitk.Cast(array_to_sitk(template_brain_mask.astype(np.uint8), template_affine), sitk.sitkUInt8)
     brain = skull_strip(moving, moving_brain_mask, settings.moving_shrink)
     template = sitk.Cast(template, sitk.sitkFloat32)
@@ -243,11 +253,12 @@ def _register(
         start = brain_start(subject_brain, template_brain, rotation)
         fixed, moved, mask = level(settings.start_shrink, settings.start_smoothing_mm)
         method = _run_level(settings, fixed, moved, mask, start, seed=seed, iterations=settings.start_iterations,
-                            sampling=settings.sampling_percentage)  # fmt: skip
+                            sampling=settings.sampling_percentage, moving_mask=moving_mask)  # fmt: skip
         trials.append((method.GetMetricValue(), rotation, start))
     best_metric, best_rotation, similarity = min(trials, key=lambda t: t[0])
 
-    method = _multilevel(settings, fixed_mask, seed, settings.similarity_shrink, settings.similarity_smoothing_mm)
+    method = _multilevel(settings, fixed_mask, seed, settings.similarity_shrink, settings.similarity_smoothing_mm,
+                         moving_mask)  # fmt: skip
     method.SetInitialTransform(similarity, inPlace=True)
     method.Execute(template, brain)
     similarity_metric, similarity_iterations = method.GetMetricValue(), method.GetOptimizerIteration()
@@ -256,7 +267,7 @@ def _register(
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
-    method = _multilevel(settings, fixed_mask, seed, settings.affine_shrink, settings.affine_smoothing_mm)
+    method = _multilevel(settings, fixed_mask, seed, settings.affine_shrink, settings.affine_smoothing_mm, moving_mask)
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(template, brain)
     record = {
@@ -269,6 +280,7 @@ def _register(
         "chosen_start_rotation_deg": list(best_rotation),
         "settings": asdict(settings),
         "seed": seed,
+        "lesion_masked": lesion_mask is not None,
         "start_metric": best_metric,
         "similarity_metric": similarity_metric,
         "similarity_iterations": similarity_iterations,

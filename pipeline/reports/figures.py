@@ -117,13 +117,15 @@ def mosaic(
     contour: np.ndarray | None = None,
     *,
     second_contour: np.ndarray | None = None,
+    window: np.ndarray | None = None,
     zooms: Sequence[float] = (1.0, 1.0, 1.0),
     n: int = 6,
     dpi: int = 70,
 ) -> bytes:
     """Three rows (sagittal, coronal, axial) of ``n`` slices, with the ``contour`` mask's outline in red
-    and ``second_contour``'s dashed in cyan; ``zooms`` (mm) keep anisotropic voxels in proportion."""
-    vmin, vmax = _window(data, contour)
+    and ``second_contour``'s dashed in cyan; ``zooms`` (mm) keep anisotropic voxels in proportion. The grey
+    window comes from the voxels of ``window`` (default: ``contour``; the brain, when the contour is a lesion)."""
+    vmin, vmax = _window(data, contour if window is None else window)
     masks = [m for m in (contour, second_contour) if m is not None and m.any()]
     shown = np.logical_or.reduce(masks) if masks else None  # slices span both masks
     cuts = _mosaic_cuts(data.shape, shown, n)

@@ -58,6 +58,7 @@ FIGURES = (
     "segmentationmesh",
     "coregimage",
     "coregreference",
+    "lesions",
 )
 
 
@@ -79,6 +80,7 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     iqm_record = _read_json(find("iqm")) or {}
     registration = _read_json(derivatives.sidecar_of(find("xfm"))) or {}
     coregistration = _read_json(derivatives.sidecar_of(find("xfm_reference"))) or {}
+    lesion = _read_json(derivatives.sidecar_of(find("lesion_mask")))
     template = _read_json(derivatives.sidecar_of(find("preproc_template"))) or {}
     figure = lambda desc: _png(find(f"fig_{desc}"))  # noqa: E731
     metrics = []
@@ -110,6 +112,7 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
         "reference": entry.get("reference"),
         "pairing": entry.get("pairing"),
         "coregistration": coregistration.get("Coregistration", {}),
+        "lesion": lesion,
         "audit": audit,
         "header": header,
         "intensity": intensity,

@@ -242,6 +242,38 @@ def flair_contrast(head: Head) -> np.ndarray:
     return np.where(head.brain, inside, outside).astype(np.float32)
 
 
+#: Lesions (white-matter hyperintensities, as in multiple sclerosis or small-vessel disease): how many per head,
+#: their semi-axes (mm), and their intensity on the T1-like scale (hypointense) and on the FLAIR-like one (bright).
+LESION_COUNT = (5, 15)
+LESION_RADIUS_MM = (2.0, 7.0)
+LESION_T1 = 0.5
+LESION_FLAIR = 1.25
+
+
+def lesion_map(head: Head, rng: np.random.Generator) -> np.ndarray:
+    """Soft ellipsoidal lesions (values in [0, 1], float32, on the head's grid) in the white matter: a few large
+    ones beside the ventricles and small ones scattered, as lesion datasets have. Drawn from ``rng`` alone."""
+    voxel = float(abs(head.affine[0, 0]))
+    white = ndimage.binary_erosion(head.brain & (head.data > 0.78), iterations=max(1, round(2 / voxel)))
+    candidates = np.argwhere(white[::2, ::2, ::2]) * 2
+    out = np.zeros(head.data.shape, dtype=np.float32)
+    for _ in range(int(rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1))):
+        centre = candidates[int(rng.integers(len(candidates)))]
+        radii = rng.uniform(*LESION_RADIUS_MM) * rng.uniform(0.7, 1.3, 3) / voxel
+        reach = np.ceil(radii.max() * 1.3).astype(int)
+        lo, hi = np.maximum(centre - reach, 0), np.minimum(centre + reach + 1, out.shape)
+        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        distance = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        out[box] = np.maximum(out[box], np.clip((1.15 - distance) / 0.3, 0, 1))
+    return out * head.brain
+
+
+def with_lesions(image: np.ndarray, lesions: np.ndarray, value: float) -> np.ndarray:
+    """``image`` with the lesions' voxels blended towards ``value``."""
+    return (image * (1 - lesions) + np.float32(value) * lesions).astype(np.float32)
+
+
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
     """Rotation about x, then y, then z (degrees).
 

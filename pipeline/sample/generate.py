@@ -32,6 +32,9 @@ LOGGER = logging.getLogger(__name__)
 #: Where the sample's reference labels go (a derivatives dataset inside the sample), and their ``desc``.
 LABELS_DIR = Path("derivatives") / "labels"
 LABEL_DESC = "structures"
+#: Where the lesion masks of the sample's participants with lesions go, and their ``desc``.
+LESIONS_DIR = Path("derivatives") / "lesions"
+LESION_DESC = "lesion"
 
 #: Per-site scanner metadata (sidecars) and acquisition character (scale, noise).
 SITES: dict[str, dict[str, Any]] = {
@@ -99,6 +102,9 @@ class SampleOptions:
     label_prefix: str = ""
     #: Share of the participants whose sessions also have a 2D FLAIR (thick slices, the head moved).
     flair_fraction: float = 0.0
+    #: Share of the participants with white-matter lesions (the same in each of their sessions); their masks go
+    #: into the derivatives dataset ``derivatives/lesions`` (``desc-lesion_mask``, each T1w's grid).
+    lesion_fraction: float = 0.0
     n_jobs: int = 1
 
 
@@ -114,6 +120,8 @@ class ImageSpec:
     hippocampi: float
     compressed: bool = True
     flair: bool = False
+    #: Seed of the participant's lesions (0: none).
+    lesion_seed: int = 0
 
     @property
     def stem(self) -> str:
@@ -145,6 +153,9 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
     participants, images = [], []
     # drawn apart from the rest, so that the T1w images do not depend on flair_fraction
     with_flair = np.random.default_rng([options.seed, 1]).random(options.n_subjects) < options.flair_fraction
+    lesion_rng = np.random.default_rng([options.seed, 3])
+    lesion_seeds = [int(lesion_rng.integers(1, 2**31)) if lesion_rng.random() < options.lesion_fraction else 0
+                    for _ in range(options.n_subjects)]  # fmt: skip
     for index in range(options.n_subjects):
         label = f"{options.label_prefix}{index + 1:0{width}d}"
         if options.confound_site:
@@ -181,6 +192,7 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
                     hippocampi=hippocampi,
                     compressed=(index % 10 != 4),  # every tenth subject has an uncompressed .nii
                     flair=bool(with_flair[index]),
+                    lesion_seed=lesion_seeds[index],
                 )
             )
     return participants, images
@@ -204,15 +216,16 @@ def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[s
 
 
 def make_image(
-    spec: ImageSpec, head: anatomy.Head, options: SampleOptions
+    spec: ImageSpec, head: anatomy.Head, options: SampleOptions, lesions: np.ndarray | None = None
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
-    """The T1w of one image, its true brain mask and structure labels (same grid) and its ground truth."""
+    """The T1w of one image, its true brain mask and structure labels (same grid) and its ground truth;
+    ``lesions`` (:func:`~pipeline.sample.anatomy.lesion_map`) darken the white matter."""
     rng = np.random.default_rng(spec.seed)
     acq = draw_acquisition(rng, options)
     deform = lambda image: anatomy.deform(  # noqa: E731
         image, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi
     )
-    anatomy_img = deform(head.data)
+    anatomy_img = deform(head.data if lesions is None else anatomy.with_lesions(head.data, lesions, anatomy.LESION_T1))
     pose = np.eye(4)  # template world -> scanner world
     pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"])
     pose[:3, 3] = acq["translation_mm"]
@@ -285,8 +298,8 @@ FLAIR_MOTION_DEG = 5.0
 FLAIR_MOTION_MM = 6.0
 
 
-def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: SampleOptions
-               ) -> tuple[nib.Nifti1Image, dict[str, Any]]:  # fmt: skip
+def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: SampleOptions,
+               lesions: np.ndarray | None = None) -> tuple[nib.Nifti1Image, dict[str, Any]]:  # fmt: skip
     """The 2D FLAIR of one session and its ground truth: the head of the session's T1w (``pose``: template
     world -> scanner world) moved rigidly, on a grid of thick axial slices (each the mean of three 1 mm
     samples across its thickness, as a slice integrates its slab)."""
@@ -305,8 +318,10 @@ def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: S
     grid_centre = centre + np.array([0.0, 0.0, 12.0])  # the slab is centred on the brain, above the head's centre
     fine = anatomy.grid_affine(orientation=orientation, voxel_size=fine_voxel, shape=fine_shape, centre_mm=grid_centre)
     grid = anatomy.grid_affine(orientation=orientation, voxel_size=voxel, shape=shape, centre_mm=grid_centre)
-    deformed = anatomy.deform(anatomy.flair_contrast(head), head.affine, ventricles=spec.ventricles,
-                              hippocampi=spec.hippocampi)  # fmt: skip
+    contrast = anatomy.flair_contrast(head)
+    if lesions is not None:
+        contrast = anatomy.with_lesions(contrast, lesions, anatomy.LESION_FLAIR)
+    deformed = anatomy.deform(contrast, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
     signal = anatomy.resample_into(deformed, head.affine, fine, fine_shape, np.linalg.inv(flair_pose))
     signal = signal.reshape(*shape[:2], shape[2], 3).mean(axis=3)
     site = SITES[spec.site]
@@ -365,7 +380,9 @@ _SHARED: dict[str, Any] = {}
 
 def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     out_dir, spec, options = job
-    img, mask, labels, truth = make_image(spec, _SHARED["head"], options)
+    head = _SHARED["head"]
+    lesions = anatomy.lesion_map(head, np.random.default_rng(spec.lesion_seed)) if spec.lesion_seed else None
+    img, mask, labels, truth = make_image(spec, head, options, lesions)
     target = out_dir / spec.relpath
     with atomic_path(target) as tmp:
         img.to_filename(tmp)
@@ -374,8 +391,11 @@ def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     with atomic_path(truth_dir / mask_name(spec)) as tmp:
         mask.to_filename(tmp)
     write_json(truth_dir / f"{spec.stem}.json", truth)
+    if lesions is not None:
+        truth["LesionVolumeMl"] = _write_lesion_mask(out_dir, spec, head, lesions, img, truth)
+        write_json(truth_dir / f"{spec.stem}.json", truth)
     if spec.flair:
-        flair, flair_truth = make_flair(spec, _SHARED["head"], np.asarray(truth["TemplateToT1w"]), options)
+        flair, flair_truth = make_flair(spec, head, np.asarray(truth["TemplateToT1w"]), options, lesions)
         target = out_dir / spec.flair_relpath
         with atomic_path(target) as tmp:
             flair.to_filename(tmp)
@@ -385,6 +405,20 @@ def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
     with atomic_path(label_path(out_dir / LABELS_DIR, spec.relpath, LABEL_DESC)) as tmp:
         labels.to_filename(tmp)
     return truth
+
+
+def _write_lesion_mask(out_dir: Path, spec: ImageSpec, head: anatomy.Head, lesions: np.ndarray,
+                       t1w: nib.Nifti1Image, truth: dict[str, Any]) -> float:  # fmt: skip
+    """The true lesion mask in the T1w's grid, in the lesions' derivatives dataset; returns its volume (ml)."""
+    moved = anatomy.deform(lesions, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
+    on_grid = anatomy.resample_into(moved, head.affine, t1w.affine, truth["shape"], np.asarray(truth["T1wToTemplate"]))
+    mask = nib.Nifti1Image((on_grid > 0.5).astype(np.uint8), t1w.affine)
+    mask.set_qform(t1w.affine, code=1)
+    mask.set_sform(t1w.affine, code=1)
+    mask.header.set_xyzt_units("mm")
+    with atomic_path(label_path(out_dir / LESIONS_DIR, spec.relpath, LESION_DESC, suffix="mask")) as tmp:
+        mask.to_filename(tmp)
+    return round(float((on_grid > 0.5).sum() * abs(np.linalg.det(t1w.affine[:3, :3]))) / 1000, 4)
 
 
 def _write_tables(out_dir: Path, participants: list[dict[str, Any]], images: list[ImageSpec]) -> None:
@@ -479,6 +513,9 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
     write_labels_dataset(
         out_dir / LABELS_DIR, LABEL_DESC, anatomy.STRUCTURES, generated_by="bidsdl-sample", version=__version__
     )
+    if any(spec.lesion_seed for spec in images):
+        write_labels_dataset(out_dir / LESIONS_DIR, LESION_DESC, {1: "lesion"}, generated_by="bidsdl-sample",
+                             version=__version__)  # fmt: skip
     write_json(
         out_dir / "sourcedata" / "generation.json",
         {
@@ -510,6 +547,10 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "(McConnell Brain Imaging Centre; see its copyright notice), placed in a synthetic head.",
         "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
         "Some images have a large field of view reaching the neck and shoulders.",
+        "With --flair-fraction, sessions also hold a 2D FLAIR (3 mm axial slices) of the head moved against the T1w;",
+        "with --lesion-fraction, some participants have white-matter lesions (dark on the T1w, bright on the FLAIR)",
+        f"whose masks, in each T1w's grid, are the derivatives dataset `{LESIONS_DIR.as_posix()}/` "
+        f"(`desc-{LESION_DESC}_mask`).",
         "Every image's true T1w-to-template transform, artefacts and brain mask are in `sourcedata/truth/`.",
         f"Reference labels of six structures ({', '.join(anatomy.STRUCTURES.values())}) in each T1w's grid: the",
         f"derivatives dataset `{LABELS_DIR.as_posix()}/` (`desc-{LABEL_DESC}_dseg`), for `--task segmentation`.",

@@ -9,9 +9,11 @@ from typing import Any
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from ..derivatives import SOURCE_KIND
 from ..interfaces.audit import AuditImage
 from ..interfaces.derivatives import DerivativesSink, sink_inputs
 from ..interfaces.inference import MaskSurface, RunInference, RunSegmentation
+from ..interfaces.lesions import LesionOutputs, PrepareLesionMask
 from ..interfaces.preprocess import (
     ComputeIQMs,
     ExtractBrain,
@@ -77,6 +79,7 @@ def init_anat_preproc_wf(
     omp_nthreads: int,
     device: str = "cpu",
     brain_helper: str | None = None,
+    lesion_source: str | None = None,
     name: str = "anat_preproc_wf",
 ) -> pe.Workflow:
     """Reorient, brain extraction (deepbet), N4 inside the brain, brain-to-brain affine registration to
@@ -95,12 +98,17 @@ def init_anat_preproc_wf(
     brain_helper
         Contact of the run's brain-extraction helper (:mod:`pipeline.interfaces.brain_service`); None: each
         process starts its own.
+    lesion_source
+        With a lesion mask (input ``lesion_mask``): where it comes from (a BIDS URI, for the sidecars). The mask
+        is checked against the T1w's grid (another grid fails the T1w with both shapes named), made RAS and left
+        out of the registration's metric (cost-function masking); outputs ``lesion_t1w`` and ``lesion_record``.
 
-    Inputs: ``t1w``. Outputs: see :data:`PREPROC_OUTPUTS`.
+    Inputs: ``t1w`` (and ``lesion_mask``). Outputs: see :data:`PREPROC_OUTPUTS`.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=list(PREPROC_OUTPUTS)), name="outputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["t1w", "lesion_mask"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=[*PREPROC_OUTPUTS, "lesion_t1w", "lesion_record"]),
+                         name="outputnode")  # fmt: skip
     prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
     # deepbet on the RAS image; N4 then fits its field inside the brain (not the neck and shoulders). The
     # networks run in the process's one helper, which serves one request at a time: the node itself only
@@ -116,6 +124,13 @@ def init_anat_preproc_wf(
                        n_procs=1, mem_gb=1.0)  # fmt: skip
     to_template = pe.Node(ResampleToTemplate(model_resolution=model_resolution, num_threads=omp_nthreads),
                           name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
+    if lesion_source is not None:
+        lesion = pe.Node(PrepareLesionMask(source=lesion_source), name="prepare_lesion", mem_gb=0.5)
+        workflow.connect([
+            (inputnode, lesion, [("lesion_mask", "in_file"), ("t1w", "in_t1w")]),
+            (lesion, register, [("out_mask", "in_lesion")]),
+            (lesion, outputnode, [("out_mask", "lesion_t1w"), ("out_record", "lesion_record")]),
+        ])  # fmt: skip
     workflow.connect([
         (inputnode, prepare, [("t1w", "in_file")]),
         (inputnode, brain, [("t1w", "source_name")]),
@@ -194,19 +209,23 @@ def init_anat_wf(
     device: str = "cpu",
     brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
+    lesion_source: str | None = None,
     name: str = "anat_wf",
 ) -> pe.Workflow:
     """Everything done to one T1w: audit, preprocessing, QC, inference with ``--model``, the derivatives.
 
     ``device``, ``brain_helper``: see :func:`init_anat_preproc_wf`. ``inference``: the keyword arguments of
     :func:`init_anat_inference_wf` but ``omp_nthreads``, or None for no inference. An image that fails
-    quality control is not predicted.
+    quality control is not predicted. ``lesion_source``: where the T1w's lesion mask comes from (a BIDS URI,
+    for the sidecars; the mask itself is the input ``lesion_mask``), or None without one: see
+    :func:`init_anat_preproc_wf` and :func:`init_lesion_wf`.
 
-    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict), and with ``inference``
-    ``source`` (the path relative to ``bids_dir``) and ``participant_id``.
+    Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict), with ``inference`` ``source`` (the
+    path relative to ``bids_dir``) and ``participant_id``, with ``lesion_source`` ``lesion_mask``.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id"]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id", "lesion_mask"]),
+                        name="inputnode")  # fmt: skip
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
     preproc_wf = init_anat_preproc_wf(
         model_resolution=model_resolution,
@@ -214,6 +233,7 @@ def init_anat_wf(
         omp_nthreads=omp_nthreads,
         device=device,
         brain_helper=brain_helper,
+        lesion_source=lesion_source,
     )
     qc_wf = init_anat_qc_wf()
     ds_wf = init_anat_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution)
@@ -230,45 +250,107 @@ def init_anat_wf(
     for field in QC_OUTPUTS:
         if field in DERIVATIVE_INPUTS:
             workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
-    if inference is not None and inference.get("labels"):
-        options = dict(inference)
-        segmentation = options.pop("labels")
-        seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
-        ds_seg_wf = init_segmentation_derivatives_wf(
-            bids_dir=bids_dir,
-            output_dir=output_dir,
-            model_resolution=segmentation["resolution_mm"],
-            label_desc=segmentation["label_desc"],
-            structures=segmentation["structures"],
-        )
-        workflow.connect([
-            (inputnode, seg_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id"),
-                                 ("t1w", "inputnode.t1w")]),
-            (audit_wf, seg_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
-            (qc_wf, seg_wf, [("outputnode.t1w_model_passed", "inputnode.passed")]),
-            (preproc_wf, seg_wf, [("outputnode.t1w_corrected", "inputnode.t1w_corrected"),
-                                  ("outputnode.transform", "inputnode.transform"),
-                                  ("outputnode.template_record", "inputnode.template_record")]),
-            (inputnode, ds_seg_wf, [("t1w", "inputnode.source_file")]),
-        ])  # fmt: skip
-        for field in SEGMENTATION_INPUTS:
-            workflow.connect(seg_wf, f"outputnode.{field}", ds_seg_wf, f"inputnode.{field}")
-    elif inference is not None:
-        inference = {k: v for k, v in inference.items() if k != "labels"}
-        infer_wf = init_anat_inference_wf(**inference, omp_nthreads=omp_nthreads)
-        ds_infer_wf = init_inference_derivatives_wf(
-            bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution
-        )
-        workflow.connect([
-            (inputnode, infer_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id")]),
-            (audit_wf, infer_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
-            (qc_wf, infer_wf, [("outputnode.t1w_model_passed", "inputnode.t1w_model")]),
-            (preproc_wf, infer_wf, [("outputnode.mask_model", "inputnode.mask_model"),
-                                    ("outputnode.model_record", "inputnode.model_record")]),
-            (inputnode, ds_infer_wf, [("t1w", "inputnode.source_file")]),
-        ])  # fmt: skip
-        for field in INFERENCE_INPUTS:
-            workflow.connect(infer_wf, f"outputnode.{field}", ds_infer_wf, f"inputnode.{field}")
+    parts = {"inputnode": inputnode, "audit_wf": audit_wf, "preproc_wf": preproc_wf, "qc_wf": qc_wf}
+    if lesion_source is not None:
+        _add_lesion(workflow, parts, bids_dir=bids_dir, output_dir=output_dir)
+    if inference is not None:
+        add = _add_segmentation if inference.get("labels") else _add_inference
+        add(workflow, parts, inference, bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution,
+            omp_nthreads=omp_nthreads)  # fmt: skip
+    return workflow
+
+
+def _add_lesion(workflow: pe.Workflow, parts: dict[str, Any], *, bids_dir: Path, output_dir: Path) -> None:
+    """The lesion mask's way through one T1w's workflow ``parts``: into the registration, then its outputs."""
+    inputnode, preproc_wf = parts["inputnode"], parts["preproc_wf"]
+    lesion_wf = init_lesion_wf(bids_dir=bids_dir, output_dir=output_dir)
+    workflow.connect(inputnode, "lesion_mask", preproc_wf, "inputnode.lesion_mask")
+    workflow.connect(inputnode, "t1w", lesion_wf, "inputnode.t1w")
+    for field in ("lesion_t1w", "lesion_record", "t1w_corrected", "mask_t1w", "transform"):
+        workflow.connect(preproc_wf, f"outputnode.{field}", lesion_wf, f"inputnode.{field}")
+
+
+def _add_segmentation(workflow: pe.Workflow, parts: dict[str, Any], inference: dict[str, Any], *, bids_dir: Path,
+                      output_dir: Path, model_resolution: float, omp_nthreads: int) -> None:  # fmt: skip
+    """A segmentation model's nodes and sinks after one T1w's workflow ``parts`` (``model_resolution`` unused: a
+    segmentation model brings its own grid)."""
+    inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
+    options = dict(inference)
+    segmentation = options.pop("labels")
+    seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
+    ds_seg_wf = init_segmentation_derivatives_wf(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        model_resolution=segmentation["resolution_mm"],
+        label_desc=segmentation["label_desc"],
+        structures=segmentation["structures"],
+    )
+    workflow.connect([
+        (inputnode, seg_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id"),
+                             ("t1w", "inputnode.t1w")]),
+        (audit_wf, seg_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
+        (qc_wf, seg_wf, [("outputnode.t1w_model_passed", "inputnode.passed")]),
+        (preproc_wf, seg_wf, [("outputnode.t1w_corrected", "inputnode.t1w_corrected"),
+                              ("outputnode.transform", "inputnode.transform"),
+                              ("outputnode.template_record", "inputnode.template_record")]),
+        (inputnode, ds_seg_wf, [("t1w", "inputnode.source_file")]),
+    ])  # fmt: skip
+    for field in SEGMENTATION_INPUTS:
+        workflow.connect(seg_wf, f"outputnode.{field}", ds_seg_wf, f"inputnode.{field}")
+
+
+def _add_inference(workflow: pe.Workflow, parts: dict[str, Any], inference: dict[str, Any], *, bids_dir: Path,
+                   output_dir: Path, model_resolution: float, omp_nthreads: int) -> None:  # fmt: skip
+    """An image model's inference nodes and sinks after one T1w's workflow ``parts``."""
+    inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
+    options = {k: v for k, v in inference.items() if k != "labels"}
+    infer_wf = init_anat_inference_wf(**options, omp_nthreads=omp_nthreads)
+    ds_infer_wf = init_inference_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
+                                                model_resolution=model_resolution)  # fmt: skip
+    workflow.connect([
+        (inputnode, infer_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id")]),
+        (audit_wf, infer_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
+        (qc_wf, infer_wf, [("outputnode.t1w_model_passed", "inputnode.t1w_model")]),
+        (preproc_wf, infer_wf, [("outputnode.mask_model", "inputnode.mask_model"),
+                                ("outputnode.model_record", "inputnode.model_record")]),
+        (inputnode, ds_infer_wf, [("t1w", "inputnode.source_file")]),
+    ])  # fmt: skip
+    for field in INFERENCE_INPUTS:
+        workflow.connect(infer_wf, f"outputnode.{field}", ds_infer_wf, f"inputnode.{field}")
+
+
+def init_lesion_wf(*, bids_dir: Path, output_dir: Path, name: str = "lesion_wf") -> pe.Workflow:
+    """A T1w's lesion mask (prepared by :func:`init_anat_preproc_wf`) brought into template space, drawn on the
+    T1w and saved (``label-lesion_mask`` on the RAS T1w grid and in template space, with their volume).
+
+    Inputs: ``t1w`` (in BIDS_DIR), ``lesion_t1w``, ``lesion_record``, ``t1w_corrected``, ``mask_t1w``, ``transform``.
+    """
+    workflow = pe.Workflow(name=name)
+    fields = ["t1w", "lesion_t1w", "lesion_record", "t1w_corrected", "mask_t1w", "transform"]
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    outputs = pe.Node(LesionOutputs(), name="lesion_outputs", mem_gb=1.0)
+    described = {
+        "lesion_mask": "The lesion mask given with the T1w, reoriented as the T1w (RAS, no resampling); left out of "
+        "the registration's metric and of the session's co-registrations",
+        "lesion_mask_template": "The lesion mask in template space through the T1w's affine (linear, > 0.5); "
+        "VolumeMl is the mask's volume on the T1w's grid",
+        "fig_lesions": "",
+    }
+    sinks = {name: pe.Node(DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir),
+                                           metadata={"Description": text} if text else {}, **sink_inputs(name)),
+                           name=f"ds_{name}", run_without_submitting=name == "fig_lesions", overwrite=True)
+             for name, text in described.items()}  # fmt: skip
+    sinks["lesion_mask"].inputs.reference = {"suffix": SOURCE_KIND, "desc": "preproc"}
+    workflow.connect([
+        (inputnode, outputs, [("lesion_t1w", "in_mask"), ("t1w_corrected", "in_corrected"), ("mask_t1w", "in_brain"),
+                              ("transform", "in_transform")]),
+        (inputnode, sinks["lesion_mask"], [("lesion_t1w", "in_file"), ("lesion_record", "metadata_file")]),
+        (outputs, sinks["lesion_mask_template"], [("out_template", "in_file")]),
+        (inputnode, sinks["lesion_mask_template"], [("lesion_record", "metadata_file")]),
+        (outputs, sinks["fig_lesions"], [("out_figure", "in_file")]),
+    ])  # fmt: skip
+    for sink in sinks.values():
+        workflow.connect(inputnode, "t1w", sink, "source_file")
     return workflow
 
 

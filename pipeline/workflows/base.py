@@ -17,7 +17,7 @@ from nipype.pipeline import engine as pe
 
 from .. import derivatives
 from ..bids.layout import AnatImage
-from ..bids.pairing import pair_images
+from ..bids.pairing import lesion_mask, pair_images
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
 from ..kinds import REFERENCE_KIND
@@ -79,6 +79,7 @@ def init_single_subject_wf(
     device: str = "cpu",
     brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
+    lesions: Mapping[Path, tuple[Path, str]] | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """All processing of one participant: one anatomical workflow per T1w image, and one per image aligned to a
@@ -95,7 +96,10 @@ def init_single_subject_wf(
         Input BIDS dataset and derivatives root.
     model_resolution, seed, omp_nthreads, device, brain_helper, inference
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
+    lesions
+        T1w path -> its lesion mask and where that comes from (a BIDS URI): :func:`~pipeline.bids.pairing.lesion_mask`.
     """
+    lesions = lesions or {}
     workflow = pe.Workflow(name=name or single_subject_name(subject))
     anat_wfs = {}
     for image in (img for img in images if img.kind == REFERENCE_KIND):
@@ -108,32 +112,41 @@ def init_single_subject_wf(
             device=device,
             brain_helper=brain_helper,
             inference=inference,
+            lesion_source=lesions[image.path][1] if image.path in lesions else None,
             name=image_workflow_name(image),
         )
+        if image.path in lesions:
+            anat_wf.inputs.inputnode.lesion_mask = str(lesions[image.path][0])
         anat_wf.inputs.inputnode.t1w = str(image.path)
         anat_wf.inputs.inputnode.metadata = dict(image.metadata)
         anat_wf.inputs.inputnode.source = image.relative_to(bids_dir)
         anat_wf.inputs.inputnode.participant_id = f"sub-{subject}"
         workflow.add_nodes([anat_wf])
         anat_wfs[image.path] = anat_wf
-    _add_coregistered(workflow, images, anat_wfs, bids_dir=bids_dir, output_dir=output_dir,
+    _add_coregistered(workflow, images, anat_wfs, set(lesions), bids_dir=bids_dir, output_dir=output_dir,
                       model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)  # fmt: skip
     return workflow
 
 
 def _add_coregistered(
-    workflow: pe.Workflow, images: Sequence[AnatImage], anat_wfs: Mapping[Path, pe.Workflow], **options: Any
+    workflow: pe.Workflow,
+    images: Sequence[AnatImage],
+    anat_wfs: Mapping[Path, pe.Workflow],
+    with_lesions: set[Path],
+    **options: Any,
 ) -> None:
-    """One workflow per image aligned to a T1w of its session, fed by that T1w's preprocessing (``options``: the
-    keyword arguments of :func:`~pipeline.workflows.coregistered.init_coreg_wf` that every image shares)."""
+    """One workflow per image aligned to a T1w of its session, fed by that T1w's preprocessing (and its lesion
+    mask, for the T1w in ``with_lesions``); ``options``: the keyword arguments of
+    :func:`~pipeline.workflows.coregistered.init_coreg_wf` that every image shares."""
     for pairing in pair_images(images):
         if pairing.reference is None:  # listed in the status record, not processed
             continue
-        coreg_wf = init_coreg_wf(reference=pairing.reference.path, pairing=pairing.reason,
+        lesion = pairing.reference.path in with_lesions
+        coreg_wf = init_coreg_wf(reference=pairing.reference.path, pairing=pairing.reason, lesion=lesion,
                                  name=image_workflow_name(pairing.image), **options)  # fmt: skip
         coreg_wf.inputs.inputnode.image = str(pairing.image.path)
         coreg_wf.inputs.inputnode.metadata = dict(pairing.image.metadata)
-        for field in REFERENCE_INPUTS:
+        for field in (*REFERENCE_INPUTS, "lesion_t1w") if lesion else REFERENCE_INPUTS:
             workflow.connect(anat_wfs[pairing.reference.path], f"anat_preproc_wf.outputnode.{field}",
                              coreg_wf, f"inputnode.{field}")  # fmt: skip
 
@@ -187,6 +200,8 @@ def init_bidsdl_wf(
         }
     )
     for subject, images in subjects.items():
+        lesions = {img.path: found for img in images if img.kind == REFERENCE_KIND
+                   and (found := lesion_mask(img, config.bids_dir, config.lesion_masks))}  # fmt: skip
         single = init_single_subject_wf(
             subject=subject,
             images=images,
@@ -198,6 +213,7 @@ def init_bidsdl_wf(
             device=config.device,
             brain_helper=brain_helper,
             inference=inference,
+            lesions=lesions,
         )
         single.config["execution"] = {
             **workflow.config["execution"],

@@ -25,27 +25,22 @@ def init_coreg_wf(
     model_resolution: float,
     seed: int,
     omp_nthreads: int,
+    lesion: bool = False,
     name: str = "coreg_wf",
 ) -> pe.Workflow:
-    """Audit one image, align it rigidly to its T1w, correct its bias inside the T1w's brain, bring it into
-    template space through the T1w's affine, measure the alignment and save everything.
+    """Audit one image, align it rigidly to its T1w (``reference`` in ``bids_dir``; ``pairing``: why that one),
+    correct its bias inside the T1w's brain, bring it into template space through the T1w's affine, measure the
+    alignment and save everything. ``model_resolution``, ``seed``, ``omp_nthreads``: as for the T1w
+    (:func:`~pipeline.workflows.anatomical.init_anat_preproc_wf`); ``lesion``: the T1w has a lesion mask (input
+    ``lesion_t1w``), left out of the co-registration's metric.
 
-    Parameters
-    ----------
-    bids_dir, output_dir
-        Input BIDS dataset and derivatives root.
-    reference
-        The T1w it is aligned to (in ``bids_dir``), and ``pairing``: why that one (shown in the report).
-    model_resolution, seed, omp_nthreads
-        As for the T1w (:func:`~pipeline.workflows.anatomical.init_anat_preproc_wf`).
-
-    Inputs: ``image`` (path in ``bids_dir``), ``metadata`` (its sidecar), and from its T1w's preprocessing
-    :data:`REFERENCE_INPUTS`. Outputs: ``passed`` (the model-grid image, set only when its quality passed).
-
-    A failed co-registration fails this image (its quality gate), not the T1w: the T1w's outputs stand.
+    Inputs: ``image`` (in ``bids_dir``), ``metadata``, and from its T1w's preprocessing :data:`REFERENCE_INPUTS`.
+    Outputs: ``passed`` (the model-grid image, only when its quality passed): a failed co-registration fails this
+    image (its quality gate), not the T1w, whose outputs stand.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["image", "metadata", *REFERENCE_INPUTS]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["image", "metadata", *REFERENCE_INPUTS, "lesion_t1w"]),
+                        name="inputnode")  # fmt: skip
     outputnode = pe.Node(IdentityInterface(fields=["passed"]), name="outputnode")
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
     prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
@@ -59,8 +54,8 @@ def init_coreg_wf(
                           name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     qc = pe.Node(CoregistrationQC(), name="coreg_qc", mem_gb=2.0)
     gate = pe.Node(QualityGate(), name="quality_gate", run_without_submitting=True)
-    ds_wf = init_coreg_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution,
-                                      reference=reference)  # fmt: skip
+    if lesion:
+        workflow.connect(inputnode, "lesion_t1w", coregister, "in_lesion")
     workflow.connect([
         (inputnode, audit_wf, [("image", "inputnode.t1w"), ("metadata", "inputnode.metadata")]),
         (inputnode, prepare, [("image", "in_file")]),
@@ -74,6 +69,8 @@ def init_coreg_wf(
         (to_template, gate, [("out_t1w_model", "in_file")]),
         (gate, outputnode, [("out_file", "passed")]),
     ])  # fmt: skip
+    ds_wf = init_coreg_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution,
+                                      reference=reference)  # fmt: skip
     _connect_measures(workflow, ds_wf, inputnode, audit_wf, prepare, coregister, n4, to_template, qc)
     return workflow
 

@@ -18,15 +18,23 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def multicontrast_run(tmp_path_factory):
-    """Two participants, each T1w with a 2D FLAIR; sub-01 also has a second FLAIR in that session and a FLAIR in a
-    session without T1w; sub-02's FLAIR holds two volumes. Run once at the participant level."""
+    """Three participants with lesions, each T1w with a 2D FLAIR; sub-01 also has a second FLAIR in that session, a
+    FLAIR in a session without T1w and its lesion mask beside the T1w (label-lesion_roi); sub-02's FLAIR holds two
+    volumes; sub-03's lesion mask is on another grid. Run once at the participant level with --lesion-masks."""
     from pipeline.cli.run import main
     from pipeline.sample.generate import SampleOptions, write_sample_dataset
 
     root = tmp_path_factory.mktemp("multicontrast")
     bids = root / "bids"
-    write_sample_dataset(bids, SampleOptions(n_subjects=2, seed=8, two_session_fraction=0, large_fov_fraction=0,
-                                             voxel_scale=1.5, flair_fraction=1.0, n_jobs=2))  # fmt: skip
+    write_sample_dataset(bids, SampleOptions(n_subjects=3, seed=8, two_session_fraction=0, large_fov_fraction=0,
+                                             voxel_scale=1.5, flair_fraction=1.0, lesion_fraction=1.0, n_jobs=2))
+    lesions = bids / "derivatives" / "lesions"
+    shutil.copyfile(lesions / "sub-01/ses-01/anat/sub-01_ses-01_desc-lesion_mask.nii.gz",
+                    bids / "sub-01/ses-01/anat/sub-01_ses-01_label-lesion_roi.nii.gz")
+    (bids / ".bidsignore").write_text("*_roi.nii.gz\n")  # BIDS does not define it yet (fMRIPrep reads it)
+    wrong = lesions / "sub-03/ses-01/anat/sub-03_ses-01_desc-lesion_mask.nii.gz"
+    img = nib.load(wrong)
+    nib.Nifti1Image(np.asanyarray(img.dataobj)[:, :, ::2], img.affine @ np.diag([1, 1, 2, 1])).to_filename(wrong)
     anat = bids / "sub-01" / "ses-01" / "anat"
     for stem in ("sub-01_ses-01_acq-3d_FLAIR", "../../ses-09/anat/sub-01_ses-09_FLAIR"):
         (anat / stem).parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +49,8 @@ def multicontrast_run(tmp_path_factory):
     before = snapshot(bids)
     set_read_only(bids)
     out = root / "derivatives"
-    code = main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work")])
+    code = main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work"),
+                 "--lesion-masks", str(lesions)])  # fmt: skip
     yield bids, out, code
     set_read_only(bids, False)
     assert snapshot(bids) == before
@@ -92,6 +101,36 @@ def test_a_4d_flair_fails_by_name_and_its_t1w_stands(multicontrast_run):
     assert any("sub-02_ses-01_acq-2d_FLAIR.nii.gz" in e and "holds 2 volumes" in e for e in status["errors"]), status
     t1w = bids / "sub-02/ses-01/anat/sub-02_ses-01_T1w.nii.gz"
     assert derivatives.named_path(out, t1w, "preproc_model", model_resolution=2.0).exists()
+
+
+def test_lesion_masks_are_left_out_of_the_registrations_and_drawn(multicontrast_run):
+    bids, out, _ = multicontrast_run
+    t1w = bids / "sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz"
+    mask = derivatives.named_path(out, t1w, "lesion_mask")
+    assert mask.name == "sub-01_ses-01_label-lesion_mask.nii.gz"
+    sidecar = json.loads(derivatives.sidecar_of(mask).read_text())
+    # the mask beside the T1w wins over the derivatives dataset's
+    assert sidecar["Sources"][-1] == "bids:raw:sub-01/ses-01/anat/sub-01_ses-01_label-lesion_roi.nii.gz"
+    assert sidecar["VolumeMl"] > 0 and sidecar["Type"] == "Lesion"
+    assert derivatives.named_path(out, t1w, "lesion_mask_template").exists()
+    registration = json.loads(derivatives.sidecar_of(derivatives.named_path(out, t1w, "xfm")).read_text())
+    assert registration["Registration"]["lesion_masked"] is True
+    flair = bids / "sub-01/ses-01/anat/sub-01_ses-01_acq-2d_FLAIR.nii.gz"
+    coreg = json.loads(derivatives.sidecar_of(derivatives.named_path(out, flair, "xfm_reference")).read_text())
+    assert coreg["Coregistration"]["lesion_masked"] is True
+    from_dataset = json.loads(derivatives.sidecar_of(derivatives.named_path(
+        out, bids / "sub-02/ses-01/anat/sub-02_ses-01_T1w.nii.gz", "lesion_mask")).read_text())  # fmt: skip
+    assert from_dataset["Sources"][-1] == (
+        "bids:raw:derivatives/lesions/sub-02/ses-01/anat/sub-02_ses-01_desc-lesion_mask.nii.gz")
+    assert "Lesion mask" in derivatives.subject_report_path(out, "01").read_text()
+
+
+def test_a_lesion_mask_on_another_grid_fails_its_t1w_by_name(multicontrast_run):
+    _, out, _ = multicontrast_run
+    status = _status(out, "03")
+    assert status["state"] == "failed"
+    assert any("sub-03_ses-01_desc-lesion_mask.nii.gz is not on the grid of its T1w" in e and "shape" in e
+               for e in status["errors"]), status["errors"]  # fmt: skip
 
 
 def test_the_validator_accepts_the_multicontrast_outputs(multicontrast_run):

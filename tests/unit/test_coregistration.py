@@ -134,3 +134,55 @@ def test_a_lesion_mask_is_left_out_of_the_metric():
     with_lesion = sitk.GetArrayFromImage(coregistration.metric_mask(brain, None, settings))
     without = sitk.GetArrayFromImage(coregistration.metric_mask(brain, lesion, settings))
     assert with_lesion.sum() - without.sum() == 27 and without[9, 9, 9] == 0
+
+
+def test_a_lesion_mask_on_another_grid_is_refused_with_both_shapes():
+    from pipeline.ops.lesions import prepare_lesion_mask
+
+    t1w = nib.Nifti1Image(np.zeros((10, 12, 14), np.float32), np.eye(4))
+    wrong = nib.Nifti1Image(np.zeros((10, 12, 7), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(InputDataError, match=r"not on the grid of its T1w t1\.nii\.gz: shape \(10, 12, 7\) vs "
+                                             r"\(10, 12, 14\)"):  # fmt: skip
+        prepare_lesion_mask(wrong, t1w, name="lesion.nii.gz", t1w_name="t1.nii.gz")
+
+
+def test_the_registration_leaves_a_painted_lesion_out_and_still_finds_the_head(tmp_path):
+    """A large bright region painted into the T1w and given as a lesion mask is left out of the metric: the
+    transform differs from the unmasked one and the known pose is still recovered within a millimetre."""
+    from pipeline.ops import registration
+    from pipeline.ops.template import load_template
+    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+
+    root = tmp_path / "bids"
+    write_sample_dataset(root, SampleOptions(n_subjects=1, seed=21, two_session_fraction=0, large_fov_fraction=0,
+                                             voxel_scale=1.5))  # fmt: skip
+    t1_path = next(root.glob("sub-*/ses-*/anat/*_T1w.nii*"))
+    truth = json.loads((root / "sourcedata/truth" / t1_path.name.replace(".nii.gz", ".json")).read_text())
+    t1, _ = orient.prepare_t1w(nib.load(t1_path), name=t1_path.name)
+    brain = nib.as_closest_canonical(nib.load(root / "sourcedata/truth" / truth["BrainMask"]))
+    data = np.asanyarray(t1.dataobj).copy()
+    ijk = np.argwhere(np.asanyarray(brain.dataobj) > 0)
+    inside = np.asanyarray(brain.dataobj) > 0
+    centre = ijk.mean(axis=0) + np.array([12, 0, 10])
+    lesion = (np.linalg.norm((np.indices(data.shape).T - centre).T * 1.5, axis=0) < 22) & inside
+    data[lesion] = data[inside].max() * 1.6
+    painted = nib.Nifti1Image(data, t1.affine)
+    template = load_template(2)
+    args = (nib_to_sitk(brain, np.uint8), resample.array_to_sitk(template.t1, template.affine), template.brain_mask,
+            template.affine)  # fmt: skip
+    masked, record = registration.register_to_template(
+        nib_to_sitk(painted), *args, lesion_mask=nib_to_sitk(nib.Nifti1Image(lesion.astype(np.uint8), t1.affine),
+                                                              np.uint8))  # fmt: skip
+    unmasked, _ = registration.register_to_template(nib_to_sitk(painted), *args)
+    assert record["lesion_masked"] is True
+    points = t1.affine @ np.c_[ijk[::60], np.ones(len(ijk[::60]))].T
+    true = np.linalg.inv(np.asarray(truth["T1wToTemplate"]))  # template -> T1w world
+
+    def error(transform):
+        # the transform maps template points to T1w points: compare where it sends the template images of the points
+        template_points = np.asarray(truth["T1wToTemplate"]) @ points
+        return np.linalg.norm((transform_matrix_ras(transform) @ template_points - true @ template_points)[:3], axis=0)
+
+    # measured: 0.41 mm masked, 0.44 mm unmasked (the brain-to-brain registration is robust to the region)
+    assert not np.allclose(masked.GetParameters(), unmasked.GetParameters())
+    assert error(masked).mean() < 1.0
