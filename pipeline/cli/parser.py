@@ -26,6 +26,7 @@ from ..config import (
     load_config_file,
 )
 from ..errors import UnknownAnalysisLevel, UsageError
+from ..kinds import PROCESSED_KINDS
 from ..learn.tasks import auto_task_names, get_task, task_names
 
 ANALYSIS_LEVELS = ("participant", "group")
@@ -148,6 +149,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         _option("--task", metavar="TASK", help="auto: categorical -> classification, numeric -> regression; or "
                 "one of the tasks"),
         _option("--positive-class", metavar="LABEL", help="positive class (default: the rarest class)"),
+        _option("--inputs", nargs="+", choices=PROCESSED_KINDS, metavar="KIND",
+                help="the image kinds fed as channels, in order (e.g. T1w FLAIR): each T1w with the images of the "
+                "other kinds aligned to it at the participant level; a T1w without one is left out with the reason"),
         _option("--exclude-qc-outliers", action="store_true",
                 help="leave out the group's outliers in qc.tsv and the images quality control flagged"),
         _option("--include-failed-qc", action="store_true",
@@ -338,7 +342,7 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     options: dict[str, Any] = {}
     for name in (*LEARNING_FIELDS, *_GROUP_RUN_FIELDS):
-        if name in ("seed", "stratify", "augment"):
+        if name in ("seed", "stratify", "augment", "inputs"):
             continue  # resolved by parse_args, or below
         if fields[name].type == "bool":
             options[name] = bool(merged.get(name))
@@ -346,6 +350,10 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
             options[name] = merged[name]
     if merged.get("stratify"):
         options["stratify"] = tuple(dict.fromkeys(merged["stratify"]))
+    if merged.get("inputs"):
+        if len(set(merged["inputs"])) != len(merged["inputs"]):
+            raise UsageError(f"--inputs {' '.join(merged['inputs'])}: each kind once (a channel per image kind).")
+        options["inputs"] = tuple(merged["inputs"])
     if merged.get("augment") is not None:  # '--augment' alone: the anatomically safe default set
         options["augment"] = tuple(sorted(set(merged["augment"] or DEFAULT_AUGMENT)))
     task = options.get("task", default("task"))

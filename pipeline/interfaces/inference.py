@@ -31,10 +31,16 @@ class _ModelNodeInputSpec(BaseInterfaceInputSpec):
     allow_training_subjects = traits.Bool(False, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
+    in_others = traits.List(File(exists=True), desc="the images of the model's other channels, in its channel order "
+                            "(each aligned to this T1w; as in_file but of its kind)")
+    in_other_records = traits.List(File(exists=True), desc="their template-space records (segmentation: their "
+                                   "normalisation), in the same order")
 
 
 def _common_spec(inputs: Any) -> dict[str, Any]:
     return {
+        "others": list(inputs.in_others) if isdefined(inputs.in_others) else [],
+        "other_records": list(inputs.in_other_records) if isdefined(inputs.in_other_records) else [],
         "audit": inputs.in_audit,
         "source": inputs.source,
         "participant_id": inputs.participant_id,

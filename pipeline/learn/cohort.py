@@ -9,8 +9,10 @@ match their hash, is rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ import pandas as pd
 from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
+from ..kinds import DEFAULT_CHANNELS
 from ..progress import Progress
+from .channels import channel_sources
 from .tasks.base import Task
 
 __all__ = ["Cohort", "build_cohort", "cache_cohort", "model_input_path", "target_values", "usable_images"]
@@ -89,9 +93,11 @@ def usable_images(
     qc: pd.DataFrame | None,
     exclude_qc_outliers: bool,
     include_failed_qc: bool = False,
+    inputs: Sequence[str] = DEFAULT_CHANNELS,
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Join the target to every image and keep those that can be learned from (with ``target`` and ``input``
-    columns); the others listed with the reason.
+    """Join the target to every image and keep those that can be learned from (with ``target``, ``input`` and,
+    with more than one channel, ``channel_inputs`` and ``channel_sources`` columns); the others listed with the
+    reason. ``inputs``: the image kinds fed as channels (:mod:`pipeline.learn.channels`).
 
     Images that failed quality control (``qc_verdict`` fail in ``qc``: a failed registration or brain
     extraction) are left out unless ``include_failed_qc``; the group's outliers and the images quality
@@ -120,6 +126,8 @@ def usable_images(
     if not include_failed_qc:
         drop(table["qc_failed"], "failed quality control (registration or brain extraction; --include-failed-qc "
              "keeps it)")  # fmt: skip
+    if tuple(inputs) != DEFAULT_CHANNELS:
+        table = _with_channels(table, output_dir, resolution_mm, inputs, include_failed_qc, excluded)
     if exclude_qc_outliers:
         drop(table["qc_outlier"], "QC outlier or flagged by quality control (--exclude-qc-outliers)")
     if table.empty:
@@ -128,6 +136,26 @@ def usable_images(
             "level first and check that participants.tsv gives the target."
         )
     return table, excluded
+
+
+def _with_channels(table: pd.DataFrame, output_dir: Path, resolution_mm: float, inputs: Sequence[str],
+                   include_failed_qc: bool, excluded: list[dict[str, str]]) -> pd.DataFrame:  # fmt: skip
+    """The rows whose T1w has every channel (``channel_sources``, ``channel_inputs``: their model-grid images); the
+    others appended to ``excluded`` with the reason."""
+    keep, sources, paths = [], [], []
+    for source in table["source"]:
+        found = channel_sources(output_dir, source, inputs)
+        files = [model_input_path(output_dir, s, resolution_mm) for s in found.sources or ()]
+        reason = found.left_out(inputs, include_failed_qc)
+        if not reason and not all(p.exists() for p in files):
+            reason = "no model-resolution derivative of every channel (participant level failed or not run)"
+        if reason:
+            excluded.append({"source": source, "reason": reason})
+        keep.append(not reason)
+        sources.append(list(found.sources or ()))
+        paths.append(files)
+    out = table.assign(channel_sources=sources, channel_inputs=paths)
+    return out.loc[keep]
 
 
 def build_cohort(
@@ -190,12 +218,29 @@ def cache_array(source: Path, cache_dir: Path) -> tuple[Path, str]:
     return array_path, source_sha
 
 
+def cache_channels(sources: Sequence[Path], cache_dir: Path) -> tuple[Path, str]:
+    """The ``(C, X, Y, Z)`` cache of several channels' images (:func:`cache_array` each, then stacked), rebuilt
+    when any of them changed; returns its path and a hash of the channels' source hashes."""
+    cached = [cache_array(Path(s), cache_dir) for s in sources]
+    if len(cached) == 1:
+        return cached[0]
+    digest = hashlib.sha256("|".join(sha for _, sha in cached).encode()).hexdigest()
+    stacked = cache_dir / f"{Path(sources[0]).name.removesuffix('.nii.gz')}_channels-{digest[:16]}.npy"
+    if not stacked.exists():
+        data = np.concatenate([np.load(path) for path, _ in cached])
+        with derivatives.atomic_path(stacked) as tmp:
+            np.save(tmp, np.ascontiguousarray(data))
+    return stacked, digest
+
+
 def cache_cohort(table: pd.DataFrame, cache_dir: Path) -> pd.DataFrame:
-    """Add ``array`` (cached .npy) and ``input_sha256`` columns; all arrays must share one shape."""
+    """Add ``array`` (cached .npy: one channel, or the ``channel_inputs`` stacked) and ``input_sha256`` columns;
+    all arrays must share one shape."""
     arrays, hashes, shapes = [], [], set()
     progress = Progress("cohort images cached", len(table), logger=LOGGER)
-    for source in table["input"]:
-        array_path, sha = cache_array(Path(source), cache_dir)
+    channels = table["channel_inputs"] if "channel_inputs" in table else table["input"].map(lambda p: [p])
+    for sources in channels:
+        array_path, sha = cache_channels([Path(s) for s in sources], cache_dir)
         arrays.append(array_path)
         hashes.append(sha)
         shapes.add(np.load(array_path, mmap_mode="r").shape)

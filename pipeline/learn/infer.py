@@ -27,6 +27,7 @@ from ..derivatives import parse_bids_name
 from ..errors import InputDataError
 from ..processes import module_main
 from ..reports.figures import attribution_overlay
+from .channels import channel_files
 from .ensemble import LoadedModel, ensemble_id, load_models, model_card, training_matches
 from .tasks.base import Task
 from .train import resolve_device
@@ -81,7 +82,8 @@ def _unit(volume: np.ndarray) -> np.ndarray:
 
 
 def explain(network: nn.Module, x: torch.Tensor, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One network's outputs, gradient saliency and Grad-CAM for one input ``(1, 1, X, Y, Z)``."""
+    """One network's outputs, gradient saliency (the largest over the channels) and Grad-CAM for one input
+    ``(1, C, X, Y, Z)``."""
     layer = _feature_layer(network.net)  # type: ignore[arg-type]
     captured: dict[str, torch.Tensor] = {}
 
@@ -98,7 +100,7 @@ def explain(network: nn.Module, x: torch.Tensor, task: Task) -> tuple[np.ndarray
         task.attribution_score(outputs).sum().backward()
     finally:
         handle.remove()
-    saliency = x.grad.detach().abs()[0, 0].float().cpu().numpy()  # type: ignore[union-attr]
+    saliency = x.grad.detach().abs()[0].amax(dim=0).float().cpu().numpy()  # type: ignore[union-attr]
     activation, gradient = captured["activation"].detach(), captured["gradient"].detach()
     weights = gradient.mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
     cam = torch.relu((weights * activation).sum(1, keepdim=True))
@@ -117,8 +119,9 @@ class Inference:
 
 
 def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu") -> Inference:
-    """Predict one model-input array with every fold of every model; average them."""
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, 1, *array.shape[-3:]).to(device)
+    """Predict one model-input array (``(X, Y, Z)`` or ``(C, X, Y, Z)``) with every fold of every model; average
+    them."""
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, -1, *array.shape[-3:]).to(device)
     per_model, saliency, gradcam = [], [], []
     for model in models:
         task = model.task
@@ -187,7 +190,8 @@ def predict_image(
     """A whole-image task's participant prediction: check the input, predict, write the attribution maps, the
     record and the figure into ``out_dir``."""
     space = json.loads(Path(spec["resampling_record"]).read_text()).get("SpatialReference")
-    array = check_input_image(models[0].record, Path(spec["in_file"]), space=space)
+    files = channel_files(models[0].record, spec["in_file"], spec.get("others", []))
+    array = np.stack([check_input_image(models[0].record, Path(f), space=space) for f in files])
     result = infer(models, array, device)
     record = prediction_record(
         models, result, source=spec["source"], participant_id=spec["participant_id"], seen_in_training=seen
@@ -213,8 +217,9 @@ def predict_image(
     Path(outputs["metadata"]).write_text(json.dumps(metadata, indent=2) + "\n")
     mask = np.asarray(load_spatial(Path(spec["mask"])).dataobj) > 0
     maps = {"saliency": result.saliency, "Grad-CAM": result.gradcam}
-    Path(outputs["figure"]).write_bytes(attribution_overlay(array, maps, mask=mask))
+    Path(outputs["figure"]).write_bytes(attribution_overlay(array[0], maps, mask=mask))
     return outputs
+
 
 
 if __name__ == "__main__":  # the inference node's work in a fresh interpreter (:func:`pipeline.processes.run_module`)

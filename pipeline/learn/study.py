@@ -83,6 +83,7 @@ class StudySettings:
     tensorboard: bool
     learning_settings: dict[str, Any]
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: every fold, then the assembly
+    inputs: tuple[str, ...] = DEFAULT_CHANNELS  # the image kinds fed as channels, in order
 
 
 def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -431,7 +432,7 @@ def run_study(
         architecture=settings.architecture,
         n_outputs=cohort.task.n_outputs(cohort.classes),
         in_shape=tuple(int(s) for s in np.load(cohort.images["array"].iloc[0], mmap_mode="r").shape[-3:]),  # type: ignore[arg-type]
-        in_channels=len(DEFAULT_CHANNELS),
+        in_channels=len(settings.inputs),
     )
     progress = Progress("folds", len(selected), logger=LOGGER, log_every_s=0)  # a line as each fold ends
     folds = []
@@ -724,14 +725,15 @@ def _model_record(
         "threshold": threshold,
         "model": model_config.to_dict(),
         "input": {
-            "channels": list(DEFAULT_CHANNELS),  # the image kinds fed as channels, in order
+            "channels": list(settings.inputs),  # the image kinds fed as channels, in order
             "space": TEMPLATE_SPACE,
             "resolution_mm": settings.model_resolution,
             "res": resolution_label(settings.model_resolution),
             "desc": "preproc",
             "shape": list(model_config.in_shape),
             "dtype": "float32",
-            "normalisation": "median 0, interquartile range 1 within the template brain mask (participant level)",
+            "normalisation": "per channel and image: median 0, interquartile range 1 within the T1w's brain mask in "
+            "template space (participant level)",
             "standardisation": "minus the fold's training mean image, divided by the residual SD (buffers 'mean' and "
             "'scale' in each weights file)",
         },

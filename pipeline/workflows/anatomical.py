@@ -275,7 +275,7 @@ def _add_segmentation(workflow: pe.Workflow, parts: dict[str, Any], inference: d
     """A segmentation model's nodes and sinks after one T1w's workflow ``parts`` (``model_resolution`` unused: a
     segmentation model brings its own grid)."""
     inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
-    options = dict(inference)
+    options = {k: v for k, v in inference.items() if k != "channels"}
     segmentation = options.pop("labels")
     seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
     ds_seg_wf = init_segmentation_derivatives_wf(
@@ -303,7 +303,7 @@ def _add_inference(workflow: pe.Workflow, parts: dict[str, Any], inference: dict
                    output_dir: Path, model_resolution: float, omp_nthreads: int) -> None:  # fmt: skip
     """An image model's inference nodes and sinks after one T1w's workflow ``parts``."""
     inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
-    options = {k: v for k, v in inference.items() if k != "labels"}
+    options = {k: v for k, v in inference.items() if k not in ("labels", "channels")}
     infer_wf = init_anat_inference_wf(**options, omp_nthreads=omp_nthreads)
     ds_infer_wf = init_inference_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
                                                 model_resolution=model_resolution)  # fmt: skip

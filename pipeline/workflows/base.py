@@ -103,18 +103,10 @@ def init_single_subject_wf(
     workflow = pe.Workflow(name=name or single_subject_name(subject))
     anat_wfs = {}
     for image in (img for img in images if img.kind == REFERENCE_KIND):
-        anat_wf = init_anat_wf(
-            bids_dir=bids_dir,
-            output_dir=output_dir,
-            model_resolution=model_resolution,
-            seed=seed,
-            omp_nthreads=omp_nthreads,
-            device=device,
-            brain_helper=brain_helper,
-            inference=inference,
-            lesion_source=lesions[image.path][1] if image.path in lesions else None,
-            name=image_workflow_name(image),
-        )
+        anat_wf = init_anat_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution, seed=seed,
+                               omp_nthreads=omp_nthreads, device=device, brain_helper=brain_helper, inference=inference,
+                               lesion_source=lesions[image.path][1] if image.path in lesions else None,
+                               name=image_workflow_name(image))  # fmt: skip
         if image.path in lesions:
             anat_wf.inputs.inputnode.lesion_mask = str(lesions[image.path][0])
         anat_wf.inputs.inputnode.t1w = str(image.path)
@@ -123,8 +115,10 @@ def init_single_subject_wf(
         anat_wf.inputs.inputnode.participant_id = f"sub-{subject}"
         workflow.add_nodes([anat_wf])
         anat_wfs[image.path] = anat_wf
-    _add_coregistered(workflow, images, anat_wfs, set(lesions), bids_dir=bids_dir, output_dir=output_dir,
-                      model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)  # fmt: skip
+    aligned = _add_coregistered(workflow, images, anat_wfs, set(lesions), bids_dir=bids_dir, output_dir=output_dir,
+                                model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)  # fmt: skip
+    if inference is not None:
+        _connect_channels(workflow, anat_wfs, aligned, inference)
     return workflow
 
 
@@ -134,10 +128,12 @@ def _add_coregistered(
     anat_wfs: Mapping[Path, pe.Workflow],
     with_lesions: set[Path],
     **options: Any,
-) -> None:
+) -> dict[Path, dict[str, list[pe.Workflow]]]:
     """One workflow per image aligned to a T1w of its session, fed by that T1w's preprocessing (and its lesion
     mask, for the T1w in ``with_lesions``); ``options``: the keyword arguments of
-    :func:`~pipeline.workflows.coregistered.init_coreg_wf` that every image shares."""
+    :func:`~pipeline.workflows.coregistered.init_coreg_wf` that every image shares. Returns them by T1w and kind
+    (in name order)."""
+    aligned: dict[Path, dict[str, list[pe.Workflow]]] = {}
     for pairing in pair_images(images):
         if pairing.reference is None:  # listed in the status record, not processed
             continue
@@ -149,6 +145,37 @@ def _add_coregistered(
         for field in (*REFERENCE_INPUTS, "lesion_t1w") if lesion else REFERENCE_INPUTS:
             workflow.connect(anat_wfs[pairing.reference.path], f"anat_preproc_wf.outputnode.{field}",
                              coreg_wf, f"inputnode.{field}")  # fmt: skip
+        aligned.setdefault(pairing.reference.path, {}).setdefault(pairing.image.kind, []).append(coreg_wf)
+    return aligned
+
+
+def _connect_channels(
+    workflow: pe.Workflow,
+    anat_wfs: Mapping[Path, pe.Workflow],
+    aligned: Mapping[Path, Mapping[str, list[pe.Workflow]]],
+    inference: dict[str, Any],
+) -> None:
+    """Hand a model's channels other than the T1w to each T1w's inference node: the images of those kinds aligned
+    to it (the first by name of each kind, as the group level chose them for training), once their quality passed.
+    A T1w without one gets none: its inference node then fails, naming the missing kind."""
+    from nipype.interfaces.utility import Merge
+
+    others = [kind for kind in inference.get("channels", [REFERENCE_KIND]) if kind != REFERENCE_KIND]
+    if not others:
+        return
+    segmentation = bool(inference.get("labels"))
+    node = "anat_segmentation_wf.segment" if segmentation else "anat_inference_wf.infer"
+    for path, anat_wf in anat_wfs.items():
+        found = [aligned.get(path, {}).get(kind, [None])[0] for kind in others]
+        if any(wf is None for wf in found):
+            continue
+        fields = [("corrected_passed", "in_others"), ("template_record", "in_other_records")] if segmentation else [
+            ("passed", "in_others")]  # fmt: skip
+        for output, target in fields:
+            merge = pe.Node(Merge(len(found)), name=f"{anat_wf.name}_{target}", run_without_submitting=True)
+            for i, coreg_wf in enumerate(found, start=1):
+                workflow.connect(coreg_wf, f"outputnode.{output}", merge, f"in{i}")
+            workflow.connect(merge, "out", anat_wf, f"{node}.{target}")
 
 
 def _segmentation(model: Path) -> dict[str, Any] | None:
@@ -161,6 +188,25 @@ def _segmentation(model: Path) -> dict[str, Any] | None:
         "structures": [entry["name"] for entry in record["labels"]],
         "resolution_mm": float(record["input"]["resolution_mm"]),
     }
+
+
+def _inference(config: RunConfig, model_hashes: Sequence[str]) -> dict[str, Any]:
+    """What the participant graph needs of ``--model``: :func:`~pipeline.workflows.anatomical.init_anat_wf`'s
+    ``inference``."""
+    return {
+        "model_dirs": [str(m) for m in config.models],
+        "model_hashes": list(model_hashes),
+        "allow_training_subjects": config.allow_training_subjects,
+        "device": config.device,
+        "labels": _segmentation(config.models[0]),
+        "channels": _channels(config.models[0]),
+    }
+
+
+def _channels(model: Path) -> list[str]:
+    """The image kinds a model takes as channels, in order (a T1w alone for packages that do not say)."""
+    record = json.loads((Path(model) / derivatives.STUDY_OUTPUTS["model_record"]).read_text())
+    return list(record.get("input", {}).get("channels", [REFERENCE_KIND]))
 
 
 def init_bidsdl_wf(
@@ -179,15 +225,7 @@ def init_bidsdl_wf(
     is also predicted (``model_hashes``: the packages' content hashes, checked before the run).
     ``brain_helper``: the contact of the run's brain-extraction helper.
     """
-    inference = None
-    if config.models:
-        inference = {
-            "model_dirs": [str(m) for m in config.models],
-            "model_hashes": list(model_hashes),
-            "allow_training_subjects": config.allow_training_subjects,
-            "device": config.device,
-            "labels": _segmentation(config.models[0]),
-        }
+    inference = _inference(config, model_hashes) if config.models else None
     workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
     workflow.config["execution"].update(
         {

@@ -35,13 +35,15 @@ def init_coreg_wf(
     ``lesion_t1w``), left out of the co-registration's metric.
 
     Inputs: ``image`` (in ``bids_dir``), ``metadata``, and from its T1w's preprocessing :data:`REFERENCE_INPUTS`.
-    Outputs: ``passed`` (the model-grid image, only when its quality passed): a failed co-registration fails this
-    image (its quality gate), not the T1w, whose outputs stand.
+    Outputs: ``passed`` and ``corrected_passed`` (the model-grid image and the bias-corrected one on the T1w's grid,
+    only when its quality passed: a failed co-registration fails this image, not the T1w, whose outputs stand),
+    ``template_record`` (its normalisation): a model's channel.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["image", "metadata", *REFERENCE_INPUTS, "lesion_t1w"]),
                         name="inputnode")  # fmt: skip
-    outputnode = pe.Node(IdentityInterface(fields=["passed"]), name="outputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["passed", "corrected_passed", "template_record"]),
+                         name="outputnode")  # fmt: skip
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
     prepare = pe.Node(PrepareT1w(), name="prepare", mem_gb=1.0)
     coregister = pe.Node(
@@ -53,7 +55,6 @@ def init_coreg_wf(
     to_template = pe.Node(ResampleToTemplate(model_resolution=model_resolution, num_threads=omp_nthreads),
                           name="to_template", n_procs=omp_nthreads, mem_gb=1.5)  # fmt: skip
     qc = pe.Node(CoregistrationQC(), name="coreg_qc", mem_gb=2.0)
-    gate = pe.Node(QualityGate(), name="quality_gate", run_without_submitting=True)
     if lesion:
         workflow.connect(inputnode, "lesion_t1w", coregister, "in_lesion")
     workflow.connect([
@@ -65,13 +66,16 @@ def init_coreg_wf(
         (inputnode, n4, [("mask_t1w", "in_mask")]),
         (n4, to_template, [("out_file", "in_file")]),
         (inputnode, to_template, [("mask_t1w", "in_mask"), ("transform", "in_transform")]),
-        (qc, gate, [("out_record", "in_record")]),
-        (to_template, gate, [("out_t1w_model", "in_file")]),
-        (gate, outputnode, [("out_file", "passed")]),
+        (to_template, outputnode, [("out_record", "template_record")]),
     ])  # fmt: skip
     ds_wf = init_coreg_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution,
                                       reference=reference)  # fmt: skip
     _connect_measures(workflow, ds_wf, inputnode, audit_wf, prepare, coregister, n4, to_template, qc)
+    for gate_name, image, passed in (("quality_gate", (to_template, "out_t1w_model"), "passed"),
+                                     ("quality_gate_t1w_grid", (n4, "out_file"), "corrected_passed")):
+        gate = pe.Node(QualityGate(), name=gate_name, run_without_submitting=True)
+        workflow.connect([(qc, gate, [("out_record", "in_record")]), (image[0], gate, [(image[1], "in_file")]),
+                          (gate, outputnode, [("out_file", passed)])])  # fmt: skip
     return workflow
 
 

@@ -26,6 +26,7 @@ class ImageTask(Task):
             manifest, task=self, target=settings.target, positive_class=settings.positive_class,
             output_dir=output_dir, resolution_mm=settings.model_resolution, qc=qc,
             exclude_qc_outliers=settings.exclude_qc_outliers, include_failed_qc=settings.include_failed_qc,
+            inputs=settings.inputs,
         )  # fmt: skip
         return cache_cohort(cohort.table, cache_dir), cohort.classes, cohort.excluded
 

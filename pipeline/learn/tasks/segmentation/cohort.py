@@ -15,7 +15,10 @@ import pandas as pd
 
 from .... import derivatives
 from ....bids.audit import load_spatial, sha256_file
+from ....derivatives import source_suffix
 from ....errors import InputDataError
+from ....kinds import DEFAULT_CHANNELS, REFERENCE_KIND
+from ...channels import channel_sources
 from ...labels import LabelTable, check_labels_dataset, find_label, find_table, load_label
 from .grid import image_on_grid, labels_on_grid, model_grid, read_transform
 
@@ -41,8 +44,10 @@ def build_cohort(
     qc: pd.DataFrame | None,
     exclude_qc_outliers: bool,
     include_failed_qc: bool,
+    inputs: Sequence[str] = DEFAULT_CHANNELS,
 ) -> LabelledCohort:
-    """The images with reference labels, each brought onto the segmentation grid and cached as ``.npy``."""
+    """The images with reference labels, each brought onto the segmentation grid and cached as ``.npy``; with
+    several ``inputs`` (image kinds, in order), the T1w's and its aligned images' arrays stacked as channels."""
     check_labels_dataset(labels_dir)
     table = find_table(labels_dir, label_desc)
     verdicts = qc.set_index("source")["qc_verdict"] if qc is not None and "qc_verdict" in qc else pd.Series()
@@ -56,20 +61,19 @@ def build_cohort(
     for _, image in manifest.iterrows():
         source = image["source"]
         label = find_label(labels_dir, source, label_desc)
-        preproc = derivatives.named_path(output_dir, source, "preproc")
         xfm = derivatives.named_path(output_dir, source, "xfm")
-        template = derivatives.named_path(output_dir, source, "preproc_template")
-        reason = _left_out(source, label, (preproc, xfm, template), failed=failed,
+        channels = channel_sources(output_dir, source, inputs)
+        images = _channel_images(output_dir, channels.sources or (source,))
+        reason = _left_out(source, label, (xfm, *[p for pair in images for p in pair]), failed=failed,
                            outliers=outliers if exclude_qc_outliers else set(), where=f"desc-{label_desc}_dseg or "
-                           f"_mask in {labels_dir}")  # fmt: skip
+                           f"_mask in {labels_dir}") or channels.left_out(inputs, include_failed_qc)  # fmt: skip
         if reason:
             excluded.append({"source": source, "reason": reason})
             continue
         assert label is not None
         try:
-            array, labels, sha = _cache(
-                cache_dir, bids_dir / source, label, preproc, xfm, template, table, grid, shape, resolution_mm
-            )
+            array, labels, sha = _cache(cache_dir, bids_dir / source, label, images, xfm, table, grid, shape,
+                                        resolution_mm)  # fmt: skip
         except InputDataError as exc:
             problems.append(str(exc))
             excluded.append({"source": source, "reason": str(exc)})
@@ -87,6 +91,17 @@ def build_cohort(
         )
     out = pd.DataFrame(rows)
     return LabelledCohort(out.reset_index(drop=True), excluded, table)
+
+
+def _channel_images(output_dir: Path, sources: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Each channel's bias-corrected image on its T1w's grid and its template-space image (whose sidecar holds the
+    channel's normalisation): the T1w's own (``preproc``), an aligned image's ``preproc_reference``."""
+    pairs = []
+    for source in sources:
+        on_t1w_grid = "preproc" if source_suffix(source) == REFERENCE_KIND else "preproc_reference"
+        pairs.append((derivatives.named_path(output_dir, source, on_t1w_grid),
+                      derivatives.named_path(output_dir, source, "preproc_template")))  # fmt: skip
+    return pairs
 
 
 def _left_out(
@@ -108,28 +123,33 @@ def _cache(
     cache_dir: Path,
     t1w: Path,
     label: Path,
-    preproc: Path,
+    images: Sequence[tuple[Path, Path]],
     xfm: Path,
-    template: Path,
     table: LabelTable,
     grid: np.ndarray,
     shape: Sequence[int],
     resolution_mm: float,
 ) -> tuple[Path, Path, str]:
-    """The image and label arrays of one case on the grid, rebuilt when any input changed."""
-    key_parts = [sha256_file(p) for p in (preproc, xfm, label)] + [f"{resolution_mm:g}", json.dumps(table.names)]
+    """The image (one channel per entry of ``images``) and label arrays of one case on the grid, rebuilt when any
+    input changed."""
+    key_parts = [sha256_file(p) for p in (*[image for image, _ in images], xfm, label)]
+    key_parts += [f"{resolution_mm:g}", json.dumps(table.names)]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "segmentation"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = preproc.name.removesuffix(".nii.gz")
+    stem = images[0][0].name.removesuffix(".nii.gz")
     array_path, label_path = folder / f"{stem}_{key}.npy", folder / f"{stem}_{key}_dseg.npy"
+    channel_hashes = key_parts[: len(images)]
+    input_sha = channel_hashes[0] if len(images) == 1 else hashlib.sha256("|".join(channel_hashes).encode()).hexdigest()
     if array_path.exists() and label_path.exists():
-        return array_path, label_path, key_parts[0]
+        return array_path, label_path, input_sha
     labels = load_label(label, t1w, table)
     t1w_img = nib.load(t1w)
     transform = read_transform(xfm)
-    normalisation = json.loads(derivatives.sidecar_of(template).read_text())["IntensityNormalization"]
-    image = image_on_grid(load_spatial(preproc), transform, grid, shape, normalisation)
+    channels = []
+    for image, template in images:
+        normalisation = json.loads(derivatives.sidecar_of(template).read_text())["IntensityNormalization"]
+        channels.append(image_on_grid(load_spatial(image), transform, grid, shape, normalisation))
     on_grid = labels_on_grid(labels, t1w_img.affine, transform, grid, shape)  # type: ignore[attr-defined]
     if not (set(np.unique(on_grid).tolist()) - {0}):
         raise InputDataError(
@@ -137,7 +157,7 @@ def _cache(
             "participant's report."
         )
     with derivatives.atomic_path(array_path) as tmp:
-        np.save(tmp, image[None])
+        np.save(tmp, np.stack(channels))
     with derivatives.atomic_path(label_path) as tmp:
         np.save(tmp, on_grid)
-    return array_path, label_path, key_parts[0]
+    return array_path, label_path, input_sha

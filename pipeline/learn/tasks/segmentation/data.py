@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from ...data import augment_batch, derived_seed, rotation_matrix
@@ -23,6 +24,10 @@ PATCHES_PER_IMAGE = 4
 MIN_PATCHES_PER_EPOCH = 250
 #: Share of patches centred on a voxel of a structure (the rest anywhere in the grid).
 FOREGROUND_FRACTION = 1 / 3
+#: With one foreground class (lesions: small and scattered), the share of patches centred on a lesion, the lesion
+#: drawn first (each connected component equally likely) and then a voxel in it: small lesions are seen as often as
+#: large ones (voxels drawn uniformly would centre nearly every patch on the few large ones).
+LESION_FRACTION = 1 / 2
 #: Overlap of neighbouring windows at inference, and their weighting.
 WINDOW_OVERLAP = 0.5
 WINDOW_MODE = "gaussian"
@@ -42,6 +47,7 @@ class SegmentationData:
         self.patch = int(patch_size)
         self.n_classes = int(n_classes)
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
+        self._components: dict[int, list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,8 +75,22 @@ class SegmentationData:
             }
         return self._foreground[index]
 
+    def _lesions(self, index: int) -> list[np.ndarray]:
+        """The voxels of each connected component (26-connected) of a one-class label image."""
+        if index not in self._components:
+            components, n = ndimage.label(np.asarray(self.label(index)) > 0, structure=np.ones((3, 3, 3)))
+            found = ndimage.value_indices(components, ignore_value=0)
+            self._components[index] = [np.stack(found[k], axis=1).astype(np.int32) for k in range(1, n + 1)]
+        return self._components[index]
+
     def _corner(self, index: int, rng: np.random.Generator) -> np.ndarray:
         shape = np.asarray(self.array(index).shape[1:])
+        if self.n_classes == 2:  # one foreground class: lesions, drawn lesion by lesion
+            lesions = self._lesions(index)
+            if rng.random() < LESION_FRACTION and lesions:
+                lesion = lesions[int(rng.integers(len(lesions)))]
+                return lesion[int(rng.integers(len(lesion)))] - self.patch // 2
+            return np.array([int(rng.integers(n)) for n in shape]) - self.patch // 2
         if rng.random() < FOREGROUND_FRACTION and self._voxels(index):
             voxels = self._voxels(index)
             cls = sorted(voxels)[int(rng.integers(len(voxels)))]
@@ -92,15 +112,15 @@ class SegmentationData:
     def batch(
         self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches ``(n, 1, P, P, P)`` and their labels ``(n, 1, P, P, P)``."""
+        """Patches ``(n, C, P, P, P)`` (every channel) and their labels ``(n, 1, P, P, P)``."""
         rng = np.random.default_rng(seed)
         xs, ys = [], []
         for index in indices:
             corner = self._corner(int(index), rng)
-            image = np.asarray(self.array(int(index))[0])
-            xs.append(self._crop(image, corner, float(image.min())))
+            image = np.asarray(self.array(int(index)))
+            xs.append(np.stack([self._crop(channel, corner, float(channel.min())) for channel in image]))
             ys.append(self._crop(np.asarray(self.label(int(index))), corner, 0))
-        x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
+        x = torch.from_numpy(np.stack(xs).astype(np.float32))
         y = torch.from_numpy(np.stack(ys)[:, None].astype(np.int64))
         if augment:
             x, y = augment_pair(x, y, augment, int(rng.integers(2**62)))
@@ -128,7 +148,7 @@ def augment_pair(
 
 
 def predict_volume(run: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray, patch: int) -> np.ndarray:
-    """Class probabilities ``(K, X, Y, Z)`` (float16) of one ``(1, X, Y, Z)`` array by a sliding window."""
+    """Class probabilities ``(K, X, Y, Z)`` (float16) of one ``(C, X, Y, Z)`` array by a sliding window."""
     from monai.inferers import sliding_window_inference
 
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]

@@ -24,10 +24,11 @@ from ....errors import InputDataError
 from ....ops.mesh import mask_surface, surface_summary, write_gifti
 from ....reports.figures import mesh_views
 from ....reports.learning import segmentation_preview
+from ...channels import channel_files
 from ...ensemble import LoadedModel, ensemble_id, model_card
 from .data import predict_volume
 from .grid import image_on_grid, model_grid, probabilities_to_native, read_transform
-from .postprocess import keep_largest_components, postprocessing_indices
+from .postprocess import postprocess, postprocessing_indices
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -75,7 +76,7 @@ def segment(
                 with torch.no_grad():
                     return network(x.to(device)).float().cpu()
 
-            folds.append(predict_volume(run, array[None], patch).astype(np.float32))
+            folds.append(predict_volume(run, array if array.ndim == 4 else array[None], patch).astype(np.float32))
         per_model.append(np.mean(folds, axis=0))
     return np.mean(per_model, axis=0), per_model
 
@@ -95,14 +96,21 @@ def segment_node(
             "with."
         )
     transform = read_transform(Path(spec["transform"]))
-    normalisation = json.loads(Path(spec["template_record"]).read_text())["IntensityNormalization"]
-    array = image_on_grid(load_spatial(Path(spec["in_file"])), transform, grid, shape, normalisation)
+    images = channel_files(record, spec["in_file"], spec.get("others", []))
+    records = channel_files(record, spec["template_record"], spec.get("other_records", []))
+    array = np.stack([
+        image_on_grid(load_spatial(Path(image)), transform, grid, shape,
+                      json.loads(Path(template).read_text())["IntensityNormalization"])
+        for image, template in zip(images, records, strict=True)
+    ])  # fmt: skip
     probabilities, _ = segment(models, array, device)
-    keep = postprocessing_indices(record)  # chosen on validation when the model was trained
-    on_grid = keep_largest_components(probabilities.argmax(0).astype(np.uint8), keep)
+    keep, rules = postprocessing_indices(record), record.get("postprocessing", {})  # chosen on validation
+    grid_ml = float(record["input"]["resolution_mm"]) ** 3 / 1000
+    on_grid = postprocess(probabilities.argmax(0).astype(np.uint8), rules, keep, grid_ml)
     raw = load_spatial(Path(spec["t1w"]))
-    native = keep_largest_components(probabilities_to_native(probabilities, grid, transform, raw.affine,
-                                                             raw.shape[:3]), keep)  # fmt: skip
+    native_ml = float(np.prod(raw.header.get_zooms()[:3])) / 1000
+    native = postprocess(probabilities_to_native(probabilities, grid, transform, raw.affine, raw.shape[:3]), rules,
+                         keep, native_ml)  # fmt: skip
     outputs: dict[str, Any] = {
         "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
         "dseg_model": _save(on_grid, grid, out_dir / "dseg_model.nii"),
@@ -114,7 +122,7 @@ def segment_node(
     outputs.update(_write_records(spec, models, structures, out_dir, seen=seen))
     title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
     outputs["figure"] = str(out_dir / "segmentation.png")
-    Path(outputs["figure"]).write_bytes(segmentation_preview(array, None, on_grid, title=title))
+    Path(outputs["figure"]).write_bytes(segmentation_preview(array[-1], None, on_grid, title=title))
     outputs["mesh_figure"] = str(out_dir / "segmentation_mesh.png")
     Path(outputs["mesh_figure"]).write_bytes(_mesh_figure(surfaces))
     return outputs

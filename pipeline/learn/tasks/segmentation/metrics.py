@@ -46,10 +46,43 @@ def _crop(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
 
 
+def lesion_scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """Lesion-wise scores as the WMH segmentation challenge reports them (Kuijf et al. 2019): a lesion is a
+    26-connected component; recall: the reference lesions that a predicted voxel touches, over the reference
+    lesions; precision: the predicted lesions that touch a reference voxel, over the predicted ones; F1 their
+    harmonic mean; the absolute volume difference in % of the reference volume; the lesion counts.
+
+    >>> ref = np.zeros((12, 12, 12), bool); ref[1:3, 1:3, 1:3] = True; ref[8:10, 8:10, 8:10] = True
+    >>> pred = np.zeros_like(ref); pred[1:3, 1:3, 1:3] = True; pred[5, 5, 5] = True
+    >>> s = lesion_scores(pred, ref, 0.001); s["lesion_recall"], s["lesion_precision"], s["lesion_f1"]
+    (0.5, 0.5, 0.5)
+    >>> s["n_lesions_ref"], s["n_lesions_pred"], round(s["avd_percent"], 2)
+    (2, 2, 43.75)
+    """
+    connectivity = np.ones((3, 3, 3))
+    ref_components, n_ref = ndimage.label(ref, structure=connectivity)
+    pred_components, n_pred = ndimage.label(pred, structure=connectivity)
+    found = len(set(np.unique(ref_components[pred]).tolist()) - {0})
+    true_pred = len(set(np.unique(pred_components[ref]).tolist()) - {0})
+    recall = found / n_ref if n_ref else float("nan")
+    precision = true_pred / n_pred if n_pred else float("nan")
+    if n_ref and n_pred:
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+    else:
+        f1 = float("nan") if not n_ref and not n_pred else 0.0
+    volume_ref, volume_pred = float(ref.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
+    return {
+        "lesion_recall": recall, "lesion_precision": precision, "lesion_f1": float(f1),
+        "avd_percent": abs(volume_pred - volume_ref) / volume_ref * 100 if volume_ref else float("nan"),
+        "n_lesions_ref": int(n_ref), "n_lesions_pred": int(n_pred),
+    }  # fmt: skip
+
+
 def structure_scores(
     pred: np.ndarray, ref: np.ndarray, names: dict[int, str], spacing: Sequence[float]
 ) -> list[dict[str, Any]]:
-    """Per structure: Dice, HD95 (mm), reference and predicted volume (ml) and their difference.
+    """Per structure: Dice, HD95 (mm), reference and predicted volume (ml) and their difference; with one
+    structure (lesions), the lesion-wise scores too (:func:`lesion_scores`).
 
     >>> ref = np.zeros((8, 8, 8), np.uint8); ref[2:6, 2:6, 2:6] = 1
     >>> [round(s["dice"], 3) for s in structure_scores(ref, ref, {1: "a"}, (1, 1, 1))]
@@ -59,6 +92,7 @@ def structure_scores(
     out = []
     for index, name in sorted(names.items()):
         p, r = pred == index, ref == index
+        lesions = lesion_scores(p, r, voxel_ml) if len(names) == 1 else {}
         box = _crop(p, r)
         p, r = p[box], r[box]
         n_p, n_r = int(p.sum()), int(r.sum())
@@ -71,6 +105,7 @@ def structure_scores(
                 "volume_ref_ml": n_r * voxel_ml,
                 "volume_pred_ml": n_p * voxel_ml,
                 "volume_difference_ml": (n_p - n_r) * voxel_ml,
+                **lesions,
             }
         )
     return out
@@ -93,13 +128,20 @@ def finite_mean(values: np.ndarray) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
+#: The lesion-wise case scores (:func:`lesion_scores`) that a one-structure evaluation summarises.
+LESION_METRICS = ("lesion_recall", "lesion_precision", "lesion_f1", "avd_percent")
+
+
 def summarise_cases(cases: pd.DataFrame, *, seed: int, ci: bool) -> dict[str, Any]:
-    """Mean (and SD, bootstrap CI over participants) of the case-wise scores, overall and per structure."""
+    """Mean (and SD, bootstrap CI over participants) of the case-wise scores, overall and per structure (and the
+    lesion-wise ones when the cases have them)."""
+    lesion_metrics = [m for m in LESION_METRICS if m in cases.columns]
     per_case = cases.groupby("source", sort=False).agg(
         participant_id=("participant_id", "first"),
         dice=("dice", "mean"),
         hd95_mm=("hd95_mm", "mean"),
         abs_volume_difference_ml=("volume_difference_ml", lambda v: float(np.mean(np.abs(v)))),
+        **{m: (m, "mean") for m in lesion_metrics},
     )
     structures = list(dict.fromkeys(cases["structure"]))
     wide = {s: cases[cases["structure"] == s].set_index("source").reindex(per_case.index) for s in structures}
@@ -109,6 +151,7 @@ def summarise_cases(cases: pd.DataFrame, *, seed: int, ci: bool) -> dict[str, An
             "dice": finite_mean(per_case["dice"].to_numpy()[idx]),
             "hd95_mm": finite_mean(per_case["hd95_mm"].to_numpy()[idx]),
             "abs_volume_difference_ml": finite_mean(per_case["abs_volume_difference_ml"].to_numpy()[idx]),
+            **{m: finite_mean(per_case[m].to_numpy()[idx]) for m in lesion_metrics},
         }
         for s in structures:
             key = derivatives.bids_label(s)

@@ -1,4 +1,5 @@
-"""Post-processing of segmentation outputs: largest connected components, chosen on validation (nnU-Net's rule)."""
+"""Post-processing of segmentation outputs, chosen on validation: per structure, its largest connected component
+alone (nnU-Net's rule); for one foreground class (lesions, many per image), the smallest lesion kept."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .metrics import dice_scores, finite_mean
+from .metrics import dice_scores, finite_mean, lesion_scores
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,17 +54,59 @@ def choose_largest_components(cases: Sequence[tuple[np.ndarray, np.ndarray]], in
     return chosen
 
 
+#: The smallest lesion sizes tried (voxels of the model grid): predicted lesions below the chosen one are removed.
+MIN_LESION_CANDIDATES = (0, 2, 4, 8, 16, 32)
+
+
+def remove_small_lesions(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Label 1's 26-connected components of fewer than ``min_voxels`` voxels become background.
+
+    >>> a = np.zeros((9, 9, 9), np.uint8); a[1:4, 1:4, 1:4] = 1; a[7, 7, 7] = 1
+    >>> int(remove_small_lesions(a, 2).sum()), int(remove_small_lesions(a, 0).sum())
+    (27, 28)
+    """
+    if min_voxels <= 1 or not labels.any():
+        return labels
+    components, _ = ndimage.label(labels == 1, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(components.ravel())
+    small = np.flatnonzero(sizes < min_voxels)
+    out = np.array(labels, copy=True)
+    out[np.isin(components, small[small > 0])] = 0
+    return out
+
+
+def choose_min_lesion_size(cases: Sequence[tuple[np.ndarray, np.ndarray]],
+                           candidates: Sequence[int] = MIN_LESION_CANDIDATES) -> int:  # fmt: skip
+    """The smallest-lesion size (voxels) whose removal scores best over the validation ``cases`` (``(predicted,
+    reference)`` pairs): the mean of Dice and lesion-wise F1 (detection and overlap count alike); ties go to the
+    smaller size (the least removed)."""
+    best, best_score = 0, -np.inf
+    for size in candidates:
+        scores = []
+        for pred, ref in cases:
+            kept = remove_small_lesions(pred, size)
+            f1 = lesion_scores(kept == 1, ref == 1, 1.0)["lesion_f1"]
+            scores.append(np.nanmean([dice_scores(kept, ref, [1])[0], f1]))
+        score = finite_mean(np.array(scores))
+        if score > best_score + 1e-9:
+            best, best_score = int(size), score
+    return best
+
+
 @dataclass(frozen=True)
 class SegmentationOutputs:
-    """Class probabilities ``(K, X, Y, Z)`` (float16) of each image on the model grid, and the labels whose
-    largest connected component alone is kept (the post-processing chosen on validation)."""
+    """Class probabilities ``(K, X, Y, Z)`` (float16) of each image on the model grid, and the post-processing
+    chosen on validation: the labels whose largest connected component alone is kept, and the smallest lesion
+    kept (voxels; one foreground class)."""
 
     probabilities: list[np.ndarray]
     keep_largest: tuple[int, ...] = ()
+    min_lesion_voxels: int = 0
 
     def labels(self, index: int) -> np.ndarray:
         """The labels of image ``index``: the argmax, post-processed."""
-        return keep_largest_components(self.probabilities[index].argmax(0).astype(np.uint8), self.keep_largest)
+        labels = keep_largest_components(self.probabilities[index].argmax(0).astype(np.uint8), self.keep_largest)
+        return remove_small_lesions(labels, self.min_lesion_voxels)
 
 
 #: How model.json names the post-processing (label names: indices may differ between label tables).
@@ -74,3 +117,13 @@ def postprocessing_indices(record: dict[str, Any]) -> tuple[int, ...]:
     """The label indices of a package's ``keep_largest_component`` structures (none in older packages)."""
     names = set(record.get("postprocessing", {}).get(KEEP_LARGEST, []))
     return tuple(int(e["index"]) for e in record["labels"] if e["name"] in names)
+
+
+def postprocess(labels: np.ndarray, postprocessing: dict[str, Any], indices: Sequence[int], voxel_ml: float
+                ) -> np.ndarray:  # fmt: skip
+    """A label image post-processed as a package says (``postprocessing``: its ``postprocessing`` record;
+    ``indices``: :func:`postprocessing_indices`), on any grid (``voxel_ml``: its voxel volume; the smallest lesion
+    is kept by volume, so the rule is the same on the model grid and in each T1w's)."""
+    labels = keep_largest_components(labels, indices)
+    min_ml = float(postprocessing.get("min_lesion_ml", 0.0))
+    return remove_small_lesions(labels, int(np.ceil(min_ml / voxel_ml - 1e-9))) if min_ml > 0 else labels

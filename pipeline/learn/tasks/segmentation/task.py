@@ -18,7 +18,6 @@ import torch
 from .... import derivatives
 from ....bids.audit import load_spatial
 from ....errors import UsageError
-from ....kinds import DEFAULT_CHANNELS
 from ....reports import learning as figures
 from ..base import Criterion, TargetScale, Task
 from .cohort import build_cohort
@@ -26,12 +25,16 @@ from .data import WINDOW_MODE, WINDOW_OVERLAP, SegmentationData, predict_volume
 from .external import evaluate_segmentations
 from .grid import model_grid, probabilities_to_native, read_transform
 from .inference import segment_node
+from .loss import DESCRIPTION as LOSS_DESCRIPTION
+from .loss import segmentation_loss
 from .metrics import dice_scores, structure_scores, summarise_cases
 from .postprocess import (
     KEEP_LARGEST,
+    MIN_LESION_CANDIDATES,
     SegmentationOutputs,
     choose_largest_components,
-    keep_largest_components,
+    choose_min_lesion_size,
+    postprocess,
     probabilities,
 )
 
@@ -51,7 +54,7 @@ class Segmentation(Task):
     #: patches, as nnU-Net's 3D configuration; a 1.5 mm grid (whole-image tasks learn at the participant level's 2 mm).
     defaults: ClassVar[dict[str, Any]] = {"architecture": "unet", "lr": 3e-3, "batch_size": 2, "model_resolution": 1.5}
     architectures = ("unet", "unet-large")
-    card_metrics = ("dice", "hd95_mm", "abs_volume_difference_ml")
+    card_metrics = ("dice", "hd95_mm", "abs_volume_difference_ml", "lesion_f1", "lesion_recall", "avd_percent")
     export_output = "class probabilities per voxel (softmax, mean over folds) on one window; slide it over the grid"
 
     prediction_row_columns = (*Task.prediction_row_columns, "label_array")
@@ -65,6 +68,7 @@ class Segmentation(Task):
             manifest, output_dir=output_dir, bids_dir=settings.bids_dir, labels_dir=settings.labels,
             label_desc=settings.label_desc, resolution_mm=settings.model_resolution, cache_dir=cache_dir, qc=qc,
             exclude_qc_outliers=settings.exclude_qc_outliers, include_failed_qc=settings.include_failed_qc,
+            inputs=settings.inputs,
         )  # fmt: skip
         return cohort.table, cohort.label_table.structures, cohort.excluded
 
@@ -92,10 +96,7 @@ class Segmentation(Task):
         return ("dice",)
 
     def loss(self, targets: Any, n_outputs: int, class_weighting: str) -> Criterion:
-        from monai.losses import DiceCELoss
-
-        criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-        return lambda out, y: criterion(out.float(), y)
+        return segmentation_loss(n_outputs)
 
     def loss_targets(self, y: torch.Tensor, scale: TargetScale) -> torch.Tensor:
         return y
@@ -195,6 +196,18 @@ class Segmentation(Task):
             for i, path in enumerate(rows["label_array"])
         ]
         names = {int(k): v for k, v in json.loads(validation[0][0]["label_names"].iloc[0]).items()}
+        if len(names) == 1:  # one foreground class (lesions, many per image): the smallest lesion kept
+            size = choose_min_lesion_size(cases)
+            voxel_ml = float(validation[0][0]["grid_mm"].iloc[0]) ** 3 / 1000
+            return {
+                "postprocessing": {
+                    KEEP_LARGEST: [], "label_indices": [], "min_lesion_voxels": size,
+                    "min_lesion_ml": round(size * voxel_ml, 6),
+                    "rule": "predicted lesions (26-connected components) smaller than min_lesion_ml are removed; the "
+                    f"size is chosen among {list(MIN_LESION_CANDIDATES)} model-grid voxels as the one with the best "
+                    "mean of Dice and lesion-wise F1 over every fold's validation images",
+                }
+            }  # fmt: skip
         chosen = choose_largest_components(cases, sorted(names))
         return {
             "postprocessing": {
@@ -206,8 +219,9 @@ class Segmentation(Task):
         }
 
     def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
-        indices = postprocessing.get("postprocessing", {}).get("label_indices", [])
-        return dataclasses.replace(outputs, keep_largest=tuple(int(i) for i in indices))
+        chosen = postprocessing.get("postprocessing", {})
+        return dataclasses.replace(outputs, keep_largest=tuple(int(i) for i in chosen.get("label_indices", [])),
+                                   min_lesion_voxels=int(chosen.get("min_lesion_voxels", 0)))  # fmt: skip
 
     def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
         grid, shape = model_grid(settings.model_resolution)
@@ -215,7 +229,7 @@ class Segmentation(Task):
             "labels": [{"index": i, "name": name} for i, name in enumerate(classes, start=1)],
             "label_desc": settings.label_desc,
             "input": {
-                "channels": list(DEFAULT_CHANNELS),  # the image kinds fed as channels, in order
+                "channels": list(settings.inputs),  # the image kinds fed as channels, in order
                 "space": derivatives.TEMPLATE_SPACE,
                 "resolution_mm": settings.model_resolution,
                 "res": derivatives.resolution_label(settings.model_resolution),
@@ -223,19 +237,25 @@ class Segmentation(Task):
                 "shape": list(shape),
                 "affine": grid.tolist(),
                 "dtype": "float32",
-                "made_from": "the bias-corrected T1w (desc-preproc_T1w) resampled through the participant level's "
-                "affine (from-T1w_to-...xfm.txt, linear) onto the template grid cropped to the brain + 4 mm",
-                "normalisation": "minus the median, divided by the IQR of the template-space T1w in the brain "
-                "(its sidecar's IntensityNormalization)",
+                "made_from": "each channel's bias-corrected image on the T1w's grid (desc-preproc_T1w; a co-registered "
+                "kind's space-T1w_desc-preproc) resampled through the participant level's affine "
+                "(from-T1w_to-...xfm.txt, linear) onto the template grid cropped to the brain + 4 mm",
+                "normalisation": "per channel: minus the median, divided by the IQR of that channel's template-space "
+                "image in the T1w's brain (its sidecar's IntensityNormalization)",
             },
             "patch_size": settings.patch_size,
+            "loss": LOSS_DESCRIPTION["lesions" if len(classes) == 1 else "multi-class"],
+            "patch_sampling": "one foreground class: half the patches centred on a lesion (each connected component "
+            "equally likely), the rest anywhere" if len(classes) == 1 else "a third of the patches centred on a "
+            "structure's voxel, the rest anywhere",
             "inference": {
                 "window": [settings.patch_size] * 3,
                 "overlap": WINDOW_OVERLAP,
                 "weighting": WINDOW_MODE,
                 "output": "softmax probabilities averaged over folds; labels = argmax, in each T1w's grid after "
                 "resampling the probabilities through the inverse affine (linear); then the post-processing "
-                "('postprocessing': the structures whose largest connected component alone is kept)",
+                "('postprocessing': the structures whose largest connected component alone is kept, or the smallest "
+                "lesion kept)",
             },
         }
 
@@ -250,9 +270,10 @@ class Segmentation(Task):
             t1w = load_spatial(Path(settings.bids_dir) / row["source"])
             xfm = derivatives.named_path(settings.output_dir, row["source"], "xfm")
             native = probabilities_to_native(image_probabilities, grid, read_transform(xfm), t1w.affine, t1w.shape[:3])
-            native = keep_largest_components(native, ensemble.keep_largest)
-            reference = np.asarray(nib.load(row["label_file"]).dataobj).astype(np.uint8)  # type: ignore[attr-defined]
             spacing = [float(z) for z in t1w.header.get_zooms()[:3]]
+            rules = {"min_lesion_ml": ensemble.min_lesion_voxels * settings.model_resolution**3 / 1000}
+            native = postprocess(native, rules, ensemble.keep_largest, float(np.prod(spacing)) / 1000)
+            reference = np.asarray(nib.load(row["label_file"]).dataobj).astype(np.uint8)  # type: ignore[attr-defined]
             for score in structure_scores(native, reference, names, spacing):
                 records.append({"participant_id": row["participant_id"], "source": row["source"], **score})
             labels = ensemble.labels(i)

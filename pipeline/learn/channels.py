@@ -1,0 +1,104 @@
+"""The input channels of learning (``--inputs T1w FLAIR``): for each T1w, the images of the listed kinds that the
+participant level aligned to it, found through their records in OUTPUT_DIR.
+
+A learning row is a T1w (what the manifest, the splits and the leakage checks count); each channel is an image of
+that kind co-registered to it (its ``desc-iqm`` record names the T1w as ``reference``). A T1w without one of the
+channels is left out with the reason, never a crash. When a session holds two images of a kind aligned to the same
+T1w (two FLAIRs), the first by name is used and recorded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import derivatives
+from ..errors import InputDataError
+from ..kinds import REFERENCE_KIND
+
+
+@dataclass(frozen=True)
+class Channels:
+    """One T1w's channel images (sources relative to BIDS_DIR, in channel order), or why it has none."""
+
+    sources: tuple[str, ...] | None
+    reason: str = ""
+    failed_qc: tuple[str, ...] = ()
+
+    def left_out(self, inputs: Sequence[str], include_failed_qc: bool) -> str | None:
+        """Why the T1w is not learned from for its channels (None: it is)."""
+        if self.reason:
+            return f"{self.reason}; --inputs {' '.join(inputs)}"
+        if self.failed_qc and not include_failed_qc:
+            return f"its {', '.join(self.failed_qc)} failed quality control (--include-failed-qc keeps it)"
+        return None
+
+
+def _aligned_records(output_dir: Path, t1w_source: str, kind: str) -> list[tuple[str, dict]]:
+    """The ``desc-iqm`` records of images of ``kind`` aligned to ``t1w_source``, by name."""
+    folder = derivatives.named_path(output_dir, t1w_source, "iqm").parent
+    patterns = derivatives.DERIVATIVES["iqm"].patterns_of((kind,))
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder)
+                       if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns))  # fmt: skip
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        try:
+            record = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("reference") == t1w_source:
+            found.append((record["source"], record))
+    return found
+
+
+def channel_sources(output_dir: Path, t1w_source: str, channels: Sequence[str]) -> Channels:
+    """The images of ``channels`` (kinds, in order) for the T1w ``t1w_source`` (relative to BIDS_DIR).
+
+    >>> channel_sources(Path("/nowhere"), "sub-01/anat/sub-01_T1w.nii.gz", ["T1w"]).sources
+    ('sub-01/anat/sub-01_T1w.nii.gz',)
+    >>> channel_sources(Path("/nowhere"), "sub-01/anat/sub-01_T1w.nii.gz", ["T1w", "FLAIR"]).reason
+    'no FLAIR aligned to it (a FLAIR of its session, processed at the participant level)'
+    """
+    sources, failed = [], []
+    for kind in channels:
+        if kind == REFERENCE_KIND:
+            sources.append(t1w_source)
+            continue
+        aligned = _aligned_records(Path(output_dir), t1w_source, kind)
+        if not aligned:
+            return Channels(None, f"no {kind} aligned to it (a {kind} of its session, processed at the participant "
+                                  "level)")  # fmt: skip
+        source, record = aligned[0]
+        sources.append(source)
+        if (record.get("qc") or {}).get("verdict") == "fail":
+            failed.append(source)
+    return Channels(tuple(sources), failed_qc=tuple(failed))
+
+
+def channel_files(record: dict[str, Any], reference: str, others: Sequence[str]) -> list[str]:
+    """The input files in the model's channel order: the T1w's (``reference``) where its kind stands, the images of
+    the other kinds (``others``, in the channels' order) elsewhere.
+
+    >>> channel_files({"input": {"channels": ["FLAIR", "T1w"]}}, "t1.nii", ["flair.nii"])
+    ['flair.nii', 't1.nii']
+    """
+    channels = record["input"].get("channels", [REFERENCE_KIND])
+    rest = iter(others)
+    files = [reference if kind == REFERENCE_KIND else next(rest, None) for kind in channels]
+    if any(f is None for f in files):
+        needed = ", ".join(k for k in channels if k != REFERENCE_KIND)
+        raise InputDataError(
+            f"The model {record.get('name')} takes the channels {', '.join(channels)} (in that order); no {needed} "
+            f"was aligned to this {REFERENCE_KIND} (an image of that kind in its session, whose co-registration "
+            "passed quality control). Add it to BIDS_DIR, or predict with a model of the channels this participant "
+            "has."
+        )
+    return [str(f) for f in files]
