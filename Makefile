@@ -11,6 +11,7 @@ DEMO_SUBJECTS ?= 12
 DEMO_NEW_SUBJECTS ?= 5
 DEMO_SEG_EPOCHS ?= 10
 DEMO_SEG_PATCH ?= 48
+DEMO_LESION_EPOCHS ?= 10
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-infra lint benchmark clean
@@ -26,11 +27,15 @@ install: $(STAMP)
 
 demo: install
 	@test -f $(DEMO_DIR)/bids/dataset_description.json || \
-		$(BIN)/bidsdl-sample $(DEMO_DIR)/bids --subjects $(DEMO_SUBJECTS) --seed 42 --duplicate-subject
+		$(BIN)/bidsdl-sample $(DEMO_DIR)/bids --subjects $(DEMO_SUBJECTS) --seed 42 --duplicate-subject \
+			--flair-fraction 1 --lesion-fraction 0.7
 	@test -f $(DEMO_DIR)/new/dataset_description.json || \
-		$(BIN)/bidsdl-sample $(DEMO_DIR)/new --subjects $(DEMO_NEW_SUBJECTS) --seed 7 --label-prefix ext
-	# 1. preprocess the training cohort; 2. train and evaluate (group level)
-	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work
+		$(BIN)/bidsdl-sample $(DEMO_DIR)/new --subjects $(DEMO_NEW_SUBJECTS) --seed 7 --label-prefix ext \
+			--flair-fraction 1 --lesion-fraction 1
+	# 1. preprocess the training cohort (each T1w, its session's FLAIR aligned to it, lesion masks left out of the
+	#    registrations); 2. train and evaluate (group level)
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
+		--lesion-masks $(DEMO_DIR)/bids/derivatives/lesions
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
 		--target diagnosis --positive-class AD --n-folds 3
 	# 3. predict new subjects (participant --model); 4. evaluate the model on them (group --model); 5. export
@@ -48,6 +53,15 @@ demo: install
 	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_segmentation group -w $(DEMO_DIR)/work_new --model $$segmodel \
 		--labels $(DEMO_DIR)/new/derivatives/labels --label-desc structures && \
 	$(BIN)/bidsdl-export $$segmodel --format onnx -o $(DEMO_DIR)/exported/segmentation.onnx
+	# 7. lesions: a two-channel model (T1w + FLAIR) learns the lesion masks (group), labels the new people's lesions
+	#    (participant), is scored lesion-wise against their masks (group --model --labels)
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work --task segmentation \
+		--labels $(DEMO_DIR)/bids/derivatives/lesions --label-desc lesion --inputs T1w FLAIR --n-folds 1 \
+		--epochs $(DEMO_LESION_EPOCHS) --patch-size $(DEMO_SEG_PATCH)
+	lesionmodel=$$(ls -td $(DEMO_DIR)/derivatives/models/lesion_*/ | head -1) && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_lesions participant -w $(DEMO_DIR)/work_new --model $$lesionmodel && \
+	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_lesions group -w $(DEMO_DIR)/work_new --model $$lesionmodel \
+		--labels $(DEMO_DIR)/new/derivatives/lesions --label-desc lesion
 	@echo
 	@echo "Training cohort:      $(abspath $(DEMO_DIR))/bids"
 	@echo "Its derivatives:      $(abspath $(DEMO_DIR))/derivatives (manifest.tsv, qc.tsv, logs/)"
@@ -58,6 +72,8 @@ demo: install
 	@echo "Exported models:      $(abspath $(DEMO_DIR))/exported/"
 	@echo "Segmentation model:   $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/structures_*/ | head -1)"
 	@echo "New cohort's labels:  $(abspath $(DEMO_DIR))/new_segmentation (group.html: Dice, HD95 against the reference)"
+	@echo "Lesion model:         $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/lesion_*/ | head -1) (T1w + FLAIR)"
+	@echo "New cohort's lesions: $(abspath $(DEMO_DIR))/new_lesions (group.html: Dice, lesion-wise recall and F1)"
 	@echo "Subject reports (training cohort, then new cohort with predictions):"
 	@for report in $(abspath $(DEMO_DIR))/derivatives/sub-*.html $(abspath $(DEMO_DIR))/new_derivatives/sub-*.html; do \
 		echo "  $$report"; done

@@ -30,7 +30,7 @@ from .kinds import REFERENCE_KIND
 from .progress import WorkflowProgress
 from .qc import load_qc
 from .reports.subject import write_subject_report
-from .workflows.base import executed_node_names, image_workflow_name, single_subject_name
+from .workflows.base import executed_node_names, image_workflow_name, prediction_workflow_name, single_subject_name
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,7 +76,11 @@ def subject_status(
     crashes = sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []
     for crash in crashes:
         summary = _crash_summary(crash)
-        source = next((img.relative_to(bids_dir) for img in images if f".{image_workflow_name(img)}." in summary), None)
+        names = {img.relative_to(bids_dir): [image_workflow_name(img)] for img in images}
+        for img in images:
+            if img.kind == REFERENCE_KIND:  # its prediction, when it stands beside it
+                names[img.relative_to(bids_dir)].append(prediction_workflow_name(img))
+        source = next((s for s, wfs in names.items() if any(f".{wf}." in summary for wf in wfs)), None)
         errors.append(f"{source}: {summary}" if source else summary)
     missing = [str(e["source"]) for e in image_records if e["audit"] is None and e["state"] != NOT_PROCESSED]
     if missing and not crashes:

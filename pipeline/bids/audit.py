@@ -24,6 +24,7 @@ FLAG_THRESHOLDS = {
     "anisotropy_ratio": 2.0,  # largest over smallest voxel edge
     "oblique_deg": 0.5,  # largest angle between a voxel axis and the nearest world axis
     "tiny_fov_mm": 100.0,  # smallest field-of-view edge
+    "slice_thickness_mm": 0.5,  # a sidecar's SliceThickness this far from the largest voxel edge (and 15% of it)
 }
 PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError)
@@ -147,6 +148,27 @@ def audit_flags(header: dict[str, Any], intensity: dict[str, Any]) -> list[str]:
     return flags
 
 
+def sidecar_mismatches(header: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """Where the sidecar and the header disagree about the grid, in words: a ``SliceThickness`` far from the voxel
+    edge across the slices (the largest: a 3 mm FLAIR whose header says 1 mm voxels was resampled, or the sidecar
+    belongs to another file).
+
+    >>> sidecar_mismatches({"voxel_size_mm": [0.9, 0.9, 3.0]}, {"SliceThickness": 3})
+    []
+    >>> sidecar_mismatches({"voxel_size_mm": [1.0, 1.0, 1.0]}, {"SliceThickness": 3})
+    ["the sidecar says SliceThickness 3 mm; the header's voxel edges are 1 x 1 x 1 mm"]
+    """
+    thickness = metadata.get("SliceThickness")
+    if not isinstance(thickness, (int, float)) or isinstance(thickness, bool) or thickness <= 0:
+        return []
+    zooms = [float(z) for z in header["voxel_size_mm"]]
+    tolerance = max(FLAG_THRESHOLDS["slice_thickness_mm"], 0.15 * float(thickness))
+    if abs(float(thickness) - max(zooms)) <= tolerance:
+        return []
+    edges = " x ".join(f"{z:g}" for z in zooms)
+    return [f"the sidecar says SliceThickness {thickness:g} mm; the header's voxel edges are {edges} mm"]
+
+
 def _nifti_transforms(hdr: Any) -> dict[str, Any]:
     """qform/sform codes and matrices (None for formats without them)."""
     if not isinstance(hdr, nib.Nifti1Header):  # NIfTI-2 headers derive from NIfTI-1's
@@ -233,4 +255,8 @@ def audit_t1w(path: Path, *, bids_dir: Path, metadata: dict[str, Any] | None = N
     intensity = intensity_summary(data)
     intensity["data_sha256"] = sha256_array(data)
     record.update(readable=True, header=header, intensity=intensity, flags=audit_flags(header, intensity))
+    mismatches = sidecar_mismatches(header, record["metadata"])
+    if mismatches:  # flagged with both values, never fixed silently: which one is right is the user's to say
+        record["flags"].append("sidecar_mismatch")
+        record["sidecar_mismatches"] = mismatches
     return record

@@ -1,7 +1,7 @@
 """Export a model package as one standalone network (the fold ensemble): TorchScript or ONNX.
 
-The exported network takes the model input ``(batch, 1, X, Y, Z)`` (float32, prepared as
-``model.json`` says) and returns class probabilities or de-standardised values, exactly what
+The exported network takes the model input ``(batch, C, X, Y, Z)`` (``C``: the package's ``input.channels``;
+float32, prepared as ``model.json`` says) and returns class probabilities or de-standardised values, exactly what
 the package predicts. Every export is checked against the package before it is kept.
 """
 
@@ -97,7 +97,12 @@ def example_input(record: dict[str, Any], n: int = 2, seed: int = 0) -> torch.Te
     """Inputs like the model's: its training mean image plus noise of the training residual SD."""
     generator = torch.Generator().manual_seed(seed)
     shape = tuple(input_shape(record))
-    return torch.randn((n, 1, *shape), generator=generator)
+    return torch.randn((n, n_channels(record), *shape), generator=generator)
+
+
+def n_channels(record: dict[str, Any]) -> int:
+    """How many channels (image kinds) the model takes: one for packages that do not say."""
+    return len(record["input"].get("channels", ["T1w"]))
 
 
 def input_shape(record: dict[str, Any]) -> list[int]:
@@ -169,7 +174,8 @@ def export_package(folder: Path, fmt: str, output: Path | None = None) -> dict[s
         "Package": folder.name,
         "PackageContentSha256": record["content_sha256"],
         "ExportedBy": {"Name": "bidsdl", "Version": __version__, "torch": torch.__version__},
-        "Input": {**record["input"], "tensor": f"float32 (batch, 1, {', '.join(map(str, input_shape(record)))})"},
+        "Input": {**record["input"],
+                  "tensor": f"float32 (batch, {n_channels(record)}, {', '.join(map(str, input_shape(record)))})"},
         "SlidingWindow": record.get("inference"),
         "Output": ensemble.task.export_output,
         "Classes": record["classes"],

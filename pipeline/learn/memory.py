@@ -39,8 +39,8 @@ class Footprint:
         return max(0, math.floor((HEADROOM * available - self.fixed) / self.per_item))
 
 
-def footprint(model: nn.Module, in_shape: tuple[int, ...]) -> Footprint:
-    """The training-step memory of ``model`` on ``(1, *in_shape)`` inputs (one forward pass on the CPU)."""
+def footprint(model: nn.Module, in_shape: tuple[int, ...], channels: int = 1) -> Footprint:
+    """The training-step memory of ``model`` on ``(1, channels, *in_shape)`` inputs (one forward pass on the CPU)."""
     outputs: list[int] = []
 
     def record(module: nn.Module, inputs: object, output: object) -> None:
@@ -54,13 +54,14 @@ def footprint(model: nn.Module, in_shape: tuple[int, ...]) -> Footprint:
     try:
         model.eval()
         with torch.no_grad():
-            model.to("cpu")(torch.zeros(1, 1, *in_shape))
+            model.to("cpu")(torch.zeros(1, channels, *in_shape))
     finally:
         for hook in hooks:
             hook.remove()
         model.to(device).train(was_training)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Footprint(per_item=ACTIVATION_FACTOR * sum(outputs) + 4 * math.prod(in_shape), fixed=4.0 * weights)
+    return Footprint(per_item=ACTIVATION_FACTOR * sum(outputs) + 4 * channels * math.prod(in_shape),
+                     fixed=4.0 * weights)  # fmt: skip
 
 
 def available_bytes(device: torch.device, processes_on_node: int = 1) -> float:

@@ -33,12 +33,14 @@ _BINS = np.linspace(-1.0, 1.0, 4001)
 
 
 def block_means(array: np.ndarray, factor: int = 3) -> np.ndarray:
-    """Means of ``factor``^3 blocks of a (channel-first or plain) 3-D volume, flattened.
+    """Means of ``factor``^3 blocks of a 3-D volume (of its first channel when channel-first), flattened.
 
     >>> block_means(np.arange(27, dtype=np.float32).reshape(3, 3, 3)).tolist()
     [13.0]
+    >>> block_means(np.stack([np.zeros((3, 3, 3)), np.ones((3, 3, 3))])).tolist()
+    [0.0]
     """
-    volume = np.asarray(array, dtype=np.float32).reshape(array.shape[-3:])
+    volume = np.asarray(array[0] if array.ndim == 4 else array, dtype=np.float32)
     shape = [dim // factor * factor for dim in map(int, volume.shape)]
     cut = volume[: shape[0], : shape[1], : shape[2]]
     blocks = cut.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor)

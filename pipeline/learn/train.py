@@ -394,9 +394,10 @@ def _training_module(
 ) -> nn.Module:  # fmt: skip
     """What the training step runs, decided before the loop: the memory pre-flight (a step that cannot fit stops
     here, with what to do), the cohort resident on a GPU when it fits easily, DDP across ranks, ``torch.compile``."""
-    shape = tuple(train.batch(np.array([0]))[0].shape[2:])
+    first = train.batch(np.array([0]))[0]
+    shape = tuple(first.shape[2:])
     needed = memory.check_fits(
-        memory.footprint(model, shape),
+        memory.footprint(model, shape, channels=int(first.shape[1])),
         batch_size=min(settings.batch_size, len(train.epoch_order(epoch=0, seed=0, weights=None))),
         world_size=world.size,
         available=memory.available_bytes(device, distributed.processes_on_node() if world.active else 1),

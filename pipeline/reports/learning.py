@@ -121,8 +121,8 @@ def regression_panels(truth: Sequence[float], predicted: Sequence[float], *, dpi
 
 
 def orthogonal_slices(volume: np.ndarray, *, dpi: int = 60) -> bytes:
-    """Mid sagittal, coronal and axial slices of a (RAS) model input."""
-    data = np.asarray(volume, dtype=float).reshape(volume.shape[-3:])
+    """Mid sagittal, coronal and axial slices of a (RAS) model input (its first channel)."""
+    data = np.asarray(volume[0] if volume.ndim == 4 else volume, dtype=float)
     low, high = np.percentile(data, [1, 99.5])
     figure = Figure(figsize=(4.5, 1.6), facecolor="black")
     for i in range(3):
@@ -160,10 +160,11 @@ def segmentation_preview(
     image: np.ndarray, reference: np.ndarray | None, prediction: np.ndarray, *, title: str = "", dpi: int = 70
 ) -> bytes:
     """Three orthogonal slices through the labelled structures: the input, the reference and the prediction
-    over it (colours by label index), so that a score never hides a misplaced structure."""
+    over it (colours by label index), so that a score never hides a misplaced structure. Of several channels, the
+    last is shown (the FLAIR of ``--inputs T1w FLAIR``, where lesions show)."""
     from matplotlib.colors import ListedColormap
 
-    data = np.asarray(image, dtype=float).reshape(image.shape[-3:])
+    data = np.asarray(image[-1] if image.ndim == 4 else image, dtype=float)
     union = prediction > 0 if reference is None else (prediction > 0) | (reference > 0)
     centre = np.argwhere(union).mean(0).round().astype(int) if union.any() else np.array(data.shape) // 2
     low, high = np.percentile(data, [1, 99.5])

@@ -348,7 +348,7 @@ def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: S
     return img, truth
 
 
-def flair_sidecar(site: str) -> dict[str, Any]:
+def flair_sidecar(site: str, voxel_scale: float = 1.0) -> dict[str, Any]:
     keep = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength")
     return {k: SITES[site][k] for k in keep} | {
         "InstitutionName": f"bidsdl sample {site}",
@@ -356,7 +356,7 @@ def flair_sidecar(site: str) -> dict[str, Any]:
         "RepetitionTime": 9.0,
         "EchoTime": 0.09,
         "InversionTime": 2.5,
-        "SliceThickness": FLAIR_VOXEL_MM[2],
+        "SliceThickness": FLAIR_VOXEL_MM[2] * voxel_scale,
         "PulseSequenceType": "FLAIR (synthetic)",
     }
 
@@ -400,7 +400,7 @@ def _write_image(job: tuple[Path, ImageSpec, SampleOptions]) -> dict[str, Any]:
         with atomic_path(target) as tmp:
             flair.to_filename(tmp)
         stem = target.name.removesuffix(".nii.gz")
-        write_json(target.with_name(f"{stem}.json"), flair_sidecar(spec.site))
+        write_json(target.with_name(f"{stem}.json"), flair_sidecar(spec.site, options.voxel_scale))
         write_json(truth_dir / f"{stem}.json", flair_truth)
     with atomic_path(label_path(out_dir / LABELS_DIR, spec.relpath, LABEL_DESC)) as tmp:
         labels.to_filename(tmp)

@@ -250,19 +250,20 @@ def init_anat_wf(
     for field in QC_OUTPUTS:
         if field in DERIVATIVE_INPUTS:
             workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
-    parts = {"inputnode": inputnode, "audit_wf": audit_wf, "preproc_wf": preproc_wf, "qc_wf": qc_wf}
+    parts = {"inputnode": inputnode, audit_wf.name: audit_wf, preproc_wf.name: preproc_wf, qc_wf.name: qc_wf}
     if lesion_source is not None:
         _add_lesion(workflow, parts, bids_dir=bids_dir, output_dir=output_dir)
     if inference is not None:
-        add = _add_segmentation if inference.get("labels") else _add_inference
-        add(workflow, parts, inference, bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution,
-            omp_nthreads=omp_nthreads)  # fmt: skip
+        prediction_wf = init_prediction_wf(inference=inference, bids_dir=bids_dir, output_dir=output_dir,
+                                           model_resolution=model_resolution, omp_nthreads=omp_nthreads)  # fmt: skip
+        for key, (part, field) in PREDICTION_SOURCES.items():
+            workflow.connect(parts[part], field, prediction_wf, f"inputnode.{key}")
     return workflow
 
 
 def _add_lesion(workflow: pe.Workflow, parts: dict[str, Any], *, bids_dir: Path, output_dir: Path) -> None:
     """The lesion mask's way through one T1w's workflow ``parts``: into the registration, then its outputs."""
-    inputnode, preproc_wf = parts["inputnode"], parts["preproc_wf"]
+    inputnode, preproc_wf = parts["inputnode"], parts["anat_preproc_wf"]
     lesion_wf = init_lesion_wf(bids_dir=bids_dir, output_dir=output_dir)
     workflow.connect(inputnode, "lesion_mask", preproc_wf, "inputnode.lesion_mask")
     workflow.connect(inputnode, "t1w", lesion_wf, "inputnode.t1w")
@@ -270,54 +271,58 @@ def _add_lesion(workflow: pe.Workflow, parts: dict[str, Any], *, bids_dir: Path,
         workflow.connect(preproc_wf, f"outputnode.{field}", lesion_wf, f"inputnode.{field}")
 
 
-def _add_segmentation(workflow: pe.Workflow, parts: dict[str, Any], inference: dict[str, Any], *, bids_dir: Path,
-                      output_dir: Path, model_resolution: float, omp_nthreads: int) -> None:  # fmt: skip
-    """A segmentation model's nodes and sinks after one T1w's workflow ``parts`` (``model_resolution`` unused: a
-    segmentation model brings its own grid)."""
-    inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
-    options = {k: v for k, v in inference.items() if k != "channels"}
-    segmentation = options.pop("labels")
-    seg_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
-    ds_seg_wf = init_segmentation_derivatives_wf(
-        bids_dir=bids_dir,
-        output_dir=output_dir,
-        model_resolution=segmentation["resolution_mm"],
-        label_desc=segmentation["label_desc"],
-        structures=segmentation["structures"],
-    )
-    workflow.connect([
-        (inputnode, seg_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id"),
-                             ("t1w", "inputnode.t1w")]),
-        (audit_wf, seg_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
-        (qc_wf, seg_wf, [("outputnode.t1w_model_passed", "inputnode.passed")]),
-        (preproc_wf, seg_wf, [("outputnode.t1w_corrected", "inputnode.t1w_corrected"),
-                              ("outputnode.transform", "inputnode.transform"),
-                              ("outputnode.template_record", "inputnode.template_record")]),
-        (inputnode, ds_seg_wf, [("t1w", "inputnode.source_file")]),
-    ])  # fmt: skip
-    for field in SEGMENTATION_INPUTS:
-        workflow.connect(seg_wf, f"outputnode.{field}", ds_seg_wf, f"inputnode.{field}")
+#: Where a prediction's inputs come from in one T1w's workflow (:func:`init_anat_wf`): the part and its field.
+PREDICTION_SOURCES: dict[str, tuple[str, str]] = {
+    "source": ("inputnode", "source"), "participant_id": ("inputnode", "participant_id"), "t1w": ("inputnode", "t1w"),
+    "audit_record": ("anat_audit_wf", "outputnode.audit_record"),
+    "passed": ("anat_qc_wf", "outputnode.t1w_model_passed"),
+    **{field: ("anat_preproc_wf", f"outputnode.{field}")
+       for field in ("t1w_corrected", "transform", "template_record", "mask_model", "model_record")},
+}  # fmt: skip
 
 
-def _add_inference(workflow: pe.Workflow, parts: dict[str, Any], inference: dict[str, Any], *, bids_dir: Path,
-                   output_dir: Path, model_resolution: float, omp_nthreads: int) -> None:  # fmt: skip
-    """An image model's inference nodes and sinks after one T1w's workflow ``parts``."""
-    inputnode, audit_wf, preproc_wf, qc_wf = (parts[k] for k in ("inputnode", "audit_wf", "preproc_wf", "qc_wf"))
+def init_prediction_wf(
+    *,
+    inference: dict[str, Any],
+    bids_dir: Path,
+    output_dir: Path,
+    model_resolution: float,
+    omp_nthreads: int,
+    name: str = "prediction_wf",
+) -> pe.Workflow:
+    """One T1w's prediction with ``--model`` and its derivatives: a segmentation (``inference["labels"]``) or a
+    whole-image prediction (:func:`init_anat_segmentation_wf`, :func:`init_anat_inference_wf`). Built inside the
+    T1w's workflow, or beside it when the model takes other channels (their images come from the session's other
+    workflows, which the T1w's feeds).
+
+    Inputs: the keys of :data:`PREDICTION_SOURCES`, and ``others``, ``other_records`` (the model's other channels).
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=[*PREDICTION_SOURCES, "others", "other_records"]), name="inputnode")
     options = {k: v for k, v in inference.items() if k not in ("labels", "channels")}
-    infer_wf = init_anat_inference_wf(**options, omp_nthreads=omp_nthreads)
-    ds_infer_wf = init_inference_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
-                                                model_resolution=model_resolution)  # fmt: skip
-    workflow.connect([
-        (inputnode, infer_wf, [("source", "inputnode.source"), ("participant_id", "inputnode.participant_id")]),
-        (audit_wf, infer_wf, [("outputnode.audit_record", "inputnode.audit_record")]),
-        (qc_wf, infer_wf, [("outputnode.t1w_model_passed", "inputnode.t1w_model")]),
-        (preproc_wf, infer_wf, [("outputnode.mask_model", "inputnode.mask_model"),
-                                ("outputnode.model_record", "inputnode.model_record")]),
-        (inputnode, ds_infer_wf, [("t1w", "inputnode.source_file")]),
-    ])  # fmt: skip
-    for field in INFERENCE_INPUTS:
-        workflow.connect(infer_wf, f"outputnode.{field}", ds_infer_wf, f"inputnode.{field}")
-
+    segmentation = inference.get("labels")
+    fields: list[str]
+    outputs: tuple[str, ...]
+    if segmentation:
+        model_wf = init_anat_segmentation_wf(**options, omp_nthreads=omp_nthreads)
+        ds_wf = init_segmentation_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
+                                                 model_resolution=segmentation["resolution_mm"],
+                                                 label_desc=segmentation["label_desc"],
+                                                 structures=segmentation["structures"])  # fmt: skip
+        fields, outputs = ["source", "participant_id", "t1w", "audit_record", "passed", "t1w_corrected", "transform",
+                           "template_record", "others", "other_records"], SEGMENTATION_INPUTS  # fmt: skip
+    else:
+        model_wf = init_anat_inference_wf(**options, omp_nthreads=omp_nthreads)
+        ds_wf = init_inference_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
+                                              model_resolution=model_resolution)  # fmt: skip
+        fields, outputs = ["source", "participant_id", "audit_record", "passed", "mask_model", "model_record",
+                           "others"], INFERENCE_INPUTS  # fmt: skip
+    for field in fields:
+        workflow.connect(inputnode, field, model_wf, f"inputnode.{field}")
+    workflow.connect(inputnode, "t1w", ds_wf, "inputnode.source_file")
+    for field in outputs:
+        workflow.connect(model_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
+    return workflow
 
 def init_lesion_wf(*, bids_dir: Path, output_dir: Path, name: str = "lesion_wf") -> pe.Workflow:
     """A T1w's lesion mask (prepared by :func:`init_anat_preproc_wf`) brought into template space, drawn on the
@@ -371,7 +376,7 @@ def init_anat_segmentation_wf(
     :data:`~pipeline.workflows.outputs.SEGMENTATION_INPUTS`.
     """
     fields = ["source", "participant_id", "t1w", "audit_record", "passed", "t1w_corrected", "transform",
-              "template_record"]  # fmt: skip
+              "template_record", "others", "other_records"]  # fmt: skip
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=list(SEGMENTATION_INPUTS)), name="outputnode")
@@ -381,7 +386,8 @@ def init_anat_segmentation_wf(
     workflow.connect([
         (inputnode, segment, [("source", "source"), ("participant_id", "participant_id"), ("t1w", "in_t1w"),
                               ("audit_record", "in_audit"), ("passed", "in_passed"), ("t1w_corrected", "in_file"),
-                              ("transform", "in_transform"), ("template_record", "in_template_record")]),
+                              ("transform", "in_transform"), ("template_record", "in_template_record"),
+                              ("others", "in_others"), ("other_records", "in_other_records")]),
         (segment, outputnode, [("out_record", "prediction"), ("out_dseg", "dseg"), ("out_dseg_model", "dseg_model"),
                                ("out_table", "dseg_table"), ("out_metadata", "segmentation_record"),
                                ("out_figure", "segmentation_figure"), ("out_meshes", "meshes"),
@@ -410,14 +416,15 @@ def init_anat_inference_wf(
     device, omp_nthreads
         Where the networks run, and torch's threads on CPU.
 
-    Inputs: ``source`` (relative to BIDS_DIR), ``participant_id``, ``audit_record``, ``t1w_model``,
-    ``mask_model``, ``model_record`` (the resampling record: its space).
+    Inputs: ``source`` (relative to BIDS_DIR), ``participant_id``, ``audit_record``, ``passed`` (the model-grid T1w,
+    set only when quality control passed), ``mask_model``, ``model_record`` (the resampling record: its space),
+    ``others`` (the model's other channels' model-grid images).
     Outputs: see :data:`~pipeline.workflows.outputs.INFERENCE_INPUTS`.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(
-            fields=["source", "participant_id", "audit_record", "t1w_model", "mask_model", "model_record"]
+            fields=["source", "participant_id", "audit_record", "passed", "mask_model", "model_record", "others"]
         ),
         name="inputnode",
     )
@@ -427,7 +434,8 @@ def init_anat_inference_wf(
     )
     workflow.connect([
         (inputnode, infer, [("source", "source"), ("participant_id", "participant_id"), ("audit_record", "in_audit"),
-                            ("t1w_model", "in_file"), ("mask_model", "in_mask"), ("model_record", "in_record")]),
+                            ("passed", "in_file"), ("mask_model", "in_mask"), ("model_record", "in_record"),
+                            ("others", "in_others")]),
         (infer, outputnode, [("out_record", "prediction"), ("out_saliency", "saliency"), ("out_gradcam", "gradcam"),
                              ("out_metadata", "attribution_record"), ("out_figure", "attribution_figure")]),
     ])  # fmt: skip

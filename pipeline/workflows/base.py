@@ -21,7 +21,7 @@ from ..bids.pairing import lesion_mask, pair_images
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
 from ..kinds import REFERENCE_KIND
-from .anatomical import init_anat_wf
+from .anatomical import PREDICTION_SOURCES, init_anat_wf, init_prediction_wf
 from .coregistered import REFERENCE_INPUTS, init_coreg_wf
 
 
@@ -102,9 +102,12 @@ def init_single_subject_wf(
     lesions = lesions or {}
     workflow = pe.Workflow(name=name or single_subject_name(subject))
     anat_wfs = {}
+    # a model that takes other channels predicts beside the T1w's workflow (their images come after it)
+    multichannel = inference is not None and _other_channels(inference)
     for image in (img for img in images if img.kind == REFERENCE_KIND):
         anat_wf = init_anat_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution, seed=seed,
-                               omp_nthreads=omp_nthreads, device=device, brain_helper=brain_helper, inference=inference,
+                               omp_nthreads=omp_nthreads, device=device, brain_helper=brain_helper,
+                               inference=None if multichannel else inference,
                                lesion_source=lesions[image.path][1] if image.path in lesions else None,
                                name=image_workflow_name(image))  # fmt: skip
         if image.path in lesions:
@@ -117,9 +120,31 @@ def init_single_subject_wf(
         anat_wfs[image.path] = anat_wf
     aligned = _add_coregistered(workflow, images, anat_wfs, set(lesions), bids_dir=bids_dir, output_dir=output_dir,
                                 model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads)  # fmt: skip
-    if inference is not None:
-        _connect_channels(workflow, anat_wfs, aligned, inference)
+    if inference is not None and multichannel:
+        _add_predictions(workflow, images, anat_wfs, aligned, inference, bids_dir=bids_dir, output_dir=output_dir,
+                         model_resolution=model_resolution, omp_nthreads=omp_nthreads)  # fmt: skip
     return workflow
+
+
+def _add_predictions(workflow: pe.Workflow, images: Sequence[AnatImage], anat_wfs: Mapping[Path, pe.Workflow],
+                     aligned: Mapping[Path, Mapping[str, list[pe.Workflow]]], inference: dict[str, Any],
+                     **options: Any) -> None:  # fmt: skip
+    """Each T1w's prediction by a model of several channels, beside its workflow: fed by it and by the session's
+    images of the model's other kinds (``options``: :func:`~pipeline.workflows.anatomical.init_prediction_wf`'s)."""
+    for image in (img for img in images if img.kind == REFERENCE_KIND):
+        prediction_wf = init_prediction_wf(inference=inference, name=prediction_workflow_name(image), **options)
+        for key, (part, field) in PREDICTION_SOURCES.items():
+            workflow.connect(anat_wfs[image.path], f"{part}.{field}", prediction_wf, f"inputnode.{key}")
+        _connect_channels(workflow, prediction_wf, aligned.get(image.path, {}), inference)
+
+
+def _other_channels(inference: dict[str, Any]) -> list[str]:
+    return [kind for kind in inference.get("channels", [REFERENCE_KIND]) if kind != REFERENCE_KIND]
+
+
+def prediction_workflow_name(image: AnatImage) -> str:
+    """The name of a T1w's prediction workflow when it stands beside the T1w's (a model of several channels)."""
+    return f"predict_{image_key(image)}_wf"
 
 
 def _add_coregistered(
@@ -151,31 +176,25 @@ def _add_coregistered(
 
 def _connect_channels(
     workflow: pe.Workflow,
-    anat_wfs: Mapping[Path, pe.Workflow],
-    aligned: Mapping[Path, Mapping[str, list[pe.Workflow]]],
+    prediction_wf: pe.Workflow,
+    aligned: Mapping[str, list[pe.Workflow]],
     inference: dict[str, Any],
 ) -> None:
-    """Hand a model's channels other than the T1w to each T1w's inference node: the images of those kinds aligned
-    to it (the first by name of each kind, as the group level chose them for training), once their quality passed.
-    A T1w without one gets none: its inference node then fails, naming the missing kind."""
+    """Hand a model's channels other than the T1w to one T1w's prediction: the images of those kinds aligned to it
+    (the first by name of each kind, as the group level chose them for training), once their quality passed. A T1w
+    without one gets none: its prediction then fails, naming the missing kind."""
     from nipype.interfaces.utility import Merge
 
-    others = [kind for kind in inference.get("channels", [REFERENCE_KIND]) if kind != REFERENCE_KIND]
-    if not others:
+    found = [aligned.get(kind, [None])[0] for kind in _other_channels(inference)]
+    if any(wf is None for wf in found):
         return
-    segmentation = bool(inference.get("labels"))
-    node = "anat_segmentation_wf.segment" if segmentation else "anat_inference_wf.infer"
-    for path, anat_wf in anat_wfs.items():
-        found = [aligned.get(path, {}).get(kind, [None])[0] for kind in others]
-        if any(wf is None for wf in found):
-            continue
-        fields = [("corrected_passed", "in_others"), ("template_record", "in_other_records")] if segmentation else [
-            ("passed", "in_others")]  # fmt: skip
-        for output, target in fields:
-            merge = pe.Node(Merge(len(found)), name=f"{anat_wf.name}_{target}", run_without_submitting=True)
-            for i, coreg_wf in enumerate(found, start=1):
-                workflow.connect(coreg_wf, f"outputnode.{output}", merge, f"in{i}")
-            workflow.connect(merge, "out", anat_wf, f"{node}.{target}")
+    fields = [("corrected_passed", "others"), ("template_record", "other_records")] if inference.get("labels") else [
+        ("passed", "others")]  # fmt: skip
+    for output, target in fields:
+        merge = pe.Node(Merge(len(found)), name=f"{prediction_wf.name}_{target}", run_without_submitting=True)
+        for i, coreg_wf in enumerate(found, start=1):
+            workflow.connect(coreg_wf, f"outputnode.{output}", merge, f"in{i}")
+        workflow.connect(merge, "out", prediction_wf, f"inputnode.{target}")
 
 
 def _segmentation(model: Path) -> dict[str, Any] | None:

@@ -135,9 +135,11 @@ def init_coreg_derivatives_wf(
     """Save the outputs of one co-registered image; those on the T1w grid name the T1w's (``reference``, in
     BIDS_DIR) preprocessed image as their ``SpatialReference``."""
     t1w_grid = named_path(output_dir, reference, "preproc").relative_to(output_dir).as_posix()
+    both = {"Sources": [f"bids:raw:{Path(reference).relative_to(bids_dir).as_posix()}"]}  # and the image's own
     outputs = tuple(
-        dataclasses.replace(o, metadata={**o.metadata, "SpatialReference": t1w_grid})
-        if o.name == "preproc_reference" else o
+        dataclasses.replace(o, metadata={**o.metadata, **both, "SpatialReference": t1w_grid})
+        if o.name == "preproc_reference" else dataclasses.replace(o, metadata={**o.metadata, **both})
+        if DERIVATIVES[o.name].extension == ".nii.gz" else o
         for o in _COREG_OUTPUTS
     )  # fmt: skip
     return _sinks(outputs, COREG_INPUTS, bids_dir, output_dir, model_resolution, name)

@@ -151,7 +151,7 @@ def predict_volume(run: Callable[[torch.Tensor], torch.Tensor], array: np.ndarra
     """Class probabilities ``(K, X, Y, Z)`` (float16) of one ``(C, X, Y, Z)`` array by a sliding window."""
     from monai.inferers import sliding_window_inference
 
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    x = torch.from_numpy(np.array(array, dtype=np.float32))[None]  # a copy: the cache is mapped read-only
     with torch.no_grad():
         logits = sliding_window_inference(
             x, (patch,) * 3, sw_batch_size=2, predictor=run, overlap=WINDOW_OVERLAP, mode=WINDOW_MODE,
