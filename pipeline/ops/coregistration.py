@@ -24,6 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .registration import mattes_method, start_rotations
+
 
 @dataclass(frozen=True)
 class CoregistrationSettings:
@@ -34,9 +36,9 @@ class CoregistrationSettings:
     min_step: float = 1e-3
     iterations: int = 100
     relaxation: float = 0.5
-    #: Starts: the identity, and +/- this rotation about each axis (degrees).
+    #: Starts (:func:`start_transforms`): the identity, the intensity centres aligned, and +/- this rotation about
+    #: each axis (degrees); each run this many iterations at the coarsest level before the best goes on.
     start_rotation_deg: float = 10.0
-    #: ... and the moving image's centre of intensity onto the fixed image's (mm apart when they differ).
     start_iterations: int = 25
     start_shrink: int = 4
     start_smoothing_mm: float = 4.0
@@ -84,20 +86,9 @@ def metric_mask(brain_mask: sitk.Image, exclude: sitk.Image | None, settings: Co
 def _method(
     settings: CoregistrationSettings, mask: sitk.Image, seed: int, iterations: int
 ) -> sitk.ImageRegistrationMethod:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling_percentage, seed)
-    method.SetMetricFixedMask(mask)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=settings.learning_rate,
-        minStep=settings.min_step,
-        numberOfIterations=iterations,
-        relaxationFactor=settings.relaxation,
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    return method
+    return mattes_method(bins=settings.histogram_bins, sampling=settings.sampling_percentage, seed=seed,
+                         fixed_mask=mask, learning_rate=settings.learning_rate, min_step=settings.min_step,
+                         iterations=iterations, relaxation=settings.relaxation)  # fmt: skip
 
 
 def start_transforms(fixed: sitk.Image, moving: sitk.Image, centre: tuple[float, ...], angle_deg: float
@@ -116,14 +107,12 @@ def start_transforms(fixed: sitk.Image, moving: sitk.Image, centre: tuple[float,
     centred.SetCenter(centre)
     centred.SetTranslation(offset.tolist())
     starts.append(("intensity centres", centred))
-    for axis in range(3 if angle_deg else 0):
-        for sign in (1.0, -1.0):
-            rotated = sitk.Euler3DTransform()
-            rotated.SetCenter(centre)
-            angles = [0.0, 0.0, 0.0]
-            angles[axis] = float(np.radians(sign * angle_deg))
-            rotated.SetRotation(*angles)
-            starts.append((f"{'xyz'[axis]} {sign * angle_deg:+g} deg", rotated))
+    for angles in start_rotations(angle_deg)[1:]:
+        rotated = sitk.Euler3DTransform()
+        rotated.SetCenter(centre)
+        rotated.SetRotation(*np.radians(angles).tolist())
+        axis = int(np.flatnonzero(angles)[0])
+        starts.append((f"{'xyz'[axis]} {angles[axis]:+g} deg", rotated))
     return starts
 
 

@@ -90,24 +90,32 @@ def brain_start(
     return start
 
 
-def _registration(settings: RegistrationSettings, fixed_mask: sitk.Image, seed: int, iterations: int, sampling: float,
-                  moving_mask: sitk.Image | None = None) -> sitk.ImageRegistrationMethod:  # fmt: skip
+def mattes_method(*, bins: int, sampling: float, seed: int, fixed_mask: sitk.Image, learning_rate: float,
+                  min_step: float, iterations: int, relaxation: float, moving_mask: sitk.Image | None = None
+                  ) -> sitk.ImageRegistrationMethod:  # fmt: skip
+    """A registration with Mattes mutual information (random, seeded sampling inside ``fixed_mask``; a
+    ``moving_mask`` leaves out what lands outside it: cost-function masking), linear interpolation and regular-step
+    gradient descent scaled by physical shift: what the template registration and the co-registrations share."""
     method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
+    method.SetMetricAsMattesMutualInformation(bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(fixed_mask)
-    if moving_mask is not None:  # cost-function masking: samples that land in a lesion do not count
+    if moving_mask is not None:
         method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=settings.learning_rate,
-        minStep=settings.min_step,
-        numberOfIterations=iterations,
-        relaxationFactor=settings.relaxation,
+        learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations, relaxationFactor=relaxation
     )
     method.SetOptimizerScalesFromPhysicalShift()
     return method
+
+
+def _registration(settings: RegistrationSettings, fixed_mask: sitk.Image, seed: int, iterations: int, sampling: float,
+                  moving_mask: sitk.Image | None = None) -> sitk.ImageRegistrationMethod:  # fmt: skip
+    return mattes_method(bins=settings.histogram_bins, sampling=sampling, seed=seed, fixed_mask=fixed_mask,
+                         learning_rate=settings.learning_rate, min_step=settings.min_step, iterations=iterations,
+                         relaxation=settings.relaxation, moving_mask=moving_mask)  # fmt: skip
 
 
 def _multilevel(
