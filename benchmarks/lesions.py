@@ -68,11 +68,13 @@ def coregistration_errors(bids: Path, out: Path) -> list[tuple[str, float, float
 
 
 def scores(bids: Path, predicted: dict[str, Path]) -> pd.DataFrame:
-    """Case-wise lesion scores of predicted masks (each on its T1w's grid) against the sample's."""
+    """Case-wise lesion scores of predicted masks (each on its T1w's grid, as stored or reoriented to RAS as
+    bidsdl's desc-preproc is) against the sample's, both compared in RAS."""
     rows = []
     for source, path in predicted.items():
-        reference = np.asarray(nib.load(label_path(bids / LESIONS_DIR, source, LESION_DESC, "mask")).dataobj) > 0
-        image = nib.load(path)
+        truth = nib.as_closest_canonical(nib.load(label_path(bids / LESIONS_DIR, source, LESION_DESC, "mask")))
+        reference = np.asarray(truth.dataobj) > 0
+        image = nib.as_closest_canonical(nib.load(path))
         spacing = [float(z) for z in image.header.get_zooms()[:3]]
         predicted_mask = (np.asarray(image.dataobj) > 0).astype(np.uint8)
         for score in structure_scores(predicted_mask, reference.astype(np.uint8), {1: "lesion"}, spacing):
@@ -232,6 +234,9 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="reuse this folder (sample + preprocessing)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-bidsdl", action="store_true", help="with --work: the baseline alone")
+    parser.add_argument("--baseline-minutes", type=float, default=None,
+                        help="the baseline's training time (default: as long as bidsdl's group level took)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bidsdl-lesions-"))
     bids = work / "bids"
@@ -243,9 +248,10 @@ def main() -> None:
     print(f"work folder: {work}; training {len(train)} participants, testing {len(test)}")
     if not list((work / "derivatives").glob("sub-*.html")):
         participant_level(bids, work, train, test, args.nprocs)
-    results = {"bidsdl": bidsdl_run(bids, work, train, test, args.epochs)}
+    results = {} if args.skip_bidsdl else {"bidsdl": bidsdl_run(bids, work, train, test, args.epochs)}
     if not args.skip_baseline:
-        results["baseline"] = baseline_run(bids, work, train, test, results["bidsdl"]["train_s"])
+        budget = args.baseline_minutes * 60 if args.baseline_minutes else results["bidsdl"]["train_s"]
+        results["baseline"] = baseline_run(bids, work, train, test, budget)
     print("\n" + json.dumps(results, indent=2, default=float))
 
 
