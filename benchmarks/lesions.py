@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -36,7 +35,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from segment import run_measured
+from segment import run_measured, train_for
 
 from pipeline import derivatives
 from pipeline.learn.labels import label_path
@@ -194,18 +193,8 @@ def baseline_run(bids: Path, work: Path, train: list[str], test: list[str], seco
     network = UNet(3, 2, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(network.parameters(), 1e-3)
-    started, steps = time.monotonic(), 0
-    while time.monotonic() - started < seconds:
-        for batch in loader:
-            network.train()
-            optimizer.zero_grad()
-            value = loss(network(batch["image"]), batch["label"])
-            value.backward()
-            optimizer.step()
-            steps += 1
-            if time.monotonic() - started >= seconds:
-                break
-    print(f"\nbaseline training: {steps} steps of 2 patches of 64^3 in {(time.monotonic() - started) / 60:.1f} min")
+    steps, trained = train_for(loader, network, loss, optimizer, seconds)
+    print(f"\nbaseline training: {steps} steps of 2 patches of 64^3 in {trained / 60:.1f} min")
     inference = Compose(common)
     post_dir = work / "baseline"
     post = Compose([

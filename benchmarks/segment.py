@@ -65,6 +65,22 @@ def run_measured(command: list[str]) -> tuple[float, float, str]:
     return time.monotonic() - started, peak[0], output
 
 
+def train_for(loader, network, loss, optimizer, seconds: float) -> tuple[int, float]:
+    """Train a baseline on ``loader``'s batches (``image``, ``label``) for ``seconds``; the steps taken and the
+    time it took."""
+    started, steps = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        for batch in loader:
+            network.train()
+            optimizer.zero_grad()
+            loss(network(batch["image"]), batch["label"]).backward()
+            optimizer.step()
+            steps += 1
+            if time.monotonic() - started >= seconds:
+                break
+    return steps, time.monotonic() - started
+
+
 def native_scores(bids: Path, predicted: dict[str, Path], names: dict[int, str]) -> pd.DataFrame:
     """Case-wise scores of predicted label images (each on its T1w's grid) against the sample's labels."""
     rows = []
@@ -181,18 +197,7 @@ def baseline_run(bids: Path, work: Path, train: list[str], test: list[str], minu
     network = UNet(3, 1, n_classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(network.parameters(), 1e-4)
-    started, steps = time.monotonic(), 0
-    while time.monotonic() - started < minutes * 60:
-        for batch in loader:
-            network.train()
-            optimizer.zero_grad()
-            value = loss(network(batch["image"]), batch["label"])
-            value.backward()
-            optimizer.step()
-            steps += 1
-            if time.monotonic() - started >= minutes * 60:
-                break
-    trained = time.monotonic() - started
+    steps, trained = train_for(loader, network, loss, optimizer, minutes * 60)
     print(f"\nbaseline training: {steps} steps of 2 patches of 96^3 in {trained / 60:.1f} min")
     inference = Compose([*common[:-1], CropForegroundd(keys=["image"], source_key="image")])
     post_dir = work / "baseline"
