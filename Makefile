@@ -68,6 +68,8 @@ demo: install
 	@echo "Group report:         $(abspath $(DEMO_DIR))/derivatives/group.html"
 	@echo "Model package:        $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/diagnosis_*/ | head -1)"
 	@echo "New cohort:           $(abspath $(DEMO_DIR))/new"
+	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('Deep vs linear:      ', \
+		r['baseline']['verdict']['text'])" $(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json
 	@echo "External evaluation:  $(abspath $(DEMO_DIR))/new_derivatives/group.html (predictions.tsv beside it)"
 	@echo "Exported models:      $(abspath $(DEMO_DIR))/exported/"
 	@echo "Segmentation model:   $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/structures_*/ | head -1)"

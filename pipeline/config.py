@@ -78,6 +78,13 @@ class RunConfig:
     label_desc: str | None = _learning(None)
     patch_size: int = _learning(64)
     ema: bool = _learning(False)
+    # trust: a linear model beside every whole-image model, the same study on shuffled targets, transfer from a
+    # model package (its layers frozen or not), a random search of N trials scored on validation folds only
+    baseline: bool = _learning(True)
+    permutation_control: bool = _learning(False)
+    init_from: Path | None = _learning(None)  # noqa: RUF009 - a plain default, marked as a learning field
+    freeze: bool = _learning(False)
+    search: int = _learning(0)
     device: str = "auto"
     amp: bool | None = _learning(None)  # None: bf16 training steps on CUDA GPUs with bf16, fp32 elsewhere
     resume: bool = False
@@ -86,6 +93,8 @@ class RunConfig:
     tensorboard: bool = False
     compile: bool = False  # torch.compile the training step (for GPUs)
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: all, then the assembly
+    trial: tuple[int, ...] = ()  # only these search trials (array jobs); none: all, then the refit
+    time_limit: float | None = None  # seconds this job may run (--time-limit; SLURM's end time is read as well)
     # inference (participant level) and external evaluation (group level)
     models: tuple[Path, ...] = ()
     allow_training_subjects: bool = False
@@ -151,6 +160,8 @@ _NOT_HASHED = frozenset(
         "tensorboard",
         "compile",
         "fold",
+        "trial",
+        "time_limit",
         "labels",
         "refresh_subject_reports",
     }

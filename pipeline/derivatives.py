@@ -525,6 +525,8 @@ GROUP_FILES = tuple(GROUP_OUTPUTS.values())
 STUDY_OUTPUTS: dict[str, str] = {
     "results": "results.json", "case_scores": "case_scores.tsv", "fold_record": "fold.json",
     "predictions": "predictions.tsv", "history": "history.tsv", "model_record": "model.json",
+    "baseline_predictions": "baseline_predictions.tsv", "search_trials": "search_trials.tsv",
+    "trial_record": "trial.json",
 }  # fmt: skip
 #: The group report, in OUTPUT_DIR (the subject reports: :func:`subject_report_path`).
 GROUP_REPORT = "group.html"

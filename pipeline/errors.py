@@ -21,6 +21,7 @@ EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_SOFTWARE = 70
 EXIT_CANT_CREATE = 73
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again (with --resume)
 
 
 class BidsdlError(Exception):
@@ -83,7 +84,14 @@ class PeerLost(BidsdlError, RuntimeError):
     """Another process of a distributed run failed or was stopped, so this one stops too; a re-run with
     ``--resume`` continues (exit 75, EX_TEMPFAIL: try again)."""
 
-    exit_code = 75
+    exit_code = EXIT_TEMPFAIL
+
+
+class TimeLimitReached(BidsdlError, TimeoutError):
+    """Training stopped before the wall-time limit (``--time-limit``, or the SLURM job's end) with its checkpoint
+    written: resubmitting the same command with ``--resume`` continues where it stopped (exit 75, EX_TEMPFAIL)."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class RunInterrupted(BaseException):

@@ -28,6 +28,7 @@ from ..config import (
 from ..errors import UnknownAnalysisLevel, UsageError
 from ..kinds import PROCESSED_KINDS
 from ..learn.tasks import auto_task_names, get_task, task_names
+from ..learn.walltime import parse_duration
 
 ANALYSIS_LEVELS = ("participant", "group")
 CLASS_WEIGHTING = ("none", "loss", "sampler")
@@ -35,12 +36,14 @@ AUGMENTATIONS = ("affine", "intensity", "noise", "flip")
 DEFAULT_AUGMENT = ("affine", "intensity", "noise")
 DEVICES = ("auto", "cpu", "cuda")
 #: Group-level options that change how a training runs, not what it learns.
-_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard", "compile", "fold")
+_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard", "compile", "fold", "trial",
+                     "time_limit")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
 _EXIT_CODES = (
     "Exit codes: 0 success; 1 a participant failed; 16 BIDS validation failed; 17 unknown analysis level; 18 the "
-    "filters selected no data; 64 usage error; 65 input data error; 66 BIDS_DIR missing; 73 OUTPUT_DIR not writable."
+    "filters selected no data; 64 usage error; 65 input data error; 66 BIDS_DIR missing; 73 OUTPUT_DIR not writable; "
+    "75 stopped before the time limit or by a lost peer: run the same command again with --resume."
 )
 
 
@@ -54,6 +57,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _non_negative_int(text: str) -> int:
@@ -181,6 +191,28 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         _option("--patch-size", type=_positive_int, metavar="N", help="segmentation: training patch edge in voxels"),
         _option("--ema", action="store_true", help="validate, keep and package an exponential moving average of "
                 "the weights (decay 0.99 per step)"),
+        _option("--no-baseline", dest="baseline", action="store_false",
+                help="skip the linear baseline (logistic regression or ridge on the same voxels, in the same splits, "
+                "its regularisation chosen by inner cross-validation on each fold's training data) trained beside "
+                "every whole-image model"),
+        _option("--permutation-control", action="store_true",
+                help="also run the study on shuffled training targets (test targets untouched): its test score should "
+                "sit at chance, shown beside the real one"),
+        _option("--init-from", type=Path, metavar="MODEL_DIR",
+                help="transfer learning: start from a model package's weights (same network; a new output layer where "
+                "the targets differ; pretrained layers learn at a tenth of --lr). Participants the source model "
+                "trained or validated on (by ID or image hash) are kept out of the test set"),
+        _option("--freeze", action="store_true", help="with --init-from: freeze the network's encoder (every layer "
+                "but the head) at the source's weights"),
+        _option("--search", type=_non_negative_int, metavar="N",
+                help="random search of N trials (learning rate, weight decay, width, dropout, augmentation strength), "
+                "each scored on the validation folds only; the best is trained again and tested once"),
+        _option("--trial", action="append", type=_non_negative_int, metavar="K",
+                help="with --search: run only trial K (repeatable), e.g. one SLURM array task per trial; a later run "
+                "without --trial reuses the finished trials and trains the best"),
+        _option("--time-limit", type=_duration, metavar="DURATION",
+                help="stop training cleanly before this wall time (90m, 2h, 1:30:00) with its checkpoint, exit 75: run "
+                "again with --resume. Under SLURM the job's own end time (SLURM_JOB_END_TIME) is honoured as well"),
         _option("--device", choices=DEVICES, help="auto: cuda when available, else cpu"),
         _option("--amp", action=argparse.BooleanOptionalAction,
                 help="mixed-precision training steps (bf16; fp16 on GPUs without bf16); --no-amp: fp32. Default: "
@@ -266,6 +298,8 @@ def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sou
         flag = max(action.option_strings, key=len)
         if isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
+        elif isinstance(action, argparse._StoreFalseAction):
+            argv += [] if value else [flag]
         elif isinstance(action, argparse._CountAction):
             argv += [flag] * int(value) if int(value) >= 0 else ["--quiet"]
         elif isinstance(action, argparse._AppendAction):
@@ -342,7 +376,7 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     options: dict[str, Any] = {}
     for name in (*LEARNING_FIELDS, *_GROUP_RUN_FIELDS):
-        if name in ("seed", "stratify", "augment", "inputs"):
+        if name in ("seed", "stratify", "augment", "inputs", "baseline", "init_from", "trial"):
             continue  # resolved by parse_args, or below
         if fields[name].type == "bool":
             options[name] = bool(merged.get(name))
@@ -366,6 +400,7 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
         _check_task_options(options, merged, tasks)
     if merged.get("fold"):
         options["fold"] = _folds(merged, options)
+    _check_trust_options(merged, options)
     if level == "group" and len(tasks) == 1:
         for name, value in tasks[0].defaults.items():
             options.setdefault(name, value)
@@ -400,9 +435,35 @@ def _check_task_options(options: dict[str, Any], merged: dict[str, Any], tasks: 
                 f"--task {task} needs --labels DIR (a BIDS derivatives dataset of label images) and --label-desc NAME "
                 f"(their desc entity), e.g. --labels BIDS_DIR/derivatives/labels --label-desc aseg."
             )
+        if options.get("permutation_control"):
+            raise UsageError(f"--permutation-control shuffles one target per participant; --task {task} learns label "
+                             "images: leave it out.")  # fmt: skip
         if options.get("target") not in (None, options["label_desc"]):
             raise UsageError(f"--task {task} learns the labels of --label-desc: leave out --target.")
         options["target"] = options["label_desc"]
+
+
+def _check_trust_options(merged: dict[str, Any], options: dict[str, Any]) -> None:
+    """``--trial``, ``--freeze`` and ``--init-from`` need their companions; paths made absolute."""
+    if merged.get("baseline") is False:
+        options["baseline"] = False
+    elif "baseline" in options:
+        options["baseline"] = True
+    if merged.get("init_from"):
+        options["init_from"] = Path(merged["init_from"]).absolute()
+    if options.get("freeze") and not options.get("init_from"):
+        raise UsageError("--freeze keeps pretrained layers as they are: use it with --init-from MODEL_DIR.")
+    if merged.get("trial"):
+        trials = tuple(sorted(set(merged["trial"])))
+        n = options.get("search", 0)
+        if not n:
+            raise UsageError("--trial K runs one trial of a search: use it with --search N.")
+        if max(trials) >= n:
+            raise UsageError(f"--trial {max(trials)} is out of range: --search {n} makes trials 0 to {n - 1}.")
+        options["trial"] = trials
+    if options.get("search") and merged.get("fold"):
+        raise UsageError("--fold cannot be combined with --search: a trial trains every fold, and the best trial's "
+                         "folds are the study's. Run trials in parallel with --trial K instead.")
 
 
 def _folds(merged: dict[str, Any], options: dict[str, Any]) -> tuple[int, ...]:

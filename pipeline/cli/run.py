@@ -26,6 +26,7 @@ from ..errors import (
     RunInterrupted,
     UsageError,
 )
+from ..learn.walltime import mark_start
 from ..processes import guard_forks, interrupt_on_signals, terminate_descendants
 from ..progress import ConsoleHandler
 from .parser import parse_args
@@ -304,6 +305,7 @@ def _read_description(bids_dir: Path) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bidsdl`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    mark_start()  # --time-limit counts from here
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
     guard_forks()  # workers die with this process, even when it is killed outright
     try:

@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the diagnosis effect on anatomy (default 1.0; 0 = none)",
     )
     parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.1,
+        help="share of participants whose anatomy disagrees with their recorded diagnosis (default 0.1); the others' "
+        "effect is graded: no model can reach an AUC of 1 (sourcedata/generation.json gives the best possible one)",
+    )
+    parser.add_argument(
         "--two-session-fraction",
         type=float,
         default=0.3,
@@ -99,10 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.label_prefix.isalnum() and args.label_prefix:
         print("bidsdl-sample: error: --label-prefix must be letters and digits only (a BIDS label)", file=sys.stderr)
         return EXIT_USAGE
-    if not 0 <= args.large_fov_fraction <= 1:
-        print("bidsdl-sample: error: --large-fov-fraction must be between 0 and 1", file=sys.stderr)
-        return EXIT_USAGE
-    for option in ("flair_fraction", "lesion_fraction"):
+    for option in ("large_fov_fraction", "flair_fraction", "lesion_fraction", "label_noise"):
         if not 0 <= getattr(args, option) <= 1:
             print(f"bidsdl-sample: error: --{option.replace('_', '-')} must be between 0 and 1", file=sys.stderr)
             return EXIT_USAGE
@@ -114,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_subjects=args.subjects,
         seed=args.seed,
         effect_strength=args.effect_strength,
+        label_noise=args.label_noise,
         two_session_fraction=args.two_session_fraction,
         large_fov_fraction=args.large_fov_fraction,
         duplicate_subject=args.duplicate_subject,

@@ -66,15 +66,16 @@ class Volumes(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.array(index))), float(self.targets[index])
 
     def batch(
-        self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0
+        self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0, strength: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs ``(n, 1, X, Y, Z)`` and targets ``(n,)``; augmented with parameters drawn from ``seed``."""
+        """Inputs ``(n, 1, X, Y, Z)`` and targets ``(n,)``; augmented with parameters drawn from ``seed`` (their
+        ranges scaled by ``strength``)."""
         if self._resident is not None:
             x = self._resident[torch.as_tensor(np.asarray(indices), device=self._resident.device)]
         else:
             x = torch.from_numpy(np.stack([self.array(i) for i in indices]))
         if augment:
-            x = augment_batch(x, augment, seed)
+            x = augment_batch(x, augment, seed, strength)
         return x, torch.from_numpy(self.targets[list(indices)])
 
 
@@ -107,19 +108,21 @@ def batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
             yield chunk
 
 
-def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int, strength: float = 1.0) -> torch.Tensor:
     """Anatomically plausible random changes; the parameters come from ``seed`` alone.
 
     affine: rotations up to 5 degrees, scaling 0.95-1.05, shifts up to 3 voxels; intensity:
     gain 0.9-1.1 and offset +-0.1 (the inputs are median/IQR normalised); noise: Gaussian, SD up
     to 0.05; flip: left-right with probability 0.5 (only when asked: brains are not symmetric).
+    ``strength`` scales every range but the flip's (1: these; the search draws it).
     """
     rng = np.random.default_rng(seed)
     n = x.shape[0]
+    s = float(strength)
     if "affine" in kinds:
-        angles = np.deg2rad(rng.uniform(-5, 5, size=(n, 3)))
-        scales = rng.uniform(0.95, 1.05, size=(n, 3))
-        shifts = rng.uniform(-3, 3, size=(n, 3)) * 2 / np.array(x.shape[2:])
+        angles = np.deg2rad(rng.uniform(-5 * s, 5 * s, size=(n, 3)))
+        scales = rng.uniform(1 - 0.05 * s, 1 + 0.05 * s, size=(n, 3))
+        shifts = rng.uniform(-3 * s, 3 * s, size=(n, 3)) * 2 / np.array(x.shape[2:])
         theta = np.zeros((n, 3, 4))
         for i in range(n):
             theta[i, :, :3] = rotation_matrix(angles[i]) @ np.diag(scales[i])
@@ -130,11 +133,13 @@ def augment_batch(x: torch.Tensor, kinds: Sequence[str], seed: int) -> torch.Ten
         flip = torch.as_tensor(rng.random(n) < 0.5, device=x.device)
         x = torch.where(flip[:, None, None, None, None], x.flip(2), x)  # axis 0 of RAS arrays: left-right
     if "intensity" in kinds:
-        gain = torch.as_tensor(rng.uniform(0.9, 1.1, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
-        offset = torch.as_tensor(rng.uniform(-0.1, 0.1, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
+        gain = torch.as_tensor(rng.uniform(1 - 0.1 * s, 1 + 0.1 * s, n), dtype=x.dtype,
+                               device=x.device)[:, None, None, None, None]  # fmt: skip
+        offset = torch.as_tensor(rng.uniform(-0.1 * s, 0.1 * s, n), dtype=x.dtype,
+                                 device=x.device)[:, None, None, None, None]  # fmt: skip
         x = x * gain + offset
     if "noise" in kinds:
-        sd = torch.as_tensor(rng.uniform(0, 0.05, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
+        sd = torch.as_tensor(rng.uniform(0, 0.05 * s, n), dtype=x.dtype, device=x.device)[:, None, None, None, None]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))  # drawn on the CPU: the same anywhere
         x = x + sd * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return x

@@ -100,14 +100,18 @@ def training_matches(records: Sequence[dict[str, Any]], participant_id: str, dat
     reasons = []
     hashes = set(data_sha256)
     for record in records:
-        for subject in record.get("training_subjects", []):
-            if subject["participant_id"] == participant_id:
-                reasons.append(f"{participant_id} is a training subject of {record['name']}")
-            elif hashes & {img.get("data_sha256") for img in subject["images"]}:
-                reasons.append(
-                    f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
-                    f"a training subject of {record['name']}"
-                )
+        transfer = record.get("transfer") or {}
+        source = f"{transfer.get('source')}, the source model of {record['name']}"
+        sources = [(record.get("training_subjects", []), record["name"]), (transfer.get("seen_subjects", []), source)]
+        for subjects, whose in sources:
+            for subject in subjects:
+                if subject["participant_id"] == participant_id:
+                    reasons.append(f"{participant_id} is a training subject of {whose}")
+                elif hashes & {img.get("data_sha256") for img in subject["images"]}:
+                    reasons.append(
+                        f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
+                        f"a training subject of {whose}"
+                    )
     return reasons
 
 
@@ -129,6 +133,8 @@ def model_card(model: LoadedModel) -> dict[str, Any]:
         "n_training_images": sum(len(s["images"]) for s in record.get("training_subjects", [])),
         "n_test_subjects": len(record.get("test_subjects", [])),
         "test_metrics": metrics,
+        "baseline": (record.get("baseline") or {}).get("verdict", {}).get("text"),  # against a linear model
+        "transferred_from": (record.get("transfer") or {}).get("source"),
         "intended_use": record.get("model_card", {}).get("intended_use"),
         "limitations": record.get("model_card", {}).get("limitations"),
         "not_for_clinical_use": True,

@@ -38,6 +38,11 @@ SITE_R2_WARN = 0.1
 SITE_COLUMNS = ("site", "scanner", "center", "centre", "manufacturer", "field_strength", "session_site")
 
 
+def check_record(name: str, problems: list[str], *, severity: str = "fail", detail: str = "") -> dict[str, Any]:
+    """A leakage check as reports and ``results.json`` show it: ``severity`` when there are ``problems``."""
+    return _check(name, problems, severity=severity, detail=detail)
+
+
 def _check(name: str, problems: list[str], *, severity: str = "fail", detail: str = "") -> dict[str, Any]:
     result = severity if problems else "pass"
     css = {"pass": "pass", "fail": "fail", "warning": "warn"}[result]

@@ -26,7 +26,7 @@ from ..errors import InputDataError, UsageError
 from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
-from . import distributed, evaluate, leakage
+from . import controls, distributed, evaluate, leakage, search, transfer, walltime
 from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
@@ -37,6 +37,7 @@ from .splits import (
     fold_members,
     identical_image_units,
     load_or_make_splits,
+    save_splits,
     subject_table,
 )
 from .tasks import get_task, resolve_task_name
@@ -84,9 +85,27 @@ class StudySettings:
     learning_settings: dict[str, Any]
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: every fold, then the assembly
     inputs: tuple[str, ...] = DEFAULT_CHANNELS  # the image kinds fed as channels, in order
+    baseline: bool = True  # a linear model beside the network (whole-image tasks)
+    permutation_control: bool = False  # the study again on shuffled training targets
+    init_from: Path | None = None  # transfer learning: the source model package
+    freeze: bool = False  # with init_from: the encoder kept at the source's weights
+    search: int = 0  # random-search trials (0: none)
+    trial: tuple[int, ...] = ()  # only these trials (array jobs)
+    time_limit: float | None = None  # seconds this job may run
+    deadline: walltime.Deadline = walltime.NO_DEADLINE  # set by run_study from time_limit and SLURM's end
+
+
+#: Learning settings that change what is reported beside the folds, never a fold's training: a fold trained with
+#: or without them is the same (resumed or reused either way).
+BESIDE_THE_FOLDS = ("baseline", "permutation_control")
+
+
+def _fold_settings(learning_settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in learning_settings.items() if k not in BESIDE_THE_FOLDS}
 
 
 def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    old, new = _fold_settings(old), _fold_settings(new)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -125,7 +144,8 @@ def fold_key(settings: StudySettings, split: SplitStage, fold: int) -> dict[str,
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
-    return {"settings_sha256": digest(settings.learning_settings), "members_sha256": digest(split.members(fold))}
+    return {"settings_sha256": digest(_fold_settings(settings.learning_settings)),
+            "members_sha256": digest(split.members(fold))}  # fmt: skip
 
 
 def fold_finished(fold_dir: Path, key: dict[str, str]) -> bool:
@@ -164,6 +184,9 @@ class SplitStage:
     checks: list[dict[str, Any]]
     near_pairs: list[dict[str, Any]]
     run_dir: Path
+    source: transfer.Source | None = None  # --init-from
+    seen_by_source: dict[str, str] = dataclasses.field(default_factory=dict)  # participant -> why
+    moved_to_training: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def n_folds(self) -> int:
@@ -192,6 +215,7 @@ class FoldResult:
     predictions: list[pd.DataFrame]
     validation_output: np.ndarray
     test_output: np.ndarray
+    transfer: dict[str, Any] | None = None  # --init-from: the source fold, what was loaded, frozen, drawn anew
 
     def summary(self) -> dict[str, Any]:
         """What ``results.json`` keeps of the fold."""
@@ -268,8 +292,11 @@ def _check_selection_metric(task: Task, metric: str) -> None:
         )
 
 
-def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySettings) -> SplitStage:
-    """Stage 2: subject-level splits (made or reused) and the leakage checks; leaking splits stop here."""
+def split_and_check(
+    stage: CohortStage, *, output_dir: Path, settings: StudySettings, source: transfer.Source | None = None
+) -> SplitStage:
+    """Stage 2: subject-level splits (made or reused) and the leakage checks; leaking splits stop here. With a
+    transfer ``source``, participants it saw leave the test set (fresh splits) or refuse the splits (fixed ones)."""
     images, task = stage.images, stage.task
     stratify = settings.stratify or (("target",) if task.stratify_by_target else ())
     columns = tuple(c for c in stratify if c != "target")
@@ -287,6 +314,13 @@ def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySett
         units=identical_image_units(images),
     )
     LOGGER.info("Splits %s: %s", "reused" if reused else "made", run_dir.parent / "splits.tsv")
+    seen: dict[str, str] = {}
+    moved: list[dict[str, str]] = []
+    if source is not None:
+        seen = transfer.seen_participants(images, source.seen_subjects(), str(source.record.get("name")))
+        splits, moved = transfer.guard_test_set(splits, seen, reused=reused, splits_file=run_dir.parent / "splits.tsv")
+        if moved:
+            save_splits(run_dir.parent, splits, settings=split_settings, data_fingerprint=fingerprint(images))
     arrays = [np.load(p, mmap_mode="r") for p in images["array"]]
     near_check, near_pairs = leakage.check_near_duplicates(images, arrays, splits)
     checks = [
@@ -294,6 +328,7 @@ def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySett
         leakage.check_identical_images(images, splits),
         near_check,
         *task.leakage_checks(subjects, seed=settings.train.seed),
+        *([_source_check(source, seen, moved)] if source is not None else []),
     ]
     for check in checks:
         log = LOGGER.warning if check["result"] != "pass" else LOGGER.info
@@ -306,7 +341,16 @@ def split_and_check(stage: CohortStage, *, output_dir: Path, settings: StudySett
             + ". The same person appears under two participant IDs: remove the copy from the dataset (or the "
             "selection with --participant-label) and run the group level again with --resplit."
         )
-    return SplitStage(splits=splits, reused=reused, checks=checks, near_pairs=near_pairs, run_dir=run_dir)
+    return SplitStage(splits=splits, reused=reused, checks=checks, near_pairs=near_pairs, run_dir=run_dir,
+                      source=source, seen_by_source=seen, moved_to_training=moved)  # fmt: skip
+
+
+def _source_check(source: transfer.Source, seen: dict[str, str], moved: list[dict[str, str]]) -> dict[str, Any]:
+    """The leakage check across studies: no participant the ``--init-from`` model saw is in the test set."""
+    moves = [f"{m['participant_id']} moved from the test set into training: {m['reason']}" for m in moved]
+    summary = (f"{len(seen)} participant(s) of this cohort were seen by {source.record.get('name')} (by ID or image "
+               "hash): none is in the test set")  # fmt: skip
+    return leakage.check_record("Subjects of the source model (--init-from)", moves, severity="warning", detail=summary)
 
 
 def train_fold(
@@ -319,19 +363,9 @@ def train_fold(
     device: torch.device,
 ) -> FoldResult:
     """Stage 3 (once per fold): fit, keep the best weights, predict and evaluate every split."""
-    task, images = cohort.task, cohort.images
-    members = split.members(fold)
-    rows = {
-        "train": images[images["participant_id"].isin(members["train"])],
-        "validation": images[images["participant_id"].isin(members["validation"])],
-        "test": images[images["participant_id"].isin(split.members(0)["test"])],
-    }
-    scale = task.target_scale(rows["train"]["y"].to_numpy())
-    torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
-    network = build_model(model_config)
-    data = {name: _data(task, part, settings, model_config) for name, part in rows.items()}
-    if task.standardize_inputs:
-        network.set_reference(*reference_image(data["train"]))  # type: ignore[operator]
+    task = cohort.task
+    rows, data, network, scale, transferred = _fold_setup(fold, cohort=cohort, split=split, settings=settings,
+                                                          model_config=model_config)  # fmt: skip
     result = _fit_fold(fold, network, data, task=task, split=split, settings=settings, model_config=model_config,
                        scale=scale, device=device)  # fmt: skip
     best_path = split.run_dir / f"fold-{fold}" / f"best-{settings.train.selection_metric}.safetensors"
@@ -363,7 +397,32 @@ def train_fold(
         ],
         validation_output=outputs["validation"],
         test_output=outputs["test"],
+        transfer=transferred,
     )
+
+
+def _fold_setup(
+    fold: int, *, cohort: CohortStage, split: SplitStage, settings: StudySettings, model_config: ModelConfig,
+    parts: tuple[str, ...] = ("train", "validation", "test"),
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any], torch.nn.Module, TargetScale, dict[str, Any] | None]:
+    """A fold's rows and data of ``parts``, its network (seeded; from the ``--init-from`` source's weights, its
+    standardisation the fold's training images'), the target scale and what the transfer loaded."""
+    task, images = cohort.task, cohort.images
+    members = split.members(fold)
+    ids = {"train": members["train"], "validation": members["validation"], "test": members["test"]}
+    rows = {name: images[images["participant_id"].isin(ids[name])] for name in parts}
+    scale = task.target_scale(rows["train"]["y"].to_numpy())
+    torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
+    network = build_model(model_config)
+    transferred = None
+    if split.source is not None:  # the source's weights; its head anew where the targets differ
+        record = split.source.record
+        same = record.get("target") == settings.target and record.get("classes") == cohort.classes
+        transferred = transfer.initialise(network, split.source, fold, freeze=settings.freeze, same_targets=same)
+    data = {name: _data(task, part, settings, model_config) for name, part in rows.items()}
+    if task.standardize_inputs:
+        network.set_reference(*reference_image(data["train"]))  # type: ignore[operator]
+    return rows, data, network, scale, transferred
 
 
 def _fit_fold(
@@ -390,11 +449,12 @@ def _fit_fold(
         "scale": scale,
         "resume": settings.resume or finished,  # a finished fit returns at once from its checkpoint
         "label": label,
+        "deadline": settings.deadline,
     }
     distributed.share_job(job)  # the other ranks of a distributed run fit the same job with this one
     result = fit(network, data["train"], data["validation"], fold_settings, task=task, run_dir=fold_dir,
                  device=device, scale=scale, resume=job["resume"], label=label,
-                 tensorboard=settings.tensorboard)  # fmt: skip
+                 tensorboard=settings.tensorboard, deadline=job["deadline"])  # fmt: skip
     distributed.job_done()
     if not finished:
         derivatives.write_json(
@@ -422,18 +482,42 @@ def run_study(
     started = time.monotonic()
     device = resolve_device(settings.device)
     seed_everything(settings.train.seed)
+    settings = dataclasses.replace(settings, deadline=walltime.deadline(settings.time_limit))  # one for the job
+    source = None
+    if settings.init_from:  # checked before minutes of gathering
+        source = transfer.load_source(settings.init_from, architecture=settings.architecture, inputs=settings.inputs,
+                                      resolution_mm=settings.model_resolution)
     cohort = gather_cohort(manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings)
-    split = split_and_check(cohort, output_dir=output_dir, settings=settings)
+    split = split_and_check(cohort, output_dir=output_dir, settings=settings, source=source)
     selected = selected_folds(settings, split.n_folds)
-    if not settings.fold:
-        _warn_of_folds_to_train(split, settings)
-    prepare_run_dir(split.run_dir, settings, split, selected)
     model_config = ModelConfig(
         architecture=settings.architecture,
         n_outputs=cohort.task.n_outputs(cohort.classes),
         in_shape=tuple(int(s) for s in np.load(cohort.images["array"].iloc[0], mmap_mode="r").shape[-3:]),  # type: ignore[arg-type]
         in_channels=len(settings.inputs),
     )
+    searched = None
+    if settings.search:  # the trials, then the best one's values are the study's
+        searched = run_search(cohort, split, settings=settings, model_config=model_config, device=device)
+        if searched is None:
+            return None
+        settings, model_config = with_values(settings, model_config, searched["best_values"])
+    return _train_and_assemble(cohort, split, selected, settings=settings, model_config=model_config, device=device,
+                               searched=searched, output_dir=output_dir, config_record=config_record,
+                               environment=environment, manifest_sha256=manifest_sha256, started=started)
+
+
+def _train_and_assemble(
+    cohort: CohortStage, split: SplitStage, selected: list[int], *, settings: StudySettings, model_config: ModelConfig,
+    device: torch.device, searched: dict[str, Any] | None, output_dir: Path, config_record: dict[str, Any],
+    environment: dict[str, Any], manifest_sha256: str, started: float,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The folds of ``selected`` trained (or reused), then, unless ``--fold`` chose some, the assembly."""
+    if not settings.fold:
+        _warn_of_folds_to_train(split, settings)
+    prepare_run_dir(split.run_dir, settings, split, selected)
+    if searched is not None:
+        _reuse_best_trial(split, searched["best"], settings)
     progress = Progress("folds", len(selected), logger=LOGGER, log_every_s=0)  # a line as each fold ends
     folds = []
     for fold in selected:
@@ -460,7 +544,107 @@ def run_study(
         manifest_sha256=manifest_sha256,
         device=device,
         started=started,
+        searched=searched,
     )
+
+
+def run_search(
+    cohort: CohortStage, split: SplitStage, *, settings: StudySettings, model_config: ModelConfig,
+    device: torch.device,
+) -> dict[str, Any] | None:  # fmt: skip
+    """``--search N``: each trial (those of ``--trial``, else all) trains every fold and is scored on the validation
+    folds only; the record of every trial and the best (None when ``--trial`` ran some only: the refit is later)."""
+    task, metric = cohort.task, settings.train.selection_metric
+    wanted = list(settings.trial) or list(range(settings.search))
+    trials = [_run_trial(k, cohort=cohort, split=split, settings=settings, model_config=model_config, device=device)
+              for k in wanted]  # fmt: skip
+    if settings.trial:
+        LOGGER.info("Trained search trial(s) %s of %d in %s. When every trial has finished, run the group level again "
+                    "without --trial (same options) to train the best and evaluate it.",
+                    ", ".join(map(str, wanted)), settings.search, split.run_dir / "search")  # fmt: skip
+        return None
+    best = search.best_trial(trials, task.direction[metric])
+    table = pd.DataFrame([{"trial": t["trial"], **t["values"], "score": t["score"],
+                           **{f"fold_{i}": v for i, v in enumerate(t["fold_scores"])}} for t in trials])  # fmt: skip
+    derivatives.write_text(split.run_dir / SEARCH_TRIALS, table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    LOGGER.info("Search: trial %d is best (validation %s %.4f over %d fold(s)): %s", best["trial"], metric,
+                best["score"], split.n_folds, ", ".join(f"{k} {v:.3g}" for k, v in best["values"].items()))  # fmt: skip
+    return {
+        "n_trials": settings.search,
+        "metric": metric,
+        "larger_is_better": task.direction[metric],
+        "space": [dataclasses.asdict(d) for d in search.SPACE],
+        "searched": search.searched_names(settings.architecture),
+        "scored_on": "the validation folds only (mean over folds of each fold's best validation score); the test "
+        "set is predicted once, by the best trial's folds (the study's model)",
+        "trials": trials,
+        "best": best["trial"],
+        "best_values": best["values"],
+    }
+
+
+#: Every search trial, tabulated beside results.json.
+SEARCH_TRIALS = derivatives.STUDY_OUTPUTS["search_trials"]
+
+
+def with_values(
+    settings: StudySettings, model_config: ModelConfig, values: dict[str, float]
+) -> tuple[StudySettings, ModelConfig]:
+    """The study's settings and network with a trial's values (learning rate, weight decay, augmentation strength;
+    width and dropout as the network's arguments)."""
+    train = dataclasses.replace(settings.train, lr=values["lr"], weight_decay=values["weight_decay"],
+                                augment=settings.train.augment or search.SEARCH_AUGMENT,
+                                augment_strength=values["augment_strength"])  # fmt: skip
+    kwargs = search.architecture_kwargs(settings.architecture, values["width"], values["dropout"])
+    learning = {**settings.learning_settings, "search_values": values}
+    return (dataclasses.replace(settings, train=train, learning_settings=learning),
+            dataclasses.replace(model_config, kwargs={**model_config.kwargs, **kwargs}))  # fmt: skip
+
+
+def _run_trial(
+    trial: int, *, cohort: CohortStage, split: SplitStage, settings: StudySettings, model_config: ModelConfig,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """One search trial: every fold trained with its values (in ``search/trial-K/fold-F``) and scored on its
+    validation participants; reused when it finished earlier with the same settings, values and participants."""
+    values = search.draw_trial(settings.train.seed, trial)
+    trial_settings, trial_config = with_values(settings, model_config, values)
+    trial_split = dataclasses.replace(split, run_dir=split.run_dir / "search" / f"trial-{trial}")
+    members = [split.members(k) for k in range(split.n_folds)]
+    key = search.trial_key(settings.learning_settings, trial, values, members)
+    record_path = trial_split.run_dir / derivatives.STUDY_OUTPUTS["trial_record"]
+    if record_path.exists() and json.loads(record_path.read_text()).get("key") == key:
+        LOGGER.info("Search trial %d finished earlier with these settings: reused (%s)", trial, record_path)
+        return json.loads(record_path.read_text())["trial"]
+    metric = settings.train.selection_metric
+    LOGGER.info("Search trial %d (of trials 0-%d): %s", trial, settings.search - 1,
+                ", ".join(f"{k} {v:.3g}" for k, v in values.items()))  # fmt: skip
+    scores, epochs = [], []
+    for fold in range(split.n_folds):
+        _rows, data, network, scale, _ = _fold_setup(fold, cohort=cohort, split=trial_split, settings=trial_settings,
+                                                     model_config=trial_config, parts=("train", "validation"))
+        result = _fit_fold(fold, network, data, task=cohort.task, split=trial_split, settings=trial_settings,
+                           model_config=trial_config, scale=scale, device=device)  # fmt: skip
+        scores.append(result.best.get(metric, result.best.get("loss", {})).get("value", float("nan")))
+        epochs.append(len(result.history))
+    record = {"trial": trial, "values": values, "fold_scores": scores, "score": float(np.nanmean(scores)) if
+              np.isfinite(scores).any() else float("nan"), "metric": metric, "epochs": epochs}  # fmt: skip
+    derivatives.write_json(record_path, {"key": key, "trial": record})
+    return record
+
+
+def _reuse_best_trial(split: SplitStage, best: int, settings: StudySettings) -> None:
+    """The best trial's folds are the study's: trained with the same values, seeds and participants (each copied
+    into the run folder, where :func:`_fit_fold` finds it finished)."""
+    for fold in range(split.n_folds):
+        source, target = split.run_dir / "search" / f"trial-{best}" / f"fold-{fold}", split.run_dir / f"fold-{fold}"
+        if fold_finished(source, fold_key(settings, split, fold)) and not fold_finished(
+            target, fold_key(settings, split, fold)
+        ):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            LOGGER.info("Fold %d of search trial %d is the study's fold %d (same values, seeds and participants)",
+                        fold, best, fold)  # fmt: skip
 
 
 def serve_jobs(device: torch.device) -> int:
@@ -473,7 +657,8 @@ def serve_jobs(device: torch.device) -> int:
         if "stop" in job:
             raise distributed.stopped_by_main(job)
         fit(job["network"], job["train"], None, job["settings"], task=job["task"], run_dir=job["run_dir"],
-            device=device, scale=job["scale"], resume=job["resume"], label=job["label"])  # fmt: skip
+            device=device, scale=job["scale"], resume=job["resume"], label=job["label"],
+            deadline=job["deadline"])  # fmt: skip
         fitted += 1
     return fitted
 
@@ -493,44 +678,32 @@ def _warn_of_folds_to_train(split: SplitStage, settings: StudySettings) -> None:
 
 
 def assemble(
-    cohort: CohortStage,
-    split: SplitStage,
-    folds: list[FoldResult],
-    *,
-    settings: StudySettings,
-    model_config: ModelConfig,
-    output_dir: Path,
-    config_record: dict[str, Any],
-    environment: dict[str, Any],
-    manifest_sha256: str,
-    device: torch.device,
-    started: float,
-) -> dict[str, Any]:
+    cohort: CohortStage, split: SplitStage, folds: list[FoldResult], *, settings: StudySettings,
+    model_config: ModelConfig, output_dir: Path, config_record: dict[str, Any], environment: dict[str, Any],
+    manifest_sha256: str, device: torch.device, started: float, searched: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Stage 4: the fold ensemble on the test set, the prediction table, the package and ``results.json``."""
     task, images, run_dir = cohort.task, cohort.images, split.run_dir
-    ensemble_threshold, postprocessing, predictions, test_eval, extra = _ensemble_on_test(cohort, split, folds,
-                                                                                          settings)  # fmt: skip
+    ensemble_threshold, postprocessing, predictions, test_eval, extra, ensemble = _ensemble_on_test(cohort, split,
+                                                                                                    folds, settings)
+    trust = _controls(cohort, split, folds, settings=settings, model_config=model_config, device=device,
+                      deep=(ensemble, ensemble_threshold))  # fmt: skip
     validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
     test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
-    table = predictions.to_csv(sep="\t", index=False, float_format="%.6g")
-    derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"], table)
-    metrics = {"validation_folds": validation_summary, "test_folds": test_fold_summary, "test": test_eval}
+    derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"],
+                           predictions.to_csv(sep="\t", index=False, float_format="%.6g"))  # fmt: skip
     record = _model_record(settings=settings, task=task, classes=cohort.classes, model_config=model_config,
                            images=images, splits=split.splits, threshold=ensemble_threshold, folds=folds,
-                           metrics=metrics, manifest_sha256=manifest_sha256)  # fmt: skip
+                           metrics={"validation_folds": validation_summary, "test_folds": test_fold_summary,
+                                    "test": test_eval}, manifest_sha256=manifest_sha256)  # fmt: skip
     record.update(postprocessing)
+    record.update(_trust_record(split, folds, trust=trust, searched=searched, settings=settings))
     env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
            "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
     package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env)
     LOGGER.info("Model package: %s", package)
     results = {
-        "target": settings.target,
-        "task": task.name,
-        "classes": cohort.classes,
-        "positive_class": cohort.classes[-1] if len(cohort.classes) == 2 else None,
-        "architecture": settings.architecture,
-        "package": package.relative_to(output_dir).as_posix(),
-        "content_sha256": json.loads((package / MODEL_JSON).read_text())["content_sha256"],
+        **_study_identity(cohort, settings, package, output_dir),
         "excluded": cohort.excluded,
         "n_images": len(images),
         "n_subjects": int(images["participant_id"].nunique()),
@@ -549,17 +722,49 @@ def assemble(
         "wall_time_s": round(time.monotonic() - started, 1),
         **postprocessing,
         **extra,
+        **trust,
+        "transfer": ({k: v for k, v in record["transfer"].items() if k != "seen_subjects"}
+                     if "transfer" in record else None),
+        "search": searched,
     }
     derivatives.write_json(run_dir / RESULTS, results)
     return results
 
 
+def _study_identity(cohort: CohortStage, settings: StudySettings, package: Path, output_dir: Path) -> dict[str, Any]:
+    """What ``results.json`` says first: the target, task, classes, network and the package written."""
+    return {
+        "target": settings.target,
+        "task": cohort.task.name,
+        "classes": cohort.classes,
+        "positive_class": cohort.classes[-1] if len(cohort.classes) == 2 else None,
+        "architecture": settings.architecture,
+        "package": package.relative_to(output_dir).as_posix(),
+        "content_sha256": json.loads((package / MODEL_JSON).read_text())["content_sha256"],
+    }
+
+
+def _trust_record(
+    split: SplitStage, folds: list[FoldResult], *, trust: dict[str, Any], searched: dict[str, Any] | None,
+    settings: StudySettings,
+) -> dict[str, Any]:  # fmt: skip
+    """What ``model.json`` keeps of the controls, the search and the transfer (with everyone its source saw)."""
+    out = controls.package_summary(trust)
+    if searched is not None:
+        out["search"] = {k: searched[k] for k in ("n_trials", "metric", "best", "best_values", "scored_on")}
+    if split.source is not None:
+        out["transfer"] = transfer.record(split.source, [f.transfer or {} for f in folds], freeze=settings.freeze,
+                                          moved=split.moved_to_training, seen_in_cohort=split.seen_by_source)
+    return out
+
+
 def _ensemble_on_test(
     cohort: CohortStage, split: SplitStage, folds: list[FoldResult], settings: StudySettings
-) -> tuple[float, dict[str, Any], pd.DataFrame, dict[str, Any], dict[str, Any]]:
+) -> tuple[float, dict[str, Any], pd.DataFrame, dict[str, Any], dict[str, Any], Any]:
     """The fold ensemble (the mean of the folds' outputs; its threshold and post-processing chosen on every fold's
     validation outputs pooled) on the test set: threshold, post-processing, the prediction table of every fold and
-    split and the ensemble, the test evaluation, and the task's extra results (case scores written)."""
+    split and the ensemble, the test evaluation, the task's extra results (case scores written) and the ensemble's
+    test outputs."""
     task, images, run_dir = cohort.task, cohort.images, split.run_dir
     test_rows = images[images["participant_id"].isin(split.members(0)["test"])]
     validation = [
@@ -573,7 +778,66 @@ def _ensemble_on_test(
     test_eval = _evaluate(task, test_rows, ensemble, threshold, seed=settings.train.seed, ci=True)
     extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings)
     _write_case_scores(run_dir, folds, test_eval, extra)
-    return threshold, postprocessing, pd.concat(tables, ignore_index=True), test_eval, extra
+    return threshold, postprocessing, pd.concat(tables, ignore_index=True), test_eval, extra, ensemble
+
+
+def _controls(
+    cohort: CohortStage, split: SplitStage, folds: list[FoldResult], *, settings: StudySettings,
+    model_config: ModelConfig, device: torch.device, deep: tuple[Any, float],
+) -> dict[str, Any]:  # fmt: skip
+    """The study's controls: the linear baseline in the same splits (compared paired with the network's ensemble)
+    and, with ``--permutation-control``, the study again on shuffled training targets."""
+    task, images = cohort.task, cohort.images
+    members = [split.members(f.fold) for f in folds]
+    out: dict[str, Any] = {"baseline": None, "permutation_control": None}
+    seed = settings.train.seed
+    if task.linear_baseline is None:
+        out["baseline_note"] = f"{task.name} has no linear baseline (a voxel-wise linear model is no competitor)"
+    elif not settings.baseline:
+        out["baseline_note"] = "skipped (--no-baseline)"
+    if settings.baseline and task.linear_baseline is not None:
+        out["baseline"] = controls.baseline_study(task, images, members, classes=cohort.classes, deep=deep,
+                                                  seed=seed, run_dir=split.run_dir)  # fmt: skip
+    if settings.permutation_control and not task.learns_labels:  # the parser refuses it for label maps
+        out["permutation_control"] = _permutation_control(cohort, split, members, settings=settings,
+                                                          model_config=model_config, device=device)  # fmt: skip
+    return out
+
+
+def _permutation_control(
+    cohort: CohortStage, split: SplitStage, members: list[dict[str, list[str]]], *, settings: StudySettings,
+    model_config: ModelConfig, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """The same folds trained on targets shuffled among the training and validation participants (in
+    ``permutation/`` beside the folds), their ensemble and the linear baseline's scored on the true test targets."""
+    task, images, seed = cohort.task, cohort.images, settings.train.seed
+    test_ids = split.members(0)["test"]
+    y = controls.permuted_targets(images, test_ids, derived_seed(seed, 7))
+    shuffled = dataclasses.replace(cohort, images=images.assign(y=y))
+    shuffled_split = dataclasses.replace(split, run_dir=split.run_dir / "permutation")
+    LOGGER.info("Permutation control: the %d fold(s) again on shuffled training targets", len(members))
+    folds = [train_fold(k, cohort=shuffled, split=shuffled_split, settings=settings, model_config=model_config,
+                        device=device) for k in range(len(members))]  # fmt: skip
+    validation = [(shuffled.images[shuffled.images["participant_id"].isin(m["validation"])], f.validation_output)
+                  for m, f in zip(members, folds, strict=True)]  # fmt: skip
+    test_rows = images[images["participant_id"].isin(test_ids)]
+    ensemble = task.ensemble([f.test_output for f in folds])
+    deep = task.evaluate_rows(test_rows, ensemble, threshold=task.pooled_threshold(validation), seed=seed, ci=True)
+    linear = (controls.permuted_baseline(task, images, members, y=y, classes=cohort.classes, seed=seed)
+              if settings.baseline else None)  # fmt: skip
+    headline = task.headline_metric(len(cohort.classes))
+    LOGGER.info("Permutation control: test %s %.3f (network)%s", headline, deep["metrics"][headline],
+                f", {linear['metrics'][headline]:.3f} (linear)" if linear else "")  # fmt: skip
+    kept = images[~images["participant_id"].isin(test_ids)]
+    return {
+        "targets": "shuffled among the training and validation participants (one target per participant); the test "
+        "participants' targets untouched",
+        "agreement": float(np.mean(y[kept.index.map(images.index.get_loc)] == kept["y"].to_numpy())),
+        "headline": headline,
+        "deep": deep,
+        "baseline": linear,
+        "folds": [f.summary() for f in folds],
+    }
 
 
 def _write_study_package(

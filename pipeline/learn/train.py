@@ -32,9 +32,10 @@ from torch import nn
 from .. import derivatives
 from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
-from . import distributed, memory
+from . import distributed, memory, walltime
 from .data import Volumes, batches, derived_seed
 from .tasks.base import NO_SCALE, Criterion, TargetScale, Task
+from .transfer import keep_frozen_norms, param_groups
 
 __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
 
@@ -63,6 +64,7 @@ class TrainSettings:
     ema: bool = default("ema")
     seed: int = default("seed")
     compile: bool = default("compile")  # how fast, not what: torch.compile the training step
+    augment_strength: float = 1.0  # scales the augmentation's ranges (the search draws it)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "augment": list(self.augment)}
@@ -247,12 +249,14 @@ def fit(
     label: str = "",
     on_epoch_end: Callable[[int], None] | None = None,
     tensorboard: bool = False,
+    deadline: walltime.Deadline = walltime.NO_DEADLINE,
 ) -> FitResult:
     """Fit ``model``; write ``checkpoint.pt`` every epoch, ``best-<metric>.safetensors`` and ``history.tsv``.
-    With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once). In a distributed
-    run every rank calls this with the same job; each trains on its share of every batch and only rank 0
-    validates and writes (:mod:`.distributed`). The loop is over small parts: :func:`_resume`, :func:`_training_module`
-    (pre-flight, residency, DDP, compile), :func:`_train_epoch`, :func:`_validate`, :func:`_select`, the checkpoint."""
+    With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once). In a distributed run
+    every rank calls this with the same job, trains on its share of every batch; only rank 0 validates and writes
+    (:mod:`.distributed`). Parts: :func:`_resume`, :func:`_training_module` (pre-flight, residency, DDP, compile),
+    :func:`_train_epoch`, :func:`_close_epoch`. Before ``deadline``, training stops with its checkpoint when the next
+    epoch would not end in time (:class:`~pipeline.errors.TimeLimitReached`; one epoch per process at least)."""
     world = distributed.current()
     run = _start(model, train, settings, task=task, device=device, world=world, run_dir=run_dir)
     checkpoint_path = run_dir / CHECKPOINT
@@ -262,36 +266,65 @@ def fit(
         if finished is not None:  # the fit had ended: its record, nothing trained
             return FitResult(run.history, run.best, run_dir, finished,
                              projection(run.history, score_key, settings.epochs, task.metric_ranges))  # fmt: skip
+    if world.main and run.start_epoch < settings.epochs:  # a fold about to start, after others in this job
+        deadline.check_before(what=f"{label}epoch {run.start_epoch + 1}")
     trained = _training_module(run.model, train, settings, device=device, world=world, label=label,
                                start_epoch=run.start_epoch)  # fmt: skip
     writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
     stopped_early = False
-    for epoch in range(run.start_epoch, settings.epochs):
-        started = time.monotonic()
-        total, seen, lr = _train_epoch(run, trained, train, settings, epoch=epoch, task=task, scale=scale,
-                                       device=device, world=world, label=label)  # fmt: skip
-        _check_finite(total, epoch=epoch, lr=lr, precision=run.precision, label=label, run_dir=run_dir)
-        if world.main:  # rank 0 validates, writes and decides whether to go on
-            assert val is not None, "the validation set is needed where the model is validated (rank 0)"
-            row, scores = _validate(run, val, task=task, device=device, scale=scale, run_dir=run_dir, epoch=epoch)
-            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **row, "lr": lr,
-                   "epoch_time_s": time.monotonic() - started}  # fmt: skip
-            run.history.append(row)
-            stopped_early = _select(run, scores, settings, task=task, epoch=epoch, run_dir=run_dir, label=label)
-            finished = stopped_early or epoch + 1 == settings.epochs
-            _save_checkpoint(checkpoint_path, run.checkpoint(epoch, world.size, finished, stopped_early, settings))
-            _write_history(run_dir / derivatives.STUDY_OUTPUTS["history"], run.history)
-            _report_epoch(run, row, scores, settings, writer=writer, label=label, epoch=epoch,
-                          outlook=projection(run.history, score_key, settings.epochs, task.metric_ranges),
-                          on_epoch_end=on_epoch_end)  # fmt: skip
-        if world.active:
-            stopped_early = distributed.broadcast_flag(stopped_early, device)
-        if stopped_early:
-            break
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(run.start_epoch, settings.epochs):
+            started = time.monotonic()
+            total, seen, lr = _train_epoch(run, trained, train, settings, epoch=epoch, task=task, scale=scale,
+                                           device=device, world=world, label=label)  # fmt: skip
+            _check_finite(total, epoch=epoch, lr=lr, precision=run.precision, label=label, run_dir=run_dir)
+            finished = False
+            if world.main:  # rank 0 validates, writes and decides whether to go on
+                stopped_early, finished = _close_epoch(run, val, settings, task=task, device=device, scale=scale,
+                    run_dir=run_dir, epoch=epoch, train_loss=total / max(seen, 1), lr=lr, started=started,
+                    world_size=world.size, writer=writer, label=label, score_key=score_key,
+                    on_epoch_end=on_epoch_end, deadline=deadline)  # fmt: skip
+            if world.active:
+                stopped_early = distributed.broadcast_flag(stopped_early, device)
+            if _out_of_time(run, deadline, finished=finished, world=world, device=device):
+                raise deadline.error(deadline.slowest_epoch(), what=f"{label}epoch {epoch + 2}")
+            if stopped_early:
+                break
+    finally:
+        if writer is not None:
+            writer.close()
     outlook = projection(run.history, score_key, settings.epochs, task.metric_ranges)
     return FitResult(run.history, run.best, run_dir, stopped_early, outlook)
+
+
+def _close_epoch(
+    run: _Run, val: Volumes | None, settings: TrainSettings, *, task: Task, device: torch.device, scale: TargetScale,
+    run_dir: Path, epoch: int, train_loss: float, lr: float, started: float, world_size: int, writer: Any,
+    label: str, score_key: str, on_epoch_end: Callable[[int], None] | None, deadline: walltime.Deadline,
+) -> tuple[bool, bool]:  # fmt: skip
+    """Rank 0 after an epoch: validate, keep the best weights, write the checkpoint and the history, report.
+    Returns whether to stop early and whether the fit has finished."""
+    assert val is not None, "the validation set is needed where the model is validated (rank 0)"
+    row, scores = _validate(run, val, task=task, device=device, scale=scale, run_dir=run_dir, epoch=epoch)
+    row = {"epoch": epoch + 1, "train_loss": train_loss, **row, "lr": lr, "epoch_time_s": time.monotonic() - started}
+    run.history.append(row)
+    stopped_early = _select(run, scores, settings, task=task, epoch=epoch, run_dir=run_dir, label=label)
+    finished = stopped_early or epoch + 1 == settings.epochs
+    _save_checkpoint(run_dir / CHECKPOINT, run.checkpoint(epoch, world_size, finished, stopped_early, settings))
+    _write_history(run_dir / derivatives.STUDY_OUTPUTS["history"], run.history)
+    _report_epoch(run, row, scores, settings, writer=writer, label=label, epoch=epoch,
+                  outlook=projection(run.history, score_key, settings.epochs, task.metric_ranges),
+                  on_epoch_end=on_epoch_end)  # fmt: skip
+    deadline.note_epoch(row["epoch_time_s"])
+    return stopped_early, finished
+
+
+def _out_of_time(
+    run: _Run, deadline: walltime.Deadline, *, finished: bool, world: distributed.World, device: torch.device
+) -> bool:
+    """Whether the next epoch would not end before ``deadline`` (rank 0 decides for every rank)."""
+    short = world.main and not finished and deadline.short(deadline.slowest_epoch())
+    return distributed.broadcast_flag(short, device) if world.active else short
 
 
 @dataclass
@@ -350,7 +383,8 @@ def _start(
     model.to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # pretrained layers (--init-from) learn slower, frozen ones not at all
+    optimizer = torch.optim.AdamW(param_groups(model, settings.lr), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.lr / 100)
     ema = None
     if settings.ema:  # validated, kept and packaged instead of the raw weights
@@ -427,6 +461,7 @@ def _train_epoch(
     """One epoch of optimiser steps: the summed loss (over every rank), the images seen here, the learning rate."""
     torch.manual_seed(derived_seed(settings.seed, epoch, 1))  # dropout of this epoch
     run.model.train()
+    keep_frozen_norms(run.model)
     order = train.epoch_order(epoch=epoch, seed=settings.seed, weights=run.weights)
     progress = _Progress(f"{label}epoch {epoch + 1}/{settings.epochs}", len(order))
     precision, optimizer = run.precision, run.optimizer
@@ -555,7 +590,7 @@ def _epoch_batches(
     """
 
     def make(chunk: np.ndarray, mine: np.ndarray, seed: int) -> Batch:
-        x, y = data.batch(mine, augment=settings.augment, seed=seed)
+        x, y = data.batch(mine, augment=settings.augment, seed=seed, strength=settings.augment_strength)
         if device.type == "cuda" and x.device.type == "cpu":  # page-locked: the copy overlaps the step before
             x, y = x.pin_memory(), y.pin_memory()
         return chunk, mine, x, y

@@ -178,7 +178,75 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
         "previews": _previews(results, output_dir),
         "device": results["device"],
         "wall_time_s": results["wall_time_s"],
+        "baseline": _baseline(results),
+        "permutation": _permutation(results),
+        "search": _search(results),
+        "transfer": results.get("transfer"),
     }
+
+
+def _baseline(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The linear baseline beside the network: both test scores with their intervals, the paired difference."""
+    linear = results.get("baseline")
+    if not linear:
+        return None
+    deep, headline = results["test"], linear["headline"]
+    rows = []
+    for name, comparison in linear["comparison"].items():
+        low, high = comparison["ci"]
+        deep_ci = deep.get("ci", {}).get(name, (None, None))
+        base_ci = linear["test"].get("ci", {}).get(name, (None, None))
+        rows.append({
+            "metric": name, "headline": name == headline,
+            "deep": _fmt(deep["metrics"].get(name)), "deep_ci": f"{_fmt(deep_ci[0])} – {_fmt(deep_ci[1])}",
+            "baseline": _fmt(linear["test"]["metrics"].get(name)),
+            "baseline_ci": f"{_fmt(base_ci[0])} – {_fmt(base_ci[1])}",
+            "difference": _fmt(comparison["difference"]), "difference_ci": f"{_fmt(low)} – {_fmt(high)}",
+        })  # fmt: skip
+    share = linear["wall_time_s"] / results["wall_time_s"] if results.get("wall_time_s") else None
+    return {
+        "model": linear["model"],
+        "selection": linear["selection"],
+        "strengths": ", ".join(_strength(f) for f in linear["folds"]),
+        "rows": rows,
+        "verdict": linear["verdict"],
+        "time": f"{linear['wall_time_s']:.1f} s" + (f" ({share:.0%} of the study)" if share else ""),
+    }
+
+
+def _strength(fold: dict[str, Any]) -> str:
+    note = "" if fold["inner_folds"] else " (no inner CV: too few participants)"
+    return f"fold {fold['fold']}: {fold['strength']:g}{note}"
+
+
+def _permutation(results: dict[str, Any]) -> dict[str, Any] | None:
+    control = results.get("permutation_control")
+    if not control:
+        return None
+    headline = control["headline"]
+
+    def score(evaluation: dict[str, Any] | None) -> dict[str, str] | None:
+        if not evaluation:
+            return None
+        low, high = evaluation.get("ci", {}).get(headline, (None, None))
+        return {"value": _fmt(evaluation["metrics"].get(headline)), "ci": f"{_fmt(low)} – {_fmt(high)}"}
+
+    return {"metric": headline, "targets": control["targets"], "deep": score(control["deep"]),
+            "baseline": score(control.get("baseline")), "real": score(results["test"])}  # fmt: skip
+
+
+def _search(results: dict[str, Any]) -> dict[str, Any] | None:
+    searched = results.get("search")
+    if not searched:
+        return None
+    names = [d["name"] for d in searched["space"]]
+    rows = [{"trial": t["trial"], "best": t["trial"] == searched["best"],
+             "values": [f"{t['values'][n]:.3g}" if n in searched["searched"] else "n/a" for n in names],
+             "folds": ", ".join(_fmt(v) for v in t["fold_scores"]), "score": _fmt(t["score"])}
+            for t in sorted(searched["trials"], key=lambda t: t["trial"])]  # fmt: skip
+    space = [f"{d['name']} {d['low']:g}–{d['high']:g}{' (log)' if d['log'] else ''}" for d in searched["space"]]
+    return {"n": searched["n_trials"], "metric": searched["metric"], "names": names, "rows": rows,
+            "best": searched["best"], "space": ", ".join(space), "scored_on": searched["scored_on"]}  # fmt: skip
 
 
 def external_context(results: dict[str, Any], task: Task) -> dict[str, Any]:

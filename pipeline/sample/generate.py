@@ -100,6 +100,10 @@ class SampleOptions:
     corrupt_subject: bool = False
     voxel_scale: float = 1.0
     label_prefix: str = ""
+    #: Share of the participants whose anatomy disagrees with their recorded diagnosis (a CN with the disease's
+    #: effect, an AD without it): label noise, so that no model can reach an AUC of 1. The effect of the others is
+    #: graded (a severity drawn between SEVERITY_RANGE): the learning cohort can be failed.
+    label_noise: float = 0.1
     #: Share of the participants whose sessions also have a 2D FLAIR (thick slices, the head moved).
     flair_fraction: float = 0.0
     #: Share of the participants with white-matter lesions (the same in each of their sessions); their masks go
@@ -137,11 +141,14 @@ class ImageSpec:
         return Path(f"sub-{self.subject}") / f"ses-{self.session}" / "anat" / f"{self.stem}{ext}"
 
 
-def _labels_effects(rng: np.random.Generator, diagnosis: str, age: float, strength: float) -> tuple[float, float]:
-    """Ventricular expansion and hippocampal shrinkage for a subject at an age."""
-    ad = 1.0 if diagnosis == "AD" else 0.0
-    ventricles = strength * 0.22 * ad + 0.005 * (age - 70) + rng.normal(0, 0.02)
-    hippocampi = strength * 0.22 * ad + 0.003 * (age - 70) + rng.normal(0, 0.02)
+#: The disease's severity in an affected participant, drawn uniformly (1: the full effect).
+SEVERITY_RANGE = (0.3, 1.0)
+
+
+def _labels_effects(rng: np.random.Generator, severity: float, age: float, strength: float) -> tuple[float, float]:
+    """Ventricular expansion and hippocampal shrinkage for a subject of a disease severity (0: none) at an age."""
+    ventricles = strength * 0.22 * severity + 0.005 * (age - 70) + rng.normal(0, 0.02)
+    hippocampi = strength * 0.22 * severity + 0.003 * (age - 70) + rng.normal(0, 0.02)
     return float(np.clip(ventricles, -0.1, 0.45)), float(np.clip(hippocampi, -0.1, 0.45))
 
 
@@ -156,6 +163,10 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
     lesion_rng = np.random.default_rng([options.seed, 3])
     lesion_seeds = [int(lesion_rng.integers(1, 2**31)) if lesion_rng.random() < options.lesion_fraction else 0
                     for _ in range(options.n_subjects)]  # fmt: skip
+    # drawn apart from the rest too: the graded, noisy effect leaves every other draw as it was
+    effect_rng = np.random.default_rng([options.seed, 5])
+    effects = [(effect_rng.random() < options.label_noise, effect_rng.uniform(*SEVERITY_RANGE))
+               for _ in range(options.n_subjects)]  # fmt: skip
     for index in range(options.n_subjects):
         label = f"{options.label_prefix}{index + 1:0{width}d}"
         if options.confound_site:
@@ -167,6 +178,9 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
         age = float(np.clip(rng.normal(73 if diagnosis == "AD" else 68, 7), 55, 90))
         sex = "F" if rng.random() < 0.5 else "M"
         n_sessions = 2 if rng.random() < options.two_session_fraction else 1
+        flipped, drawn = effects[index]
+        affected = (diagnosis == "AD") != bool(flipped)
+        severity = float(drawn) if affected else 0.0
         participants.append(
             {
                 "participant_id": f"sub-{label}",
@@ -174,12 +188,13 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
                 "sex": sex,
                 "site": site,
                 "diagnosis": diagnosis,
+                "severity": round(severity, 4),  # the truth, not written into participants.tsv
             }
         )
         subject_rng = np.random.default_rng(rng.integers(2**32))
         for session in range(1, n_sessions + 1):
             session_age = age + (0.0 if session == 1 else float(subject_rng.uniform(1.0, 2.5)))
-            ventricles, hippocampi = _labels_effects(subject_rng, diagnosis, session_age, options.effect_strength)
+            ventricles, hippocampi = _labels_effects(subject_rng, severity, session_age, options.effect_strength)
             images.append(
                 ImageSpec(
                     subject=label,
@@ -523,6 +538,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
             "options": _recorded_options(options),
             "planted": planted,
             "images": [spec.relpath.as_posix() for spec in images],
+            "learning_truth": learning_truth(participants, options),
         },
     )
     LOGGER.info("Wrote %d images of %d participants to %s", len(images), len(participants), out_dir)
@@ -531,6 +547,22 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
         "images": len(images),
         "planted": planted,
         "truth_files": len(truths),
+    }
+
+
+def learning_truth(participants: list[dict[str, Any]], options: SampleOptions) -> dict[str, Any]:
+    """What a model of the diagnosis could at best achieve: each participant's true severity, and the ROC AUC of the
+    severity against the recorded diagnosis (no image-based model can rank the participants better)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([p["diagnosis"] == "AD" for p in participants], dtype=int)
+    severity = np.array([p["severity"] for p in participants])
+    best = float(roc_auc_score(y, severity)) if 0 < y.sum() < len(y) else float("nan")
+    return {
+        "label_noise": options.label_noise,
+        "severity_range": list(SEVERITY_RANGE),
+        "best_possible_auc": round(best, 4),
+        "severity": {p["participant_id"]: p["severity"] for p in participants},
     }
 
 
@@ -545,7 +577,9 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "",
         "Synthetic T1w images made by `bidsdl-sample` from nilearn's bundled MNI152 2009a template",
         "(McConnell Brain Imaging Centre; see its copyright notice), placed in a synthetic head.",
-        "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi; age has a smaller effect.",
+        "Diagnosis (CN/AD) enlarges the ventricles and shrinks the hippocampi, by a severity that varies between",
+        f"participants; {options.label_noise:.0%} of them have anatomy that disagrees with their recorded diagnosis",
+        "(label noise: `sourcedata/generation.json` gives the best possible AUC); age has a smaller effect.",
         "Some images have a large field of view reaching the neck and shoulders.",
         "With --flair-fraction, sessions also hold a 2D FLAIR (3 mm axial slices) of the head moved against the T1w;",
         "with --lesion-fraction, some participants have white-matter lesions (dark on the T1w, bright on the FLAIR)",

@@ -12,6 +12,10 @@
 # GROUP_ARGS. Options after the script name go to both sbatch calls (e.g. --account=lab, or a GPU's
 # --gres=gpu:1 --partition=gpu with "--nv" in BIDSDL). A failed fold task keeps the assembly from
 # starting; re-submitting trains only the folds that did not finish. Prints the two job IDs.
+#
+# With N_TRIALS=N, the array runs a hyperparameter search instead: one task per trial (group --search N
+# --trial K, every fold of that trial), then the job that trains nothing again: it takes the best trial by its
+# validation folds, evaluates it once on the test set and writes the package and reports.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -27,14 +31,19 @@ BIDS_DIR=$(realpath "$BIDS_DIR"); OUTPUT_DIR=$(realpath -m "$OUTPUT_DIR")
 export BIDS_DIR OUTPUT_DIR WORK_DIR SIF BIDSDL
 mkdir -p "$OUTPUT_DIR/logs/slurm"
 args="${GROUP_ARGS:-} --n-folds $n_folds"
+tasks=$n_folds what=fold
+if [[ -n ${N_TRIALS:-} ]]; then
+  args="$args --search $N_TRIALS" tasks=$N_TRIALS what=trial
+  export BIDSDL_ARRAY_OPTION=--trial
+fi
 
-folds_id=$(BIDSDL_ARGS=$args sbatch --parsable --array="0-$((n_folds - 1))" --job-name=bidsdl-fold \
-    --output="$OUTPUT_DIR/logs/slurm/group-fold-%A_%a.log" "$@" "$here/group.sbatch")
+folds_id=$(BIDSDL_ARGS=$args sbatch --parsable --array="0-$((tasks - 1))" --job-name="bidsdl-$what" \
+    --output="$OUTPUT_DIR/logs/slurm/group-$what-%A_%a.log" "$@" "$here/group.sbatch")
 folds_id=${folds_id%%;*}
-assembly_id=$(BIDSDL_ARGS=$args sbatch --parsable --dependency="afterok:$folds_id" --kill-on-invalid-dep=yes \
-    --output="$OUTPUT_DIR/logs/slurm/group-%j.log" "$@" "$here/group.sbatch")
+assembly_id=$(BIDSDL_ARGS=$args BIDSDL_ARRAY_OPTION='' sbatch --parsable --dependency="afterok:$folds_id" \
+    --kill-on-invalid-dep=yes --output="$OUTPUT_DIR/logs/slurm/group-%j.log" "$@" "$here/group.sbatch")
 assembly_id=${assembly_id%%;*}
 
-echo "fold array:   $folds_id ($n_folds task(s), one fold each)" >&2
+echo "$what array:   $folds_id ($tasks task(s), one $what each)" >&2
 echo "assembly job: $assembly_id (runs only if every fold succeeds)" >&2
 echo "$folds_id $assembly_id"

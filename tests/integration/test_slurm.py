@@ -158,6 +158,44 @@ def test_folds_as_an_array_then_the_assembly_on_slurm(learning_sample, trained_p
     assert package.name == trained_package.name
     for weights in trained_package.glob("fold-*.safetensors"):
         assert weights.read_bytes() == (package / weights.name).read_bytes()
+    # each job was handed the time its allocation had left (squeue's end time) as --time-limit
+    configs = [json.loads(p.read_text()) for p in (out / "logs").glob("*/config.json")]
+    limits = [c["time_limit"] for c in configs if c["analysis_level"] == "group"]
+    assert limits and all(limits) and all(900 < t <= 1200 for t in limits), limits
+
+
+def test_a_job_stopped_before_its_time_limit_requeues_itself_and_resumes(learning_sample, trained_package, tmp_path):
+    """group.sbatch: bidsdl stops before the limit (exit 75), the job requeues itself, the requeued run resumes
+    (--resume) and ends with the package of an uninterrupted run."""
+    from tests.helpers import FAST, fresh_output, the_package
+
+    bids, derivatives = learning_sample
+    out = fresh_output(derivatives, tmp_path / "derivatives")
+    (out / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+    args = [*FAST, "--epochs", "1", "--time-limit", "5s"]  # fold 0, then the limit stops the job before fold 1
+    env = {**os.environ, "BIDS_DIR": str(bids), "OUTPUT_DIR": str(out), "BIDSDL_ARGS": " ".join(args),
+           "BIDSDL": str(Path(sys.executable).parent / "bidsdl")}  # fmt: skip
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=3G", "--time=00:20:00", "--open-mode=append",
+         f"--output={out}/logs/slurm/group-%j.log", str(ROOT / "scripts" / "slurm" / "group.sbatch")],
+        env=env, capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    states = _wait(job, timeout=600)
+    log = (out / "logs" / "slurm" / f"group-{job}.log").read_text()
+    assert states == ["COMPLETED"], log
+    assert "Stopped before the --time-limit of 5 s" in log and "requeueing job" in log
+    assert "Model package" in log
+    configs = [json.loads(p.read_text()) for p in sorted((out / "logs").glob("*/config.json"))]
+    assert [c["resume"] for c in configs if c["analysis_level"] == "group"] == [False, True]  # the requeue resumed
+    # the same package as one uninterrupted run of the same settings
+    plain = fresh_output(derivatives, tmp_path / "plain")
+    from pipeline.cli.run import main
+
+    assert main([str(bids), str(plain), "group", *FAST, "--epochs", "1"]) == 0
+    for weights in the_package(plain).glob("fold-*.safetensors"):
+        assert weights.read_bytes() == (the_package(out) / weights.name).read_bytes()
 
 
 def test_one_model_on_two_srun_tasks(learning_sample, trained_package, tmp_path):

@@ -194,3 +194,45 @@ def test_help_shows_each_tasks_own_defaults_from_the_task_objects(run_cli):
             if option in ("lr", "batch_size", "architecture", "model_resolution"):
                 assert f"{name} {value:g}" in text if isinstance(value, float) else f"{name} {value}" in text
         assert f"{name}: {', '.join(task.architectures)}" in text
+
+
+def test_trust_options():
+    config = parse_args(["i", "o", "group", "--target", "dx"])
+    assert config.baseline and not config.permutation_control and config.search == 0 and config.time_limit is None
+    config = parse_args(["i", "o", "group", "--target", "dx", "--no-baseline", "--permutation-control", "--search",
+                         "4", "--trial", "3", "--trial", "1", "--time-limit", "1:30:00", "--init-from", "m",
+                         "--freeze"])  # fmt: skip
+    assert not config.baseline and config.permutation_control and config.trial == (1, 3)
+    assert config.time_limit == 5400.0 and config.init_from == Path("m").absolute() and config.freeze
+    learning = config.learning_settings()
+    assert learning["baseline"] is False and learning["search"] == 4 and "trial" not in learning
+    assert "time_limit" not in learning  # a resumed run may be given another limit
+
+
+def test_baseline_off_in_a_config_file(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("target: dx\nbaseline: false\n")
+    assert parse_args(["i", "o", "group", "--config", str(path)]).baseline is False
+    path.write_text("target: dx\nbaseline: true\n")
+    assert parse_args(["i", "o", "group", "--config", str(path)]).baseline is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trial", "0"], "use it with --search N"),
+        (["--search", "2", "--trial", "2"], "--trial 2 is out of range"),
+        (["--search", "2", "--fold", "0"], "--fold cannot be combined with --search"),
+        (["--freeze"], "use it with --init-from"),
+        (["--time-limit", "soon"], "--time-limit"),
+    ],
+)
+def test_bad_trust_options(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["i", "o", "group", "--target", "dx", *argv])
+
+
+def test_permutation_control_needs_one_target_per_participant():
+    with pytest.raises(UsageError, match="--permutation-control shuffles one target per participant"):
+        parse_args(["i", "o", "group", "--task", "segmentation", "--labels", "L", "--label-desc", "aseg",
+                    "--permutation-control"])  # fmt: skip

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..baseline import LinearModel
 from ..data import Volumes
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,6 +61,10 @@ class Task:
     card_metrics: tuple[str, ...] = ()
     #: What an exported ensemble returns (the export's sidecar).
     export_output: str = ""
+    #: The linear model fitted beside the network on the same voxels (:mod:`pipeline.learn.baseline`); None: none.
+    linear_baseline: ClassVar[LinearModel | None] = None
+    #: Evaluation metrics where smaller is better (the baseline comparison reads them).
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss"})
     #: The cohort table's columns that a prediction table keeps (before the task's prediction columns).
     prediction_row_columns: tuple[str, ...] = ("participant_id", "session_id", "source", "target", "y")
 
@@ -184,6 +189,11 @@ class Task:
     ) -> dict[str, Any]:
         """The evaluation of ``outputs`` against ``y``: at least what :func:`pipeline.learn.evaluate.scored`
         records (``n``, ``n_subjects``, ``metrics``, ``ci``), which reports and model cards read."""
+        raise NotImplementedError
+
+    def scores(self, y: np.ndarray, outputs: np.ndarray, threshold: float) -> dict[str, float]:
+        """The main metrics of ``outputs`` against ``y``, fast (no intervals, no curves; the headline metric among
+        them): what paired bootstraps compare."""
         raise NotImplementedError
 
     def prediction_columns(

@@ -15,6 +15,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 from ...errors import InputDataError
 from ...reports import learning as figures
 from .. import evaluate
+from ..baseline import LinearModel
 from .base import Criterion, TargetScale
 from .image import ImageTask
 
@@ -64,6 +65,8 @@ class Classification(ImageTask):
     evaluation_metrics = evaluate.CLASSIFICATION_METRICS
     card_metrics = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
     export_output = "class probabilities (softmax, mean over folds)"
+    linear_baseline: ClassVar[LinearModel | None] = LinearModel("L2-regularised logistic regression", discrete=True)
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "brier"})
 
     def encode_targets(
         self, table: pd.DataFrame, target: str, positive_class: str | None
@@ -132,6 +135,11 @@ class Classification(ImageTask):
         self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
     ) -> dict[str, Any]:
         return evaluate.evaluate_classification(y, outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
+
+    def scores(self, y: np.ndarray, outputs: np.ndarray, threshold: float) -> dict[str, float]:
+        if outputs.shape[1] == 2:
+            return evaluate.paired_binary_metrics(y, outputs[:, 1], threshold)
+        return evaluate.multiclass_metrics(y.astype(int), outputs)
 
     def prediction_columns(
         self, table: pd.DataFrame, outputs: np.ndarray, classes: Sequence[str], threshold: float

@@ -14,6 +14,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual name
 from ...errors import InputDataError
 from ...reports import learning as figures
 from .. import evaluate
+from ..baseline import LinearModel
 from .base import Criterion, TargetScale
 from .image import ImageTask
 
@@ -27,6 +28,8 @@ class Regression(ImageTask):
     evaluation_metrics = evaluate.REGRESSION_METRICS
     card_metrics = ("mae", "rmse", "r2", "pearson_r")
     export_output = "predicted value (mean over folds)"
+    linear_baseline: ClassVar[LinearModel | None] = LinearModel("ridge regression", discrete=False)
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "mae", "rmse"})
 
     def encode_targets(
         self, table: pd.DataFrame, target: str, positive_class: str | None
@@ -78,6 +81,9 @@ class Regression(ImageTask):
         self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
     ) -> dict[str, Any]:
         return evaluate.evaluate_regression(y, outputs, groups=groups, seed=seed, ci=ci)
+
+    def scores(self, y: np.ndarray, outputs: np.ndarray, threshold: float) -> dict[str, float]:
+        return evaluate.paired_regression_metrics(y, outputs)
 
     def prediction_columns(
         self, table: pd.DataFrame, outputs: np.ndarray, classes: Sequence[str], threshold: float

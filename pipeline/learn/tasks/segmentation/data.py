@@ -110,9 +110,10 @@ class SegmentationData:
         return out
 
     def batch(
-        self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0
+        self, indices: Sequence[int] | np.ndarray, *, augment: Sequence[str] = (), seed: int = 0, strength: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches ``(n, C, P, P, P)`` (every channel) and their labels ``(n, 1, P, P, P)``."""
+        """Patches ``(n, C, P, P, P)`` (every channel) and their labels ``(n, 1, P, P, P)``; augmented with ranges
+        scaled by ``strength``."""
         rng = np.random.default_rng(seed)
         xs, ys = [], []
         for index in indices:
@@ -123,12 +124,12 @@ class SegmentationData:
         x = torch.from_numpy(np.stack(xs).astype(np.float32))
         y = torch.from_numpy(np.stack(ys)[:, None].astype(np.int64))
         if augment:
-            x, y = augment_pair(x, y, augment, int(rng.integers(2**62)))
+            x, y = augment_pair(x, y, augment, int(rng.integers(2**62)), strength)
         return x, y
 
 
 def augment_pair(
-    x: torch.Tensor, y: torch.Tensor, kinds: Sequence[str], seed: int
+    x: torch.Tensor, y: torch.Tensor, kinds: Sequence[str], seed: int, strength: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The image and label patches moved together (affine: the image linear, the labels nearest); intensity and
     noise as for the other tasks. No left-right flip: it would swap left and right structures."""
@@ -137,13 +138,15 @@ def augment_pair(
         n = x.shape[0]
         theta = np.zeros((n, 3, 4))
         for i in range(n):
-            theta[i, :, :3] = rotation_matrix(np.deg2rad(rng.uniform(-10, 10, 3))) @ np.diag(rng.uniform(0.9, 1.1, 3))
+            s = float(strength)
+            theta[i, :, :3] = rotation_matrix(np.deg2rad(rng.uniform(-10 * s, 10 * s, 3))) @ np.diag(
+                rng.uniform(1 - 0.1 * s, 1 + 0.1 * s, 3))
         grid = F.affine_grid(torch.as_tensor(theta, dtype=x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         y = F.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
     rest = [k for k in kinds if k in ("intensity", "noise")]
     if rest:
-        x = augment_batch(x, rest, seed + 1)
+        x = augment_batch(x, rest, seed + 1, strength)
     return x, y
 
 
