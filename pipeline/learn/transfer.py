@@ -166,8 +166,8 @@ def guard_test_set(
     """``splits`` with every test participant the source model saw moved into training (each fold's training
     set), and the moves; splits fixed earlier (``reused``) that hold one are refused.
 
-    >>> splits = pd.DataFrame({"participant_id": ["a", "b", "c"], "split": ["test", "train", "validation"],
-    ...                        "fold": pd.array([None, 0, 0], dtype="Int64")})
+    >>> splits = pd.DataFrame({"participant_id": ["a", "d", "b", "c"], "split": ["test", "test", "train", "validation"],
+    ...                        "fold": pd.array([None, None, 0, 0], dtype="Int64")})
     >>> seen = {"a": "a is a training subject of m"}
     >>> table, moved = guard_test_set(splits, seen, reused=False, splits_file=Path("s"))
     >>> table[table["participant_id"] == "a"]["split"].tolist(), len(moved)
