@@ -100,6 +100,23 @@ def fresh_output(source: Path, target: Path) -> Path:
     return target
 
 
+def parallel_group_jobs(bids: Path, out: Path, options: list[str], flag: str, values: tuple[int, ...]) -> list[str]:
+    """``bidsdl BIDS OUT group *options flag K`` for every K at once (as SLURM array tasks); their outputs, after
+    checking that each succeeded."""
+    import subprocess
+    import sys
+
+    bidsdl = Path(sys.executable).parent / "bidsdl"
+    jobs = [subprocess.Popen([str(bidsdl), str(bids), str(out), "group", *options, flag, str(k)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in values]  # fmt: skip
+    outputs = []
+    for job in jobs:
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output
+        outputs.append(output)
+    return outputs
+
+
 def the_package(out: Path) -> Path:
     (package,) = sorted((out / "models").iterdir())
     return package

@@ -64,14 +64,14 @@ def fit_baseline(
 
 def baseline_study(
     task: Task, images: pd.DataFrame, members: Sequence[dict[str, list[str]]], *, classes: list[str],
-    deep: tuple[np.ndarray, float], seed: int, run_dir: Path,
+    deep: tuple[np.ndarray, float], seed: int, run_dir: Path, timed_gram: tuple[np.ndarray, float] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The linear baseline of a study: fitted fold by fold, scored on the test set with the network's bootstrap
     intervals, compared paired with the network's ensemble (``deep``: its test outputs and threshold);
     ``baseline_predictions.tsv`` written into ``run_dir``. What ``results.json`` keeps under ``baseline``."""
     assert task.linear_baseline is not None
     started = time.monotonic()
-    gram, gram_s = baseline.timed_gram([Path(p) for p in images["array"]])
+    gram, gram_s = timed_gram or baseline.timed_gram([Path(p) for p in images["array"]])
     y = images["y"].to_numpy(dtype=float)
     fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed, gram=gram)
     test_rows, output, threshold = fitted["test_rows"], fitted["test_output"], fitted["threshold"]
@@ -110,11 +110,11 @@ def baseline_study(
 
 def permuted_baseline(
     task: Task, images: pd.DataFrame, members: Sequence[dict[str, list[str]]], *, y: np.ndarray, classes: list[str],
-    seed: int,
+    seed: int, gram: np.ndarray | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The linear baseline trained on shuffled targets (``y``: the test participants' untouched), scored against
-    the test targets."""
-    gram = baseline.gram_matrix([Path(p) for p in images["array"]])
+    the test targets; ``gram``: the cohort's (:func:`~.baseline.gram_matrix`), read here when not given."""
+    gram = baseline.gram_matrix([Path(p) for p in images["array"]]) if gram is None else gram
     fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed, gram=gram)
     return task.evaluate_rows(fitted["test_rows"], fitted["test_output"], threshold=fitted["threshold"], seed=seed,
                               ci=True)  # fmt: skip

@@ -26,7 +26,7 @@ from ..errors import InputDataError, UsageError
 from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
-from . import controls, distributed, evaluate, leakage, search, transfer, walltime
+from . import baseline, controls, distributed, evaluate, leakage, search, transfer, walltime
 from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
@@ -795,18 +795,21 @@ def _controls(
         out["baseline_note"] = f"{task.name} has no linear baseline (a voxel-wise linear model is no competitor)"
     elif not settings.baseline:
         out["baseline_note"] = "skipped (--no-baseline)"
-    if settings.baseline and task.linear_baseline is not None:
+    linear = settings.baseline and task.linear_baseline is not None
+    gram = baseline.timed_gram([Path(p) for p in images["array"]]) if linear else None  # read once for both
+    if linear:
         out["baseline"] = controls.baseline_study(task, images, members, classes=cohort.classes, deep=deep,
-                                                  seed=seed, run_dir=split.run_dir)  # fmt: skip
+                                                  seed=seed, run_dir=split.run_dir, timed_gram=gram)  # fmt: skip
     if settings.permutation_control and not task.learns_labels:  # the parser refuses it for label maps
         out["permutation_control"] = _permutation_control(cohort, split, members, settings=settings,
-                                                          model_config=model_config, device=device)  # fmt: skip
+                                                          model_config=model_config, device=device,
+                                                          gram=gram[0] if gram else None)  # fmt: skip
     return out
 
 
 def _permutation_control(
     cohort: CohortStage, split: SplitStage, members: list[dict[str, list[str]]], *, settings: StudySettings,
-    model_config: ModelConfig, device: torch.device,
+    model_config: ModelConfig, device: torch.device, gram: np.ndarray | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The same folds trained on targets shuffled among the training and validation participants (in
     ``permutation/`` beside the folds), their ensemble and the linear baseline's scored on the true test targets."""
@@ -823,7 +826,7 @@ def _permutation_control(
     test_rows = images[images["participant_id"].isin(test_ids)]
     ensemble = task.ensemble([f.test_output for f in folds])
     deep = task.evaluate_rows(test_rows, ensemble, threshold=task.pooled_threshold(validation), seed=seed, ci=True)
-    linear = (controls.permuted_baseline(task, images, members, y=y, classes=cohort.classes, seed=seed)
+    linear = (controls.permuted_baseline(task, images, members, y=y, classes=cohort.classes, seed=seed, gram=gram)
               if settings.baseline else None)  # fmt: skip
     headline = task.headline_metric(len(cohort.classes))
     LOGGER.info("Permutation control: test %s %.3f (network)%s", headline, deep["metrics"][headline],

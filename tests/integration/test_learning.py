@@ -15,7 +15,7 @@ from pipeline.learn.data import Volumes
 from pipeline.learn.package import load_package, read_package
 from pipeline.learn.tasks import get_task
 from pipeline.learn.train import predict
-from tests.helpers import FAST, fresh_output, set_read_only, the_package
+from tests.helpers import FAST, fresh_output, parallel_group_jobs, set_read_only, the_package
 
 
 def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trained_package, tmp_path, run_cli):
@@ -93,17 +93,9 @@ def test_folds_trained_as_parallel_jobs_assemble_into_the_same_package(
     learning_sample, trained_package, tmp_path, run_cli
 ):
     """Two --fold jobs at once (as two SLURM array tasks), then the plain command: the package of one run."""
-    import subprocess
-    import sys
-
     bids, derivatives = learning_sample
     out = fresh_output(derivatives, tmp_path / "out")
-    bidsdl = Path(sys.executable).parent / "bidsdl"
-    jobs = [subprocess.Popen([str(bidsdl), str(bids), str(out), "group", *FAST, "--fold", str(k)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (1, 0)]  # fmt: skip
-    for job in jobs:
-        output, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, output
+    for output in parallel_group_jobs(bids, out, list(FAST), "--fold", (1, 0)):
         assert "When every fold has finished, run the group level again without --fold" in output
     run_dir = out / "learn" / "target-diagnosis" / "arch-conv5fc3"
     assert {p.parent.name for p in run_dir.glob("fold-*/fold.json")} == {"fold-0", "fold-1"}

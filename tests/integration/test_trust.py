@@ -5,8 +5,6 @@ a search run as array tasks then assembled."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.learn.package import read_package
-from tests.helpers import FAST, fresh_output, the_package
+from tests.helpers import FAST, fresh_output, parallel_group_jobs, the_package
 
 RUN = Path("learn") / "target-diagnosis" / "arch-conv5fc3"
 
@@ -131,13 +129,8 @@ def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, t
 def test_search_trials_as_array_tasks_then_the_assembly(learning_sample, tmp_path, run_cli):
     bids, derivatives = learning_sample
     out = fresh_output(derivatives, tmp_path / "out")
-    bidsdl = Path(sys.executable).parent / "bidsdl"
     options = [*FAST, "--search", "2", "--epochs", "1"]
-    jobs = [subprocess.Popen([str(bidsdl), str(bids), str(out), "group", *options, "--trial", str(k)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (1, 0)]  # fmt: skip
-    for job in jobs:
-        output, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, output
+    for output in parallel_group_jobs(bids, out, options, "--trial", (1, 0)):
         assert "When every trial has finished, run the group level again without --trial" in output
     assert not (out / "models").exists()
     trials = [json.loads((out / RUN / "search" / f"trial-{k}" / "trial.json").read_text())["trial"] for k in (0, 1)]
