@@ -31,7 +31,7 @@ demo: install
 			--flair-fraction 1 --lesion-fraction 0.7
 	@test -f $(DEMO_DIR)/new/dataset_description.json || \
 		$(BIN)/bidsdl-sample $(DEMO_DIR)/new --subjects $(DEMO_NEW_SUBJECTS) --seed 7 --label-prefix ext \
-			--flair-fraction 1 --lesion-fraction 1
+			--flair-fraction 1 --lesion-fraction 1 --unfamiliar scanner
 	# 1. preprocess the training cohort (each T1w, its session's FLAIR aligned to it, lesion masks left out of the
 	#    registrations); 2. train and evaluate (group level)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
@@ -71,6 +71,9 @@ demo: install
 	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('Deep vs linear:      ', \
 		r['baseline']['verdict']['text'])" $(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json
 	@echo "External evaluation:  $(abspath $(DEMO_DIR))/new_derivatives/group.html (predictions.tsv beside it)"
+	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); f=r['out_of_distribution']; \
+		print('Out of distribution: ', ', '.join(o['source'] for o in f) or 'none flagged', '|', \
+		(r.get('by_distribution') or {}).get('text', ''))" $(DEMO_DIR)/new_derivatives/external_evaluation.json
 	@echo "Exported models:      $(abspath $(DEMO_DIR))/exported/"
 	@echo "Segmentation model:   $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/structures_*/ | head -1)"
 	@echo "New cohort's labels:  $(abspath $(DEMO_DIR))/new_segmentation (group.html: Dice, HD95 against the reference)"

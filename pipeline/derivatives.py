@@ -160,6 +160,9 @@ DERIVATIVES: dict[str, Kind] = {
     "dseg_table": Kind("dseg", ".tsv", {"desc": LABEL_DESC}),
     "dseg_model": Kind("dseg", ".nii.gz", {**_MODEL, "desc": LABEL_DESC}),
     "structure_mesh": Kind("mesh", ".surf.gii", {"label": STRUCTURE, "desc": LABEL_DESC}, bids=False),
+    # the segmentation's voxel-wise uncertainty (normalised entropy of the ensemble's probabilities), T1w grid
+    "uncertainty": Kind("probseg", ".nii.gz", {"label": LABEL_DESC, "desc": "uncertainty"}, bids=False),
+    "fig_uncertainty": _figure("uncertainty"),
     "fig_segmentation": _figure("segmentation"),
     "fig_segmentationmesh": _figure("segmentationmesh"),
     "fig_mosaic": _figure("mosaic"),
@@ -526,7 +529,7 @@ STUDY_OUTPUTS: dict[str, str] = {
     "results": "results.json", "case_scores": "case_scores.tsv", "fold_record": "fold.json",
     "predictions": "predictions.tsv", "history": "history.tsv", "model_record": "model.json",
     "baseline_predictions": "baseline_predictions.tsv", "search_trials": "search_trials.tsv",
-    "trial_record": "trial.json",
+    "trial_record": "trial.json", "distribution": "distribution.safetensors",
 }  # fmt: skip
 #: The group report, in OUTPUT_DIR (the subject reports: :func:`subject_report_path`).
 GROUP_REPORT = "group.html"

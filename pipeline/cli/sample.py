@@ -89,6 +89,16 @@ def _add_contrast_options(parser: argparse.ArgumentParser) -> None:
         help="fraction of participants with white-matter lesions (dark on the T1w, bright on the FLAIR), their "
         "masks in the derivatives dataset derivatives/lesions (desc-lesion_mask, each T1w's grid; default 0)",
     )
+    parser.add_argument(
+        "--unfamiliar",
+        nargs="+",
+        default=[],
+        choices=("flair", "inverted", "infant", "scanner"),
+        metavar="KIND",
+        help="add one participant per KIND whose T1w is unlike the others, for checking a model's distribution "
+        "check: flair (a FLAIR stored as T1w), inverted (the contrast inverted), infant (a smaller head, white matter "
+        "as bright as grey), scanner (another scanner's non-linear intensity response)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_prefix=args.label_prefix,
         flair_fraction=args.flair_fraction,
         lesion_fraction=args.lesion_fraction,
+        unfamiliar=tuple(args.unfamiliar),
         n_jobs=max(1, args.nprocs),
     )
     start = time.monotonic()

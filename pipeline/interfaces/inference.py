@@ -24,6 +24,7 @@ class _ModelNodeInputSpec(BaseInterfaceInputSpec):
     """What every node that runs model packages on one image takes."""
 
     in_audit = File(exists=True, mandatory=True, desc="the image's audit record (voxel-data hash)")
+    in_iqm = File(exists=True, desc="the image's quality metrics (the distribution check compares their ranges)")
     source = traits.Str(mandatory=True, desc="the T1w's path relative to BIDS_DIR")
     participant_id = traits.Str(mandatory=True)
     model_dirs = traits.List(traits.Str, mandatory=True, desc="model packages (an ensemble when several)")
@@ -42,6 +43,7 @@ def _common_spec(inputs: Any) -> dict[str, Any]:
         "others": list(inputs.in_others) if isdefined(inputs.in_others) else [],
         "other_records": list(inputs.in_other_records) if isdefined(inputs.in_other_records) else [],
         "audit": inputs.in_audit,
+        "iqm": inputs.in_iqm if isdefined(inputs.in_iqm) else None,
         "source": inputs.source,
         "participant_id": inputs.participant_id,
         "model_dirs": list(inputs.model_dirs),
@@ -114,6 +116,8 @@ class _RunSegmentationOutputSpec(TraitedSpec):
     out_metadata = File(exists=True, desc="sidecar fields: the models and the method")
     out_figure = File(exists=True, desc="the labels over the input (PNG)")
     out_mesh_figure = File(exists=True, desc="the structures' surfaces from three sides (PNG)")
+    out_uncertainty = File(exists=True, desc="the voxel-wise uncertainty in the T1w's own grid")
+    out_uncertainty_figure = File(exists=True, desc="the uncertainty over the input (PNG)")
 
 
 class RunSegmentation(SimpleInterface):
@@ -140,6 +144,8 @@ class RunSegmentation(SimpleInterface):
             out_metadata=outputs["metadata"],
             out_figure=outputs["figure"],
             out_mesh_figure=outputs["mesh_figure"],
+            out_uncertainty=outputs["uncertainty"],
+            out_uncertainty_figure=outputs["uncertainty_figure"],
         )
         return runtime
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from . import ood
 from .package import load_package
 from .tasks import get_task
 from .tasks.base import Task
@@ -30,6 +31,8 @@ class LoadedModel:
     record: dict[str, Any]
     networks: list[nn.Module]
     task: Task
+    #: Each fold's description of its training features (:mod:`pipeline.learn.ood`); None: none recorded.
+    references: list[ood.FoldReference] | None = None
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -49,7 +52,8 @@ def load_models(folders: Sequence[Path | str], device: str | torch.device = "cpu
     models = []
     for folder in folders:
         record, networks = load_package(Path(folder), device)
-        models.append(LoadedModel(Path(folder), record, networks, get_task(record["task"])))
+        references = ood.load_references(Path(folder), record["distribution"]) if record.get("distribution") else None
+        models.append(LoadedModel(Path(folder), record, networks, get_task(record["task"]), references))
     check_ensemble([m.record for m in models], [m.folder for m in models])
     return models
 
@@ -115,6 +119,20 @@ def training_matches(records: Sequence[dict[str, Any]], participant_id: str, dat
     return reasons
 
 
+def _distribution_card(entry: dict[str, Any] | None) -> str | None:
+    """One sentence on how the model tells an unfamiliar image (None: the package records no distribution)."""
+    if not entry:
+        return None
+    calibration = entry["calibration"]
+    flagged = calibration.get("validation_flagged")
+    return (
+        f"features of {sum(f['n_train'] for f in entry['folds'])} training images (over {len(entry['folds'])} "
+        f"fold(s)) and {len(entry.get('metric_ranges', {}))} quality metrics' ranges; threshold "
+        f"{calibration['threshold']:.2f} set on {calibration['n_validation']} validation images"
+        + (f", {flagged:.0%} of which it flags" if flagged is not None else "")
+    )
+
+
 def model_card(model: LoadedModel) -> dict[str, Any]:
     """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
     record = model.record
@@ -135,6 +153,7 @@ def model_card(model: LoadedModel) -> dict[str, Any]:
         "test_metrics": metrics,
         "baseline": (record.get("baseline") or {}).get("verdict", {}).get("text"),  # against a linear model
         "transferred_from": (record.get("transfer") or {}).get("source"),
+        "distribution_check": _distribution_card(record.get("distribution")),
         "intended_use": record.get("model_card", {}).get("intended_use"),
         "limitations": record.get("model_card", {}).get("limitations"),
         "not_for_clinical_use": True,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .. import derivatives
@@ -76,6 +77,11 @@ def gather_predictions(
             "source": image["source"],
             "seen_in_training": record["seen_in_training"],
             **task.external_row(record, classes),
+            # the distribution check and the ensemble's spread (None: made before bidsdl checked them)
+            "out_of_distribution": record.get("out_of_distribution"),
+            "distribution_score": (record.get("distribution_check") or {}).get("score"),
+            "distribution_reasons": "; ".join((record.get("distribution_check") or {}).get("reasons", [])) or None,
+            "ensemble_sd": (record.get("uncertainty") or {}).get("fold_sd"),
         }
         rows.append(row)
     return pd.DataFrame(rows), skipped
@@ -123,8 +129,13 @@ class ExternalRun:
         return _model_entries(self.model_dirs, self.records)
 
     def base_results(self, table: pd.DataFrame, skipped: list[dict[str, str]]) -> dict[str, Any]:
-        """What every external evaluation records: the models, their training, what was predicted and skipped."""
+        """What every external evaluation records: the models, their training, what was predicted and skipped, and
+        the images the distribution check flagged (logged)."""
         first = self.records[0]
+        flagged = table.loc[table["out_of_distribution"].map(lambda v: v is True), "source"].tolist()
+        if flagged:
+            LOGGER.warning("%d of %d prediction(s) flagged as unlike the model's training images (out of distribution; "
+                           "kept and marked in predictions.tsv): %s", len(flagged), len(table), ", ".join(flagged))
         return {
             "models": self.model_entries(),
             "ensemble_id": ensemble_id(self.records),
@@ -134,6 +145,11 @@ class ExternalRun:
             "n_predicted": len(table),
             "skipped": skipped,
             "seen_in_training": table.loc[table["seen_in_training"].astype(bool), "source"].tolist(),
+            "out_of_distribution": [
+                {"source": row["source"], "reasons": row["distribution_reasons"]}
+                for _, row in table.iterrows() if row["source"] in flagged
+            ],
+            "distribution_checked": int(table["out_of_distribution"].notna().sum()),
         }
 
 
@@ -167,9 +183,10 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
     if values is not None:
         table["target"] = values.to_numpy()
         evaluated, excluded = _evaluable(table, column, task, classes)
-    evaluation = None
+    evaluation, by_flag = None, None
     if values is not None and not evaluated.empty:
         evaluation = task.external_evaluate(evaluated, classes, seed=run.seed)
+        by_flag = by_distribution(evaluated, *task.case_error(evaluated, classes), lower_is_better=True)
     derivatives.write_text(run.output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(
         run.output_dir / PREDICTIONS.replace(".tsv", ".json"),
@@ -180,6 +197,11 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
             "seen_in_training": "true when the model saw this participant (or this image) in training or validation",
             "predicted": "the label at the model's threshold, or the predicted value",
             "probability": "probability of the positive class" if len(classes or []) == 2 else None,
+            "out_of_distribution": "true when the image is unlike the model's training images (its features or "
+            "quality metrics; see each prediction's distribution_check); n/a: the package records no distribution",
+            "distribution_score": "the image's feature score (flagged above the model's threshold)",
+            "distribution_reasons": "why the image was flagged",
+            "ensemble_sd": "SD of the prediction across the ensemble's members (folds and models)",
         },
     )
     shown = evaluation is not None and not classes  # values (no classes): the report draws them, one by one
@@ -190,6 +212,7 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
         "n_evaluated": len(evaluated) if evaluation else 0,
         "excluded": excluded,
         "evaluation": evaluation,
+        "by_distribution": by_flag,
         "truth": evaluated["target"].tolist() if shown else None,
         "predicted": evaluated["predicted"].tolist() if shown else None,
     }
@@ -200,6 +223,37 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
             "External evaluation on %d image(s): %s %.3f", len(evaluated), headline, evaluation["metrics"][headline]
         )
     return results
+
+
+def by_distribution(table: pd.DataFrame, errors: pd.Series, measure: str, *, lower_is_better: bool) -> dict[str, Any]:
+    """How the images the distribution check flagged score against those it did not: the count and the mean and
+    median of a per-image ``errors`` (``measure``) in each group, and a sentence saying whether the flag separated
+    worse cases (the flag is only useful if flagged cases do worse).
+
+    >>> t = pd.DataFrame({"out_of_distribution": [True, False, False]})
+    >>> by_distribution(t, pd.Series([0.9, 0.1, 0.2]), "error", lower_is_better=True)["text"]
+    '1 flagged image(s): mean error 0.9 against 0.15 for the 2 unflagged: the flagged did worse.'
+    """
+    flags = table["out_of_distribution"]
+    known = flags.notna().to_numpy()
+    groups = {}
+    for name, wanted in (("flagged", True), ("unflagged", False)):
+        chosen = errors.to_numpy()[known & (flags.to_numpy() == wanted)].astype(float)
+        groups[name] = {"n": len(chosen), "mean": float(chosen.mean()) if len(chosen) else None,
+                        "median": float(np.median(chosen)) if len(chosen) else None}  # fmt: skip
+    flagged, unflagged = groups["flagged"], groups["unflagged"]
+    f_mean, u_mean = flagged["mean"], unflagged["mean"]
+    if not known.any():
+        text = "The predictions carry no distribution check (the model package was made before bidsdl recorded one)."
+    elif not flagged["n"]:
+        text = f"No image was flagged as unlike the training images ({unflagged['n']} checked)."
+    elif u_mean is None or f_mean is None:
+        text = f"Every image ({flagged['n']}) was flagged as unlike the training images: mean {measure} {f_mean:.3g}."
+    else:
+        worse = (f_mean > u_mean) == lower_is_better
+        text = (f"{flagged['n']} flagged image(s): mean {measure} {f_mean:.3g} against {u_mean:.3g} for the "
+                f"{unflagged['n']} unflagged: the flagged did {'worse' if worse else 'not do worse'}.")  # fmt: skip
+    return {"measure": measure, "lower_is_better": lower_is_better, **groups, "text": text}
 
 
 def _reference_values(manifest: pd.DataFrame, table: pd.DataFrame, column: str, *, required: bool) -> pd.Series | None:

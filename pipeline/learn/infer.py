@@ -27,6 +27,7 @@ from ..derivatives import parse_bids_name
 from ..errors import InputDataError
 from ..processes import module_main
 from ..reports.figures import attribution_overlay
+from . import ood
 from .channels import channel_files
 from .ensemble import LoadedModel, ensemble_id, load_models, model_card, training_matches
 from .tasks.base import Task
@@ -65,26 +66,18 @@ def check_input_image(record: dict[str, Any], path: Path, *, space: str | None =
     return np.asarray(img.dataobj, dtype=np.float32)
 
 
-def _feature_layer(network: nn.Module) -> nn.Module:
-    """The layer Grad-CAM explains: the network's last block of feature maps."""
-    for name in ("features", "layer4"):
-        layer = getattr(network, name, None)
-        if isinstance(layer, nn.Module):
-            return layer
-    convs = [m for m in network.modules() if isinstance(m, nn.Conv3d)]
-    return convs[-1]
-
-
 def _unit(volume: np.ndarray) -> np.ndarray:
     """Scale a non-negative map to [0, 1] by its 99.9th percentile (a few extreme voxels do not rule)."""
     top = float(np.percentile(volume, 99.9))
     return np.clip(volume / top, 0, 1) if top > 0 else np.zeros_like(volume)
 
 
-def explain(network: nn.Module, x: torch.Tensor, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One network's outputs, gradient saliency (the largest over the channels) and Grad-CAM for one input
-    ``(1, C, X, Y, Z)``."""
-    layer = _feature_layer(network.net)  # type: ignore[arg-type]
+def explain(
+    network: nn.Module, x: torch.Tensor, task: Task
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One network's outputs, gradient saliency (the largest over the channels), Grad-CAM and the features the
+    distribution check reads (the same maps, averaged over space) for one input ``(1, C, X, Y, Z)``."""
+    layer = ood.feature_layer(network)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -105,38 +98,47 @@ def explain(network: nn.Module, x: torch.Tensor, task: Task) -> tuple[np.ndarray
     weights = gradient.mean(dim=tuple(range(2, gradient.ndim)), keepdim=True)
     cam = torch.relu((weights * activation).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam.float(), size=tuple(x.shape[-3:]), mode="trilinear", align_corners=False)
-    return outputs.detach().float().cpu().numpy()[0], _unit(saliency), _unit(cam[0, 0].cpu().numpy())
+    features = ood.pooled(activation).double().cpu().numpy()
+    return outputs.detach().float().cpu().numpy()[0], _unit(saliency), _unit(cam[0, 0].cpu().numpy()), features
 
 
 @dataclass(frozen=True)
 class Inference:
-    """The ensemble's output for one image, each model's, and the averaged attribution maps."""
+    """The ensemble's output for one image, each model's and each member's (every fold of every model), the
+    averaged attribution maps and each model's folds' features."""
 
     output: np.ndarray  # class probabilities, or the regression value (length 1)
     per_model: list[np.ndarray]
     saliency: np.ndarray
     gradcam: np.ndarray
+    per_fold: list[np.ndarray]
+    features: list[list[np.ndarray]]
 
 
 def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu") -> Inference:
     """Predict one model-input array (``(X, Y, Z)`` or ``(C, X, Y, Z)``) with every fold of every model; average
     them."""
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, -1, *array.shape[-3:]).to(device)
-    per_model, saliency, gradcam = [], [], []
+    per_model, saliency, gradcam, per_fold, features = [], [], [], [], []
     for model in models:
         task = model.task
-        fold_outputs = []
+        fold_outputs, fold_features = [], []
         for fold, network in enumerate(model.networks):
-            raw, sal, cam = explain(network, x, task)
+            raw, sal, cam, feat = explain(network, x, task)
             fold_outputs.append(task.fold_output(raw, fold, model.record))
+            fold_features.append(feat)
             saliency.append(sal)
             gradcam.append(cam)
         per_model.append(np.mean(fold_outputs, axis=0))
+        per_fold += fold_outputs
+        features.append(fold_features)
     return Inference(
         output=np.mean(per_model, axis=0),
         per_model=per_model,
         saliency=np.mean(saliency, axis=0).astype(np.float32),
         gradcam=np.mean(gradcam, axis=0).astype(np.float32),
+        per_fold=per_fold,
+        features=features,
     )
 
 
@@ -147,8 +149,10 @@ def prediction_record(
     source: str,
     participant_id: str,
     seen_in_training: Sequence[str],
+    check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready prediction of one image, with the model card the subject report shows."""
+    """The JSON-ready prediction of one image, with its distribution check (``check``), the ensemble's spread and the
+    model card the subject report shows."""
     first = models[0].record
     task = models[0].task
     record: dict[str, Any] = {
@@ -162,6 +166,9 @@ def prediction_record(
         "seen_in_training_reasons": list(seen_in_training),
     }
     record.update(task.prediction_fields([m.record for m in models], result.output, result.per_model))
+    record["out_of_distribution"] = (check or {}).get("out_of_distribution")
+    record["distribution_check"] = check
+    record["uncertainty"] = task.uncertainty(result.per_fold)
     record["model_card"] = [model_card(m) for m in models]
     return record
 
@@ -193,8 +200,10 @@ def predict_image(
     files = channel_files(models[0].record, spec["in_file"], spec.get("others", []))
     array = np.stack([check_input_image(models[0].record, Path(f), space=space) for f in files])
     result = infer(models, array, device)
+    check = ood.check_image(models, result.features, spec.get("iqm"))
     record = prediction_record(
-        models, result, source=spec["source"], participant_id=spec["participant_id"], seen_in_training=seen
+        models, result, source=spec["source"], participant_id=spec["participant_id"], seen_in_training=seen,
+        check=check,
     )
     img = load_spatial(Path(spec["in_file"]))
     outputs = {}
@@ -207,6 +216,7 @@ def predict_image(
         "Models": record["models"],
         "EnsembleID": record["ensemble_id"],
         "SeenInTraining": record["seen_in_training"],
+        "OutOfDistribution": record["out_of_distribution"],
         "Score": models[0].task.attribution_score_name(len(models[0].record["classes"] or [])),
         "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
     }  # fmt: skip

@@ -173,6 +173,12 @@ def read_package(folder: Path) -> dict[str, Any]:
             raise InputDataError(f"{folder} is incomplete: {entry['file']} is missing. Re-copy the whole folder.")
         if sha256_file(weights) != entry["sha256"]:
             raise InputDataError(f"{weights} does not match the sha256 in {MODEL_JSON}: it was changed. Refused.")
+    distribution = record.get("distribution")
+    if distribution:  # the training features' description (:mod:`pipeline.learn.ood`)
+        path = folder / distribution["file"]
+        if not path.exists() or sha256_file(path) != distribution["sha256"]:
+            raise InputDataError(f"{path} is missing or does not match the sha256 in {MODEL_JSON}. Re-copy the "
+                                 "whole folder.")  # fmt: skip
     return record
 
 

@@ -22,11 +22,13 @@ import pandas as pd
 import torch
 
 from .. import derivatives
+from ..bids.audit import sha256_file
 from ..errors import InputDataError, UsageError
 from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
-from . import baseline, controls, distributed, evaluate, leakage, search, transfer, walltime
+from ..qc import load_qc
+from . import baseline, controls, distributed, evaluate, leakage, ood, search, transfer, walltime
 from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
@@ -216,6 +218,9 @@ class FoldResult:
     validation_output: np.ndarray
     test_output: np.ndarray
     transfer: dict[str, Any] | None = None  # --init-from: the source fold, what was loaded, frozen, drawn anew
+    #: The fold's training features described, and its validation images' and training images' (left out one at a
+    #: time) scores against them (:mod:`pipeline.learn.ood`); None with fewer than 3 training images.
+    distribution: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """What ``results.json`` keeps of the fold."""
@@ -378,6 +383,7 @@ def train_fold(
         for name in task.predicted_splits
     }
     threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
+    distribution = _fold_distribution(task, network, data, device=device, seed=derived_seed(settings.train.seed, fold))
     return FoldResult(
         fold=fold,
         weights=best_path,
@@ -398,7 +404,22 @@ def train_fold(
         validation_output=outputs["validation"],
         test_output=outputs["test"],
         transfer=transferred,
+        distribution=distribution,
     )
+
+
+def _fold_distribution(
+    task: Task, network: torch.nn.Module, data: dict[str, Any], *, device: torch.device, seed: int
+) -> dict[str, Any] | None:
+    """A fold's training features described (the distribution check's reference), and the scores of its validation
+    images (which it did not learn from) and of its training images left out one at a time."""
+    train = task.features(network, data["train"], device=device)
+    if len(train) < 3:
+        return None
+    reference = ood.fit_reference(train)
+    validation = task.features(network, data["validation"], device=device) if len(data["validation"]) else train[:0]
+    return {"reference": reference, "n_train": len(train), "validation": reference.score(validation) if len(validation)
+            else np.zeros(0), "held_out": ood.held_out_scores(train, seed)}  # fmt: skip
 
 
 def _fold_setup(
@@ -698,6 +719,7 @@ def assemble(
                                     "test": test_eval}, manifest_sha256=manifest_sha256)  # fmt: skip
     record.update(postprocessing)
     record.update(_trust_record(split, folds, trust=trust, searched=searched, settings=settings))
+    record["distribution"] = _distribution_record(cohort, split, folds, output_dir=output_dir)
     env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
            "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
     package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env)
@@ -723,6 +745,7 @@ def assemble(
         **postprocessing,
         **extra,
         **trust,
+        "distribution": record["distribution"],
         "transfer": ({k: v for k, v in record["transfer"].items() if k != "seen_subjects"}
                      if "transfer" in record else None),
         "search": searched,
@@ -756,6 +779,42 @@ def _trust_record(
         out["transfer"] = transfer.record(split.source, [f.transfer or {} for f in folds], freeze=settings.freeze,
                                           moved=split.moved_to_training, seen_in_cohort=split.seen_by_source)
     return out
+
+
+def _distribution_record(
+    cohort: CohortStage, split: SplitStage, folds: list[FoldResult], *, output_dir: Path
+) -> dict[str, Any] | None:
+    """What the package records of its training distribution (:mod:`pipeline.learn.ood`): each fold's features
+    described (``distribution.safetensors`` in the run folder), the threshold chosen on the validation images, and
+    the quality metrics' ranges over the training participants (never the test set)."""
+    if any(f.distribution is None for f in folds):
+        LOGGER.warning("No distribution check recorded: a fold has fewer than 3 training images.")
+        return None
+    entries = [f.distribution for f in folds if f.distribution is not None]
+    path = split.run_dir / ood.FILE
+    ood.save_references([e["reference"] for e in entries], path)
+    calibration = ood.calibrate(np.concatenate([e["validation"] for e in entries]),
+                                np.concatenate([e["held_out"] for e in entries]))  # fmt: skip
+    test_ids = set(split.members(0)["test"])
+    training = cohort.images[~cohort.images["participant_id"].isin(test_ids)]
+    iqms = load_qc(output_dir)
+    ranges = ood.metric_ranges(iqms[iqms["source"].isin(training["source"])]) if iqms is not None else {}
+    LOGGER.info("Distribution check: threshold %.2f chosen on %d validation image(s) (%s of them above it); %d "
+                "quality metrics' ranges", calibration["threshold"], calibration["n_validation"],
+                "n/a" if calibration["validation_flagged"] is None else f"{calibration['validation_flagged']:.0%}",
+                len(ranges))  # fmt: skip
+    return {
+        "file": ood.FILE,
+        "sha256": sha256_file(path),
+        "features": "the network's last feature maps (a U-Net's deepest) averaged over space; per fold, their mean, "
+        "SD and correlation (shrunk towards the identity, Schafer-Strimmer) over the fold's training images; an "
+        "image's score is its log Mahalanobis distance (over sqrt(D)) averaged over the folds",
+        "folds": [ood.fold_record(e["reference"], e["n_train"]) for e in entries],
+        "calibration": calibration,
+        "metric_ranges": ranges,
+        "metric_rule": "a prediction interval of each metric over the training participants (Student t; Bonferroni "
+        f"over the metrics, {ood.FLAG_RATE:.1%} flagged in all)",
+    }
 
 
 def _ensemble_on_test(
@@ -855,6 +914,8 @@ def _write_study_package(
         "splits.json": run_dir.parent / "splits.json",
         "predictions.tsv": run_dir / derivatives.STUDY_OUTPUTS["predictions"],
     }
+    if record.get("distribution"):
+        files[ood.FILE] = run_dir / ood.FILE
     if (run_dir / CASE_SCORES).exists():
         files[CASE_SCORES] = run_dir / CASE_SCORES
     for fold in folds:

@@ -182,7 +182,28 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
         "permutation": _permutation(results),
         "search": _search(results),
         "transfer": results.get("transfer"),
+        "distribution": _distribution(results.get("distribution")),
     }
+
+
+def _distribution(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the package records to tell an unfamiliar image at inference (:mod:`pipeline.learn.ood`)."""
+    if not entry:
+        return None
+    calibration = entry["calibration"]
+    flagged = calibration.get("validation_flagged")
+    return {
+        "features": entry["features"],
+        "n_train": [f["n_train"] for f in entry["folds"]],
+        "threshold": _fmt(calibration["threshold"], 2),
+        "rule": calibration["rule"],
+        "calibrated_on": calibration["calibrated_on"],
+        "n_validation": calibration["n_validation"],
+        "validation_flagged": "n/a" if flagged is None else f"{flagged:.0%}",
+        "metrics": [{"metric": k, "range": f"{_fmt(v['min'])} – {_fmt(v['max'])}",
+                     "allowed": f"{_fmt(v['low'])} – {_fmt(v['high'])}"} for k, v in entry["metric_ranges"].items()],
+        "metric_rule": entry["metric_rule"],
+    }  # fmt: skip
 
 
 def _baseline(results: dict[str, Any]) -> dict[str, Any] | None:
@@ -271,4 +292,7 @@ def external_context(results: dict[str, Any], task: Task) -> dict[str, Any]:
         "figure": figure,
         "threshold_used": task.discrete,
         "worst": [{"source": w["source"], "dice": _fmt(w["dice"])} for w in results.get("worst", [])],
+        "out_of_distribution": results.get("out_of_distribution", []),
+        "distribution_checked": results.get("distribution_checked", 0),
+        "by_distribution": results.get("by_distribution"),
     }

@@ -56,6 +56,7 @@ FIGURES = (
     "attribution",
     "segmentation",
     "segmentationmesh",
+    "uncertainty",
     "coregimage",
     "coregreference",
     "lesions",

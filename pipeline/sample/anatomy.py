@@ -242,6 +242,35 @@ def flair_contrast(head: Head) -> np.ndarray:
     return np.where(head.brain, inside, outside).astype(np.float32)
 
 
+#: Kinds of images unlike a T1w of an adult head -> the scale of the head: a FLAIR stored as T1w, the T1-like
+#: contrast inverted, an infant (a smaller head in the isointense phase: white matter as bright as grey), another
+#: scanner's contrast (a non-linear intensity response).
+UNFAMILIAR: dict[str, float] = {"flair": 1.0, "inverted": 1.0, "infant": 0.85, "scanner": 1.0}
+#: The infant's brain contrast (the adult T1-like values mapped), and the other scanner's response exponent.
+_INFANT_BRAIN = ((0.0, 0.3, 0.6, 0.85, 1.0), (0.0, 0.3, 0.62, 0.68, 0.7))
+_SCANNER_GAMMA = 3.0
+
+
+def unfamiliar_contrast(head: Head, kind: str) -> np.ndarray:
+    """The head model's intensities for an image unlike an adult T1w (a kind of :data:`UNFAMILIAR`).
+
+    >>> h = Head(np.array([[[0.0, 0.3, 0.85]]], np.float32), np.ones((1, 1, 3), bool), np.eye(4), np.zeros((1, 1, 3)))
+    >>> [round(float(v), 2) for v in unfamiliar_contrast(h, "inverted").ravel()]
+    [0.0, 0.75, 0.2]
+    >>> [round(float(v), 2) for v in unfamiliar_contrast(h, "infant").ravel()]
+    [0.0, 0.3, 0.68]
+    """
+    if kind == "flair":
+        return flair_contrast(head)
+    if kind == "inverted":
+        return np.where(head.data > 0.02, 1.05 - head.data, 0.0).astype(np.float32)
+    if kind == "infant":
+        return np.where(head.brain, np.interp(head.data, *_INFANT_BRAIN), head.data).astype(np.float32)
+    if kind == "scanner":
+        return (np.clip(head.data, 0, None) ** _SCANNER_GAMMA * 1.3).astype(np.float32)
+    raise ValueError(f"unknown kind of unfamiliar image {kind!r}: choose from {', '.join(UNFAMILIAR)}")
+
+
 #: Lesions (white-matter hyperintensities, as in multiple sclerosis or small-vessel disease): how many per head,
 #: their semi-axes (mm), and their intensity on the T1-like scale (hypointense) and on the FLAIR-like one (bright).
 LESION_COUNT = (5, 15)

@@ -109,6 +109,9 @@ class SampleOptions:
     #: Share of the participants with white-matter lesions (the same in each of their sessions); their masks go
     #: into the derivatives dataset ``derivatives/lesions`` (``desc-lesion_mask``, each T1w's grid).
     lesion_fraction: float = 0.0
+    #: Images unlike every other, one extra participant each (kinds of :data:`~pipeline.sample.anatomy.UNFAMILIAR`):
+    #: what a model's distribution check (or, for the grossest, quality control) must catch.
+    unfamiliar: tuple[str, ...] = ()
     n_jobs: int = 1
 
 
@@ -126,6 +129,8 @@ class ImageSpec:
     flair: bool = False
     #: Seed of the participant's lesions (0: none).
     lesion_seed: int = 0
+    #: A kind of :data:`~pipeline.sample.anatomy.UNFAMILIAR` ("": a T1w like the others).
+    unfamiliar: str = ""
 
     @property
     def stem(self) -> str:
@@ -155,7 +160,7 @@ def _labels_effects(rng: np.random.Generator, severity: float, age: float, stren
 def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[ImageSpec]]:
     """Participants and images, drawn in a fixed order from the seed (independent of n_jobs)."""
     rng = np.random.default_rng(options.seed)
-    width = max(2, len(str(options.n_subjects + 1)))
+    width = max(2, len(str(options.n_subjects + len(options.unfamiliar) + 1)))
     sites = sorted(SITES)
     participants, images = [], []
     # drawn apart from the rest, so that the T1w images do not depend on flair_fraction
@@ -210,7 +215,31 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
                     lesion_seed=lesion_seeds[index],
                 )
             )
+    _plan_unfamiliar(options, width, participants, images)
     return participants, images
+
+
+def _plan_unfamiliar(
+    options: SampleOptions, width: int, participants: list[dict[str, Any]], images: list[ImageSpec]
+) -> None:
+    """One more participant (one session) per kind of ``options.unfamiliar``, drawn apart from the rest so that the
+    other participants do not depend on them."""
+    rng = np.random.default_rng([options.seed, 9])
+    sites = sorted(SITES)
+    for offset, kind in enumerate(options.unfamiliar):
+        if kind not in anatomy.UNFAMILIAR:
+            raise ValueError(f"unknown kind of unfamiliar image {kind!r}: choose from {', '.join(anatomy.UNFAMILIAR)}")
+        label = f"{options.label_prefix}{options.n_subjects + offset + 1:0{width}d}"
+        diagnosis = "AD" if rng.random() < 0.45 else "CN"
+        age = round(float(np.clip(rng.normal(70, 7), 55, 90)), 1)
+        site = sites[int(rng.integers(len(sites)))]
+        severity = float(rng.uniform(*SEVERITY_RANGE)) if diagnosis == "AD" else 0.0
+        participants.append({"participant_id": f"sub-{label}", "age": age, "sex": "F" if rng.random() < 0.5 else "M",
+                             "site": site, "diagnosis": diagnosis, "severity": round(severity, 4)})  # fmt: skip
+        ventricles, hippocampi = _labels_effects(rng, severity, age, options.effect_strength)
+        images.append(ImageSpec(subject=label, session="01", age=age, diagnosis=diagnosis, site=site,
+                                seed=int(rng.integers(2**32)), ventricles=ventricles, hippocampi=hippocampi,
+                                flair=bool(rng.random() < options.flair_fraction), unfamiliar=kind))  # fmt: skip
 
 
 def draw_acquisition(rng: np.random.Generator, options: SampleOptions) -> dict[str, Any]:
@@ -240,9 +269,12 @@ def make_image(
     deform = lambda image: anatomy.deform(  # noqa: E731
         image, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi
     )
-    anatomy_img = deform(head.data if lesions is None else anatomy.with_lesions(head.data, lesions, anatomy.LESION_T1))
+    contrast = head.data if lesions is None else anatomy.with_lesions(head.data, lesions, anatomy.LESION_T1)
+    if spec.unfamiliar:
+        contrast = anatomy.unfamiliar_contrast(head, spec.unfamiliar)
+    anatomy_img = deform(contrast)
     pose = np.eye(4)  # template world -> scanner world
-    pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"])
+    pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"]) * anatomy.UNFAMILIAR.get(spec.unfamiliar, 1.0)
     pose[:3, 3] = acq["translation_mm"]
     ornt = anatomy.orientation_matrix(acq["orientation"])
     world_axis = np.abs(ornt).argmax(axis=0)  # world axis of each voxel axis
@@ -296,6 +328,7 @@ def make_image(
         "age": spec.age,
         "diagnosis": spec.diagnosis,
         "site": spec.site,
+        "Unfamiliar": spec.unfamiliar or None,
     }
     truth["StructureVolumesMl"] = {
         name: round(float((structures == index).sum() * abs(np.linalg.det(grid[:3, :3]))) / 1000, 4)
@@ -539,6 +572,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
             "planted": planted,
             "images": [spec.relpath.as_posix() for spec in images],
             "learning_truth": learning_truth(participants, options),
+            "unfamiliar": {f"sub-{s.subject}": s.unfamiliar for s in images if s.unfamiliar},
         },
     )
     LOGGER.info("Wrote %d images of %d participants to %s", len(images), len(participants), out_dir)
@@ -585,6 +619,9 @@ def _readme(options: SampleOptions, planted: dict[str, Any]) -> str:
         "with --lesion-fraction, some participants have white-matter lesions (dark on the T1w, bright on the FLAIR)",
         f"whose masks, in each T1w's grid, are the derivatives dataset `{LESIONS_DIR.as_posix()}/` "
         f"(`desc-{LESION_DESC}_mask`).",
+        "With --unfamiliar, extra participants have images unlike the others (a FLAIR stored as T1w, an inverted",
+        "contrast, an infant's smaller head with white matter as bright as grey, another scanner's non-linear",
+        "intensity response): `sourcedata/generation.json` names them.",
         "Every image's true T1w-to-template transform, artefacts and brain mask are in `sourcedata/truth/`.",
         f"Reference labels of six structures ({', '.join(anatomy.STRUCTURES.values())}) in each T1w's grid: the",
         f"derivatives dataset `{LABELS_DIR.as_posix()}/` (`desc-{LABEL_DESC}_dseg`), for `--task segmentation`.",

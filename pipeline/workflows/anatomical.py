@@ -276,6 +276,7 @@ PREDICTION_SOURCES: dict[str, tuple[str, str]] = {
     "source": ("inputnode", "source"), "participant_id": ("inputnode", "participant_id"), "t1w": ("inputnode", "t1w"),
     "audit_record": ("anat_audit_wf", "outputnode.audit_record"),
     "passed": ("anat_qc_wf", "outputnode.t1w_model_passed"),
+    "iqm_record": ("anat_qc_wf", "outputnode.iqm_record"),
     **{field: ("anat_preproc_wf", f"outputnode.{field}")
        for field in ("t1w_corrected", "transform", "template_record", "mask_model", "model_record")},
 }  # fmt: skip
@@ -309,14 +310,14 @@ def init_prediction_wf(
                                                  model_resolution=segmentation["resolution_mm"],
                                                  label_desc=segmentation["label_desc"],
                                                  structures=segmentation["structures"])  # fmt: skip
-        fields, outputs = ["source", "participant_id", "t1w", "audit_record", "passed", "t1w_corrected", "transform",
-                           "template_record", "others", "other_records"], SEGMENTATION_INPUTS  # fmt: skip
+        fields, outputs = ["source", "participant_id", "t1w", "audit_record", "iqm_record", "passed", "t1w_corrected",
+                           "transform", "template_record", "others", "other_records"], SEGMENTATION_INPUTS  # fmt: skip
     else:
         model_wf = init_anat_inference_wf(**options, omp_nthreads=omp_nthreads)
         ds_wf = init_inference_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir,
                                               model_resolution=model_resolution)  # fmt: skip
-        fields, outputs = ["source", "participant_id", "audit_record", "passed", "mask_model", "model_record",
-                           "others"], INFERENCE_INPUTS  # fmt: skip
+        fields, outputs = ["source", "participant_id", "audit_record", "iqm_record", "passed", "mask_model",
+                           "model_record", "others"], INFERENCE_INPUTS  # fmt: skip
     for field in fields:
         workflow.connect(inputnode, field, model_wf, f"inputnode.{field}")
     workflow.connect(inputnode, "t1w", ds_wf, "inputnode.source_file")
@@ -375,7 +376,7 @@ def init_anat_segmentation_wf(
     ``t1w_corrected``, ``transform``, ``template_record``. Outputs: see
     :data:`~pipeline.workflows.outputs.SEGMENTATION_INPUTS`.
     """
-    fields = ["source", "participant_id", "t1w", "audit_record", "passed", "t1w_corrected", "transform",
+    fields = ["source", "participant_id", "t1w", "audit_record", "iqm_record", "passed", "t1w_corrected", "transform",
               "template_record", "others", "other_records"]  # fmt: skip
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
@@ -385,13 +386,15 @@ def init_anat_segmentation_wf(
     )
     workflow.connect([
         (inputnode, segment, [("source", "source"), ("participant_id", "participant_id"), ("t1w", "in_t1w"),
-                              ("audit_record", "in_audit"), ("passed", "in_passed"), ("t1w_corrected", "in_file"),
+                              ("audit_record", "in_audit"), ("iqm_record", "in_iqm"), ("passed", "in_passed"),
+                              ("t1w_corrected", "in_file"),
                               ("transform", "in_transform"), ("template_record", "in_template_record"),
                               ("others", "in_others"), ("other_records", "in_other_records")]),
         (segment, outputnode, [("out_record", "prediction"), ("out_dseg", "dseg"), ("out_dseg_model", "dseg_model"),
                                ("out_table", "dseg_table"), ("out_metadata", "segmentation_record"),
                                ("out_figure", "segmentation_figure"), ("out_meshes", "meshes"),
-                               ("out_mesh_figure", "segmentation_mesh_figure")]),
+                               ("out_mesh_figure", "segmentation_mesh_figure"), ("out_uncertainty", "uncertainty"),
+                               ("out_uncertainty_figure", "uncertainty_figure")]),
     ])  # fmt: skip
     return workflow
 
@@ -424,7 +427,8 @@ def init_anat_inference_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(
-            fields=["source", "participant_id", "audit_record", "passed", "mask_model", "model_record", "others"]
+            fields=["source", "participant_id", "audit_record", "iqm_record", "passed", "mask_model", "model_record",
+                    "others"]
         ),
         name="inputnode",
     )
@@ -434,6 +438,7 @@ def init_anat_inference_wf(
     )
     workflow.connect([
         (inputnode, infer, [("source", "source"), ("participant_id", "participant_id"), ("audit_record", "in_audit"),
+                            ("iqm_record", "in_iqm"),
                             ("passed", "in_file"), ("mask_model", "in_mask"), ("model_record", "in_record"),
                             ("others", "in_others")]),
         (infer, outputnode, [("out_record", "prediction"), ("out_saliency", "saliency"), ("out_gradcam", "gradcam"),

@@ -94,12 +94,17 @@ _SEGMENTATION_OUTPUTS: tuple[Output, ...] = (
     Output("ds_dseg_table", "dseg_table", "dseg_table"),
     Output("ds_fig_segmentation", "segmentation_figure", "fig_segmentation"),
     Output("ds_fig_segmentation_mesh", "segmentation_mesh_figure", "fig_segmentationmesh"),
+    Output("ds_uncertainty", "uncertainty", "uncertainty",
+           {"Description": "Voxel-wise uncertainty of the predicted labels: the normalised entropy of the ensemble's "
+            "class probabilities (entropy / log K; 0 certain, 1 every class alike), in the T1w's own grid",
+            "Units": "arbitrary"}, "segmentation_record"),
+    Output("ds_fig_uncertainty", "uncertainty_figure", "fig_uncertainty"),
 )  # fmt: skip
 
 #: The inputs of :func:`init_segmentation_derivatives_wf` besides ``source_file``.
 SEGMENTATION_INPUTS = (
     "prediction", "dseg", "dseg_model", "dseg_table", "segmentation_record", "segmentation_figure",
-    "segmentation_mesh_figure", "meshes",
+    "segmentation_mesh_figure", "meshes", "uncertainty", "uncertainty_figure",
 )  # fmt: skip
 
 

@@ -42,6 +42,9 @@ def test_segmentation_training_leaves_a_package_and_its_evidence(segmentation_ru
     assert set(chosen) <= {e["name"] for e in record["labels"]}
     assert [e["index"] for e in record["labels"] if e["name"] in chosen] == record["postprocessing"]["label_indices"]
     assert not [p for p in package.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
+    distribution = record["distribution"]  # the U-Net's deepest maps over the training images; few validation images
+    assert distribution["folds"][0]["n_features"] == 128 and np.isfinite(distribution["calibration"]["threshold"])
+    assert "leave-one-out" in distribution["calibration"]["calibrated_on"]
     cases = pd.read_csv(package / "case_scores.tsv", sep="\t")
     assert set(cases["space"]) == {"template", "T1w"} and {"dice", "hd95_mm", "volume_difference_ml"} <= set(cases)
     run = out / "learn" / f"target-{LABEL_DESC}" / "arch-unet"
@@ -87,8 +90,15 @@ def test_predicted_labels_land_in_each_t1w_grid_and_match_the_truth(segmentation
             assert 3 < volumes["Left-Lateral-Ventricle"] < 15 and prediction["structures"][0]["surface"]["area_cm2"] > 0
             assert prediction["absent_structures"] == [name for name, ml in volumes.items() if ml == 0]
             assert not list(folder.glob("*_desc-gradcam_attribution.nii.gz"))  # no classification outputs
+            uncertainty = nib.load(folder / f"{stem}_label-{LABEL_DESC}_desc-uncertainty_probseg.nii.gz")
+            values = np.asarray(uncertainty.dataobj)
+            assert uncertainty.shape == raw.shape and values.min() >= 0 and values.max() <= 1.0001 and values.max() > 0
+            assert set(prediction["uncertainty"]["structures"]) == set(volumes)
+            assert prediction["distribution_check"]["checks"][0]["available"]
+            assert isinstance(prediction["out_of_distribution"], bool)
         report = (out / f"{participant}.html").read_text()
-        assert "Segmentation" in report and "Volumes and surfaces" in report
+        for text in ("Segmentation", "Volumes and surfaces", "uncertainty of the segmentation", "Distribution check"):
+            assert text in report, text
     assert not [i for i in validator_issues(out) if i["severity"] == "error"]
 
     code, _, err = run_cli(bids, out, "group", "--model", package, "--labels", bids / LABELS_DIR,
@@ -102,6 +112,7 @@ def test_predicted_labels_land_in_each_t1w_grid_and_match_the_truth(segmentation
     scores = pd.read_csv(out / "external_case_scores.tsv", sep="\t")
     assert set(scores["structure"]) == {e["name"] for e in record["labels"]}
     assert "External evaluation" in (out / "group.html").read_text()
+    assert evaluation["by_distribution"]["measure"] == "Dice (mean over structures)"
 
 
 def test_segmentation_bad_input_gets_one_clear_message(segmentation_run, trained_package, run_cli, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import ood
 from ..baseline import LinearModel
 from ..data import Volumes
 
@@ -148,6 +149,16 @@ class Task:
         """What :func:`~pipeline.learn.train.fit` trains on or predicts: cached arrays and targets of ``rows``."""
         return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
 
+    def features(self, network: torch.nn.Module, data: Any, *, device: Any, batch_size: int = 8) -> np.ndarray:
+        """The network's features ``(n, D)`` of every item of ``data``: what the distribution check describes
+        (:mod:`pipeline.learn.ood`)."""
+        batches = (data.batch(chunk)[0] for chunk in chunks(len(data), batch_size))
+        return ood.whole_image_features(network, batches, device)
+
+    def uncertainty(self, per_fold: Sequence[np.ndarray]) -> dict[str, Any]:
+        """How much the ensemble's members (every fold of every model) disagree on one image."""
+        return spread([np.ravel(p)[0] for p in per_fold], "the predicted value")
+
     def ensemble(self, outputs: Sequence[Any]) -> Any:
         """The folds' outputs on one set of images, combined (the mean)."""
         return np.mean(outputs, axis=0)
@@ -247,6 +258,11 @@ class Task:
     def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def case_error(self, table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.Series, str]:
+        """How wrong each gathered prediction of ``table`` (with its ``target``) is, and what that measures (lower is
+        better): what the external evaluation compares between flagged and unflagged images."""
+        raise NotImplementedError
+
     def headline_metric(self, n_classes: int) -> str:
         raise NotImplementedError
 
@@ -260,6 +276,17 @@ def fold_scale(record: dict[str, Any], fold: int) -> TargetScale:
     """The target scale of fold ``fold`` of the model package ``record`` (:data:`NO_SCALE` when none is recorded)."""
     scales = record.get("target_scale") or []
     return TargetScale(float(scales[fold]["mean"]), float(scales[fold]["sd"])) if fold < len(scales) else NO_SCALE
+
+
+def spread(values: Sequence[float] | np.ndarray, quantity: str) -> dict[str, Any]:
+    """The spread of the ensemble members' ``quantity`` on one image: SD (None with one member) and range.
+
+    >>> spread([0.2, 0.4], "p")
+    {'quantity': 'p', 'members': 2, 'fold_sd': 0.1414, 'fold_range': [0.2, 0.4]}
+    """
+    v = np.asarray(values, dtype=float)
+    return {"quantity": quantity, "members": len(v), "fold_sd": round(float(v.std(ddof=1)), 4) if len(v) > 1 else None,
+            "fold_range": [round(float(v.min()), 4), round(float(v.max()), 4)]}  # fmt: skip
 
 
 def chunks(n: int, size: int) -> list[np.ndarray]:

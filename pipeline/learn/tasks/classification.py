@@ -16,7 +16,7 @@ from ...errors import InputDataError
 from ...reports import learning as figures
 from .. import evaluate
 from ..baseline import LinearModel
-from .base import Criterion, TargetScale
+from .base import Criterion, TargetScale, spread
 from .image import ImageTask
 
 
@@ -190,6 +190,16 @@ class Classification(ImageTask):
             fields["predicted"] = classes[int(np.argmax(output))]
         return fields
 
+    def uncertainty(self, per_fold: Sequence[np.ndarray]) -> dict[str, Any]:
+        """The spread of the members' probability of the positive class (two classes) or of the ensemble's predicted
+        class, and the entropy of the ensemble's probabilities (0: certain, 1: every class alike)."""
+        probabilities = np.asarray(per_fold, dtype=float)
+        mean = probabilities.mean(axis=0)
+        k = 1 if len(mean) == 2 else int(mean.argmax())
+        quantity = "probability of the positive class" if len(mean) == 2 else "probability of the predicted class"
+        entropy = float(-(mean * np.log(np.clip(mean, 1e-12, 1))).sum() / math.log(len(mean)))
+        return {**spread(probabilities[:, k], quantity), "entropy": round(entropy, 4)}
+
     def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
         row: dict[str, Any] = {"predicted": record["predicted"]}
         for name in classes:
@@ -211,6 +221,11 @@ class Classification(ImageTask):
         return self.evaluate(
             y, probabilities, threshold=threshold, groups=table["participant_id"].tolist(), seed=seed, ci=True
         )
+
+    def case_error(self, table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.Series, str]:
+        truth = [class_of(v, classes) for v in table["target"]]
+        right = [table[f"probability_{c}"].iloc[i] for i, c in enumerate(truth)]
+        return pd.Series(1.0 - np.asarray(right, dtype=float), index=table.index), "1 - probability of the true class"
 
     def headline_metric(self, n_classes: int) -> str:
         return "roc_auc" if n_classes == 2 else "balanced_accuracy"

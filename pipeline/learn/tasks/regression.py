@@ -107,6 +107,10 @@ class Regression(ImageTask):
             groups=table["participant_id"].tolist(), seed=seed, ci=True,
         )  # fmt: skip
 
+    def case_error(self, table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.Series, str]:
+        y = pd.to_numeric(table["target"], errors="coerce")
+        return (table["predicted"].astype(float) - y).abs(), "absolute error"
+
     def headline_metric(self, n_classes: int) -> str:
         return "mae"
 

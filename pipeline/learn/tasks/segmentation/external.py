@@ -15,7 +15,7 @@ import pandas as pd
 from .... import derivatives
 from ....errors import InputDataError
 from ...ensemble import ensemble_id
-from ...external import CASE_SCORES, EVALUATION, PREDICTIONS, ExternalRun, without_cases
+from ...external import CASE_SCORES, EVALUATION, PREDICTIONS, ExternalRun, by_distribution, without_cases
 from ...labels import LabelTable, check_labels_dataset, find_label, find_table, load_label
 from ..base import Task
 from .metrics import structure_scores, summarise_cases
@@ -52,11 +52,22 @@ def evaluate_segmentations(run: ExternalRun, task: Task) -> dict[str, Any]:
         "n_evaluated": evaluation["n"] if evaluation else 0,
         "excluded": excluded,
         "evaluation": evaluation,
+        "by_distribution": _by_distribution(table, cases),
         "truth": None,
         "predicted": None,
     }
     derivatives.write_json(run.output_dir / EVALUATION, {**results, "evaluation": without_cases(evaluation)})
     return results
+
+
+def _by_distribution(table: pd.DataFrame, cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The flagged and unflagged images' Dice (each image's mean over its structures)."""
+    if not cases:
+        return None
+    dice = pd.DataFrame(cases).groupby("source", sort=False)["dice"].mean()
+    flags = table.set_index("source")["out_of_distribution"].reindex(dice.index)
+    return by_distribution(pd.DataFrame({"out_of_distribution": flags.to_numpy()}), pd.Series(dice.to_numpy()),
+                           "Dice (mean over structures)", lower_is_better=False)  # fmt: skip
 
 
 def _scored_cases(

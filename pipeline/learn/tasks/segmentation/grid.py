@@ -77,4 +77,12 @@ def probabilities_to_native(
     return labels
 
 
+def map_to_native(
+    volume: np.ndarray, grid: np.ndarray, transform: sitk.Transform, affine: np.ndarray, shape: Sequence[int]
+) -> np.ndarray:
+    """A model-grid map (e.g. the uncertainty) on a T1w's grid (linear; 0 outside the model grid)."""
+    image = array_to_sitk(np.asarray(volume, dtype=np.float32), grid)
+    return resample(image, transform.GetInverse(), affine, shape).astype(np.float32)
+
+
 # --- metrics -------------------------------------------------------------------------------------------------

@@ -22,13 +22,23 @@ from ....bids.audit import load_spatial
 from ....derivatives import bids_label
 from ....errors import InputDataError
 from ....ops.mesh import mask_surface, surface_summary, write_gifti
-from ....reports.figures import mesh_views
+from ....reports.figures import attribution_overlay, mesh_views
 from ....reports.learning import segmentation_preview
+from ... import ood
 from ...channels import channel_files
 from ...ensemble import LoadedModel, ensemble_id, model_card
 from .data import predict_volume
-from .grid import image_on_grid, model_grid, probabilities_to_native, read_transform
+from .grid import image_on_grid, map_to_native, model_grid, probabilities_to_native, read_transform
 from .postprocess import postprocess, postprocessing_indices
+
+
+def _save_map(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.to_filename(path)
+    return str(path)
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -64,21 +74,45 @@ def check_models(models: Sequence[LoadedModel]) -> None:
 
 def segment(
     models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu"
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities ``(K, X, Y, Z)`` of the ensemble (the mean over folds and models), and each model's."""
-    per_model = []
+) -> tuple[np.ndarray, list[np.ndarray], list[list[np.ndarray]]]:
+    """Class probabilities ``(K, X, Y, Z)`` of the ensemble (the mean over folds and models), each model's, and each
+    model's folds' features (the distribution check's, :func:`~pipeline.learn.ood.windowed_features`)."""
+    per_model, features = [], []
+    volume = array if array.ndim == 4 else array[None]
     for model in models:
         patch = int(model.record["patch_size"])
-        folds = []
+        folds, fold_features = [], []
         for network in model.networks:
 
             def run(x: torch.Tensor, network: torch.nn.Module = network) -> torch.Tensor:
                 with torch.no_grad():
                     return network(x.to(device)).float().cpu()
 
-            folds.append(predict_volume(run, array if array.ndim == 4 else array[None], patch).astype(np.float32))
+            folds.append(predict_volume(run, volume, patch).astype(np.float32))
+            fold_features.append(ood.windowed_features(run, network, volume, patch))
         per_model.append(np.mean(folds, axis=0))
-    return np.mean(per_model, axis=0), per_model
+        features.append(fold_features)
+    return np.mean(per_model, axis=0), per_model, features
+
+
+def entropy_map(probabilities: np.ndarray) -> np.ndarray:
+    """Voxel-wise uncertainty of class probabilities ``(K, ...)``: their entropy divided by log K (0: one class is
+    certain; 1: every class alike).
+
+    >>> entropy_map(np.array([[1.0, 0.5], [0.0, 0.5]])).round(3).tolist()
+    [0.0, 1.0]
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    return (-(p * np.log(p)).sum(0) / np.log(p.shape[0])).astype(np.float32)
+
+
+def structure_uncertainty(labels: np.ndarray, uncertainty: np.ndarray, index: int) -> dict[str, float | None]:
+    """The uncertainty within one predicted structure: its mean and the share of its voxels above 0.5 (None when the
+    structure is absent)."""
+    inside = uncertainty[labels == index]
+    if not inside.size:
+        return {"mean": None, "share_above_half": None}
+    return {"mean": round(float(inside.mean()), 4), "share_above_half": round(float((inside > 0.5).mean()), 4)}
 
 
 def segment_node(
@@ -103,7 +137,7 @@ def segment_node(
                       json.loads(Path(template).read_text())["IntensityNormalization"])
         for image, template in zip(images, records, strict=True)
     ])  # fmt: skip
-    probabilities, _ = segment(models, array, device)
+    probabilities, _, features = segment(models, array, device)
     keep, rules = postprocessing_indices(record), record.get("postprocessing", {})  # chosen on validation
     grid_ml = float(record["input"]["resolution_mm"]) ** 3 / 1000
     on_grid = postprocess(probabilities.argmax(0).astype(np.uint8), rules, keep, grid_ml)
@@ -111,18 +145,27 @@ def segment_node(
     native_ml = float(np.prod(raw.header.get_zooms()[:3])) / 1000
     native = postprocess(probabilities_to_native(probabilities, grid, transform, raw.affine, raw.shape[:3]), rules,
                          keep, native_ml)  # fmt: skip
+    uncertainty = map_to_native(entropy_map(probabilities), grid, transform, raw.affine, raw.shape[:3])
     outputs: dict[str, Any] = {
         "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
         "dseg_model": _save(on_grid, grid, out_dir / "dseg_model.nii"),
+        "uncertainty": _save_map(uncertainty, raw.affine, out_dir / "uncertainty.nii"),
     }
     table = out_dir / "dseg.tsv"
     table.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in sorted(labels.items())))
     outputs["table"] = str(table)
     structures, outputs["meshes"], surfaces = _structures(native, raw.affine, labels, out_dir)
-    outputs.update(_write_records(spec, models, structures, out_dir, seen=seen))
+    for entry in structures:
+        entry["uncertainty"] = structure_uncertainty(native, uncertainty, entry["index"])
+    check = ood.check_image(models, features, spec.get("iqm"))
+    outputs.update(_write_records(spec, models, structures, out_dir, seen=seen, check=check))
     title = ", ".join(f"{s['name']} {s['volume_ml']:.1f} ml" for s in structures[:6])
     outputs["figure"] = str(out_dir / "segmentation.png")
     Path(outputs["figure"]).write_bytes(segmentation_preview(array[-1], None, on_grid, title=title))
+    outputs["uncertainty_figure"] = str(out_dir / "uncertainty.png")
+    Path(outputs["uncertainty_figure"]).write_bytes(
+        attribution_overlay(array[-1], {"uncertainty (entropy / log K)": entropy_map(probabilities)})
+    )
     outputs["mesh_figure"] = str(out_dir / "segmentation_mesh.png")
     Path(outputs["mesh_figure"]).write_bytes(_mesh_figure(surfaces))
     return outputs
@@ -153,7 +196,7 @@ def _structures(
 
 def _write_records(
     spec: dict[str, Any], models: Sequence[LoadedModel], structures: list[dict[str, Any]], out_dir: Path, *,
-    seen: Sequence[str],
+    seen: Sequence[str], check: dict[str, Any],
 ) -> dict[str, str]:  # fmt: skip
     """The prediction record (``prediction.json``) and the labels' sidecar metadata."""
     record = models[0].record
@@ -171,12 +214,21 @@ def _write_records(
         "structures": structures,
         "volumes_ml": {s["name"]: s["volume_ml"] for s in structures},
         "absent_structures": [s["name"] for s in structures if s["surface"] is None],  # none predicted: look
+        "out_of_distribution": check["out_of_distribution"],
+        "distribution_check": check,
+        "uncertainty": {
+            "map": "normalised entropy of the ensemble's class probabilities (entropy / log K: 0 certain, 1 every "
+            "class alike), on the model grid, brought to the T1w's grid (linear)",
+            "members": sum(len(m.networks) for m in models),
+            "structures": {s["name"]: s["uncertainty"] for s in structures},
+        },
         "model_card": [model_card(m) for m in models],
     }
     metadata = {
         "Models": prediction["models"],
         "EnsembleID": prediction["ensemble_id"],
         "SeenInTraining": prediction["seen_in_training"],
+        "OutOfDistribution": prediction["out_of_distribution"],
         "Labels": record["labels"],
         "Method": "sliding-window softmax of every fold (mean), brought to this grid through the inverse of the "
         "participant level's affine (probabilities, linear), then the argmax; for the structures named in "

@@ -19,6 +19,7 @@ from .... import derivatives
 from ....bids.audit import load_spatial
 from ....errors import UsageError
 from ....reports import learning as figures
+from ... import ood
 from ..base import Criterion, TargetScale, Task
 from .cohort import build_cohort
 from .data import WINDOW_MODE, WINDOW_OVERLAP, SegmentationData, predict_volume
@@ -105,6 +106,16 @@ class Segmentation(Task):
         self, run: Callable[[torch.Tensor], torch.Tensor], data: Any, *, scale: TargetScale, batch_size: int
     ) -> Any:
         return SegmentationOutputs([predict_volume(run, data.array(i), data.patch) for i in range(len(data))])
+
+    def features(self, network: torch.nn.Module, data: Any, *, device: Any, batch_size: int = 8) -> np.ndarray:
+        """Each image's features: its windows' deepest maps, averaged (:func:`pipeline.learn.ood.windowed_features`)."""
+        network.eval()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return network(x.to(device))
+
+        found = [ood.windowed_features(run, network, data.array(i), data.patch) for i in range(len(data))]
+        return np.concatenate(found) if found else np.zeros((0, 0))
 
     def validation_loss(self, criterion: Criterion, outputs: Any, targets: Any, scale: TargetScale) -> float:
         return 1.0 - self.validation_scores(outputs, targets)["dice"]
