@@ -798,7 +798,8 @@ def _distribution_record(
     test_ids = set(split.members(0)["test"])
     training = cohort.images[~cohort.images["participant_id"].isin(test_ids)]
     iqms = load_qc(output_dir)
-    ranges = ood.metric_ranges(iqms[iqms["source"].isin(training["source"])]) if iqms is not None else {}
+    known = iqms is not None and "source" in iqms.columns
+    ranges = ood.metric_ranges(iqms[iqms["source"].isin(training["source"])]) if known else {}  # type: ignore[index]
     LOGGER.info("Distribution check: threshold %.2f chosen on %d validation image(s) (%s of them above it); %d "
                 "quality metrics' ranges", calibration["threshold"], calibration["n_validation"],
                 "n/a" if calibration["validation_flagged"] is None else f"{calibration['validation_flagged']:.0%}",
