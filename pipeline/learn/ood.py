@@ -3,9 +3,10 @@
 What a model package records, from its training data only:
 
 * **features**: per fold, the network's features of that fold's training images (the last feature maps averaged
-  over space: the layer Grad-CAM explains for whole-image networks, the deepest maps of a U-Net averaged over its
-  windows), described by their mean, their SD and their correlation shrunk towards the identity (Schafer-Strimmer:
-  with few images, nearly a standardised Euclidean distance; with many, the full Mahalanobis distance). The
+  over space: the layer Grad-CAM explains for whole-image networks, the deepest maps of a U-Net averaged over the
+  windows of its sliding-window prediction), described by their mean, their SD and their correlation shrunk
+  towards the identity (Schafer-Strimmer: with few images, nearly a standardised Euclidean distance; with many,
+  the full Mahalanobis distance). The
   correlation is kept as its principal axes (at most one per training image), so no D x D matrix is stored. An
   image's score is its log distance (divided by sqrt(D): about 0 for a training image), averaged over the folds.
 * **the threshold**, chosen on the validation images only (each scored by the fold that did not learn from it): a
@@ -105,18 +106,13 @@ def whole_image_features(
     return hook.features()
 
 
-def windowed_features(run: Callable[[torch.Tensor], torch.Tensor], network: nn.Module, array: np.ndarray,
-                      patch: int) -> np.ndarray:  # fmt: skip
-    """One image's features by a window network: the mean of the pooled deepest maps over the windows that tile
-    the volume (no overlap; the last window of each axis ends at its edge)."""
-    x = torch.from_numpy(np.array(array, dtype=np.float32))
-    x = x if x.ndim == 4 else x[None]
-    starts = [sorted({*range(0, max(1, s - patch + 1), patch), max(0, s - patch)}) for s in x.shape[1:]]
-    windows = [x[:, i:i + patch, j:j + patch, k:k + patch] for i in starts[0] for j in starts[1] for k in starts[2]]
-    with FeatureHook(network) as hook, torch.no_grad():
-        for window in windows:
-            run(window[None])
-    return hook.features().mean(axis=0, keepdims=True)
+def features_while(network: nn.Module, predict: Callable[[], Any]) -> tuple[Any, np.ndarray]:
+    """Run ``predict`` (e.g. a sliding-window prediction by ``network``) while keeping the pooled maps of its
+    :func:`feature_layer`: its result, and the features of the image ``(1, C)``, the mean over every window. The
+    features cost no forward pass of their own."""
+    with FeatureHook(network) as hook:
+        result = predict()
+    return result, hook.features().mean(axis=0, keepdims=True)
 
 
 # --- one fold's description ---------------------------------------------------------------------------------------

@@ -126,9 +126,13 @@ def test_features_are_the_deepest_maps_averaged_over_space(architecture):
     torch.manual_seed(0)
     network = build_model(config).eval()
     if segmentation:
-        array = np.random.default_rng(0).normal(size=(40, 48, 40)).astype(np.float32)
-        found = ood.windowed_features(lambda x: network(x), network, array, 32)
-        assert found.shape == (1, 128)  # the bottleneck's channels, averaged over the tiling windows
+        from pipeline.learn.tasks.segmentation.data import predict_volume
+
+        array = np.random.default_rng(0).normal(size=(1, 40, 48, 40)).astype(np.float32)
+        plain = predict_volume(lambda x: network(x), array, 32)
+        probabilities, found = ood.features_while(network, lambda: predict_volume(lambda x: network(x), array, 32))
+        assert found.shape == (1, 128)  # the bottleneck's channels, averaged over the sliding windows
+        assert np.array_equal(plain, probabilities)  # the prediction is untouched
     else:
         found = ood.whole_image_features(network, [torch.randn(3, 1, 32, 40, 32)])
         assert found.shape[0] == 3 and found.shape[1] >= 64

@@ -9,6 +9,7 @@ grid (probabilities resampled through the inverse affine, then the argmax). Per 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,7 +77,7 @@ def segment(
     models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.device = "cpu"
 ) -> tuple[np.ndarray, list[np.ndarray], list[list[np.ndarray]]]:
     """Class probabilities ``(K, X, Y, Z)`` of the ensemble (the mean over folds and models), each model's, and each
-    model's folds' features (the distribution check's, :func:`~pipeline.learn.ood.windowed_features`)."""
+    model's folds' features (the distribution check's, kept during the same windows' forward passes)."""
     per_model, features = [], []
     volume = array if array.ndim == 4 else array[None]
     for model in models:
@@ -88,8 +89,9 @@ def segment(
                 with torch.no_grad():
                     return network(x.to(device)).float().cpu()
 
-            folds.append(predict_volume(run, volume, patch).astype(np.float32))
-            fold_features.append(ood.windowed_features(run, network, volume, patch))
+            probabilities, found = ood.features_while(network, functools.partial(predict_volume, run, volume, patch))
+            folds.append(probabilities.astype(np.float32))
+            fold_features.append(found)
         per_model.append(np.mean(folds, axis=0))
         features.append(fold_features)
     return np.mean(per_model, axis=0), per_model, features

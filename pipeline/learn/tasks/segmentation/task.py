@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -108,13 +109,15 @@ class Segmentation(Task):
         return SegmentationOutputs([predict_volume(run, data.array(i), data.patch) for i in range(len(data))])
 
     def features(self, network: torch.nn.Module, data: Any, *, device: Any, batch_size: int = 8) -> np.ndarray:
-        """Each image's features: its windows' deepest maps, averaged (:func:`pipeline.learn.ood.windowed_features`)."""
+        """Each image's features: the deepest maps of every window of its sliding-window prediction, averaged (as at
+        the participant level, :func:`pipeline.learn.ood.features_while`)."""
         network.eval()
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return network(x.to(device))
+            return network(x.to(device)).float().cpu()
 
-        found = [ood.windowed_features(run, network, data.array(i), data.patch) for i in range(len(data))]
+        found = [ood.features_while(network, functools.partial(predict_volume, run, data.array(i), data.patch))[1]
+                 for i in range(len(data))]  # fmt: skip
         return np.concatenate(found) if found else np.zeros((0, 0))
 
     def validation_loss(self, criterion: Criterion, outputs: Any, targets: Any, scale: TargetScale) -> float:
