@@ -186,7 +186,7 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
     evaluation, by_flag = None, None
     if values is not None and not evaluated.empty:
         evaluation = task.external_evaluate(evaluated, classes, seed=run.seed)
-        by_flag = by_distribution(evaluated, *task.case_error(evaluated, classes), lower_is_better=True)
+        by_flag = _flagged_against_unflagged(evaluated, task, classes)
     derivatives.write_text(run.output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
     derivatives.write_json(
         run.output_dir / PREDICTIONS.replace(".tsv", ".json"),
@@ -223,6 +223,16 @@ def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
             "External evaluation on %d image(s): %s %.3f", len(evaluated), headline, evaluation["metrics"][headline]
         )
     return results
+
+
+def _flagged_against_unflagged(table: pd.DataFrame, task: Task, classes: Sequence[str]) -> dict[str, Any] | None:
+    """:func:`by_distribution` of the task's per-image error (None, logged, for a task that defines none)."""
+    try:
+        errors, measure = task.case_error(table, classes)
+    except NotImplementedError:
+        LOGGER.info("The task %s defines no per-image error: flagged and unflagged images are not compared.", task.name)
+        return None
+    return by_distribution(table, errors, measure, lower_is_better=True)
 
 
 def by_distribution(table: pd.DataFrame, errors: pd.Series, measure: str, *, lower_is_better: bool) -> dict[str, Any]:
