@@ -33,17 +33,9 @@ from .grid import image_on_grid, map_to_native, model_grid, probabilities_to_nat
 from .postprocess import postprocess, postprocessing_indices
 
 
-def _save_map(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.to_filename(path)
-    return str(path)
-
-
-def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), affine)
+def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype: type = np.uint8) -> str:
+    """``data`` as NIfTI (labels: uint8; maps: float32) with the affine as both qform and sform."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -151,7 +143,7 @@ def segment_node(
     outputs: dict[str, Any] = {
         "dseg": _save(native, raw.affine, out_dir / "dseg.nii"),
         "dseg_model": _save(on_grid, grid, out_dir / "dseg_model.nii"),
-        "uncertainty": _save_map(uncertainty, raw.affine, out_dir / "uncertainty.nii"),
+        "uncertainty": _save(uncertainty, raw.affine, out_dir / "uncertainty.nii", np.float32),
     }
     table = out_dir / "dseg.tsv"
     table.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in sorted(labels.items())))
