@@ -48,6 +48,8 @@ class RunConfig:
     mem_gb: float = 1.0
     model_resolution: float = _learning(2.0)
     lesion_masks: Path | None = None  # a derivatives dataset of lesion masks (desc-lesion_mask) in each T1w's grid
+    registration: str = "syn"  # "syn": the affine, then ANTs SyN and morphometry; "affine": the affine alone
+    warp_resolution: int = 2  # the SyN field's grid (mm)
     stop_on_first_crash: bool = False
     force: bool = False
     seed: int = _learning(42)
@@ -63,6 +65,7 @@ class RunConfig:
     stratify: tuple[str, ...] = _learning(())
     test_size: float = _learning(0.2)
     n_folds: int = _learning(5)
+    outer_folds: int = _learning(0)  # nested cross-validation: K outer test folds (0: one held-out test set)
     val_size: float = _learning(0.2)
     architecture: str = _learning("conv5fc3")
     epochs: int = _learning(30)
@@ -93,6 +96,7 @@ class RunConfig:
     tensorboard: bool = False
     compile: bool = False  # torch.compile the training step (for GPUs)
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: all, then the assembly
+    outer_fold: tuple[int, ...] = ()  # only these outer folds (array jobs); none: all, then the nested assembly
     trial: tuple[int, ...] = ()  # only these search trials (array jobs); none: all, then the refit
     time_limit: float | None = None  # seconds this job may run (--time-limit; SLURM's end time is read as well)
     # inference (participant level) and external evaluation (group level)
@@ -160,6 +164,7 @@ _NOT_HASHED = frozenset(
         "tensorboard",
         "compile",
         "fold",
+        "outer_fold",
         "trial",
         "time_limit",
         "labels",

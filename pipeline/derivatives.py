@@ -20,13 +20,13 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import InputDataError, OutputNotWritable, UsageError
-from .kinds import PROCESSED_KINDS, REFERENCE_KIND
+from .kinds import DEFAULT_CHANNELS, PROCESSED_KINDS, REFERENCE_KIND
 
 LOGGER = logging.getLogger(__name__)
 
@@ -152,6 +152,22 @@ DERIVATIVES: dict[str, Kind] = {
     "xfm_reference": Kind("xfm", ".txt", {"from": SOURCE_KIND, "to": REFERENCE_KIND, "mode": "image"}, bids=False),
     "fig_coregreference": _figure("coregreference"),
     "fig_coregimage": _figure("coregimage"),
+    # the nonlinear registration (--registration syn): the composite transforms (ITK .h5, the affine then the warp),
+    # the T1w through them, the log-Jacobian and modulated tissue maps on the model grid, tissue maps on the T1w's
+    # grid (STRUCTURE: the tissue, GM/WM/CSF), the atlas's regional volumes, the warp's figure
+    # (the forward one's desc-nonlinear: a name that differs from the affine's by its extension alone would share its
+    # sidecar; the inverse, from the template, has no affine beside it)
+    "xfm_warp": Kind("xfm", ".h5", {"from": SOURCE_KIND, "to": TEMPLATE_SPACE, "mode": "image", "desc": "nonlinear"},
+                     bids=False),
+    "xfm_warp_inverse": Kind("xfm", ".h5", {"from": TEMPLATE_SPACE, "to": SOURCE_KIND, "mode": "image"}, bids=False),
+    "warped_template": Kind(SOURCE_KIND, ".nii.gz", {**_TPL, "desc": "warped"}),
+    "tissue_probseg": Kind("probseg", ".nii.gz", {"label": STRUCTURE}),
+    "tissue_modulated": Kind("probseg", ".nii.gz", {**_MODEL, "label": STRUCTURE, "desc": "modulated"}),
+    "logjacobian": Kind(SOURCE_KIND, ".nii.gz", {**_MODEL, "desc": "logjacobian"}),
+    "volumes": Kind(SOURCE_KIND, ".tsv", {"desc": "volumes"}, bids=False),
+    "morphometry": Kind(SOURCE_KIND, ".json", {"desc": "morphometry"}, bids=False),
+    "fig_warp": _figure("warp"),
+    "fig_jacobian": _figure("jacobian"),
     "prediction": Kind("prediction", ".json", bids=False),
     "saliency": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "saliency"}, bids=False),
     "gradcam": Kind("attribution", ".nii.gz", {**_MODEL, "desc": "gradcam"}, bids=False),
@@ -218,7 +234,7 @@ def source_suffix(source: Path | str) -> str:
 
 def sidecar_of(path: Path) -> Path:
     """The JSON sidecar of a derivative (``.nii.gz``, ``.txt``, ``.surf.gii``)."""
-    for extension in (".nii.gz", ".surf.gii", ".nii", ".txt", ".h5"):
+    for extension in (".nii.gz", ".surf.gii", ".nii", ".txt", ".h5", ".tsv"):
         if path.name.endswith(extension):
             return path.with_name(path.name[: -len(extension)] + ".json")
     raise ValueError(f"{path.name} has no sidecar")
@@ -529,6 +545,7 @@ STUDY_OUTPUTS: dict[str, str] = {
     "results": "results.json", "case_scores": "case_scores.tsv", "fold_record": "fold.json",
     "predictions": "predictions.tsv", "history": "history.tsv", "model_record": "model.json",
     "baseline_predictions": "baseline_predictions.tsv", "search_trials": "search_trials.tsv",
+    "volumes_baseline_predictions": "volumes_baseline_predictions.tsv",
     "trial_record": "trial.json", "distribution": "distribution.safetensors",
 }  # fmt: skip
 #: The group report, in OUTPUT_DIR (the subject reports: :func:`subject_report_path`).
@@ -549,14 +566,23 @@ def subject_report_path(output_dir: Path, subject: str) -> Path:
     return Path(output_dir) / f"sub-{subject}.html"
 
 
-def study_dir(output_dir: Path, target: str, architecture: str) -> Path:
-    """A study's folder: ``learn/target-<target>/arch-<architecture>/`` (the target in letters and digits)."""
-    return group_path(output_dir, "learn") / f"target-{bids_label(target) or 'target'}" / f"arch-{architecture}"
+def study_dir(output_dir: Path, target: str, architecture: str, inputs: Sequence[str] = DEFAULT_CHANNELS) -> Path:
+    """A study's folder: ``learn/target-<target>/arch-<architecture>/`` (the target in letters and digits), with
+    ``_inputs-<a>+<b>`` when it learns from other inputs than the T1w alone (studies of one target share its splits,
+    so a morphometry study and an intensity study are compared on the same participants).
+
+    >>> study_dir(Path("out"), "diagnosis", "conv5fc3", ("GM", "logjacobian")).as_posix()
+    'out/learn/target-diagnosis/arch-conv5fc3_inputs-GM+logjacobian'
+    """
+    folder = f"arch-{architecture}"
+    if tuple(inputs) != tuple(DEFAULT_CHANNELS):
+        folder += "_inputs-" + "+".join(bids_label(kind) for kind in inputs)
+    return group_path(output_dir, "learn") / f"target-{bids_label(target) or 'target'}" / folder
 
 
-def results_path(output_dir: Path, target: str, architecture: str) -> Path:
+def results_path(output_dir: Path, target: str, architecture: str, inputs: Sequence[str] = DEFAULT_CHANNELS) -> Path:
     """The study's ``results.json`` (what the group report shows of it)."""
-    return study_dir(output_dir, target, architecture) / STUDY_OUTPUTS["results"]
+    return study_dir(output_dir, target, architecture, inputs) / STUDY_OUTPUTS["results"]
 
 
 README = """\

@@ -22,6 +22,7 @@ from .errors import InputDataError, ReportFailed
 from .kinds import REFERENCE_KIND
 from .learn import distributed
 from .learn.external import run_external_evaluation
+from .learn.nested import run_nested
 from .learn.package import read_package
 from .learn.splits import SplitSettings
 from .learn.study import StudySettings, run_study, serve_jobs
@@ -231,7 +232,7 @@ def _learning_results(
 ) -> dict[str, Any] | None:
     if config.target is None or config.models:
         return None
-    results_file = derivatives.results_path(config.output_dir, config.target, config.architecture)
+    results_file = derivatives.results_path(config.output_dir, config.target, config.architecture, config.inputs)
     if config.reports_only:
         if not results_file.exists():
             raise InputDataError(
@@ -239,7 +240,8 @@ def _learning_results(
                 f"{config.architecture} ({results_file} is missing). Run the group level without --reports-only."
             )
         return json.loads(results_file.read_text())
-    return run_study(
+    study = run_nested if config.outer_folds else run_study  # every participant tested once, or one test set
+    return study(
         table,
         output_dir=config.output_dir,
         cache_dir=work_dir / "learn_cache",

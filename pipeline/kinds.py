@@ -75,6 +75,17 @@ COREGISTERED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.role == "
 PROCESSED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.processed)
 #: The learning inputs when none are named: one channel, the reference kind.
 DEFAULT_CHANNELS = (REFERENCE_KIND,)
+#: Learning inputs that are maps of the reference image itself on the model grid, made by the participant level's
+#: morphometry (``--registration syn``): the input's name -> the derivative (a key of
+#: :data:`pipeline.derivatives.DERIVATIVES`) and the tissue it is of (None: not a tissue map).
+MORPHOMETRY_CHANNELS: Mapping[str, tuple[str, str | None]] = {
+    "GM": ("tissue_modulated", "GM"),
+    "WM": ("tissue_modulated", "WM"),
+    "CSF": ("tissue_modulated", "CSF"),
+    "logjacobian": ("logjacobian", None),
+}
+#: Every name ``--inputs`` takes: the processed image kinds, then the morphometry maps.
+INPUT_CHANNELS = (*PROCESSED_KINDS, *MORPHOMETRY_CHANNELS)
 
 
 def image_kind(suffix: str) -> ImageKind | None:

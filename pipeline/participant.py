@@ -228,7 +228,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
     """
     from .bids.audit import load_spatial, sha256_array
     from .errors import InputDataError
-    from .learn.ensemble import check_ensemble, check_resolution, training_matches
+    from .learn.ensemble import check_ensemble, check_registration, check_resolution, training_matches
     from .learn.package import read_package
     from .learn.train import resolve_device
 
@@ -237,6 +237,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
     check_ensemble(records, list(config.models))
     if "labels" not in records[0]:  # a segmentation model builds its own grid from the 1 mm derivatives
         check_resolution(records, config.model_resolution, list(config.models))
+    check_registration(records, config.registration, list(config.models))
     seen = []
     for subject, images in subjects.items():
         hashes = []

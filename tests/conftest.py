@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_bids, set_read_only, snapshot
+from tests.helpers import AFFINE, make_bids, set_read_only, snapshot
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
@@ -52,12 +52,16 @@ def sample_bids(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Run ``bidsdl`` in this process; returns (exit code, stdout, stderr)."""
+    """Run ``bidsdl`` in this process; returns (exit code, stdout, stderr). A participant run that names no
+    ``--registration`` takes the affine path (:data:`tests.helpers.AFFINE`)."""
     from pipeline.cli.run import main
 
     def _run(*args: str | Path) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = main([str(a) for a in args])
+        argv = [str(a) for a in args]
+        if "participant" in argv[2:3] and "--registration" not in argv:
+            argv += AFFINE
+        code = main(argv)
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -70,7 +74,7 @@ def sample_run(sample_bids, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run") / "derivatives"
     codes = {
-        "participant": main([str(sample_bids), str(out), "participant", "--nprocs", "2"]),
+        "participant": main([str(sample_bids), str(out), "participant", "--nprocs", "2", *AFFINE]),
         "group": main([str(sample_bids), str(out), "group"]),
     }
     return sample_bids, out, codes

@@ -90,6 +90,13 @@ def set_read_only(root: Path, read_only: bool = True) -> None:
 
 
 #: A small, fast training configuration (the model grid at 4 mm: 39 x 48 x 41 voxels).
+#: The suite's participant runs take the affine path unless a test is about the nonlinear registration: SyN and the
+#: morphometry after it have their own tests (tests/integration/test_morphometry.py), at a coarse warp grid; this keeps
+#: `make test` within its time. ``run_cli`` adds it to a participant run that names no --registration.
+AFFINE = ("--registration", "affine")
+#: The nonlinear registration at a coarse grid (the shared learning sample's preprocessing).
+WARP = ("--registration", "syn", "--warp-resolution", "4")
+
 FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
         "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
 

@@ -26,7 +26,7 @@ from ..config import (
     load_config_file,
 )
 from ..errors import UnknownAnalysisLevel, UsageError
-from ..kinds import PROCESSED_KINDS
+from ..kinds import INPUT_CHANNELS, MORPHOMETRY_CHANNELS
 from ..learn.tasks import auto_task_names, get_task, task_names
 from ..learn.walltime import parse_duration
 
@@ -36,8 +36,8 @@ AUGMENTATIONS = ("affine", "intensity", "noise", "flip")
 DEFAULT_AUGMENT = ("affine", "intensity", "noise")
 DEVICES = ("auto", "cpu", "cuda")
 #: Group-level options that change how a training runs, not what it learns.
-_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard", "compile", "fold", "trial",
-                     "time_limit")
+_GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard", "compile", "fold", "outer_fold",
+                     "trial", "time_limit")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
 _EXIT_CODES = (
@@ -143,6 +143,13 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
     "preprocessing": [
         _option("--model-resolution", type=_positive_float, metavar="MM",
                 help="voxel size of the cropped template-space array that learning uses"),
+        _option("--registration", choices=("syn", "affine"),
+                help="syn: the affine registration, then a nonlinear one (ANTs SyN) with tissue maps, modulated maps, "
+                "the log-Jacobian and the atlas's regional volumes (the inputs GM, WM, CSF, logjacobian, volumes); "
+                "affine: the affine registration alone (faster; no morphometry)"),
+        _option("--warp-resolution", type=int, choices=(2, 3, 4), metavar="MM",
+                help="the grid of the nonlinear registration's field (2, 3 or 4 mm; every output is resampled through "
+                "it at its own resolution)"),
         _option("--lesion-masks", type=Path, metavar="DIR",
                 help="a BIDS derivatives dataset of lesion masks in each T1w's grid (sub-<l>[_ses-<s>]..._desc-lesion_"
                 "mask.nii.gz), left out of the registrations' metrics and drawn in the report; a mask beside the T1w "
@@ -159,9 +166,11 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         _option("--task", metavar="TASK", help="auto: categorical -> classification, numeric -> regression; or "
                 "one of the tasks"),
         _option("--positive-class", metavar="LABEL", help="positive class (default: the rarest class)"),
-        _option("--inputs", nargs="+", choices=PROCESSED_KINDS, metavar="KIND",
+        _option("--inputs", nargs="+", choices=INPUT_CHANNELS, metavar="KIND",
                 help="the image kinds fed as channels, in order (e.g. T1w FLAIR): each T1w with the images of the "
-                "other kinds aligned to it at the participant level; a T1w without one is left out with the reason"),
+                "other kinds aligned to it at the participant level; a T1w without one is left out with the reason. "
+                f"Morphometry maps of the T1w on the model grid ({', '.join(MORPHOMETRY_CHANNELS)}: the modulated "
+                "tissue maps and the log-Jacobian of --registration syn) are channels too (e.g. GM logjacobian)"),
         _option("--exclude-qc-outliers", action="store_true",
                 help="leave out the group's outliers in qc.tsv and the images quality control flagged"),
         _option("--include-failed-qc", action="store_true",
@@ -173,6 +182,11 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         _option("--n-folds", type=_positive_int, metavar="K", help="cross-validation folds; 1: one split by "
                 "--val-size"),
         _option("--val-size", type=_fraction, metavar="F", help="validation fraction with --n-folds 1"),
+        _option("--outer-folds", type=_non_negative_int, metavar="K",
+                help="nested cross-validation: K outer folds, each participant in one outer test fold, the study "
+                "(--n-folds inner folds, thresholds and early stopping on validation only) run once per outer fold; "
+                "predictions for every participant, metrics with CIs over all of them (0: one held-out --test-size "
+                "test set)"),
         _option("--architecture", metavar="NAME", help="network"),
         _option("--epochs", type=_positive_int, metavar="N", help="maximum epochs"),
         _option("--batch-size", type=_positive_int, metavar="N", help="batch size"),
@@ -224,6 +238,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 help="train only fold K (0 to --n-folds - 1; repeatable), e.g. one SLURM array task per fold; a "
                 "later run without --fold reuses the finished folds (same settings and splits) and assembles the "
                 "model"),
+        _option("--outer-fold", action="append", type=_non_negative_int, metavar="K",
+                help="with --outer-folds: run only outer fold K (repeatable), e.g. one SLURM array task per outer "
+                "fold; a later run without --outer-fold reuses the finished ones and assembles the nested evaluation"),
         _option("--reports-only", action="store_true", help="rebuild the reports from existing outputs"),
         _option("--tensorboard", action="store_true", help="also log training to TensorBoard"),
         _option("--compile", action="store_true", help="torch.compile the training step: for GPUs (measured on CPU "
@@ -333,6 +350,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         work_dir=_absolute(merged.get("work_dir")),
         bids_database_dir=_absolute(merged.get("bids_database_dir")),
         lesion_masks=_absolute(merged.get("lesion_masks")),
+        registration=merged.get("registration") or RunConfig.registration,
+        warp_resolution=merged.get("warp_resolution") or RunConfig.warp_resolution,
         nprocs=nprocs,
         omp_nthreads=merged.get("omp_nthreads") or min(8, nprocs),
         mem_gb=merged.get("mem_gb") or round(available_memory_gb(), 1),
@@ -376,7 +395,7 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     options: dict[str, Any] = {}
     for name in (*LEARNING_FIELDS, *_GROUP_RUN_FIELDS):
-        if name in ("seed", "stratify", "augment", "inputs", "baseline", "init_from", "trial"):
+        if name in ("seed", "stratify", "augment", "inputs", "baseline", "init_from", "trial", "outer_fold"):
             continue  # resolved by parse_args, or below
         if fields[name].type == "bool":
             options[name] = bool(merged.get(name))
@@ -461,6 +480,19 @@ def _check_trust_options(merged: dict[str, Any], options: dict[str, Any]) -> Non
         if max(trials) >= n:
             raise UsageError(f"--trial {max(trials)} is out of range: --search {n} makes trials 0 to {n - 1}.")
         options["trial"] = trials
+    if merged.get("outer_fold"):
+        outer = tuple(sorted(set(merged["outer_fold"])))
+        n = options.get("outer_folds", 0)
+        if not n:
+            raise UsageError("--outer-fold K runs one outer fold of a nested cross-validation: use it with "
+                             "--outer-folds N.")  # fmt: skip
+        if max(outer) >= n:
+            raise UsageError(f"--outer-fold {max(outer)} is out of range: --outer-folds {n} makes outer folds 0 to "
+                             f"{n - 1}.")  # fmt: skip
+        options["outer_fold"] = outer
+    if options.get("outer_folds") == 1:
+        raise UsageError("--outer-folds 1 would test everyone on a model trained on nobody: use 2 or more (5 is "
+                         "usual), or 0 for one held-out test set.")
     if options.get("search") and merged.get("fold"):
         raise UsageError("--fold cannot be combined with --search: a trial trains every fold, and the best trial's "
                          "folds are the study's. Run trials in parallel with --trial K instead.")

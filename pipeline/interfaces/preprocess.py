@@ -268,6 +268,7 @@ class _IQMInputSpec(BaseInterfaceInputSpec):
     in_registration = File(exists=True, mandatory=True)
     in_brain = File(exists=True, mandatory=True, desc="the brain-extraction record")
     in_prepare = File(exists=True, mandatory=True)
+    in_warp = File(exists=True, desc="the nonlinear registration's record (its quality joins the metrics)")
 
 
 class _IQMOutputSpec(TraitedSpec):
@@ -309,6 +310,9 @@ class ComputeIQMs(SimpleInterface):
         audit = json.loads(Path(self.inputs.in_audit).read_text())
         registration_record = json.loads(Path(self.inputs.in_registration).read_text())["Registration"]
         metrics["registration_mi"] = registration_record["final_metric"]
+        if isdefined(self.inputs.in_warp):
+            quality = json.loads(Path(self.inputs.in_warp).read_text())["Quality"]
+            metrics.update({k: v for k, v in quality.items() if k != "warp_logjac_range"})
         assessment = iqm.assess(metrics)
         record = {
             "source": audit["source"],

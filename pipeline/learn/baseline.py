@@ -157,12 +157,42 @@ def fit_fold(
     return estimator, {"strength": GRID[best], "inner_folds": len(inner), "inner_scores": scores}
 
 
+def tabular_features(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Features of a table (one row per image, NaN where a value is missing) for a fold whose training rows are
+    ``train``: missing values filled with the training rows' median, each column standardised with the training
+    rows' mean and SD (a constant column left at 0), scaled to unit mean square norm as :func:`span_features`
+    does; nothing of the other rows is used.
+
+    >>> z = tabular_features(np.array([[1.0, 5.0], [3.0, np.nan], [100.0, 7.0]]))(np.array([0, 1]))
+    >>> np.round(z[:, 1], 3).tolist()  # the second row's gap filled with the training median (5), the third not used
+    [0.0, 0.0, 0.0]
+    """
+    x = np.asarray(x, dtype=np.float64)
+
+    def features(train: np.ndarray) -> np.ndarray:
+        median = np.nanmedian(x[train], axis=0)
+        median = np.where(np.isfinite(median), median, 0.0)
+        filled = np.where(np.isfinite(x), x, median)
+        mean, sd = filled[train].mean(axis=0), filled[train].std(axis=0)
+        z = (filled - mean) / np.where(sd > 0, sd, 1.0)
+        z[:, sd == 0] = 0.0
+        return z / max(float(np.sqrt((z[train] ** 2).sum(axis=1).mean())), 1e-12)
+
+    return features
+
+
 def run_baseline(
     model: LinearModel, images: pd.DataFrame, members: Sequence[dict[str, list[str]]], *, y: np.ndarray,
-    n_classes: int, seed: int, gram: np.ndarray,
+    n_classes: int, seed: int, gram: np.ndarray | None = None,
+    features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Each fold's linear model (trained on its training images), its outputs on its validation images and on the
-    test images. ``members``: each fold's participant lists; ``y``: the targets of ``images``' rows."""
+    test images. ``members``: each fold's participant lists; ``y``: the targets of ``images``' rows. The features:
+    ``features`` (a fold's training rows -> every row's features, :func:`tabular_features`), else the span of the
+    training images in ``gram`` (:func:`span_features`)."""
+    if features is None:
+        assert gram is not None, "a baseline needs the Gram matrix or a feature function"
+        features = lambda train: span_features(gram, train)  # noqa: E731
     pids = images["participant_id"].to_numpy()
     groups = pids.astype(str)
     folds = []
@@ -170,7 +200,7 @@ def run_baseline(
         train = np.flatnonzero(np.isin(pids, member["train"]))
         validation = np.flatnonzero(np.isin(pids, member["validation"]))
         test = np.flatnonzero(np.isin(pids, member["test"]))
-        z = span_features(gram, train)
+        z = features(train)
         estimator, record = fit_fold(model, z, y, groups, train, n_classes=n_classes, seed=seed + fold)
         folds.append(
             {

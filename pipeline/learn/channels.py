@@ -2,9 +2,10 @@
 participant level aligned to it, found through their records in OUTPUT_DIR.
 
 A learning row is a T1w (what the manifest, the splits and the leakage checks count); each channel is an image of
-that kind co-registered to it (its ``desc-iqm`` record names the T1w as ``reference``). A T1w without one of the
-channels is left out with the reason, never a crash. When a session holds two images of a kind aligned to the same
-T1w (two FLAIRs), the first by name is used and recorded.
+that kind co-registered to it (its ``desc-iqm`` record names the T1w as ``reference``), or one of the T1w's own
+morphometry maps on the model grid (``GM``, ``WM``, ``CSF``: modulated tissue maps; ``logjacobian``). A T1w
+without one of the channels is left out with the reason, never a crash. When a session holds two images of a kind
+aligned to the same T1w (two FLAIRs), the first by name is used and recorded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from .. import derivatives
 from ..errors import InputDataError
-from ..kinds import REFERENCE_KIND
+from ..kinds import MORPHOMETRY_CHANNELS, REFERENCE_KIND
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,26 @@ def _aligned_records(output_dir: Path, t1w_source: str, kind: str) -> list[tuple
     return found
 
 
+def channel_file(output_dir: Path, kind: str, source: str, resolution_mm: float) -> Path:
+    """The model-grid image of the channel ``kind`` whose source image is ``source``: its ``preproc_model``, or for
+    a morphometry map (:data:`~pipeline.kinds.MORPHOMETRY_CHANNELS`) that map of the T1w ``source``.
+
+    >>> channel_file(Path("out"), "GM", "sub-01/anat/sub-01_T1w.nii.gz", 2.0).name
+    'sub-01_space-MNI152NLin2009aSym_res-2_label-GM_desc-modulated_probseg.nii.gz'
+    >>> channel_file(Path("out"), "FLAIR", "sub-01/anat/sub-01_FLAIR.nii.gz", 2.0).name
+    'sub-01_space-MNI152NLin2009aSym_res-2_desc-preproc_FLAIR.nii.gz'
+    """
+    name, structure = MORPHOMETRY_CHANNELS.get(kind, ("preproc_model", None))
+    return derivatives.named_path(output_dir, source, name, model_resolution=resolution_mm, structure=structure)
+
+
+def missing_morphometry(kind: str, example: Path) -> str:
+    """Why a T1w has no morphometry map ``kind``, and the command that makes it."""
+    return (f"no {kind} map ({example.name}: made by the participant level's nonlinear registration, --registration "
+            "syn, the default; these outputs were made with --registration affine or before it existed: run "
+            "'bidsdl BIDS_DIR OUTPUT_DIR participant' again without --registration affine)")  # fmt: skip
+
+
 def channel_sources(output_dir: Path, t1w_source: str, channels: Sequence[str]) -> Channels:
     """The images of ``channels`` (kinds, in order) for the T1w ``t1w_source`` (relative to BIDS_DIR).
 
@@ -69,7 +90,7 @@ def channel_sources(output_dir: Path, t1w_source: str, channels: Sequence[str]) 
     """
     sources, failed = [], []
     for kind in channels:
-        if kind == REFERENCE_KIND:
+        if kind == REFERENCE_KIND or kind in MORPHOMETRY_CHANNELS:  # the T1w's own image or map
             sources.append(t1w_source)
             continue
         aligned = _aligned_records(Path(output_dir), t1w_source, kind)

@@ -24,9 +24,9 @@ import pandas as pd
 from .. import derivatives
 from ..bids.audit import sha256_file
 from ..errors import InputDataError
-from ..kinds import DEFAULT_CHANNELS
+from ..kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS
 from ..progress import Progress
-from .channels import channel_sources
+from .channels import channel_file, channel_sources, missing_morphometry
 from .tasks.base import Task
 
 __all__ = ["Cohort", "build_cohort", "cache_cohort", "model_input_path", "target_values", "usable_images"]
@@ -145,16 +145,25 @@ def _with_channels(table: pd.DataFrame, output_dir: Path, resolution_mm: float, 
     keep, sources, paths = [], [], []
     for source in table["source"]:
         found = channel_sources(output_dir, source, inputs)
-        files = [model_input_path(output_dir, s, resolution_mm) for s in found.sources or ()]
+        files = [channel_file(output_dir, kind, s, resolution_mm)
+                 for kind, s in zip(inputs, found.sources or (), strict=False)]  # fmt: skip
         reason = found.left_out(inputs, include_failed_qc)
-        if not reason and not all(p.exists() for p in files):
-            reason = "no model-resolution derivative of every channel (participant level failed or not run)"
+        missing = [(kind, f) for kind, f in zip(inputs, files, strict=False) if not f.exists()]
+        if not reason and missing:
+            kind, path = missing[0]
+            reason = missing_morphometry(kind, path) if kind in MORPHOMETRY_CHANNELS else (
+                "no model-resolution derivative of every channel (participant level failed or not run)")
         if reason:
             excluded.append({"source": source, "reason": reason})
         keep.append(not reason)
         sources.append(list(found.sources or ()))
         paths.append(files)
     out = table.assign(channel_sources=sources, channel_inputs=paths)
+    maps = [kind for kind in inputs if kind in MORPHOMETRY_CHANNELS]
+    if maps and not any(keep) and len(table):
+        example = channel_file(output_dir, maps[0], table["source"].iloc[0], resolution_mm)
+        raise InputDataError(f"--inputs {' '.join(inputs)}: no T1w has its {maps[0]} map on the model grid: "
+                             f"{missing_morphometry(maps[0], example)}.")  # fmt: skip
     return out.loc[keep]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,14 @@ def permuted_targets(images: pd.DataFrame, test_ids: Sequence[str], seed: int) -
 
 def fit_baseline(
     task: Task, images: pd.DataFrame, members: Sequence[dict[str, list[str]]], *, y: np.ndarray, n_classes: int,
-    seed: int, gram: np.ndarray,
+    seed: int, gram: np.ndarray | None = None, features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The linear baseline's folds, its threshold (on every fold's validation outputs pooled, as the ensemble's)
-    and its ensemble output on the test images (the mean of the folds')."""
+    and its ensemble output on the test images (the mean of the folds'); on the voxels (``gram``) or on a table's
+    ``features`` (:func:`~.baseline.run_baseline`)."""
     assert task.linear_baseline is not None
     fitted = baseline.run_baseline(task.linear_baseline, images, members, y=y, n_classes=n_classes, seed=seed,
-                                   gram=gram)  # fmt: skip
+                                   gram=gram, features=features)  # fmt: skip
     rows = images.assign(y=y)
     validation = [(rows.iloc[f["validation_rows"]], f["validation_output"]) for f in fitted["folds"]]
     return {
@@ -62,18 +63,31 @@ def fit_baseline(
     }
 
 
+#: What the voxel baseline learns from (``features`` in results.json).
+VOXEL_FEATURES = "the network's model-grid voxels (every channel), centred on each fold's training mean"
+
+
 def baseline_study(
     task: Task, images: pd.DataFrame, members: Sequence[dict[str, list[str]]], *, classes: list[str],
     deep: tuple[np.ndarray, float], seed: int, run_dir: Path, timed_gram: tuple[np.ndarray, float] | None = None,
+    table: tuple[np.ndarray, str] | None = None, predictions: str = BASELINE_PREDICTIONS,
 ) -> dict[str, Any]:  # fmt: skip
-    """The linear baseline of a study: fitted fold by fold, scored on the test set with the network's bootstrap
-    intervals, compared paired with the network's ensemble (``deep``: its test outputs and threshold);
-    ``baseline_predictions.tsv`` written into ``run_dir``. What ``results.json`` keeps under ``baseline``."""
+    """A linear baseline of a study: fitted fold by fold, scored on the test set with the network's bootstrap
+    intervals, compared paired with the network's ensemble (``deep``: its test outputs and threshold); its
+    ``predictions`` table written into ``run_dir``. On the model-grid voxels, or on ``table`` (one row of features
+    per image, and what they are: the regional volumes' baseline). What ``results.json`` keeps under ``baseline``
+    (or ``volumes_baseline``)."""
     assert task.linear_baseline is not None
     started = time.monotonic()
-    gram, gram_s = timed_gram or baseline.timed_gram([Path(p) for p in images["array"]])
     y = images["y"].to_numpy(dtype=float)
-    fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed, gram=gram)
+    gram, gram_s, described = None, 0.0, VOXEL_FEATURES
+    if table is None:
+        gram, gram_s = timed_gram or baseline.timed_gram([Path(p) for p in images["array"]])
+        fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed, gram=gram)
+    else:
+        x, described = table
+        fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed,
+                              features=baseline.tabular_features(x))  # fmt: skip
     test_rows, output, threshold = fitted["test_rows"], fitted["test_output"], fitted["threshold"]
     evaluation = task.evaluate_rows(test_rows, output, threshold=threshold, seed=seed, ci=True)
     headline = task.headline_metric(len(classes))
@@ -88,10 +102,11 @@ def baseline_study(
     verdict = baseline.verdict(headline, comparison[headline], headline not in task.lower_is_better)
     LOGGER.info("Linear baseline (%s): test %s %.3f; %s", task.linear_baseline.name, headline,
                 evaluation["metrics"][headline], verdict["text"])  # fmt: skip
-    _write_predictions(task, images, fitted, classes, run_dir)
+    _write_predictions(task, images, fitted, classes, run_dir / predictions)
     return {
         "model": task.linear_baseline.name,
-        "features": "the network's model-grid voxels (every channel), centred on each fold's training mean",
+        "features": described,
+        "predictions": predictions,
         "selection": f"inner {baseline.INNER_FOLDS}-fold cross-validation grouped by participant on each fold's "
         "training images only (minus log loss or minus MAE); threshold on the folds' validation images pooled",
         "grid": list(baseline.GRID),
@@ -105,6 +120,7 @@ def baseline_study(
         "verdict": verdict,
         "wall_time_s": round(time.monotonic() - started, 2),
         "gram_time_s": round(gram_s, 2),
+        "test_output": output,  # for a nested assembly; taken out before results.json is written
     }
 
 
@@ -121,7 +137,7 @@ def permuted_baseline(
 
 
 def _write_predictions(
-    task: Task, images: pd.DataFrame, fitted: dict[str, Any], classes: list[str], run_dir: Path
+    task: Task, images: pd.DataFrame, fitted: dict[str, Any], classes: list[str], path: Path
 ) -> None:
     tables = []
     for fold in fitted["folds"]:
@@ -136,7 +152,7 @@ def _write_predictions(
     table.insert(4, "fold", "ensemble")
     tables.append(task.prediction_columns(table, fitted["test_output"], classes, fitted["threshold"]))
     derivatives.write_text(
-        run_dir / BASELINE_PREDICTIONS,
+        path,
         pd.concat(tables, ignore_index=True).to_csv(sep="\t", index=False, float_format="%.6g"),
     )
 
@@ -145,16 +161,19 @@ def package_summary(trust: dict[str, Any]) -> dict[str, Any]:
     """What ``model.json`` records of the controls: the baseline's headline test score and the paired comparison,
     and the permutation control's headline score (the model card shows them)."""
     out: dict[str, Any] = {}
-    linear = trust.get("baseline")
-    if linear:
+    for key in ("baseline", "volumes_baseline"):
+        linear = trust.get(key)
+        if not linear:
+            continue
         headline = linear["headline"]
-        out["baseline"] = {
+        out[key] = {
             "model": linear["model"],
             "metric": headline,
             "test": linear["test"]["metrics"][headline],
             "test_ci": linear["test"].get("ci", {}).get(headline),
             "difference": linear["comparison"][headline],
             "verdict": linear["verdict"],
+            "features": linear["features"],
         }
     control = trust.get("permutation_control")
     if control:

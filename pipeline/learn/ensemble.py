@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..kinds import MORPHOMETRY_CHANNELS
 from . import ood
 from .package import load_package
 from .tasks import get_task
@@ -89,6 +90,25 @@ def check_resolution(records: Sequence[dict[str, Any]], resolution_mm: float, fo
                 f"The model {folder} expects input at {expected:g} mm (res-{record['input']['res']}); this run "
                 f"prepares {resolution_mm:g} mm (--model-resolution {resolution_mm:g}). "
                 f"Run with --model-resolution {expected:g}, or use a model trained at {resolution_mm:g} mm."
+            )
+
+
+def check_registration(records: Sequence[dict[str, Any]], registration: str, folders: Sequence[Path]) -> None:
+    """A model that takes morphometry maps (``GM``, ``logjacobian`` ...) needs the participant level's nonlinear
+    registration, which makes them.
+
+    >>> check_registration([{"input": {"channels": ["T1w", "GM"]}}], "affine", [Path("m")])
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.UsageError: The model m takes the morphometry map(s) GM as input, ...
+    """
+    for record, folder in zip(records, folders, strict=True):
+        maps = [kind for kind in record["input"].get("channels", []) if kind in MORPHOMETRY_CHANNELS]
+        if maps and registration != "syn":
+            raise UsageError(
+                f"The model {folder} takes the morphometry map(s) {', '.join(maps)} as input, which the participant "
+                f"level makes with its nonlinear registration: run without --registration {registration} "
+                "(--registration syn is the default)."
             )
 
 

@@ -8,6 +8,7 @@ changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +38,10 @@ class SplitSettings:
     val_size: float
     seed: int
     stratify: tuple[str, ...]
+    #: Nested cross-validation: the number of outer folds (0: one held-out test set of ``test_size``) ...
+    outer_folds: int = 0
+    #: ... and the outer fold whose participants are this study's test set (set per outer fold by the study).
+    outer_test: int | None = None
 
 
 def subject_table(images: pd.DataFrame, stratify: tuple[str, ...], task: Task) -> pd.DataFrame:
@@ -142,12 +147,7 @@ def make_splits(
         out["fold"] = out["fold"].astype("Int64")
         return out
     n = len(subjects)
-    needed = minimum_subjects(settings.n_folds, settings.test_size)
-    if n < needed:
-        raise InputDataError(
-            f"{n} subject(s) are too few for a {settings.test_size:g} test split and {settings.n_folds} fold(s): "
-            f"at least {needed} are needed. Add subjects, or lower --n-folds (1 uses --val-size)."
-        )
+    _check_size(n, settings)
     columns = tuple("y" if c == "target" else c for c in settings.stratify)
     n_splits = max(settings.n_folds, 2)
     key = strata(subjects, columns, min_count=n_splits) if columns else None
@@ -159,11 +159,7 @@ def make_splits(
                 f"test set and in every one of {n_splits} validation folds. Add subjects or lower --n-folds."
             )
     ids = subjects["participant_id"].to_numpy()
-    index = np.arange(n)
-    dev, test = train_test_split(
-        index, test_size=settings.test_size, random_state=settings.seed, stratify=_usable(key, index)
-    )
-    dev, test = np.sort(dev), np.sort(test)
+    dev, test = _test_split(subjects, key, settings, task)
     rows = [{"participant_id": ids[i], "split": "test", "fold": None} for i in test]
     dev_key = _usable(key, dev)
     if settings.n_folds == 1:
@@ -183,6 +179,63 @@ def make_splits(
     table = pd.DataFrame(rows)
     table["fold"] = table["fold"].astype("Int64")
     return table
+
+
+def _check_size(n: int, settings: SplitSettings) -> None:
+    test_size = 1 / settings.outer_folds if settings.outer_test is not None else settings.test_size
+    needed = minimum_subjects(settings.n_folds, test_size)
+    if n < needed:
+        raise InputDataError(
+            f"{n} subject(s) are too few for a {test_size:.2g} test split and {settings.n_folds} fold(s): "
+            f"at least {needed} are needed. Add subjects, or lower --n-folds (1 uses --val-size)."
+        )
+
+
+def _test_split(
+    subjects: pd.DataFrame, key: pd.Series | None, settings: SplitSettings, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """The development and test rows: one held-out ``test_size`` split, or an outer fold's (:func:`outer_split`)."""
+    if settings.outer_test is not None:
+        return outer_split(subjects, key, settings, task)
+    index = np.arange(len(subjects))
+    dev, test = train_test_split(
+        index, test_size=settings.test_size, random_state=settings.seed, stratify=_usable(key, index)
+    )
+    return np.sort(dev), np.sort(test)
+
+
+def outer_split(
+    subjects: pd.DataFrame, key: pd.Series | None, settings: SplitSettings, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """The development and test rows of outer fold ``settings.outer_test`` of ``settings.outer_folds`` (stratified
+    like the test split, same seed: every outer fold of one study partitions the same subjects). A class with fewer
+    subjects than outer folds is refused: some outer test set would miss it.
+
+    >>> from pipeline.learn.tasks import get_task
+    >>> s = pd.DataFrame({"participant_id": [f"s{i}" for i in range(12)], "y": [0, 1] * 6})
+    >>> settings = SplitSettings(0.2, 2, 0.2, 0, ("target",), outer_folds=3, outer_test=0)
+    >>> tests = [outer_split(s, s["y"].astype(str), SplitSettings(**{**settings.__dict__, "outer_test": k}),
+    ...                      get_task("classification"))[1] for k in range(3)]
+    >>> sorted(np.concatenate(tests).tolist()) == list(range(12)), [len(t) for t in tests]
+    (True, [4, 4, 4])
+    """
+    k = settings.outer_folds
+    if task.discrete:
+        smallest = int(subjects["y"].value_counts().min())
+        if smallest < k:
+            raise InputDataError(
+                f"--outer-folds {k}: the rarest class has {smallest} subject(s), fewer than the outer folds (each "
+                f"outer test set needs one). Use --outer-folds {max(2, smallest)} or fewer."
+            )
+    if len(subjects) < k:
+        raise InputDataError(f"--outer-folds {k}: only {len(subjects)} subject(s).")
+    index = np.arange(len(subjects))
+    labels = _usable(key, index)
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=settings.seed) if labels is not None
+                else KFold(k, shuffle=True, random_state=settings.seed))  # fmt: skip
+    parts = list(splitter.split(index, labels if labels is not None else np.zeros(len(index))))
+    dev, test = parts[int(settings.outer_test or 0)]
+    return np.sort(dev), np.sort(test)
 
 
 def _usable(key: pd.Series | None, index: np.ndarray) -> np.ndarray | None:
@@ -231,7 +284,10 @@ def load_or_make_splits(
         if record.get("data_fingerprint") != data_fingerprint:
             changes.append("the images or subjects changed")
         old = record.get("settings", {})
+        defaults = {f.name: f.default for f in dataclasses.fields(SplitSettings)}
         for key, value in settings.__dict__.items():
+            if key not in old and value == defaults.get(key):  # splits made before the setting existed
+                continue
             if _jsonable(old.get(key)) != _jsonable(value):
                 changes.append(f"{key}: {old.get(key)!r} -> {value!r}")
         if changes:

@@ -28,7 +28,7 @@ from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from ..ops.template import TEMPLATE_SPACE, resolution_label
 from ..progress import Progress
 from ..qc import load_qc
-from . import baseline, controls, distributed, evaluate, leakage, ood, search, transfer, walltime
+from . import baseline, controls, distributed, evaluate, leakage, ood, search, transfer, volumes, walltime
 from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
@@ -86,6 +86,7 @@ class StudySettings:
     tensorboard: bool
     learning_settings: dict[str, Any]
     fold: tuple[int, ...] = ()  # only these folds (fold-parallel jobs); none: every fold, then the assembly
+    outer_fold: tuple[int, ...] = ()  # nested cross-validation: only these outer folds (:mod:`.nested`)
     inputs: tuple[str, ...] = DEFAULT_CHANNELS  # the image kinds fed as channels, in order
     baseline: bool = True  # a linear model beside the network (whole-image tasks)
     permutation_control: bool = False  # the study again on shuffled training targets
@@ -241,7 +242,8 @@ def gather_cohort(
     images, classes, excluded = task.build_cohort(
         manifest, output_dir=output_dir, cache_dir=cache_dir, qc=qc, settings=settings
     )
-    record = derivatives.results_path(output_dir, settings.target, settings.architecture).relative_to(output_dir)
+    record = derivatives.results_path(output_dir, settings.target, settings.architecture,
+                                      settings.inputs).relative_to(output_dir)  # fmt: skip
     for message in excluded_messages(excluded, f"OUTPUT_DIR/{record.as_posix()}, under excluded"):
         LOGGER.warning(message)
     return CohortStage(images=images, classes=classes, task=task, excluded=excluded)
@@ -308,7 +310,7 @@ def split_and_check(
     site_columns = tuple(c for c in leakage.SITE_COLUMNS if c in images.columns)
     subjects = subject_table(images, tuple(dict.fromkeys(columns + site_columns)), task)
     split_settings = dataclasses.replace(settings.split, stratify=tuple(stratify))
-    run_dir = derivatives.study_dir(output_dir, settings.target, settings.architecture)
+    run_dir = study_run_dir(output_dir, settings)
     splits, reused = load_or_make_splits(
         run_dir.parent,
         subjects,
@@ -348,6 +350,15 @@ def split_and_check(
         )
     return SplitStage(splits=splits, reused=reused, checks=checks, near_pairs=near_pairs, run_dir=run_dir,
                       source=source, seen_by_source=seen, moved_to_training=moved)  # fmt: skip
+
+
+def study_run_dir(output_dir: Path, settings: StudySettings) -> Path:
+    """The study's folder; for one outer fold of a nested cross-validation, ``learn/target-<t>/outer-<k>/<arch>``:
+    beside that outer fold's own splits, as the study's folder is beside the target's."""
+    run_dir = derivatives.study_dir(output_dir, settings.target, settings.architecture, settings.inputs)
+    if settings.split.outer_test is None:
+        return run_dir
+    return run_dir.parent / f"outer-{settings.split.outer_test}" / run_dir.name
 
 
 def _source_check(source: transfer.Source, seen: dict[str, str], moved: list[dict[str, str]]) -> dict[str, Any]:
@@ -709,6 +720,7 @@ def assemble(
                                                                                                     folds, settings)
     trust = _controls(cohort, split, folds, settings=settings, model_config=model_config, device=device,
                       deep=(ensemble, ensemble_threshold))  # fmt: skip
+    baseline_outputs = {k: trust[k].pop("test_output") for k in ("baseline", "volumes_baseline") if trust.get(k)}
     validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
     test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
     derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"],
@@ -722,7 +734,10 @@ def assemble(
     record["distribution"] = _distribution_record(cohort, split, folds, output_dir=output_dir)
     env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
            "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
-    package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env)
+    package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env,
+                                   outer=settings.split.outer_test is not None)  # fmt: skip
+    if settings.split.outer_test is not None:
+        _save_outer_outputs(run_dir, cohort, split, {"deep": ensemble, **baseline_outputs})
     LOGGER.info("Model package: %s", package)
     results = {
         **_study_identity(cohort, settings, package, output_dir),
@@ -762,6 +777,7 @@ def _study_identity(cohort: CohortStage, settings: StudySettings, package: Path,
         "classes": cohort.classes,
         "positive_class": cohort.classes[-1] if len(cohort.classes) == 2 else None,
         "architecture": settings.architecture,
+        "inputs": list(settings.inputs),
         "package": package.relative_to(output_dir).as_posix(),
         "content_sha256": json.loads((package / MODEL_JSON).read_text())["content_sha256"],
     }
@@ -860,6 +876,15 @@ def _controls(
     if linear:
         out["baseline"] = controls.baseline_study(task, images, members, classes=cohort.classes, deep=deep,
                                                   seed=seed, run_dir=split.run_dir, timed_gram=gram)  # fmt: skip
+        x, _, described = volumes.volume_features(settings.output_dir, images, target=settings.target)
+        if x is None:
+            out["volumes_baseline_note"] = f"no regional-volumes baseline: {described}"
+            LOGGER.info("No regional-volumes baseline: %s", described)
+        else:
+            out["volumes_baseline"] = controls.baseline_study(
+                task, images, members, classes=cohort.classes, deep=deep, seed=seed, run_dir=split.run_dir,
+                table=(x, described), predictions=derivatives.STUDY_OUTPUTS["volumes_baseline_predictions"],
+            )  # fmt: skip
     if settings.permutation_control and not task.learns_labels:  # the parser refuses it for label maps
         out["permutation_control"] = _permutation_control(cohort, split, members, settings=settings,
                                                           model_config=model_config, device=device,
@@ -903,11 +928,27 @@ def _permutation_control(
     }
 
 
+#: What an outer fold keeps for the nested assembly (:mod:`.nested`): its test rows and the test outputs of the
+#: network's ensemble and of each baseline (``<name>.npy``).
+OUTER_ROWS = "outer_test_rows.tsv"
+
+
+def _save_outer_outputs(run_dir: Path, cohort: CohortStage, split: SplitStage, outputs: dict[str, Any]) -> None:
+    test_rows = cohort.images[cohort.images["participant_id"].isin(split.members(0)["test"])]
+    columns = [c for c in cohort.task.prediction_row_columns if c in test_rows.columns]
+    derivatives.write_text(run_dir / OUTER_ROWS, test_rows[columns].to_csv(sep="\t", index=False))
+    for name, values in outputs.items():
+        with derivatives.atomic_path(run_dir / f"outer_test_output_{name}.npy") as tmp:
+            np.save(tmp, np.asarray(values))
+
+
 def _write_study_package(
     output_dir: Path, run_dir: Path, folds: list[FoldResult], *, record: dict[str, Any],
-    config_record: dict[str, Any], env: dict[str, Any],
+    config_record: dict[str, Any], env: dict[str, Any], outer: bool = False,
 ) -> Path:  # fmt: skip
-    """The model package: ``model.json``, each fold's kept weights, and the evidence they came from."""
+    """The model package: ``model.json``, each fold's kept weights, and the evidence they came from; in
+    ``models/``, or for an ``outer`` fold of a nested cross-validation in its own folder (the nested evaluation's
+    evidence, and one member of the ensemble for later use)."""
     files: dict[str, Any] = {
         "config.json": config_record,
         "environment.json": env,
@@ -923,7 +964,7 @@ def _write_study_package(
         history = derivatives.STUDY_OUTPUTS["history"]
         files[f"logs/history_fold-{fold.fold}.tsv"] = run_dir / f"fold-{fold.fold}" / history
     return write_package(
-        output_dir / "models",
+        run_dir / "models" if outer else output_dir / "models",
         record=record,
         weights={f"fold-{f.fold}.safetensors": f.weights for f in folds},
         files=files,

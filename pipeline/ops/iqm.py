@@ -247,6 +247,12 @@ _REGISTRATION_ADVICE = (
     "(flipped or swapped axes), a partial field of view or an image that is not a whole-brain T1w are the usual "
     "causes: fix the header or exclude the image."
 )
+_WARP_ADVICE = (
+    "Look at the report's nonlinear-registration figures (the warped T1w under the template's edges, the Jacobian "
+    "map). A lesion or resection that the warp tried to close (give its mask with --lesion-masks), a failed affine "
+    "start or an image that is not a whole-brain T1w are the usual causes; --registration affine runs without the "
+    "warp (and without morphometry)."
+)
 #: The checks behind the verdict. Calibrated on the real heads of the development set (whole heads with
 #: necks, a 27-scan average, a skull-stripped contrast-enhanced image; each also re-stored in three other
 #: axis orders, rotated up to 12 degrees and shifted up to 15 mm): registered right they give NCC
@@ -283,6 +289,15 @@ QC_CHECKS: tuple[Check, ...] = (
           "Check the image; motion, a non-T1 contrast or heavy noise lower the contrast.", flag_above=1.0),
     Check("snr_wm", "low_snr", "White-matter SNR", "the image is noisy", "Check the image for noise or motion.",
           flag_below=5.0),
+    Check("warp_folded_share", "warp_folded", "Nonlinear registration: share of the template brain where the warp "
+          "folds (Jacobian determinant <= 0)", "the nonlinear registration folded space (it is not a valid "
+          "deformation there)", _WARP_ADVICE, fail_above=0.005, flag_above=0.001),
+    Check("warp_logjac_p999", "warp_extreme", "Nonlinear registration: 99.9th percentile of |log Jacobian| of the "
+          "warp in the template brain", "the warp stretches or shrinks tissue far beyond anatomy (a diverged "
+          "registration)", _WARP_ADVICE, fail_above=2.3, flag_above=1.4),
+    Check("warp_dice_gain", "warp_worse_than_affine", "Nonlinear registration: template-brain Dice after the warp "
+          "minus after the affine alone", "the warp aligned the brain worse than the affine it started from",
+          _WARP_ADVICE, fail_below=-0.04, flag_below=-0.02),
     Check("gm_wm_ratio", "implausible_tissue_classes", "Grey/white matter volume ratio of the tissue classes",
           "the tissue classes look wrong: grey and white matter volumes far from a brain's",
           "The contrast metrics (CJV, SNR, CNR) and the white-matter check rest on these classes: read them with "

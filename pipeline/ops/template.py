@@ -32,15 +32,15 @@ def _data_folder() -> Path:
 
 
 class Template:
-    """nilearn's MNI152 2009a, at 1 mm or (block-averaged) 2 mm.
+    """nilearn's MNI152 2009a, at 1 mm or block-averaged to 2, 3 or 4 mm (the coarse grids of registrations).
 
     ``t1`` is brain-only (float32, WM ~ 0.9); ``brain_mask`` is T1 > 0.2 (as nilearn defines it);
     ``gm``/``wm`` are tissue probability maps. Each part is read on first use only.
     """
 
     def __init__(self, resolution: int = 1):
-        if resolution not in (1, 2):
-            raise ValueError("the template is available at 1 or 2 mm")
+        if resolution not in (1, 2, 3, 4):
+            raise ValueError("the template is available at 1, 2, 3 or 4 mm")
         self.resolution = resolution
 
     def _load(self, part: str) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +49,7 @@ class Template:
         data /= data.max()  # as nilearn's loaders do: the files hold 0-255
         if self.resolution == 1:
             return data, np.asarray(img.affine, dtype=float)
-        small = sitk.BinShrink(array_to_sitk(data, img.affine), [2, 2, 2])  # averages; exact geometry
+        small = sitk.BinShrink(array_to_sitk(data, img.affine), [self.resolution] * 3)  # averages; exact geometry
         return sitk_to_array(small).astype(np.float32), sitk_affine(small)
 
     @functools.cached_property
@@ -81,9 +81,9 @@ class Template:
         return float(np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)).mean())
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def load_template(resolution: int = 1) -> Template:
-    """The bundled MNI152 2009a template at 1 or 2 mm (parts load on first use; no download)."""
+    """The bundled MNI152 2009a template at 1, 2, 3 or 4 mm (parts load on first use; no download)."""
     return Template(resolution)
 
 

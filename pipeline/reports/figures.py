@@ -287,3 +287,23 @@ def attribution_overlay(
         colour_bar = figure.colorbar(shown, ax=figure.axes[-3:], fraction=0.03, pad=0.01)
         colour_bar.ax.tick_params(colors="white", labelsize=7)
     return _png(figure, dpi)
+
+
+def jacobian_overlay(image: np.ndarray, logjac: np.ndarray, mask: np.ndarray, *, dpi: int = 70) -> bytes:
+    """The log-Jacobian determinant (blue: the T1w smaller than the template, red: larger; +/- log 2 saturates)
+    over an image on the same grid: sagittal, coronal and axial slices through the brain's centre."""
+    data = np.asarray(image, dtype=float)
+    low, high = _window(data, mask)
+    centre = [round(float(c)) for c in ndimage.center_of_mass(mask)] if mask.any() else [s // 2 for s in data.shape]
+    figure = Figure(figsize=(6.6, 2.3), facecolor="black")
+    for col, view in enumerate(_VIEWS):
+        ax = figure.add_subplot(1, 3, col + 1)
+        ax.imshow(_cut(data, view, centre[col]), cmap="gray", origin="lower", vmin=low, vmax=high)
+        overlay = np.ma.masked_where(~_cut(mask, view, centre[col]), _cut(np.asarray(logjac, float), view,
+                                                                          centre[col]))  # fmt: skip
+        shown = ax.imshow(overlay, cmap="RdBu_r", origin="lower", vmin=-np.log(2), vmax=np.log(2), alpha=0.6)
+        ax.set_axis_off()
+    colour_bar = figure.colorbar(shown, ax=figure.axes, fraction=0.03, pad=0.01)
+    colour_bar.ax.tick_params(colors="white", labelsize=7)
+    colour_bar.set_label("log det J", color="white", fontsize=7)
+    return _png(figure, dpi)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import derivatives
-from ..kinds import REFERENCE_KIND
+from ..kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from . import learning as figures
 from .group_tables import capped
 
@@ -137,14 +137,17 @@ def _previews(results: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]
 
 def _results_file(results: dict[str, Any], output_dir: Path) -> str:
     """Where the study's ``results.json`` lies, relative to OUTPUT_DIR."""
-    path = derivatives.results_path(output_dir, results["target"], results["architecture"])
+    path = derivatives.results_path(output_dir, results["target"], results["architecture"],
+                                    results.get("inputs") or DEFAULT_CHANNELS)  # fmt: skip
     return path.relative_to(output_dir).as_posix()
 
 
 def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> dict[str, Any]:
     """Figures and tables of a study's ``results.json`` (of ``task``) for the group report."""
     test = results["test"]
-    predictions = pd.read_csv(output_dir / results["package"] / derivatives.STUDY_OUTPUTS["predictions"], sep="\t")
+    # a nested cross-validation's: every participant's pooled prediction; else the package's test set
+    predictions = pd.read_csv(output_dir / results["predictions_file"] if results.get("predictions_file") else
+                              output_dir / results["package"] / derivatives.STUDY_OUTPUTS["predictions"], sep="\t")
     ensemble = predictions[(predictions["split"] == "test") & (predictions["fold"].astype(str) == "ensemble")]
     cases_path = output_dir / results["package"] / derivatives.STUDY_OUTPUTS["case_scores"]
     if cases_path.exists():  # voxel-wise tasks: the case-wise scores in each T1w's grid
@@ -179,11 +182,28 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
         "device": results["device"],
         "wall_time_s": results["wall_time_s"],
         "baseline": _baseline(results),
+        "volumes_baseline": _baseline(results, "volumes_baseline"),
+        "volumes_baseline_note": results.get("volumes_baseline_note"),
         "permutation": _permutation(results),
         "search": _search(results),
         "transfer": results.get("transfer"),
         "distribution": _distribution(results.get("distribution")),
+        "nested": _nested(results.get("nested")),
     }
+
+
+def _nested(nested: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The outer folds of a nested cross-validation: each one's test scores, their mean and SD."""
+    if not nested:
+        return None
+    metrics = list(nested["spread"])
+    return {
+        **{k: nested[k] for k in ("outer_folds", "n_tested", "n_images", "threshold_rule", "model_for_later_use")},
+        "metrics": metrics,
+        "rows": [{"outer_fold": r["outer_fold"], "n_test": r["n_test"], "package": r["package"],
+                  "scores": [_fmt(r["metrics"].get(m)) for m in metrics]} for r in nested["per_outer_fold"]],
+        "spread": [f"{_fmt(nested['spread'][m]['mean'])} ± {_fmt(nested['spread'][m]['std'])}" for m in metrics],
+    }  # fmt: skip
 
 
 def _distribution(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -206,9 +226,10 @@ def _distribution(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
-def _baseline(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The linear baseline beside the network: both test scores with their intervals, the paired difference."""
-    linear = results.get("baseline")
+def _baseline(results: dict[str, Any], key: str = "baseline") -> dict[str, Any] | None:
+    """A linear baseline beside the network (``baseline``: on its voxels; ``volumes_baseline``: on the regional
+    volumes): both test scores with their intervals, the paired difference."""
+    linear = results.get(key)
     if not linear:
         return None
     deep, headline = results["test"], linear["headline"]
@@ -227,6 +248,8 @@ def _baseline(results: dict[str, Any]) -> dict[str, Any] | None:
     share = linear["wall_time_s"] / results["wall_time_s"] if results.get("wall_time_s") else None
     return {
         "model": linear["model"],
+        "features": linear.get("features"),
+        "predictions": linear.get("predictions", "baseline_predictions.tsv"),
         "selection": linear["selection"],
         "strengths": ", ".join(_strength(f) for f in linear["folds"]),
         "rows": rows,

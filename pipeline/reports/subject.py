@@ -40,6 +40,9 @@ METRICS = (
     ("csf_volume_ml", "CSF inside the brain mask (ml)", "—"),
     ("gm_wm_ratio", "Grey/white matter volume ratio", "—"),
     ("brain_fov_edge_mm2", "Brain mask on the FOV edge (mm², worst side)", "lower"),
+    ("warp_folded_share", "Nonlinear registration: folded share of the template brain", "lower"),
+    ("warp_logjac_p999", "Nonlinear registration: |log Jacobian|, 99.9th percentile", "lower"),
+    ("warp_dice_gain", "Nonlinear registration: brain Dice gain over the affine", "higher"),
     ("coreg_edge_corr", "Co-registration: edge correlation with the T1w", "higher"),
     ("coreg_brain_coverage", "Share of the T1w brain in the field of view", "higher"),
 )
@@ -51,6 +54,8 @@ FIGURES = (
     "brainmask",
     "regsubject",
     "regtemplate",
+    "warp",
+    "jacobian",
     "biasfield",
     "mesh",
     "attribution",
@@ -83,6 +88,8 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
     coregistration = _read_json(derivatives.sidecar_of(find("xfm_reference"))) or {}
     lesion = _read_json(derivatives.sidecar_of(find("lesion_mask")))
     template = _read_json(derivatives.sidecar_of(find("preproc_template"))) or {}
+    warp = _read_json(derivatives.sidecar_of(find("xfm_warp")))
+    morphometry = _read_json(find("morphometry"))
     figure = lambda desc: _png(find(f"fig_{desc}"))  # noqa: E731
     metrics = []
     for key, label, better in METRICS:
@@ -123,6 +130,8 @@ def _image_context(output_dir: Path, entry: dict[str, Any], qc: pd.DataFrame | N
         "brain_extraction": iqm_record.get("brain_extraction"),
         "preparation": iqm_record.get("preparation", {}),
         "registration": registration.get("Registration", {}),
+        "warp": warp,
+        "morphometry": morphometry,
         "normalisation": template.get("IntensityNormalization", {}),
         "metrics": metrics,
         "figures": {desc: figure(desc) for desc in FIGURES},

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -571,7 +572,7 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
             "options": _recorded_options(options),
             "planted": planted,
             "images": [spec.relpath.as_posix() for spec in images],
-            "learning_truth": learning_truth(participants, options),
+            "learning_truth": learning_truth(participants, options, images, truths),
             "unfamiliar": {f"sub-{s.subject}": s.unfamiliar for s in images if s.unfamiliar},
         },
     )
@@ -584,20 +585,72 @@ def write_sample_dataset(out_dir: Path, options: SampleOptions) -> dict[str, Any
     }
 
 
-def learning_truth(participants: list[dict[str, Any]], options: SampleOptions) -> dict[str, Any]:
+def learning_truth(
+    participants: list[dict[str, Any]], options: SampleOptions, images: Sequence[ImageSpec] = (),
+    truths: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:  # fmt: skip
     """What a model of the diagnosis could at best achieve: each participant's true severity, and the ROC AUC of the
-    severity against the recorded diagnosis (no image-based model can rank the participants better)."""
+    severity against the recorded diagnosis (no image-based model can rank the participants better); and the
+    morphometric ceiling: what a model of the true volumes (ventricles, hippocampi, brain: known only here) reaches."""
     from sklearn.metrics import roc_auc_score
 
     y = np.array([p["diagnosis"] == "AD" for p in participants], dtype=int)
     severity = np.array([p["severity"] for p in participants])
     best = float(roc_auc_score(y, severity)) if 0 < y.sum() < len(y) else float("nan")
-    return {
+    out = {
         "label_noise": options.label_noise,
         "severity_range": list(SEVERITY_RANGE),
         "best_possible_auc": round(best, 4),
         "severity": {p["participant_id"]: p["severity"] for p in participants},
     }
+    if truths:
+        out["morphometric_ceiling"] = morphometric_ceiling(participants, images, truths, seed=options.seed)
+    return out
+
+
+#: The true volumes the morphometric ceiling's model learns from (per participant, first session).
+CEILING_FEATURES = ("ventricles", "hippocampi", "brain")
+
+
+def morphometric_ceiling(
+    participants: list[dict[str, Any]], images: Sequence[ImageSpec], truths: Sequence[dict[str, Any]], *, seed: int
+) -> dict[str, Any]:
+    """A logistic model of the diagnosis on each participant's true regional volumes (both lateral ventricles, both
+    hippocampi, the brain: what the generator made, before any scanner or preprocessing), cross-validated so that
+    every participant is predicted once (stratified, at most 5 folds); its ROC-AUC is the ceiling a volumetric
+    pipeline could reach on this cohort."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    first: dict[str, dict[str, float]] = {}
+    # the images drawn (a planted duplicate, added after them, has no truth of its own)
+    for spec, truth in zip(images[: len(truths)], truths, strict=True):
+        key = f"sub-{spec.subject}"
+        if key in first or spec.unfamiliar:
+            continue
+        volumes = truth["StructureVolumesMl"]
+        first[key] = {
+            "ventricles": volumes["Left-Lateral-Ventricle"] + volumes["Right-Lateral-Ventricle"],
+            "hippocampi": volumes["Left-Hippocampus"] + volumes["Right-Hippocampus"],
+            "brain": truth["BrainVolumeMl"],
+        }
+    ids = [p["participant_id"] for p in participants if p["participant_id"] in first]
+    y = np.array([next(p["diagnosis"] for p in participants if p["participant_id"] == i) == "AD" for i in ids], int)
+    x = np.array([[first[i][f] for f in CEILING_FEATURES] for i in ids])
+    k = int(min(5, np.bincount(y, minlength=2).min())) if len(y) else 0
+    record: dict[str, Any] = {"features": list(CEILING_FEATURES), "model": "standardised L2 logistic regression (C=1)",
+                              "volumes_ml": first}  # fmt: skip
+    if k < 2:
+        return {**record, "auc": None, "note": "too few participants of a class to cross-validate"}
+    scores = np.zeros(len(y))
+    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[train], y[train])
+        scores[test] = model.predict_proba(x[test])[:, 1]
+    return {**record, "auc": round(float(roc_auc_score(y, scores)), 4), "folds": k,
+            "validation": f"{k}-fold stratified cross-validation, every participant predicted once"}  # fmt: skip
 
 
 def _recorded_options(options: SampleOptions) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ..interfaces.preprocess import (
     ResampleToTemplate,
 )
 from ..interfaces.reports import PlotReportlets
+from .morphometry import MORPHOMETRY_SOURCES, init_anat_morphometry_wf
 from .outputs import (
     DERIVATIVE_INPUTS,
     INFERENCE_INPUTS,
@@ -161,10 +162,12 @@ def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
     The quality gate fails the image when its verdict is ``fail`` (after the metrics, figures and
     derivatives are saved, so the report shows the evidence) and hands ``t1w_model`` on otherwise.
 
-    Inputs: the preprocessing outputs plus ``audit_record``. Outputs: see :data:`QC_OUTPUTS`.
+    Inputs: the preprocessing outputs plus ``audit_record`` (and ``warp_record``, the nonlinear registration's, when it
+    ran: its quality joins the checks). Outputs: see :data:`QC_OUTPUTS`.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["audit_record", *PREPROC_OUTPUTS]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["audit_record", *PREPROC_OUTPUTS, "warp_record"]),
+                        name="inputnode")  # fmt: skip
     outputnode = pe.Node(IdentityInterface(fields=list(QC_OUTPUTS)), name="outputnode")
     iqms = pe.Node(ComputeIQMs(), name="iqms", mem_gb=2.0)
     gate = pe.Node(QualityGate(), name="quality_gate", run_without_submitting=True)
@@ -179,7 +182,7 @@ def init_anat_qc_wf(*, name: str = "anat_qc_wf") -> pe.Workflow:
             ("mask_t1w", "in_mask"), ("template_mask_t1w", "in_template_mask"), ("transform", "in_transform"),
             ("t1w_template", "in_registered"),
             ("audit_record", "in_audit"), ("registration_record", "in_registration"), ("brain_record", "in_brain"),
-            ("prepare_record", "in_prepare"),
+            ("prepare_record", "in_prepare"), ("warp_record", "in_warp"),
         ]),
         (inputnode, reportlets, [
             ("t1w_ras", "in_raw"), ("t1w_corrected", "in_corrected"), ("bias_field", "in_bias"),
@@ -210,6 +213,7 @@ def init_anat_wf(
     brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
     lesion_source: str | None = None,
+    warp_resolution: int | None = None,
     name: str = "anat_wf",
 ) -> pe.Workflow:
     """Everything done to one T1w: audit, preprocessing, QC, inference with ``--model``, the derivatives.
@@ -218,7 +222,8 @@ def init_anat_wf(
     :func:`init_anat_inference_wf` but ``omp_nthreads``, or None for no inference. An image that fails
     quality control is not predicted. ``lesion_source``: where the T1w's lesion mask comes from (a BIDS URI,
     for the sidecars; the mask itself is the input ``lesion_mask``), or None without one: see
-    :func:`init_anat_preproc_wf` and :func:`init_lesion_wf`.
+    :func:`init_anat_preproc_wf` and :func:`init_lesion_wf`. ``warp_resolution``: the nonlinear registration's
+    grid (mm; :func:`~pipeline.workflows.morphometry.init_anat_morphometry_wf`), or None for the affine alone.
 
     Inputs: ``t1w`` (path in ``bids_dir``), ``metadata`` (sidecar dict), with ``inference`` ``source`` (the
     path relative to ``bids_dir``) and ``participant_id``, with ``lesion_source`` ``lesion_mask``.
@@ -227,16 +232,11 @@ def init_anat_wf(
     inputnode = pe.Node(IdentityInterface(fields=["t1w", "metadata", "source", "participant_id", "lesion_mask"]),
                         name="inputnode")  # fmt: skip
     audit_wf = init_anat_audit_wf(bids_dir=bids_dir, output_dir=output_dir)
-    preproc_wf = init_anat_preproc_wf(
-        model_resolution=model_resolution,
-        seed=seed,
-        omp_nthreads=omp_nthreads,
-        device=device,
-        brain_helper=brain_helper,
-        lesion_source=lesion_source,
-    )
+    preproc_wf = init_anat_preproc_wf(model_resolution=model_resolution, seed=seed, omp_nthreads=omp_nthreads,
+                                      device=device, brain_helper=brain_helper, lesion_source=lesion_source)
     qc_wf = init_anat_qc_wf()
-    ds_wf = init_anat_derivatives_wf(bids_dir=bids_dir, output_dir=output_dir, model_resolution=model_resolution)
+    common: dict[str, Any] = {"bids_dir": bids_dir, "output_dir": output_dir, "model_resolution": model_resolution}
+    ds_wf = init_anat_derivatives_wf(**common)
     workflow.connect([
         (inputnode, audit_wf, [("t1w", "inputnode.t1w"), ("metadata", "inputnode.metadata")]),
         (inputnode, preproc_wf, [("t1w", "inputnode.t1w")]),
@@ -251,14 +251,28 @@ def init_anat_wf(
         if field in DERIVATIVE_INPUTS:
             workflow.connect(qc_wf, f"outputnode.{field}", ds_wf, f"inputnode.{field}")
     parts = {"inputnode": inputnode, audit_wf.name: audit_wf, preproc_wf.name: preproc_wf, qc_wf.name: qc_wf}
+    if warp_resolution is not None:
+        _add_morphometry(workflow, parts, lesion=lesion_source is not None, **{**common, "seed": seed,
+                         "warp_resolution": warp_resolution, "omp_nthreads": omp_nthreads})  # fmt: skip
     if lesion_source is not None:
         _add_lesion(workflow, parts, bids_dir=bids_dir, output_dir=output_dir)
     if inference is not None:
-        prediction_wf = init_prediction_wf(inference=inference, bids_dir=bids_dir, output_dir=output_dir,
-                                           model_resolution=model_resolution, omp_nthreads=omp_nthreads)  # fmt: skip
+        prediction_wf = init_prediction_wf(inference=inference, omp_nthreads=omp_nthreads, **common)
         for key, (part, field) in PREDICTION_SOURCES.items():
             workflow.connect(parts[part], field, prediction_wf, f"inputnode.{key}")
     return workflow
+
+
+def _add_morphometry(workflow: pe.Workflow, parts: dict[str, Any], *, lesion: bool, **options: Any) -> None:
+    """The nonlinear registration and morphometry beside one T1w's preprocessing (``options``:
+    :func:`~pipeline.workflows.morphometry.init_anat_morphometry_wf`'s); its quality goes to the QC."""
+    morphometry_wf = init_anat_morphometry_wf(lesion=lesion, **options)
+    preproc_wf = parts["anat_preproc_wf"]
+    workflow.connect(parts["inputnode"], "t1w", morphometry_wf, "inputnode.source_file")
+    for field in (*MORPHOMETRY_SOURCES, *(("lesion_t1w",) if lesion else ())):
+        workflow.connect(preproc_wf, f"outputnode.{field}", morphometry_wf, f"inputnode.{field}")
+    workflow.connect(morphometry_wf, "outputnode.warp_record", parts["anat_qc_wf"], "inputnode.warp_record")
+    parts[morphometry_wf.name] = morphometry_wf
 
 
 def _add_lesion(workflow: pe.Workflow, parts: dict[str, Any], *, bids_dir: Path, output_dir: Path) -> None:

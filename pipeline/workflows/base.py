@@ -20,7 +20,7 @@ from ..bids.layout import AnatImage
 from ..bids.pairing import lesion_mask, pair_images
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
-from ..kinds import REFERENCE_KIND
+from ..kinds import MORPHOMETRY_CHANNELS, REFERENCE_KIND
 from .anatomical import PREDICTION_SOURCES, init_anat_wf, init_prediction_wf
 from .coregistered import REFERENCE_INPUTS, init_coreg_wf
 
@@ -80,6 +80,7 @@ def init_single_subject_wf(
     brain_helper: str | None = None,
     inference: dict[str, Any] | None = None,
     lesions: Mapping[Path, tuple[Path, str]] | None = None,
+    warp_resolution: int | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """All processing of one participant: one anatomical workflow per T1w image, and one per image aligned to a
@@ -94,7 +95,7 @@ def init_single_subject_wf(
         The participant's selected images (T1w and the kinds aligned to them).
     bids_dir, output_dir
         Input BIDS dataset and derivatives root.
-    model_resolution, seed, omp_nthreads, device, brain_helper, inference
+    model_resolution, seed, omp_nthreads, device, brain_helper, inference, warp_resolution
         See :func:`~pipeline.workflows.anatomical.init_anat_wf`.
     lesions
         T1w path -> its lesion mask and where that comes from (a BIDS URI): :func:`~pipeline.bids.pairing.lesion_mask`.
@@ -109,7 +110,7 @@ def init_single_subject_wf(
                                omp_nthreads=omp_nthreads, device=device, brain_helper=brain_helper,
                                inference=None if multichannel else inference,
                                lesion_source=lesions[image.path][1] if image.path in lesions else None,
-                               name=image_workflow_name(image))  # fmt: skip
+                               warp_resolution=warp_resolution, name=image_workflow_name(image))  # fmt: skip
         if image.path in lesions:
             anat_wf.inputs.inputnode.lesion_mask = str(lesions[image.path][0])
         anat_wf.inputs.inputnode.t1w = str(image.path)
@@ -135,7 +136,7 @@ def _add_predictions(workflow: pe.Workflow, images: Sequence[AnatImage], anat_wf
         prediction_wf = init_prediction_wf(inference=inference, name=prediction_workflow_name(image), **options)
         for key, (part, field) in PREDICTION_SOURCES.items():
             workflow.connect(anat_wfs[image.path], f"{part}.{field}", prediction_wf, f"inputnode.{key}")
-        _connect_channels(workflow, prediction_wf, aligned.get(image.path, {}), inference)
+        _connect_channels(workflow, prediction_wf, aligned.get(image.path, {}), inference, anat_wfs[image.path])
 
 
 def _other_channels(inference: dict[str, Any]) -> list[str]:
@@ -179,21 +180,26 @@ def _connect_channels(
     prediction_wf: pe.Workflow,
     aligned: Mapping[str, list[pe.Workflow]],
     inference: dict[str, Any],
+    anat_wf: pe.Workflow,
 ) -> None:
     """Hand a model's channels other than the T1w to one T1w's prediction: the images of those kinds aligned to it
-    (the first by name of each kind, as the group level chose them for training), once their quality passed. A T1w
-    without one gets none: its prediction then fails, naming the missing kind."""
+    (the first by name of each kind, as the group level chose them for training), once their quality passed, and the
+    T1w's own morphometry maps (from its ``anat_morphometry_wf``). A T1w without one gets none: its prediction then
+    fails, naming the missing kind."""
     from nipype.interfaces.utility import Merge
 
-    found = [aligned.get(kind, [None])[0] for kind in _other_channels(inference)]
-    if any(wf is None for wf in found):
+    kinds = _other_channels(inference)
+    maps = anat_wf.get_node("anat_morphometry_wf")
+    found = [(maps, f"outputnode.{kind}") if kind in MORPHOMETRY_CHANNELS else
+             (aligned.get(kind, [None])[0], None) for kind in kinds]  # fmt: skip
+    if any(wf is None for wf, _ in found):
         return
     fields = [("corrected_passed", "others"), ("template_record", "other_records")] if inference.get("labels") else [
         ("passed", "others")]  # fmt: skip
     for output, target in fields:
         merge = pe.Node(Merge(len(found)), name=f"{prediction_wf.name}_{target}", run_without_submitting=True)
-        for i, coreg_wf in enumerate(found, start=1):
-            workflow.connect(coreg_wf, f"outputnode.{output}", merge, f"in{i}")
+        for i, (source_wf, field) in enumerate(found, start=1):
+            workflow.connect(source_wf, field or f"outputnode.{output}", merge, f"in{i}")
         workflow.connect(merge, "out", prediction_wf, f"inputnode.{target}")
 
 
@@ -271,6 +277,7 @@ def init_bidsdl_wf(
             brain_helper=brain_helper,
             inference=inference,
             lesions=lesions,
+            warp_resolution=config.warp_resolution if config.registration == "syn" else None,
         )
         single.config["execution"] = {
             **workflow.config["execution"],

@@ -108,6 +108,42 @@ SEGMENTATION_INPUTS = (
 )  # fmt: skip
 
 
+#: The outputs of the nonlinear registration and morphometry (``--registration syn``); the tissue maps, one per
+#: tissue, are added by :func:`~pipeline.workflows.morphometry.init_anat_morphometry_wf`.
+_MORPHOMETRY_OUTPUTS: tuple[Output, ...] = (
+    Output("ds_xfm_warp", "transform", "xfm_warp",
+           {"Description": "T1w-to-template transform: the affine, then the nonlinear warp (ANTs SyN); an ITK "
+            "composite transform (HDF5) that antsApplyTransforms and SimpleITK read"}, "warp_record"),
+    Output("ds_xfm_warp_inverse", "inverse", "xfm_warp_inverse",
+           {"Description": "Template-to-T1w transform: the inverse of the T1w-to-template composite (the inverse warp, "
+            "then the affine's inverse)"}, "warp_record"),
+    Output("ds_warped_template", "t1w_template", "warped_template",
+           {"Description": "The bias-corrected T1w resampled into template space (1 mm) through the nonlinear "
+            "registration, normalised", "SkullStripped": False}, "template_record"),
+    Output("ds_logjacobian", "logjacobian", "logjacobian",
+           {"Description": "Natural log of the Jacobian determinant of the template-to-T1w mapping (affine and warp) "
+            "on the model grid: > 0 where the T1w is larger than the template (tensor-based morphometry)",
+            "Units": "arbitrary", "SkullStripped": False}, "model_record"),
+    Output("ds_volumes", "volumes", "volumes"),
+    Output("ds_morphometry", "morphometry_record", "morphometry"),
+    Output("ds_fig_warp", "warp_figure", "fig_warp"),
+    Output("ds_fig_jacobian", "jacobian_figure", "fig_jacobian"),
+)  # fmt: skip
+
+#: The inputs of :func:`init_morphometry_derivatives_wf` besides ``source_file``.
+MORPHOMETRY_INPUTS = tuple(
+    sorted({o.field for o in _MORPHOMETRY_OUTPUTS} | {o.metadata_field for o in _MORPHOMETRY_OUTPUTS
+                                                      if o.metadata_field})
+)
+
+
+def init_morphometry_derivatives_wf(
+    *, bids_dir: Path, output_dir: Path, model_resolution: float, name: str = "morphometry_derivatives_wf"
+) -> pe.Workflow:
+    """Save the nonlinear registration's and the morphometry's outputs of one T1w (but the tissue maps)."""
+    return _sinks(_MORPHOMETRY_OUTPUTS, MORPHOMETRY_INPUTS, bids_dir, output_dir, model_resolution, name)
+
+
 #: The outputs of a co-registered image (FLAIR, T2w, PDw); ``SpatialReference`` of the T1w-grid image is added by
 #: :func:`init_coreg_derivatives_wf` (its T1w's derivative).
 _COREG_OUTPUTS: tuple[Output, ...] = (

@@ -16,6 +16,10 @@
 # With N_TRIALS=N, the array runs a hyperparameter search instead: one task per trial (group --search N
 # --trial K, every fold of that trial), then the job that trains nothing again: it takes the best trial by its
 # validation folds, evaluates it once on the test set and writes the package and reports.
+#
+# With N_OUTER=K, a nested cross-validation: one task per outer fold (group --outer-folds K --outer-fold k: that
+# outer fold's whole study, its N_FOLDS inner folds one after another), then the job that pools them (every
+# participant tested once) and writes the reports.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -32,9 +36,16 @@ export BIDS_DIR OUTPUT_DIR WORK_DIR SIF BIDSDL
 mkdir -p "$OUTPUT_DIR/logs/slurm"
 args="${GROUP_ARGS:-} --n-folds $n_folds"
 tasks=$n_folds what=fold
+if [[ -n ${N_TRIALS:-} && -n ${N_OUTER:-} ]]; then
+  echo "submit_group.sh: N_TRIALS and N_OUTER do not combine (search on one test set, then nest the chosen settings)." >&2
+  exit 64
+fi
 if [[ -n ${N_TRIALS:-} ]]; then
   args="$args --search $N_TRIALS" tasks=$N_TRIALS what=trial
   export BIDSDL_ARRAY_OPTION=--trial
+elif [[ -n ${N_OUTER:-} ]]; then
+  args="$args --outer-folds $N_OUTER" tasks=$N_OUTER what=outer
+  export BIDSDL_ARRAY_OPTION=--outer-fold
 fi
 
 folds_id=$(BIDSDL_ARGS=$args sbatch --parsable --array="0-$((tasks - 1))" --job-name="bidsdl-$what" \

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import FAST, fresh_output, set_read_only, snapshot, the_package
+from tests.helpers import AFFINE, FAST, fresh_output, set_read_only, snapshot, the_package
 
 
 @pytest.fixture(scope="session")
 def learning_sample(tmp_path_factory):
-    """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session."""
+    """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session (the affine path: the
+    nonlinear registration's own tests are tests/integration/test_morphometry*.py)."""
     from pipeline.cli.run import main
     from pipeline.sample.generate import SampleOptions, write_sample_dataset
 
@@ -19,7 +20,7 @@ def learning_sample(tmp_path_factory):
     before = snapshot(bids)
     set_read_only(bids)
     out = root / "derivatives"
-    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4"]) == 0
+    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4", *AFFINE]) == 0
     yield bids, out
     set_read_only(bids, False)
     assert snapshot(bids) == before

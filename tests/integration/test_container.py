@@ -136,7 +136,7 @@ def test_image_runs_every_level_read_only_offline_as_any_user(image, tmp_path):
     assert done.returncode == 0 and len(labels) == 8, done.stderr
 
     # participants 0 and 1 as two array tasks at once, the other six in one container
-    common = ("--model-resolution", "4", "-w", "/out/.bidsdl_work")
+    common = ("--model-resolution", "4", "--warp-resolution", "4", "-w", "/out/.bidsdl_work")
     commands = [
         container_command(image, "/bids", "/out", "participant", "--participant-index", str(i), "--nprocs", "1",
                           *common, mounts=mounts)
@@ -158,7 +158,7 @@ def test_image_runs_every_level_read_only_offline_as_any_user(image, tmp_path):
     # participant --model on the new cohort, the package mounted read-only
     inference_mounts = {new: "/new:ro", new_out: "/new_out", out / "models": "/models:ro"}
     done = run(image, "/new", "/new_out", "participant", "--model", f"/models/{package.name}", "--model-resolution",
-               "4", "--nprocs", "2", mounts=inference_mounts)  # fmt: skip
+               "4", "--warp-resolution", "4", "--nprocs", "2", mounts=inference_mounts)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
     # what was made: the expected files, owned by the user that ran the container

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from pipeline.derivatives import participant_lock
+from tests.helpers import AFFINE
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -28,7 +29,7 @@ BIDSDL = str(Path(sys.executable).parent / "bidsdl")
 
 def _command(bids: Path, out: Path, *extra: str) -> list[str]:
     work = out.parent / f"{out.name}_work"
-    return [BIDSDL, str(bids), str(out), "participant", "-w", str(work), "--model-resolution", "4", *extra]
+    return [BIDSDL, str(bids), str(out), "participant", "-w", str(work), "--model-resolution", "4", *AFFINE, *extra]
 
 
 def _wait_for(predicate: Callable[[], bool], job: subprocess.Popen, timeout: float = 240) -> None:

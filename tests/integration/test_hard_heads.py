@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from tests.helpers import NO_CHROMIUM, browser_dom, make_bids, set_read_only, snapshot, write_nifti
+from tests.helpers import AFFINE, NO_CHROMIUM, browser_dom, make_bids, set_read_only, snapshot, write_nifti
 
 pytestmark = [pytest.mark.integration, pytest.mark.robustness]
 
@@ -89,7 +89,7 @@ def hard_run(tmp_path_factory):
     before = snapshot(bids)
     set_read_only(bids)
     out = root / "out"
-    codes = {"participant": main([str(bids), str(out), "participant", "--nprocs", "2"])}
+    codes = {"participant": main([str(bids), str(out), "participant", "--nprocs", "2", *AFFINE])}
     codes["group"] = main([str(bids), str(out), "group"])
     yield bids, out, codes
     set_read_only(bids, False)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import __version__
 from pipeline.cli.run import main
-from tests.helpers import external_links
+from tests.helpers import AFFINE, external_links
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_rerun_resumes_from_the_work_dir(sample_run):
     results = sorted(p for p in work.glob("sub_01_wf/anat_*_wf/*/*/result_*.pklz") if "/ds_" not in str(p))
     assert len(results) >= 2 * 7  # two images of sub-01, seven processing steps each
     stamps = [p.stat().st_mtime_ns for p in results]
-    assert main([str(bids), str(out), "participant", "--participant-label", "01"]) == 0
+    assert main([str(bids), str(out), "participant", "--participant-label", "01", *AFFINE]) == 0
     assert [p.stat().st_mtime_ns for p in results] == stamps  # cached steps were not re-run
 
 

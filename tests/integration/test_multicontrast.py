@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline import derivatives
-from tests.helpers import set_read_only, snapshot, validator_issues
+from tests.helpers import AFFINE, set_read_only, snapshot, validator_issues
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def multicontrast_run(tmp_path_factory):
     before = snapshot(bids)
     set_read_only(bids)
     out = root / "derivatives"
-    code = main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work"),
+    code = main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work"), *AFFINE,
                  "--lesion-masks", str(lesions)])  # fmt: skip
     yield bids, out, code
     set_read_only(bids, False)
@@ -167,7 +167,7 @@ def lesion_learning(tmp_path_factory):
         path.unlink()
     write_sample_dataset(new, SampleOptions(n_subjects=3, seed=13, flair_fraction=1.0, label_prefix="ext", **options))
     out = root / "derivatives"
-    assert main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work")]) == 0
+    assert main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work"), *AFFINE]) == 0
     lesions = ["--task", "segmentation", "--labels", str(bids / "derivatives" / "lesions"), "--label-desc", "lesion",
                "--inputs", "T1w", "FLAIR", "--model-resolution", "4", "--patch-size", "16", "--n-folds", "1",
                "--epochs", "1", "--test-size", "0.2", "--nprocs", "1"]  # fmt: skip

@@ -18,7 +18,7 @@ from pipeline.learn import ood
 from pipeline.learn.ensemble import load_models
 from pipeline.learn.infer import infer
 from pipeline.learn.package import read_package
-from tests.helpers import validator_issues
+from tests.helpers import AFFINE, validator_issues
 
 RES = ("--model-resolution", "4", "--nprocs", "2")
 #: Unfamiliar kinds that quality control refuses before any model sees them (registration and white-matter checks
@@ -39,7 +39,8 @@ def new_cohort(learning_sample, trained_package, tmp_path_factory):
                                              unfamiliar=REFUSED + PASSING))  # fmt: skip
     kinds = json.loads((bids / "sourcedata" / "generation.json").read_text())["unfamiliar"]
     out = root / "out"
-    code = main([str(bids), str(out), "participant", "--model", str(trained_package), "-w", str(root / "work"), *RES])
+    code = main([str(bids), str(out), "participant", "--model", str(trained_package), "-w", str(root / "work"), *RES,
+                 *AFFINE])
     return bids, out, kinds, code
 
 

@@ -71,7 +71,7 @@ def _submit(bids: Path, out: Path) -> tuple[str, str]:
         "BIDS_DIR": str(bids),
         "OUTPUT_DIR": str(out),
         "BIDSDL": str(Path(sys.executable).parent / "bidsdl"),  # the same recipe, without a container
-        "PARTICIPANT_ARGS": "--model-resolution 4",
+        "PARTICIPANT_ARGS": "--model-resolution 4 --registration affine",
     }
     # the test cluster has 2 CPUs: ask for less than the recipe's defaults (options win over #SBATCH)
     result = subprocess.run(

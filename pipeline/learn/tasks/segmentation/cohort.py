@@ -16,8 +16,8 @@ import pandas as pd
 from .... import derivatives
 from ....bids.audit import load_spatial, sha256_file
 from ....derivatives import source_suffix
-from ....errors import InputDataError
-from ....kinds import DEFAULT_CHANNELS, REFERENCE_KIND
+from ....errors import InputDataError, UsageError
+from ....kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS, REFERENCE_KIND
 from ...channels import channel_sources
 from ...labels import LabelTable, check_labels_dataset, find_label, find_table, load_label
 from .grid import image_on_grid, labels_on_grid, model_grid, read_transform
@@ -48,6 +48,7 @@ def build_cohort(
 ) -> LabelledCohort:
     """The images with reference labels, each brought onto the segmentation grid and cached as ``.npy``; with
     several ``inputs`` (image kinds, in order), the T1w's and its aligned images' arrays stacked as channels."""
+    _refuse_maps(inputs)
     check_labels_dataset(labels_dir)
     table = find_table(labels_dir, label_desc)
     verdicts = qc.set_index("source")["qc_verdict"] if qc is not None and "qc_verdict" in qc else pd.Series()
@@ -91,6 +92,16 @@ def build_cohort(
         )
     out = pd.DataFrame(rows)
     return LabelledCohort(out.reset_index(drop=True), excluded, table)
+
+
+def _refuse_maps(inputs: Sequence[str]) -> None:
+    maps = [kind for kind in inputs if kind in MORPHOMETRY_CHANNELS]
+    if maps:
+        raise UsageError(
+            f"--inputs {' '.join(inputs)}: {', '.join(maps)} are model-grid maps of whole-image studies "
+            "(classification, regression); a segmentation learns from images on their own grid. Name image kinds only "
+            "(e.g. T1w FLAIR)."
+        )
 
 
 def _channel_images(output_dir: Path, sources: Sequence[str]) -> list[tuple[Path, Path]]:
