@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -10,8 +11,10 @@ import stat
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -99,6 +102,24 @@ WARP = ("--registration", "syn", "--warp-resolution", "4")
 
 FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
         "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
+
+
+@contextlib.contextmanager
+def preprocessed_sample(root: Path, options: Any, *participant_args: str) -> Iterator[tuple[Path, Path, int]]:
+    """A generated dataset (``options``: :class:`~pipeline.sample.generate.SampleOptions`) in ``root/bids``, read-only,
+    and its participant level (model grid 4 mm, ``participant_args``) in ``root/derivatives``: (bids, derivatives,
+    exit code). Afterwards, checks that nothing in the dataset changed."""
+    from pipeline.cli.run import main
+    from pipeline.sample.generate import write_sample_dataset
+
+    bids, out = root / "bids", root / "derivatives"
+    write_sample_dataset(bids, options)
+    before = snapshot(bids)
+    set_read_only(bids)
+    code = main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4", *participant_args])
+    yield bids, out, code
+    set_read_only(bids, False)
+    assert snapshot(bids) == before, f"bidsdl changed files in BIDS_DIR {bids}"
 
 
 def fresh_output(source: Path, target: Path) -> Path:

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import AFFINE, FAST, fresh_output, set_read_only, snapshot, the_package
+from tests.helpers import AFFINE, FAST, fresh_output, preprocessed_sample, the_package
 
 
 @pytest.fixture(scope="session")
 def learning_sample(tmp_path_factory):
     """8 participants (4 AD, 4 CN; 2 with two sessions), preprocessed once for the session (the affine path: the
     nonlinear registration's own tests are tests/integration/test_morphometry*.py)."""
-    from pipeline.cli.run import main
-    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+    from pipeline.sample.generate import SampleOptions
 
-    root = tmp_path_factory.mktemp("learning")
-    bids = root / "bids"
-    write_sample_dataset(bids, SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2))
-    before = snapshot(bids)
-    set_read_only(bids)
-    out = root / "derivatives"
-    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4", *AFFINE]) == 0
-    yield bids, out
-    set_read_only(bids, False)
-    assert snapshot(bids) == before
+    options = SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2)
+    with preprocessed_sample(tmp_path_factory.mktemp("learning"), options, *AFFINE) as (bids, out, code):
+        assert code == 0
+        yield bids, out
 
 
 @pytest.fixture(scope="session")

@@ -16,27 +16,19 @@ from pipeline import derivatives
 from pipeline.ops import resample, warp
 from pipeline.ops.images import nib_to_sitk
 from pipeline.ops.template import load_template
-from tests.helpers import FAST, WARP, fresh_output, set_read_only, snapshot, validator_issues
+from tests.helpers import FAST, WARP, fresh_output, preprocessed_sample, validator_issues
 
 pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def warped_run(tmp_path_factory):
     """One participant (two sessions) through the default path: SyN at a 4 mm warp grid, 3 mm voxels."""
-    from pipeline.cli.run import main
-    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+    from pipeline.sample.generate import SampleOptions
 
-    root = tmp_path_factory.mktemp("morphometry")
-    bids = root / "bids"
-    write_sample_dataset(bids, SampleOptions(n_subjects=1, seed=11, two_session_fraction=1, voxel_scale=3, n_jobs=2))
-    before = snapshot(bids)
-    set_read_only(bids)
-    out = root / "derivatives"
-    code = main([str(bids), str(out), "participant", "--nprocs", "2", "-w", str(root / "work"), "--model-resolution",
-                 "4", *WARP])  # fmt: skip
-    yield bids, out, code
-    set_read_only(bids, False)
-    assert snapshot(bids) == before
+    options = SampleOptions(n_subjects=1, seed=11, two_session_fraction=1, voxel_scale=3, n_jobs=2)
+    with preprocessed_sample(tmp_path_factory.mktemp("morphometry"), options, *WARP) as run:
+        yield run
 
 
 def _json(path):

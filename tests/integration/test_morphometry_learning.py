@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.helpers import FAST, WARP, set_read_only, snapshot
+from tests.helpers import FAST, WARP, preprocessed_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,19 +20,12 @@ def _json(path):
 @pytest.fixture(scope="module")
 def morphometry_sample(tmp_path_factory):
     """The learning sample's 8 participants (4 AD, 4 CN) through the default path (SyN at a 4 mm warp grid)."""
-    from pipeline.cli.run import main
-    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+    from pipeline.sample.generate import SampleOptions
 
-    root = tmp_path_factory.mktemp("morphometry_learning")
-    bids = root / "bids"
-    write_sample_dataset(bids, SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2))
-    before = snapshot(bids)
-    set_read_only(bids)
-    out = root / "derivatives"
-    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4", *WARP]) == 0
-    yield bids, out
-    set_read_only(bids, False)
-    assert snapshot(bids) == before
+    options = SampleOptions(n_subjects=8, seed=6, two_session_fraction=0.25, voxel_scale=3, n_jobs=2)
+    with preprocessed_sample(tmp_path_factory.mktemp("morphometry_learning"), options, *WARP) as (bids, out, code):
+        assert code == 0
+        yield bids, out
 
 
 def test_a_study_of_morphometry_maps_with_both_baselines(morphometry_sample, run_cli, tmp_path):
