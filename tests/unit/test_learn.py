@@ -250,6 +250,47 @@ def test_threshold_and_metrics():
     assert sum(map(sum, result["confusion"])) == 6
 
 
+def test_numpy_metrics_are_scikit_learns():
+    """The bootstrap's NumPy metrics give scikit-learn's values: ties, one class, one predicted class included."""
+    import warnings
+
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 2, 30), rng.random(30).round(1)) for _ in range(20)]  # rounded: ties
+    cases += [(np.zeros(8, int), rng.random(8)), (np.ones(8, int), rng.random(8)),
+              (np.array([0, 1, 0, 1]), np.array([0.9, 0.95, 0.99, 0.97])),
+              (np.array([1, 0, 1]), np.zeros(3))]  # fmt: skip
+    for y, p in cases:
+        for threshold in (0.5, 0.05):
+            ours = evaluate.binary_metrics(y, p, threshold)
+            predicted = (p >= threshold).astype(int)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                precision, recall, f1, _ = sk.precision_recall_fscore_support(y, predicted, labels=[0, 1],
+                                                                              zero_division=np.nan)  # fmt: skip
+                both = len(np.unique(y)) == 2
+                theirs = {
+                    "balanced_accuracy": sk.balanced_accuracy_score(y, predicted),
+                    "accuracy": sk.accuracy_score(y, predicted), "sensitivity": recall[1], "specificity": recall[0],
+                    "ppv": precision[1], "npv": precision[0], "f1": f1[1], "mcc": sk.matthews_corrcoef(y, predicted),
+                    "roc_auc": sk.roc_auc_score(y, p) if both else np.nan,
+                    "pr_auc": sk.average_precision_score(y, p) if both else np.nan,
+                    "brier": sk.brier_score_loss(y, p, pos_label=1) if both else np.mean((p - y) ** 2),
+                }  # fmt: skip
+            for key, value in theirs.items():
+                np.testing.assert_allclose(ours[key], value, atol=1e-12, err_msg=f"{key} {y} {p} {threshold}")
+    for _ in range(10):
+        y, predicted = rng.normal(size=12), rng.normal(size=12)
+        ours = evaluate.regression_metrics(y, predicted)
+        np.testing.assert_allclose([ours["mae"], ours["rmse"], ours["r2"]],
+                                   [sk.mean_absolute_error(y, predicted), sk.root_mean_squared_error(y, predicted),
+                                    sk.r2_score(y, predicted)], atol=1e-12)  # fmt: skip
+        from scipy.stats import pearsonr
+
+        np.testing.assert_allclose(ours["pearson_r"], pearsonr(y, predicted)[0], atol=1e-12)
+
+
 def test_cache_is_rebuilt_when_stale_or_corrupt(tmp_path, caplog):
     source = tmp_path / "sub-01_space-X_res-2_desc-preproc_T1w.nii.gz"
     nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4)).to_filename(source)
