@@ -14,6 +14,9 @@ DEMO_SEG_PATCH ?= 48
 DEMO_LESION_EPOCHS ?= 10
 DEMO_NESTED_EPOCHS ?= 10
 PYTEST_ARGS ?=
+# the T1w study's model package (step 2), as its results.json names it
+T1W_PACKAGE = $(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['package'])" \
+	$(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json
 
 .PHONY: install demo test test-infra lint benchmark clean
 
@@ -37,14 +40,16 @@ demo: install
 	#    registrations); 2. train and evaluate (group level)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
 		--lesion-masks $(DEMO_DIR)/bids/derivatives/lesions
+	#    (one held-out test set here: below 300 participants the default is step 2b's nested cross-validation)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
-		--target diagnosis --positive-class AD --n-folds 3
+		--target diagnosis --positive-class AD --n-folds 3 --outer-folds 0
 	# 2b. morphometry (modulated grey matter and the log-Jacobian of the nonlinear registration) with every
-	#     participant tested once (nested cross-validation), beside the regional volumes' linear model
+	#     participant tested once (nested cross-validation), beside the regional volumes' linear model, its learning
+	#     curve, and the model for later use trained on everyone
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
 		--target diagnosis --positive-class AD --inputs GM logjacobian --outer-folds 3 --n-folds 2 --epochs $(DEMO_NESTED_EPOCHS)
 	# 3. predict new subjects (participant --model); 4. evaluate the model on them (group --model); 5. export
-	model=$$(ls -td $(DEMO_DIR)/derivatives/models/diagnosis_*/ | head -1) && \
+	model=$(DEMO_DIR)/derivatives/$$($(T1W_PACKAGE)) && \
 	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_derivatives participant -w $(DEMO_DIR)/work_new --model $$model && \
 	$(BIN)/bidsdl $(DEMO_DIR)/new $(DEMO_DIR)/new_derivatives group -w $(DEMO_DIR)/work_new --model $$model && \
 	$(BIN)/bidsdl-export $$model --format torchscript -o $(DEMO_DIR)/exported/model.pt && \
@@ -71,13 +76,15 @@ demo: install
 	@echo "Training cohort:      $(abspath $(DEMO_DIR))/bids"
 	@echo "Its derivatives:      $(abspath $(DEMO_DIR))/derivatives (manifest.tsv, qc.tsv, logs/)"
 	@echo "Group report:         $(abspath $(DEMO_DIR))/derivatives/group.html"
-	@echo "Model package:        $$(ls -td $(abspath $(DEMO_DIR))/derivatives/models/diagnosis_*/ | head -1)"
+	@echo "Model package:        $(abspath $(DEMO_DIR))/derivatives/$$($(T1W_PACKAGE)) (T1w)"
 	@echo "New cohort:           $(abspath $(DEMO_DIR))/new"
 	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('Deep vs linear:      ', \
 		r['baseline']['verdict']['text'])" $(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json
 	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); n=r['nested']; t=r['test']; \
 		print('Morphometry, nested:  ', n['n_tested'], 'participants each tested once: ROC-AUC', \
-		round(t['metrics']['roc_auc'], 3), '| vs volumes:', (r.get('volumes_baseline') or {}).get('verdict', {}).get('text', 'n/a'))" \
+		round(t['metrics']['roc_auc'], 3), '| vs volumes:', (r.get('volumes_baseline') or {}).get('verdict', {}).get('text', 'n/a')); \
+		print('  more participants?  ', (r['baseline'].get('learning_curve_outlook') or {}).get('text', 'n/a')); \
+		print('  model for later use:', r['package'], '(trained on everyone)')" \
 		$(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3_inputs-GM+logjacobian/results.json
 	@echo "External evaluation:  $(abspath $(DEMO_DIR))/new_derivatives/group.html (predictions.tsv beside it)"
 	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); f=r['out_of_distribution']; \

@@ -146,8 +146,9 @@ def sample_heads(bids: Path, out: Path, ants_kinds: list[str], tmp: Path) -> Non
             "fov_mm": "270" if truth["large_fov"] else "212",
             "axes": truth["orientation"],
         }
+        best = np.asarray(truth.get("TemplateToT1wBestAffine", truth["TemplateToT1w"]))  # an individual's shape
         if xfm.exists():
-            row["error_mm"] = displacement_mm(sitk.ReadTransform(str(xfm)), np.asarray(truth["TemplateToT1w"]))
+            row["error_mm"] = displacement_mm(sitk.ReadTransform(str(xfm)), best)
             recall, leak = mask_quality(derivative(out, source, bids, "desc-brain_mask.nii.gz"),
                                         truth_file.with_name(truth["BrainMask"]))  # fmt: skip
             row.update(recall=recall, leak=leak, verdict=json.loads(iqm_file.read_text())["qc"]["verdict"])
@@ -158,7 +159,7 @@ def sample_heads(bids: Path, out: Path, ants_kinds: list[str], tmp: Path) -> Non
             work.mkdir(exist_ok=True)
             transform, seconds = ants_register(source, kind, work)
             row[f"ants_{kind}_s"] = seconds
-            row[f"ants_{kind}_mm"] = displacement_mm(transform, np.asarray(truth["TemplateToT1w"]))
+            row[f"ants_{kind}_mm"] = displacement_mm(transform, best)
         rows.append(row)
     print("\nSample heads (error: mean displacement over template brain voxels vs truth; mask vs true brain):")
     for row in rows:

@@ -22,7 +22,7 @@ from .errors import InputDataError, ReportFailed
 from .kinds import REFERENCE_KIND
 from .learn import distributed
 from .learn.external import run_external_evaluation
-from .learn.nested import run_nested
+from .learn.nested import resolve_design, run_nested
 from .learn.package import read_package
 from .learn.splits import SplitSettings
 from .learn.study import StudySettings, run_study, serve_jobs
@@ -240,13 +240,16 @@ def _learning_results(
                 f"{config.architecture} ({results_file} is missing). Run the group level without --reports-only."
             )
         return json.loads(results_file.read_text())
-    study = run_nested if config.outer_folds else run_study  # every participant tested once, or one test set
+    qc = qc_table if not qc_table.empty else None
+    settings = resolve_design(table, settings=study_settings(config), requested=config.outer_folds,
+                              output_dir=config.output_dir, qc=qc)  # fmt: skip
+    study = run_nested if settings.split.outer_folds else run_study  # every participant tested once, or one test set
     return study(
         table,
         output_dir=config.output_dir,
         cache_dir=work_dir / "learn_cache",
-        qc=qc_table if not qc_table.empty else None,
-        settings=study_settings(config),
+        qc=qc,
+        settings=settings,
         config_record=config.to_dict(),
         environment=environment,
         manifest_sha256=manifest_sha256,

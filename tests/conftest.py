@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import AFFINE, make_bids, set_read_only, snapshot
+from tests.helpers import AFFINE, ONE_TEST_SET, make_bids, set_read_only, snapshot
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
@@ -53,7 +53,9 @@ def sample_bids(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run ``bidsdl`` in this process; returns (exit code, stdout, stderr). A participant run that names no
-    ``--registration`` takes the affine path (:data:`tests.helpers.AFFINE`)."""
+    ``--registration`` takes the affine path (:data:`tests.helpers.AFFINE`); a group study that names no
+    ``--outer-folds`` has one test set (:data:`tests.helpers.ONE_TEST_SET`: the default nests below 300
+    participants, a handful of trainings per study)."""
     from pipeline.cli.run import main
 
     def _run(*args: str | Path) -> tuple[int, str, str]:
@@ -61,6 +63,8 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         argv = [str(a) for a in args]
         if "participant" in argv[2:3] and "--registration" not in argv:
             argv += AFFINE
+        if "group" in argv[2:3] and "--target" in argv and "--outer-folds" not in argv:
+            argv += ONE_TEST_SET
         code = main(argv)
         out, err = capsys.readouterr()
         return code, out, err

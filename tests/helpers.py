@@ -100,8 +100,10 @@ AFFINE = ("--registration", "affine")
 #: The nonlinear registration at a coarse grid (the shared learning sample's preprocessing).
 WARP = ("--registration", "syn", "--warp-resolution", "4")
 
+#: One held-out test set, not the default nested cross-validation of a cohort below 300 participants.
+ONE_TEST_SET = ("--outer-folds", "0")
 FAST = ("--target", "diagnosis", "--positive-class", "AD", "--n-folds", "2", "--epochs", "2", "--batch-size", "4",
-        "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1")  # fmt: skip
+        "--model-resolution", "4", "--test-size", "0.25", "--nprocs", "1", *ONE_TEST_SET)  # fmt: skip
 
 
 @contextlib.contextmanager

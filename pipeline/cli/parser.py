@@ -186,7 +186,7 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 help="nested cross-validation: K outer folds, each participant in one outer test fold, the study "
                 "(--n-folds inner folds, thresholds and early stopping on validation only) run once per outer fold; "
                 "predictions for every participant, metrics with CIs over all of them (0: one held-out --test-size "
-                "test set)"),
+                "test set; default: 5 below 300 participants, fewer where a class is rare, else 0)"),
         _option("--architecture", metavar="NAME", help="network"),
         _option("--epochs", type=_positive_int, metavar="N", help="maximum epochs"),
         _option("--batch-size", type=_positive_int, metavar="N", help="batch size"),

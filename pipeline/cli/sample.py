@@ -22,12 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, help="new folder to write the dataset into")
     parser.add_argument("--subjects", type=int, default=10, help="number of participants (default 10)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    parser.add_argument(
-        "--effect-strength",
-        type=float,
-        default=1.0,
-        help="scale of the diagnosis effect on anatomy (default 1.0; 0 = none)",
-    )
+    parser.add_argument("--effect-strength", type=float, default=1.0,
+                        help="scale of the diagnosis effect on anatomy (default 1.0; 0 = none)")  # fmt: skip
     parser.add_argument(
         "--label-noise",
         type=float,
@@ -35,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of participants whose anatomy disagrees with their recorded diagnosis (default 0.1); the others' "
         "effect is graded: no model can reach an AUC of 1 (sourcedata/generation.json gives the best possible one)",
     )
+    parser.add_argument("--individual-variation", type=float, default=1.0,
+                        help="how much people differ apart from the disease (default 1: head size by sex, the "
+                        "ventricles' and hippocampi's own sizes, a smooth shape of each head; 0 = every head is the "
+                        "template's; 2 = twice as much)")  # fmt: skip
     parser.add_argument(
         "--two-session-fraction",
         type=float,
@@ -101,6 +101,20 @@ def _add_contrast_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _bad_option(args: argparse.Namespace) -> str:
+    """What is wrong with the options argparse let through ("" when nothing)."""
+    if not args.label_prefix.isalnum() and args.label_prefix:
+        return "--label-prefix must be letters and digits only (a BIDS label)"
+    for option in ("large_fov_fraction", "flair_fraction", "lesion_fraction", "label_noise"):
+        if not 0 <= getattr(args, option) <= 1:
+            return f"--{option.replace('_', '-')} must be between 0 and 1"
+    if not 0 <= args.individual_variation <= 2:
+        return "--individual-variation must be between 0 and 2"
+    if args.subjects < 1:
+        return "--subjects must be at least 1"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..sample.generate import SampleOptions, write_sample_dataset
 
@@ -113,34 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help, --version, or a usage error argparse reports itself
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
-    if not args.label_prefix.isalnum() and args.label_prefix:
-        print("bidsdl-sample: error: --label-prefix must be letters and digits only (a BIDS label)", file=sys.stderr)
-        return EXIT_USAGE
-    for option in ("large_fov_fraction", "flair_fraction", "lesion_fraction", "label_noise"):
-        if not 0 <= getattr(args, option) <= 1:
-            print(f"bidsdl-sample: error: --{option.replace('_', '-')} must be between 0 and 1", file=sys.stderr)
-            return EXIT_USAGE
-    if args.subjects < 1:
-        print("bidsdl-sample: error: --subjects must be at least 1", file=sys.stderr)
+    problem = _bad_option(args)
+    if problem:
+        print(f"bidsdl-sample: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = SampleOptions(
-        n_subjects=args.subjects,
-        seed=args.seed,
-        effect_strength=args.effect_strength,
-        label_noise=args.label_noise,
-        two_session_fraction=args.two_session_fraction,
-        large_fov_fraction=args.large_fov_fraction,
-        duplicate_subject=args.duplicate_subject,
-        confound_site=args.confound_site,
-        corrupt_subject=args.corrupt_subject,
-        voxel_scale=args.voxel_scale,
-        label_prefix=args.label_prefix,
-        flair_fraction=args.flair_fraction,
-        lesion_fraction=args.lesion_fraction,
-        unfamiliar=tuple(args.unfamiliar),
-        n_jobs=max(1, args.nprocs),
-    )
+        n_subjects=args.subjects, seed=args.seed, effect_strength=args.effect_strength, label_noise=args.label_noise,
+        individual_variation=args.individual_variation, two_session_fraction=args.two_session_fraction,
+        large_fov_fraction=args.large_fov_fraction, duplicate_subject=args.duplicate_subject,
+        confound_site=args.confound_site, corrupt_subject=args.corrupt_subject, voxel_scale=args.voxel_scale,
+        label_prefix=args.label_prefix, flair_fraction=args.flair_fraction, lesion_fraction=args.lesion_fraction,
+        unfamiliar=tuple(args.unfamiliar), n_jobs=max(1, args.nprocs),
+    )  # fmt: skip
     start = time.monotonic()
     try:
         summary = write_sample_dataset(args.out_dir, options)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import derivatives
-from . import baseline
+from . import baseline, curve
 from .tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
@@ -83,14 +83,16 @@ def baseline_study(
     gram, gram_s, described = None, 0.0, VOXEL_FEATURES
     if table is None:
         gram, gram_s = timed_gram or baseline.timed_gram([Path(p) for p in images["array"]])
-        fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed, gram=gram)
+        features = lambda train: baseline.span_features(gram, train)  # noqa: E731
     else:
         x, described = table
-        fitted = fit_baseline(task, images, members, y=y, n_classes=max(len(classes), 1), seed=seed,
-                              features=baseline.tabular_features(x))  # fmt: skip
+        features = baseline.tabular_features(x)
+    n_classes = max(len(classes), 1)
+    fitted = fit_baseline(task, images, members, y=y, n_classes=n_classes, seed=seed, features=features)
     test_rows, output, threshold = fitted["test_rows"], fitted["test_output"], fitted["threshold"]
     evaluation = task.evaluate_rows(test_rows, output, threshold=threshold, seed=seed, ci=True)
     headline = task.headline_metric(len(classes))
+    points = curve.learning_curve(task, images, members, y=y, n_classes=n_classes, seed=seed, features=features)
     deep_output, deep_threshold = deep
     truth = test_rows["y"].to_numpy()
     comparison = baseline.paired_difference(
@@ -120,7 +122,10 @@ def baseline_study(
         "verdict": verdict,
         "wall_time_s": round(time.monotonic() - started, 2),
         "gram_time_s": round(gram_s, 2),
+        "learning_curve": (scored := curve.scored(task, test_rows, points, headline, seed)),
+        "learning_curve_outlook": curve.outlook(scored, headline not in task.lower_is_better),
         "test_output": output,  # for a nested assembly; taken out before results.json is written
+        "curve_outputs": {p["fraction"]: p["test_output"] for p in points},  # likewise
     }
 
 

@@ -27,8 +27,10 @@ import pandas as pd
 
 from .. import derivatives
 from ..errors import InputDataError, UsageError
-from . import baseline, evaluate
-from .study import OUTER_ROWS, StudySettings, run_study, study_run_dir
+from . import baseline, curve, evaluate
+from .cohort import usable_images
+from .splits import EVERYONE
+from .study import OUTER_ROWS, StudySettings, run_study, study_run_dir, study_task
 from .tasks import get_task
 from .tasks.base import Task
 
@@ -39,9 +41,86 @@ OUTER_RECORD = "outer.json"
 NESTED_PREDICTIONS = "nested_predictions.tsv"
 
 
+#: Fewer participants than this: every participant tested once by default (nested cross-validation); from this many,
+#: one held-out test set (of ``--test-size``: 60 participants or more) decides well enough and costs a K-th.
+NESTED_BELOW = 300
+#: The outer folds of the default nested cross-validation (fewer where a class is too rare).
+DEFAULT_OUTER_FOLDS = 5
+
+
+def auto_outer_folds(n_subjects: int, smallest_class: int | None, *, n_folds: int, test_size: float,
+                     refused: str = "") -> tuple[int, str]:  # fmt: skip
+    """The default evaluation design of a cohort: the number of outer folds (0: one held-out test set) and why.
+    ``smallest_class``: the rarest class's participants (None for values); ``refused``: what rules nested
+    cross-validation out for this study (a segmentation, ``--fold``, ``--search``), if anything.
+
+    >>> auto_outer_folds(80, 36, n_folds=5, test_size=0.2)[0], auto_outer_folds(400, 150, n_folds=5, test_size=0.2)[0]
+    (5, 0)
+    >>> auto_outer_folds(12, 4, n_folds=2, test_size=0.2)[0], auto_outer_folds(12, 2, n_folds=2, test_size=0.2)[0]
+    (4, 0)
+    """
+    n_test = max(1, round(n_subjects * test_size))
+    spread = (f"a ROC-AUC's or a correlation's 95% interval on {n_test} test participants spans roughly "
+              f"±{1 / n_test**0.5:.2f}")  # fmt: skip
+    if refused:
+        return 0, (f"one held-out test set: {refused} (nested cross-validation, the default below {NESTED_BELOW} "
+                   "participants, does not combine with it)")  # fmt: skip
+    if n_subjects >= NESTED_BELOW:
+        return 0, (f"one held-out test set: {n_subjects} participants (from {NESTED_BELOW} on, a test set of "
+                   f"{n_test} decides well enough: {spread}; --outer-folds K tests everyone)")  # fmt: skip
+    k = DEFAULT_OUTER_FOLDS if smallest_class is None else min(DEFAULT_OUTER_FOLDS, smallest_class)
+    # every outer fold's development participants must hold the inner folds: its rarest class in each of them
+    while smallest_class is not None and k >= 3 and smallest_class - -(-smallest_class // k) < max(n_folds, 2) + 1:
+        k -= 1
+    if k < 3:
+        return 0, (f"one held-out test set: the rarest class has {smallest_class} participant(s), too few for three "
+                   f"outer folds of {max(n_folds, 2)} inner folds each")  # fmt: skip
+    return k, (f"every participant tested once ({k} outer folds): {n_subjects} participants, fewer than "
+               f"{NESTED_BELOW}, where one held-out test set would decide little ({spread}); --outer-folds 0 for one "
+               "test set")  # fmt: skip
+
+
+def resolve_design(manifest: pd.DataFrame, *, settings: StudySettings, requested: int | None, output_dir: Path,
+                   qc: pd.DataFrame | None) -> StudySettings:  # fmt: skip
+    """The study's settings with its evaluation design decided: ``--outer-folds`` as ``requested``, else
+    :func:`auto_outer_folds` on the cohort's participants (counted per class before any image is read)."""
+    if requested is not None:
+        k, chosen = requested, "--outer-folds"
+        why = f"--outer-folds {k}" + (": every participant tested once" if k else ": one held-out test set")
+    else:
+        chosen = "default"
+        task = study_task(manifest, output_dir=output_dir, qc=qc, settings=settings)
+        refused = ("a segmentation (label maps)" if task.learns_labels else "--fold" if settings.fold
+                   else "--search" if settings.search else "")  # fmt: skip
+        subjects, smallest = pd.Series(dtype=object), None
+        if not refused:  # a segmentation's target is its label maps: not a column to count
+            table, _ = usable_images(manifest, output_dir=output_dir, target=settings.target, qc=qc,
+                                     resolution_mm=settings.model_resolution, inputs=settings.inputs,
+                                     exclude_qc_outliers=settings.exclude_qc_outliers,
+                                     include_failed_qc=settings.include_failed_qc)  # fmt: skip
+            subjects = table.groupby("participant_id")["target"].first()
+            smallest = int(subjects.value_counts().min()) if task.discrete and len(subjects) else None
+        k, why = auto_outer_folds(len(subjects), smallest, n_folds=settings.split.n_folds,
+                                  test_size=settings.split.test_size, refused=refused)  # fmt: skip
+        LOGGER.info("Evaluation: %s", why)
+    return dataclasses.replace(
+        settings, split=dataclasses.replace(settings.split, outer_folds=k),
+        learning_settings={**settings.learning_settings, "outer_folds": k},
+        design={"outer_folds": k, "chosen_by": chosen, "reason": why},
+    )  # fmt: skip
+
+
 def outer_settings(settings: StudySettings, k: int) -> StudySettings:
     """The study of outer fold ``k``."""
     return dataclasses.replace(settings, split=dataclasses.replace(settings.split, outer_test=k), outer_fold=())
+
+
+def everyone_settings(settings: StudySettings, expected: dict[str, Any] | None = None) -> StudySettings:
+    """The study that learns from every participant (inner folds only, no test set): the model for later use, its
+    performance ``expected`` from the nested evaluation (recorded in its package). Its baselines and controls are the
+    outer folds' (they need a test set)."""
+    return dataclasses.replace(settings, split=dataclasses.replace(settings.split, outer_test=EVERYONE), outer_fold=(),
+                               baseline=False, permutation_control=False, expected=expected)  # fmt: skip
 
 
 def _outer_key(settings: StudySettings) -> dict[str, Any]:
@@ -87,19 +166,38 @@ def run_nested(manifest: pd.DataFrame, *, output_dir: Path, settings: StudySetti
         derivatives.write_json(study_run_dir(output_dir, sub) / OUTER_RECORD, _outer_key(settings))
     if settings.outer_fold:
         LOGGER.info("Ran outer fold(s) %s of %d. When every outer fold has finished, run the group level again "
-                    "without --outer-fold (same options) to assemble the nested evaluation.",
-                    ", ".join(map(str, wanted)), k_outer)  # fmt: skip
+                    "without --outer-fold (same options) to assemble the nested evaluation and train the model for "
+                    "later use on everyone.", ", ".join(map(str, wanted)), k_outer)  # fmt: skip
         return None
-    return assemble_nested(output_dir, settings)
+    results = assemble_nested(output_dir, settings)
+    LOGGER.info("The model for later use: the study again on every participant (its inner folds only)")
+    expected = {**results["test"], "source": f"nested cross-validation ({k_outer} outer folds): each of the "
+                f"{results['nested']['n_tested']} participants predicted by an outer fold's model that had not seen "
+                "them", "baseline_verdict": (results.get("baseline") or {}).get("verdict")}  # fmt: skip
+    final = run_study(manifest, output_dir=output_dir, settings=everyone_settings(settings, expected), **study)
+    assert final is not None
+    results.update(package=final["package"], content_sha256=final["content_sha256"])
+    results["nested"]["model_for_later_use"] = (
+        f"{final['package']}: the same study on every participant (its inner folds, thresholds and early stopping "
+        "on them; no test set), whose expected performance on new people is this nested evaluation's"
+    )
+    derivatives.write_json(study_run_dir(output_dir, settings) / derivatives.STUDY_OUTPUTS["results"], results)
+    return results
 
 
-def _load_outer(output_dir: Path, settings: StudySettings, k: int) -> dict[str, Any]:
+def _check_outer(output_dir: Path, settings: StudySettings, k: int) -> Path:
+    """Outer fold ``k``'s folder; refused, saying how to run it, when it has not finished with these settings."""
     folder = study_run_dir(output_dir, outer_settings(settings, k))
     if not outer_finished(output_dir, settings, k):
         raise InputDataError(
             f"Outer fold {k} has not finished with these settings ({folder}): run the group level with --outer-fold "
             f"{k} (or without --outer-fold, to run every missing one)."
         )
+    return folder
+
+
+def _load_outer(output_dir: Path, settings: StudySettings, k: int) -> dict[str, Any]:
+    folder = _check_outer(output_dir, settings, k)
     results = json.loads((folder / derivatives.STUDY_OUTPUTS["results"]).read_text())
     rows = pd.read_csv(folder / OUTER_ROWS, sep="\t", dtype={"participant_id": str, "session_id": str})
     outputs = {path.stem.removeprefix("outer_test_output_"): np.load(path)
@@ -109,7 +207,8 @@ def _load_outer(output_dir: Path, settings: StudySettings, k: int) -> dict[str, 
 
 def assemble_nested(output_dir: Path, settings: StudySettings) -> dict[str, Any]:
     """The K outer folds pooled: every participant's prediction, the metrics over all of them, each baseline paired
-    with the network over all of them, the spread over outer folds; ``results.json`` of the study's folder."""
+    with the network over all of them, the spread over outer folds: the study's results (``results.json`` once the
+    model for later use, on everyone, is named in it)."""
     outer = [_load_outer(output_dir, settings, k) for k in range(settings.split.outer_folds)]
     first = outer[0]["results"]
     task, classes, seed = get_task(first["task"]), first["classes"], settings.train.seed
@@ -149,8 +248,6 @@ def assemble_nested(output_dir: Path, settings: StudySettings) -> dict[str, Any]
         "spread": evaluate.fold_summary(per_outer),
         "predictions": (run_dir / NESTED_PREDICTIONS).relative_to(output_dir).as_posix(),
         "packages": [o["results"]["package"] for o in outer],
-        "model_for_later_use": "the outer folds' packages, used together as one ensemble (--model each): each learned "
-        "from every participant but its outer test fold's",
     }
     results = {
         **{k: v for k, v in first.items() if k not in ("baseline", "volumes_baseline", "permutation_control")},
@@ -158,11 +255,11 @@ def assemble_nested(output_dir: Path, settings: StudySettings) -> dict[str, Any]
         "threshold": thresholds["deep"],
         **comparisons,
         "nested": nested,
+        "design": settings.design,
         "predictions_file": nested["predictions"],
         "n_subjects": int(tested),
         "n_images": len(rows),
     }
-    derivatives.write_json(run_dir / derivatives.STUDY_OUTPUTS["results"], results)
     return results
 
 
@@ -193,6 +290,10 @@ def _pooled_baseline(
     )
     verdict = baseline.verdict(headline, comparison[headline], headline not in task.lower_is_better)
     first = outer[0]["results"][key]
+    points = [{"fraction": p["fraction"], "test_output": pooled[f"{key}_curve-{p['fraction']}"],
+               "n_train": float(np.mean([_curve_point(o, key, p["fraction"])["n_train"] for o in outer])),
+               "threshold": float(np.mean([_curve_point(o, key, p["fraction"])["threshold"] for o in outer]))}
+              for p in first.get("learning_curve", []) if f"{key}_curve-{p['fraction']}" in pooled]  # fmt: skip
     return {
         **{k: first[k] for k in ("model", "features", "selection", "grid", "predictions") if k in first},
         "folds": [f for o in outer for f in o["results"][key]["folds"]],
@@ -203,4 +304,10 @@ def _pooled_baseline(
         "verdict": verdict,
         "wall_time_s": round(sum(o["results"][key]["wall_time_s"] for o in outer), 2),
         "per_outer_fold": [o["results"][key]["test"]["metrics"] for o in outer],
+        "learning_curve": (scored := curve.scored(task, rows, points, headline, seed)),
+        "learning_curve_outlook": curve.outlook(scored, headline not in task.lower_is_better),
     }
+
+
+def _curve_point(outer: dict[str, Any], key: str, fraction: float) -> dict[str, Any]:
+    return next(p for p in outer["results"][key]["learning_curve"] if p["fraction"] == fraction)

@@ -29,6 +29,9 @@ LOGGER = logging.getLogger(__name__)
 
 #: Quantile bins a numeric stratification column is cut into.
 NUMERIC_BINS = 4
+#: ``outer_test`` of the study that learns from everyone (no test set): a nested cross-validation's model for later
+#: use, its performance estimated by the outer folds.
+EVERYONE = -1
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class SplitSettings:
     stratify: tuple[str, ...]
     #: Nested cross-validation: the number of outer folds (0: one held-out test set of ``test_size``) ...
     outer_folds: int = 0
-    #: ... and the outer fold whose participants are this study's test set (set per outer fold by the study).
+    #: ... and the outer fold whose participants are this study's test set (set per outer fold by the study;
+    #: :data:`EVERYONE`: none, every participant in the inner folds).
     outer_test: int | None = None
 
 
@@ -182,7 +186,8 @@ def make_splits(
 
 
 def _check_size(n: int, settings: SplitSettings) -> None:
-    test_size = 1 / settings.outer_folds if settings.outer_test is not None else settings.test_size
+    test_size = settings.test_size if settings.outer_test is None else (
+        0.0 if settings.outer_test == EVERYONE else 1 / settings.outer_folds)  # fmt: skip
     needed = minimum_subjects(settings.n_folds, test_size)
     if n < needed:
         raise InputDataError(
@@ -195,9 +200,11 @@ def _test_split(
     subjects: pd.DataFrame, key: pd.Series | None, settings: SplitSettings, task: Task
 ) -> tuple[np.ndarray, np.ndarray]:
     """The development and test rows: one held-out ``test_size`` split, or an outer fold's (:func:`outer_split`)."""
+    index = np.arange(len(subjects))
+    if settings.outer_test == EVERYONE:
+        return index, index[:0]
     if settings.outer_test is not None:
         return outer_split(subjects, key, settings, task)
-    index = np.arange(len(subjects))
     dev, test = train_test_split(
         index, test_size=settings.test_size, random_state=settings.seed, stratify=_usable(key, index)
     )

@@ -34,6 +34,7 @@ from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
 from .package import MODEL_JSON, hardware_record, write_package
 from .splits import (
+    EVERYONE,
     SplitSettings,
     fingerprint,
     fold_members,
@@ -96,6 +97,10 @@ class StudySettings:
     trial: tuple[int, ...] = ()  # only these trials (array jobs)
     time_limit: float | None = None  # seconds this job may run
     deadline: walltime.Deadline = walltime.NO_DEADLINE  # set by run_study from time_limit and SLURM's end
+    #: A study on everyone (no test set): the evaluation its performance is expected from (the nested one's)
+    expected: dict[str, Any] | None = None
+    #: How the evaluation was designed (one test set or nested, chosen by whom, why): results.json and the report
+    design: dict[str, Any] | None = None
 
 
 #: Learning settings that change what is reported beside the folds, never a fold's training: a fold trained with
@@ -358,7 +363,8 @@ def study_run_dir(output_dir: Path, settings: StudySettings) -> Path:
     run_dir = derivatives.study_dir(output_dir, settings.target, settings.architecture, settings.inputs)
     if settings.split.outer_test is None:
         return run_dir
-    return run_dir.parent / f"outer-{settings.split.outer_test}" / run_dir.name
+    outer = "all" if settings.split.outer_test == EVERYONE else settings.split.outer_test
+    return run_dir.parent / f"outer-{outer}" / run_dir.name
 
 
 def _source_check(source: transfer.Source, seen: dict[str, str], moved: list[dict[str, str]]) -> dict[str, Any]:
@@ -391,8 +397,11 @@ def train_fold(
     network.to(device)
     outputs = {
         name: predict(network, data[name], task=task, device=device, scale=scale)  # fp32, as the package is used
-        for name in task.predicted_splits
+        for name in task.predicted_splits if len(rows[name])
     }
+    for name in task.predicted_splits:
+        if name not in outputs:  # a study on everyone has no test set: no outputs, the trailing shape kept
+            outputs[name] = outputs["validation"][:0]
     threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
     distribution = _fold_distribution(task, network, data, device=device, seed=derived_seed(settings.train.seed, fold))
     return FoldResult(
@@ -720,7 +729,7 @@ def assemble(
                                                                                                     folds, settings)
     trust = _controls(cohort, split, folds, settings=settings, model_config=model_config, device=device,
                       deep=(ensemble, ensemble_threshold))  # fmt: skip
-    baseline_outputs = {k: trust[k].pop("test_output") for k in ("baseline", "volumes_baseline") if trust.get(k)}
+    baseline_outputs = _baseline_outputs(trust)
     validation_summary = evaluate.fold_summary([f.validation["metrics"] for f in folds])
     test_fold_summary = evaluate.fold_summary([f.test["metrics"] for f in folds])
     derivatives.write_text(run_dir / derivatives.STUDY_OUTPUTS["predictions"],
@@ -734,9 +743,10 @@ def assemble(
     record["distribution"] = _distribution_record(cohort, split, folds, output_dir=output_dir)
     env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
            "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
+    outer = settings.split.outer_test not in (None, EVERYONE)  # an outer fold's package stays in its folder
     package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env,
-                                   outer=settings.split.outer_test is not None)  # fmt: skip
-    if settings.split.outer_test is not None:
+                                   outer=outer)  # fmt: skip
+    if outer:
         _save_outer_outputs(run_dir, cohort, split, {"deep": ensemble, **baseline_outputs})
     LOGGER.info("Model package: %s", package)
     results = {
@@ -753,6 +763,7 @@ def assemble(
         "test_fold_summary": test_fold_summary,
         "test": test_eval,
         "threshold": ensemble_threshold,
+        "design": settings.design,
         "worst": _worst_cases(predictions, task),
         "model_resolution": settings.model_resolution,
         "device": str(device),
@@ -767,6 +778,18 @@ def assemble(
     }
     derivatives.write_json(run_dir / RESULTS, results)
     return results
+
+
+def _baseline_outputs(trust: dict[str, Any]) -> dict[str, Any]:
+    """The baselines' test outputs and their learning curves' (for a nested assembly to pool), taken out of
+    ``trust`` (results.json holds no arrays)."""
+    outputs = {}
+    for key in ("baseline", "volumes_baseline"):
+        if trust.get(key):
+            outputs[key] = trust[key].pop("test_output")
+            for share, output in trust[key].pop("curve_outputs", {}).items():
+                outputs[f"{key}_curve-{share}"] = output
+    return outputs
 
 
 def _study_identity(cohort: CohortStage, settings: StudySettings, package: Path, output_dir: Path) -> dict[str, Any]:
@@ -852,7 +875,7 @@ def _ensemble_on_test(
     tables = [table for fold in folds for table in fold.predictions]
     tables.append(_prediction_table(task, test_rows, ensemble, "test", "ensemble", cohort.classes, threshold))
     test_eval = _evaluate(task, test_rows, ensemble, threshold, seed=settings.train.seed, ci=True)
-    extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings)
+    extra = task.finish_study(test_rows, ensemble, run_dir=run_dir, settings=settings) if len(test_rows) else {}
     _write_case_scores(run_dir, folds, test_eval, extra)
     return threshold, postprocessing, pd.concat(tables, ignore_index=True), test_eval, extra, ensemble
 
@@ -1005,7 +1028,14 @@ def _data(task: Task, rows: pd.DataFrame, settings: StudySettings, model_config:
     return task.dataset(rows, patch_size=settings.patch_size, n_outputs=model_config.n_outputs)
 
 
+#: The evaluation of a study that has no test set (it learned from everyone: :data:`~.splits.EVERYONE`).
+NO_TEST = {"n": 0, "n_subjects": 0, "metrics": {}, "note": "no test set: this model learned from every participant "
+           "(its inner folds only); the nested cross-validation's outer folds estimate its performance"}  # fmt: skip
+
+
 def _evaluate(task: Task, rows: pd.DataFrame, outputs: Any, threshold: float, *, seed: int, ci: bool) -> dict[str, Any]:
+    if rows.empty:
+        return dict(NO_TEST)
     return task.evaluate_rows(rows, outputs, threshold=threshold, seed=seed, ci=ci)
 
 
@@ -1113,7 +1143,7 @@ def _model_record(
         "selection_metric": settings.train.selection_metric,
         "training_subjects": seen,
         "test_subjects": sorted(set(splits.loc[splits["split"] == "test", "participant_id"])),
-        "metrics": metrics,
+        "metrics": metrics if settings.expected is None else {**metrics, "test": settings.expected},
         "data": {
             "manifest_sha256": manifest_sha256,
             "splits_sha256": hashlib.sha256(splits.to_csv(sep="\t", index=False).encode()).hexdigest(),
@@ -1122,11 +1152,18 @@ def _model_record(
         },
         "learning_settings": settings.learning_settings,
         **task.package_fields(classes=classes, settings=settings),
-        "model_card": {
-            "intended_use": f"Research: predicting {settings.target} from a T1w image preprocessed by bidsdl "
-            f"into {TEMPLATE_SPACE} at {settings.model_resolution:g} mm.",
-            "not_for_clinical_use": True,
-            "limitations": "Trained on the subjects listed here; performance elsewhere is unknown until "
-            "evaluated externally (bidsdl group --model).",
-        },
+        "model_card": _model_card(settings),
+    }
+
+
+def _model_card(settings: StudySettings) -> dict[str, Any]:
+    """What the package says of its use and its limits."""
+    everyone = "" if settings.expected is None else (" It learned from every participant (no test set); its test "
+                                                     f"metrics are the {settings.expected['source']}.")  # fmt: skip
+    return {
+        "intended_use": f"Research: predicting {settings.target} from a T1w image preprocessed by bidsdl into "
+        f"{TEMPLATE_SPACE} at {settings.model_resolution:g} mm.",
+        "not_for_clinical_use": True,
+        "limitations": "Trained on the subjects listed here; performance elsewhere is unknown until evaluated "
+        f"externally (bidsdl group --model).{everyone}",
     }

@@ -189,7 +189,31 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
         "transfer": results.get("transfer"),
         "distribution": _distribution(results.get("distribution")),
         "nested": _nested(results.get("nested")),
+        "learning_curve": _learning_curve(results),
+        "design": results.get("design"),
     }
+
+
+def _learning_curve(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The linear models' learning curves (:mod:`pipeline.learn.curve`), the network's score beside them, what the
+    curve says."""
+    names = {"baseline": "linear, same inputs", "volumes_baseline": "linear, regional volumes"}
+    curves = {names[k]: results[k]["learning_curve"] for k in names if (results.get(k) or {}).get("learning_curve")}
+    if not curves:
+        return None
+    first = next(iter(curves.values()))
+    metric, full = first[0]["metric"], first[-1]
+    deep = {"n_train": full["n_train"], "value": results["test"]["metrics"].get(metric),
+            "ci": results["test"].get("ci", {}).get(metric, [float("nan")] * 2)}  # fmt: skip
+    chance = 0.5 if metric == "roc_auc" else None
+    said = next(results[k].get("learning_curve_outlook") for k in names if (results.get(k) or {}).get("learning_curve"))
+    return {
+        "figure": _data_uri(figures.learning_curves(curves, deep if deep["value"] is not None else None, chance)),
+        "text": said["text"] if said else "Too few training participants of a class for the smaller points.",
+        "rows": [{"model": name, "points": ", ".join(f"{p['n_train']:.0f}: {_fmt(p['value'])}" for p in points)}
+                 for name, points in curves.items()],
+        "metric": metric,
+    }  # fmt: skip
 
 
 def _nested(nested: dict[str, Any] | None) -> dict[str, Any] | None:

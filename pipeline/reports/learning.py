@@ -63,6 +63,37 @@ def training_curves(histories: Sequence[Sequence[dict[str, Any]]], *, dpi: int =
     return _png(figure, dpi)
 
 
+def learning_curves(curves: dict[str, Sequence[dict[str, Any]]], deep: dict[str, Any] | None, chance: float | None,
+                    *, dpi: int = 70) -> bytes:  # fmt: skip
+    """The headline metric against the number of training participants: one line (with its 95% interval) per
+    linear model, the network's score at the full training set, chance as a dotted line."""
+    figure = Figure(figsize=(4.6, 3.0))
+    ax = figure.add_subplot(1, 1, 1)
+    metric = ""
+    for c, (name, every) in enumerate(curves.items()):
+        points = [p for p in every if p.get("value") is not None]  # undefined on its test set (JSON null)
+        n = [p["n_train"] for p in points]
+        value = [p["value"] for p in points]
+        low = [p["value"] - p["ci"][0] if p["ci"][0] is not None else 0.0 for p in points]
+        high = [p["ci"][1] - p["value"] if p["ci"][1] is not None else 0.0 for p in points]
+        ax.errorbar(n, value, yerr=[low, high], color=_COLOURS[c % len(_COLOURS)], lw=1.2, marker="o", ms=3,
+                    capsize=2, label=name)  # fmt: skip
+        metric = points[0]["metric"] if points else metric
+    if deep is not None:
+        low_ci, high_ci = (deep["value"] if v is None else v for v in deep["ci"])
+        error = [[deep["value"] - low_ci], [high_ci - deep["value"]]]
+        ax.errorbar([deep["n_train"]], [deep["value"]], yerr=error, color="black", marker="*", ms=8, capsize=2,
+                    ls="none", label="deep model")  # fmt: skip
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1)
+    ax.set_xlabel("training participants per fold", fontsize=8)
+    ax.set_ylabel(f"test {metric}", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    figure.tight_layout()
+    return _png(figure, dpi)
+
+
 def classification_panels(evaluation: dict[str, Any], classes: Sequence[str], *, dpi: int = 70) -> bytes:
     """ROC, precision-recall, reliability (calibration) and the confusion matrix of one set."""
     curves = evaluation.get("curves")

@@ -113,6 +113,10 @@ class SampleOptions:
     #: Images unlike every other, one extra participant each (kinds of :data:`~pipeline.sample.anatomy.UNFAMILIAR`):
     #: what a model's distribution check (or, for the grossest, quality control) must catch.
     unfamiliar: tuple[str, ...] = ()
+    #: How much individuals differ from one another apart from the disease (0: every head is the template's; 1: head
+    #: size by sex, the ventricles' and hippocampi's own sizes and a smooth shape of each head, as in
+    #: :data:`INDIVIDUAL`): what makes a small effect hard to see across people.
+    individual_variation: float = 1.0
     n_jobs: int = 1
 
 
@@ -132,6 +136,15 @@ class ImageSpec:
     lesion_seed: int = 0
     #: A kind of :data:`~pipeline.sample.anatomy.UNFAMILIAR` ("": a T1w like the others).
     unfamiliar: str = ""
+    #: The individual's head size (linear, relative to the template) and shape (:func:`~.anatomy.individual_shape`'s
+    #: seed and size in mm; 0: the template's shape); the same in each of a participant's sessions.
+    head_scale: float = 1.0
+    shape_seed: int = 0
+    shape_mm: float = 0.0
+
+    @property
+    def shape(self) -> anatomy.Shape | None:
+        return anatomy.individual_shape(self.shape_seed, self.shape_mm) if self.shape_seed else None
 
     @property
     def stem(self) -> str:
@@ -149,13 +162,36 @@ class ImageSpec:
 
 #: The disease's severity in an affected participant, drawn uniformly (1: the full effect).
 SEVERITY_RANGE = (0.3, 1.0)
+#: How individuals differ at ``individual_variation`` 1: head size (linear scale: mean by sex, and its SD), the SD
+#: of the ventricles' and hippocampi's own sizes (as strengths of :func:`~.anatomy.deform`; the disease's full effect
+#: is 0.22) and the root mean square of the head's shape (:func:`~.anatomy.individual_shape`, mm). The template is
+#: larger than most heads (its brain mask holds 1.93 l; intracranial volume is ~1.35 l in women and ~1.55 l in men,
+#: SD ~10%); ventricular volume varies several-fold between elderly people, the hippocampus's by ~10-15%.
+HEAD_SCALE_MEAN = {"F": 0.89, "M": 0.93}
+INDIVIDUAL = {"head_scale_sd": 0.03, "ventricles_sd": 0.10, "hippocampi_sd": 0.04, "shape_rms_mm": anatomy.SHAPE_RMS_MM}
 
 
-def _labels_effects(rng: np.random.Generator, severity: float, age: float, strength: float) -> tuple[float, float]:
-    """Ventricular expansion and hippocampal shrinkage for a subject of a disease severity (0: none) at an age."""
-    ventricles = strength * 0.22 * severity + 0.005 * (age - 70) + rng.normal(0, 0.02)
-    hippocampi = strength * 0.22 * severity + 0.003 * (age - 70) + rng.normal(0, 0.02)
-    return float(np.clip(ventricles, -0.1, 0.45)), float(np.clip(hippocampi, -0.1, 0.45))
+def _labels_effects(rng: np.random.Generator, severity: float, age: float, strength: float,
+                    own: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:  # fmt: skip
+    """Ventricular expansion and hippocampal shrinkage for a subject of a disease severity (0: none) at an age, from
+    the individual's ``own`` sizes (:func:`_individual`)."""
+    ventricles = own[0] + strength * 0.22 * severity + 0.005 * (age - 70) + rng.normal(0, 0.02)
+    hippocampi = own[1] + strength * 0.22 * severity + 0.003 * (age - 70) + rng.normal(0, 0.02)
+    return float(np.clip(ventricles, -0.2, 0.45)), float(np.clip(hippocampi, -0.15, 0.45))
+
+
+def _individual(rng: np.random.Generator, sex: str, variation: float) -> dict[str, Any]:
+    """One person's anatomy apart from the disease (:data:`INDIVIDUAL` scaled by ``variation``): head size, own
+    ventricle and hippocampus sizes, the seed of the head's shape."""
+    draws = rng.standard_normal(3)
+    seed = int(rng.integers(1, 2**31))
+    return {
+        "head_scale": round(1.0 + variation * (HEAD_SCALE_MEAN[sex] - 1.0
+                                               + INDIVIDUAL["head_scale_sd"] * draws[0]), 4),
+        "own": (variation * INDIVIDUAL["ventricles_sd"] * draws[1], variation * INDIVIDUAL["hippocampi_sd"] * draws[2]),
+        "shape_seed": seed if variation > 0 else 0,
+        "shape_mm": round(variation * INDIVIDUAL["shape_rms_mm"], 4),
+    }  # fmt: skip
 
 
 def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[ImageSpec]]:
@@ -173,6 +209,7 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
     effect_rng = np.random.default_rng([options.seed, 5])
     effects = [(effect_rng.random() < options.label_noise, effect_rng.uniform(*SEVERITY_RANGE))
                for _ in range(options.n_subjects)]  # fmt: skip
+    individual_rng = np.random.default_rng([options.seed, 11])  # apart too: how people differ besides the disease
     for index in range(options.n_subjects):
         label = f"{options.label_prefix}{index + 1:0{width}d}"
         if options.confound_site:
@@ -187,35 +224,22 @@ def plan_dataset(options: SampleOptions) -> tuple[list[dict[str, Any]], list[Ima
         flipped, drawn = effects[index]
         affected = (diagnosis == "AD") != bool(flipped)
         severity = float(drawn) if affected else 0.0
-        participants.append(
-            {
-                "participant_id": f"sub-{label}",
-                "age": round(age, 1),
-                "sex": sex,
-                "site": site,
-                "diagnosis": diagnosis,
-                "severity": round(severity, 4),  # the truth, not written into participants.tsv
-            }
-        )
+        # the severity is the truth, not written into participants.tsv
+        participants.append({"participant_id": f"sub-{label}", "age": round(age, 1), "sex": sex, "site": site,
+                             "diagnosis": diagnosis, "severity": round(severity, 4)})  # fmt: skip
+        person = _individual(individual_rng, sex, options.individual_variation)
         subject_rng = np.random.default_rng(rng.integers(2**32))
         for session in range(1, n_sessions + 1):
             session_age = age + (0.0 if session == 1 else float(subject_rng.uniform(1.0, 2.5)))
-            ventricles, hippocampi = _labels_effects(subject_rng, severity, session_age, options.effect_strength)
-            images.append(
-                ImageSpec(
-                    subject=label,
-                    session=f"{session:02d}",
-                    age=round(session_age, 1),
-                    diagnosis=diagnosis,
-                    site=site,
-                    seed=int(rng.integers(2**32)),
-                    ventricles=ventricles,
-                    hippocampi=hippocampi,
-                    compressed=(index % 10 != 4),  # every tenth subject has an uncompressed .nii
-                    flair=bool(with_flair[index]),
-                    lesion_seed=lesion_seeds[index],
-                )
-            )
+            ventricles, hippocampi = _labels_effects(subject_rng, severity, session_age, options.effect_strength,
+                                                     person["own"])  # fmt: skip
+            images.append(ImageSpec(
+                subject=label, session=f"{session:02d}", age=round(session_age, 1), diagnosis=diagnosis, site=site,
+                seed=int(rng.integers(2**32)), ventricles=ventricles, hippocampi=hippocampi,
+                compressed=(index % 10 != 4),  # every tenth subject has an uncompressed .nii
+                flair=bool(with_flair[index]), lesion_seed=lesion_seeds[index], head_scale=person["head_scale"],
+                shape_seed=person["shape_seed"], shape_mm=person["shape_mm"],
+            ))  # fmt: skip
     _plan_unfamiliar(options, width, participants, images)
     return participants, images
 
@@ -276,49 +300,31 @@ def make_image(
     anatomy_img = deform(contrast)
     pose = np.eye(4)  # template world -> scanner world
     pose[:3, :3] = anatomy.rotation_matrix(acq["rotation_deg"]) * anatomy.UNFAMILIAR.get(spec.unfamiliar, 1.0)
+    pose[:3, :3] *= spec.head_scale  # the individual's head size
     pose[:3, 3] = acq["translation_mm"]
-    ornt = anatomy.orientation_matrix(acq["orientation"])
-    world_axis = np.abs(ornt).argmax(axis=0)  # world axis of each voxel axis
-    acq["voxel_size_mm"] = [z * options.voxel_scale for z in acq["voxel_size_mm"]]
-    fov = (*FOV_MM[:2], LARGE_FOV_SI_MM) if acq["large_fov"] else FOV_MM
-    shape = [round(fov[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
-    head_centre = np.add(HEAD_CENTRE_MM, (0.0, 0.0, (FOV_MM[2] - fov[2]) / 2))  # the same top
-    centre = pose[:3, :3] @ head_centre + pose[:3, 3] + acq["fov_jitter_mm"]
-    grid = anatomy.grid_affine(
-        orientation=acq["orientation"],
-        voxel_size=acq["voxel_size_mm"],
-        shape=shape,
-        centre_mm=centre,
-        oblique_deg=acq["oblique_deg"],
-    )
+    grid, shape = _acquisition_grid(acq, pose, options)
     to_template = np.linalg.inv(pose)
-    signal = anatomy.resample_into(anatomy_img, head.affine, grid, shape, to_template)
-    brain = anatomy.resample_into(deform(head.brain.astype(np.float32)), head.affine, grid, shape, to_template) > 0.5
-    mask = nib.Nifti1Image(brain.astype(np.uint8), grid)
-    mask.set_qform(grid, code=1)
-    mask.set_sform(grid, code=1)
+    shape_of = spec.shape  # the individual's shape: where each voxel samples the head, found once
+    person = None if shape_of is None else anatomy.shape_coordinates(head.affine, grid, shape, to_template, shape_of)
+    signal = anatomy.resample_into(anatomy_img, head.affine, grid, shape, to_template, displacement=person)
+    brain = anatomy.resample_into(deform(head.brain.astype(np.float32)), head.affine, grid, shape, to_template,
+                                  displacement=person) > 0.5  # fmt: skip
     moved = anatomy.deform(head.labels, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi, order=0)
-    structures = anatomy.resample_into(moved, head.affine, grid, shape, to_template, order=0)
-    labels = nib.Nifti1Image(structures.astype(np.uint8), grid)
-    labels.set_qform(grid, code=1)
-    labels.set_sform(grid, code=1)
+    structures = anatomy.resample_into(moved, head.affine, grid, shape, to_template, order=0, displacement=person)
     site = SITES[spec.site]
     scale = site["scale"] * acq["scale_jitter"]
     signal *= anatomy.bias_field(shape, acq["bias_coefficients"])
     signal *= np.float32(scale)
     sigma = site["noise"] * acq["noise_jitter"] * scale
     signal = anatomy.rician(signal, sigma, rng)
-    data = np.clip(np.rint(signal), 0, np.iinfo(np.int16).max).astype(np.int16)
-    img = nib.Nifti1Image(data, grid)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(grid, code=1)
-    img.set_sform(grid, code=1)
+    img = _scanner_image(np.clip(np.rint(signal), 0, np.iinfo(np.int16).max).astype(np.int16), grid)
     truth = {
         "Description": "Ground truth of a synthetic T1w (bidsdl-sample).",
         "Template": anatomy.TEMPLATE_SPACE,
         "T1wToTemplate": to_template.round(8).tolist(),
         "TemplateToT1w": pose.round(8).tolist(),
         "TransformConvention": "4x4 RAS+ world-to-world (mm): x_template = T1wToTemplate @ x_T1w",
+        **_best_affine(head, pose, shape_of),
         **acq,
         "shape": shape,
         "BrainMask": mask_name(spec),
@@ -326,6 +332,7 @@ def make_image(
         "site_scale": scale,
         "noise_sigma": sigma,
         "deformation": {"ventricles": spec.ventricles, "hippocampi": spec.hippocampi},
+        "individual": {"head_scale": spec.head_scale, "shape_seed": spec.shape_seed, "shape_rms_mm": spec.shape_mm},
         "age": spec.age,
         "diagnosis": spec.diagnosis,
         "site": spec.site,
@@ -335,7 +342,56 @@ def make_image(
         name: round(float((structures == index).sum() * abs(np.linalg.det(grid[:3, :3]))) / 1000, 4)
         for index, name in anatomy.STRUCTURES.items()
     }
-    return img, mask, labels, truth
+    return img, _scanner_image(brain.astype(np.uint8), grid, None), _scanner_image(structures.astype(np.uint8), grid,
+                                                                                   None), truth  # fmt: skip
+
+
+def _best_affine(head: anatomy.Head, pose: np.ndarray, shape: anatomy.Shape | None) -> dict[str, Any]:
+    """With an individual's shape the true template -> T1w mapping is not affine: its least-squares affine over the
+    template's brain (what an affine registration should find) and the distance (mm, RMS and 95th percentile over
+    the brain) between the two, the floor of any affine registration's error. Without a shape, the pose itself."""
+    if shape is None:
+        return {"TemplateToT1wBestAffine": pose.round(8).tolist(), "AffineResidualMm": {"rms": 0.0, "p95": 0.0}}
+    ijk = np.argwhere(head.brain)[::97].T.astype(np.float64)
+    template = head.affine[:3, :3] @ ijk + head.affine[:3, 3:4]
+    point = template.copy()
+    for _ in range(20):  # the person's point y whose anatomy is the template's t: y + d(y) = t
+        point = template - shape(point)
+    scanner = pose[:3, :3] @ point + pose[:3, 3:4]
+    design = np.vstack([template, np.ones(template.shape[1])]).T
+    solution, *_ = np.linalg.lstsq(design, scanner.T, rcond=None)
+    fit = np.eye(4)
+    fit[:3, :] = solution.T
+    distance = np.linalg.norm(design @ solution - scanner.T, axis=1)
+    return {"TemplateToT1wBestAffine": fit.round(8).tolist(),
+            "AffineResidualMm": {"rms": round(float(np.sqrt(np.mean(distance**2))), 3),
+                                 "p95": round(float(np.percentile(distance, 95)), 3)}}  # fmt: skip
+
+
+def _acquisition_grid(acq: dict[str, Any], pose: np.ndarray, options: SampleOptions) -> tuple[np.ndarray, list[int]]:
+    """The image's grid (voxel -> scanner world) and shape: the field of view around the posed head, the drawn
+    orientation, voxel size (scaled by ``voxel_scale``, written back into ``acq``), tilt and jitter."""
+    world_axis = np.abs(anatomy.orientation_matrix(acq["orientation"])).argmax(axis=0)  # world axis of each voxel axis
+    acq["voxel_size_mm"] = [z * options.voxel_scale for z in acq["voxel_size_mm"]]
+    fov = (*FOV_MM[:2], LARGE_FOV_SI_MM) if acq["large_fov"] else FOV_MM
+    shape = [round(fov[w] / z) for w, z in zip(world_axis, acq["voxel_size_mm"], strict=True)]
+    head_centre = np.add(HEAD_CENTRE_MM, (0.0, 0.0, (FOV_MM[2] - fov[2]) / 2))  # the same top
+    centre = pose[:3, :3] @ head_centre + pose[:3, 3] + acq["fov_jitter_mm"]
+    grid = anatomy.grid_affine(orientation=acq["orientation"], voxel_size=acq["voxel_size_mm"], shape=shape,
+                               centre_mm=centre, oblique_deg=acq["oblique_deg"])  # fmt: skip
+    return grid, shape
+
+
+def _scanner_image(data: np.ndarray, grid: np.ndarray, time_unit: str | None = "sec") -> nib.Nifti1Image:
+    """A NIfTI image on ``grid`` with both qform and sform set (scanner), in mm (and ``time_unit``)."""
+    img = nib.Nifti1Image(data, grid)
+    if time_unit:
+        img.header.set_xyzt_units("mm", time_unit)
+    else:
+        img.header.set_xyzt_units("mm")
+    img.set_qform(grid, code=1)
+    img.set_sform(grid, code=1)
+    return img
 
 
 #: The 2D FLAIR: axial slices (the third voxel axis runs foot to head), thick, covering the brain.
@@ -371,7 +427,8 @@ def make_flair(spec: ImageSpec, head: anatomy.Head, pose: np.ndarray, options: S
     if lesions is not None:
         contrast = anatomy.with_lesions(contrast, lesions, anatomy.LESION_FLAIR)
     deformed = anatomy.deform(contrast, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
-    signal = anatomy.resample_into(deformed, head.affine, fine, fine_shape, np.linalg.inv(flair_pose))
+    signal = anatomy.resample_into(deformed, head.affine, fine, fine_shape, np.linalg.inv(flair_pose),
+                                   displacement=spec.shape)  # fmt: skip
     signal = signal.reshape(*shape[:2], shape[2], 3).mean(axis=3)
     site = SITES[spec.site]
     scale = 0.8 * site["scale"]
@@ -460,7 +517,8 @@ def _write_lesion_mask(out_dir: Path, spec: ImageSpec, head: anatomy.Head, lesio
                        t1w: nib.Nifti1Image, truth: dict[str, Any]) -> float:  # fmt: skip
     """The true lesion mask in the T1w's grid, in the lesions' derivatives dataset; returns its volume (ml)."""
     moved = anatomy.deform(lesions, head.affine, ventricles=spec.ventricles, hippocampi=spec.hippocampi)
-    on_grid = anatomy.resample_into(moved, head.affine, t1w.affine, truth["shape"], np.asarray(truth["T1wToTemplate"]))
+    on_grid = anatomy.resample_into(moved, head.affine, t1w.affine, truth["shape"], np.asarray(truth["T1wToTemplate"]),
+                                    displacement=spec.shape)  # fmt: skip
     mask = nib.Nifti1Image((on_grid > 0.5).astype(np.uint8), t1w.affine)
     mask.set_qform(t1w.affine, code=1)
     mask.set_sform(t1w.affine, code=1)

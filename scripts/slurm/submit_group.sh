@@ -19,7 +19,9 @@
 #
 # With N_OUTER=K, a nested cross-validation: one task per outer fold (group --outer-folds K --outer-fold k: that
 # outer fold's whole study, its N_FOLDS inner folds one after another), then the job that pools them (every
-# participant tested once) and writes the reports.
+# participant tested once), trains the model for later use on everyone and writes the reports. Without N_OUTER the
+# design is one held-out test set (--outer-folds 0), whatever the cohort's size: the command line's default (nested
+# below 300 participants) would differ between the array and the assembly. Leave --outer-folds out of GROUP_ARGS.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -34,8 +36,14 @@ BIDS_DIR=$(realpath "$BIDS_DIR"); OUTPUT_DIR=$(realpath -m "$OUTPUT_DIR")
 [[ -n ${WORK_DIR:-} ]] && WORK_DIR=$(realpath -m "$WORK_DIR")
 export BIDS_DIR OUTPUT_DIR WORK_DIR SIF BIDSDL
 mkdir -p "$OUTPUT_DIR/logs/slurm"
-args="${GROUP_ARGS:-} --n-folds $n_folds"
+# one held-out test set (--outer-folds 0) unless N_OUTER asks for nested cross-validation: the array parts the
+# work one way, and the assembly must run the same design (the command line's default nests below 300 participants)
+args="${GROUP_ARGS:-} --n-folds $n_folds --outer-folds 0"
 tasks=$n_folds what=fold
+if [[ " ${GROUP_ARGS:-} " == *" --outer-folds "* ]]; then
+  echo "submit_group.sh: set N_OUTER instead of --outer-folds in GROUP_ARGS." >&2
+  exit 64
+fi
 if [[ -n ${N_TRIALS:-} && -n ${N_OUTER:-} ]]; then
   echo "submit_group.sh: N_TRIALS and N_OUTER do not combine (search on one test set, then nest the chosen settings)." >&2
   exit 64
@@ -44,7 +52,7 @@ if [[ -n ${N_TRIALS:-} ]]; then
   args="$args --search $N_TRIALS" tasks=$N_TRIALS what=trial
   export BIDSDL_ARRAY_OPTION=--trial
 elif [[ -n ${N_OUTER:-} ]]; then
-  args="$args --outer-folds $N_OUTER" tasks=$N_OUTER what=outer
+  args="${GROUP_ARGS:-} --n-folds $n_folds --outer-folds $N_OUTER" tasks=$N_OUTER what=outer
   export BIDSDL_ARRAY_OPTION=--outer-fold
 fi
 

@@ -5,6 +5,7 @@ morphometry inputs without them; nested cross-validation. Learning from the maps
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import nibabel as nib
@@ -175,8 +176,21 @@ def test_nested_cross_validation_tests_every_participant_once(learning_sample, t
     assert results["test"]["n_subjects"] == len(subjects) == nested["n_tested"]
     assert len(nested["per_outer_fold"]) == 2 and "roc_auc" in nested["spread"]
     assert results["baseline"]["comparison"]["roc_auc"]["ci"] and "volumes_baseline" not in results  # affine
+    # the learning curve: the linear model on subsets of each outer fold's training participants, pooled
+    points = results["baseline"]["learning_curve"]
+    assert points[-1]["fraction"] == 1.0 and all(a["n_train"] < b["n_train"] for a, b in itertools.pairwise(points))
+    assert points[-1]["value"] == pytest.approx(results["baseline"]["test"]["metrics"]["roc_auc"])
+    # the model for later use learned from everyone (inner folds only); its card gives the nested evaluation
+    (package,) = (out / "models").iterdir()
+    assert results["package"] == f"models/{package.name}"
+    record = _json(package / "model.json")
+    assert not record["test_subjects"] and len(record["training_subjects"]) == len(subjects)
+    assert record["metrics"]["test"]["metrics"]["roc_auc"] == results["test"]["metrics"]["roc_auc"]
+    assert "nested cross-validation" in record["metrics"]["test"]["source"]
+    assert (out / "learn" / "target-diagnosis" / "outer-all" / "splits.tsv").exists()
     html = (out / "group.html").read_text()
     assert "Nested cross-validation: every participant tested once" in html
+    assert "Would more participants help?" in html and package.name in html
 
 
 def test_more_outer_folds_than_the_smallest_class_are_refused(learning_sample, tmp_path, run_cli):
@@ -186,3 +200,21 @@ def test_more_outer_folds_than_the_smallest_class_are_refused(learning_sample, t
     assert code == 65 and "--outer-folds 5: the rarest class has 4 subject(s)" in err
     code, _, err = run_cli(bids, out, "group", *FAST, "--outer-fold", "1")
     assert code == 64 and "use it with --outer-folds N" in err
+
+
+def test_the_default_design_is_chosen_from_the_cohort_before_any_training(learning_sample):
+    """Below 300 participants the group level nests by default; how many outer folds the rarest class allows."""
+    from pipeline.cli.parser import parse_args
+    from pipeline.group import _gather, study_settings
+    from pipeline.learn.nested import resolve_design
+
+    bids, out = learning_sample
+    config = parse_args([str(bids), str(out), "group", "--target", "diagnosis", "--n-folds", "2",
+                         "--model-resolution", "4"])  # fmt: skip
+    assert config.outer_folds is None
+    table, _, _ = _gather(config, with_t1w=None, folders=None)
+    settings = resolve_design(table, settings=study_settings(config), requested=None, output_dir=out, qc=None)
+    assert settings.split.outer_folds == 4 and settings.learning_settings["outer_folds"] == 4  # 4 AD, 4 CN
+    assert settings.design["chosen_by"] == "default" and "8 participants, fewer than 300" in settings.design["reason"]
+    asked = resolve_design(table, settings=study_settings(config), requested=0, output_dir=out, qc=None)
+    assert asked.split.outer_folds == 0 and asked.design["chosen_by"] == "--outer-folds"

@@ -81,7 +81,8 @@ def test_pybids_indexes_the_output_as_derivatives(sample_run):
 
 
 def test_registration_matches_the_true_transform(sample_run):
-    """Mean displacement over template brain voxels between estimated and true mapping: < 1 mm."""
+    """Mean displacement over template brain voxels between the estimated affine and the best affine of the true
+    mapping: < 1 mm."""
     bids, out, _ = sample_run
     template = load_template(2)
     ijk = np.argwhere(template.brain_mask)[::7]
@@ -91,7 +92,9 @@ def test_registration_matches_the_true_transform(sample_run):
         truth_file = bids / "sourcedata" / "truth" / f"{stem}.json"
         if not truth_file.exists():  # the planted duplicate is a copy: its truth is its original's
             continue
-        truth = np.asarray(json.loads(truth_file.read_text())["TemplateToT1w"])
+        # the least-squares affine of the true mapping (an individual's shape is not affine; its residual is the
+        # floor of any affine registration's error, recorded beside it)
+        truth = np.asarray(json.loads(truth_file.read_text())["TemplateToT1wBestAffine"])
         xfm = next(out.glob(f"**/{stem.removesuffix('_T1w')}_from-T1w_to-{SPACE}_mode-image_xfm.txt"))
         transform = sitk.ReadTransform(str(xfm))
         estimated = np.array([transform.TransformPoint((-x, -y, z)) for x, y, z in xyz]) * [-1, -1, 1]
@@ -129,7 +132,8 @@ def test_iqms_and_group_qc(sample_run):
     records = [json.loads(p.read_text()) for p in sorted(out.glob("sub-*/ses-*/anat/*_desc-iqm_T1w.json"))]
     for record in records:
         metrics = record["metrics"]
-        assert metrics["registration_ncc"] > 0.8 and metrics["snr_wm"] > 5 and 0 < metrics["cjv"] < 1
+        # each sample head has its own shape (an affine leaves ~2 mm apart): 0.70-0.75 (real heads: 0.38-0.44)
+        assert metrics["registration_ncc"] > 0.6 and metrics["snr_wm"] > 5 and 0 < metrics["cjv"] < 1
         assert 1000 < metrics["brain_volume_ml"] < 2500 and metrics["wm_dice"] > 0.33
         assert record["qc"]["verdict"] == "pass" and record["tissues"]["converged"]
     qc = pd.read_csv(out / "qc.tsv", sep="\t")

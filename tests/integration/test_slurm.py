@@ -137,7 +137,8 @@ def test_folds_as_an_array_then_the_assembly_on_slurm(learning_sample, trained_p
     bids, derivatives = learning_sample
     out = fresh_output(derivatives, tmp_path / "derivatives")
     args = list(FAST)
-    del args[args.index("--n-folds") : args.index("--n-folds") + 2]
+    for option in ("--n-folds", "--outer-folds"):  # the script sets them (N_FOLDS; one test set without N_OUTER)
+        del args[args.index(option) : args.index(option) + 2]
     env = {**os.environ, "BIDS_DIR": str(bids), "OUTPUT_DIR": str(out), "N_FOLDS": "2", "GROUP_ARGS": " ".join(args),
            "BIDSDL": str(Path(sys.executable).parent / "bidsdl")}  # fmt: skip
     result = subprocess.run(

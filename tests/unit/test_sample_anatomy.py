@@ -70,3 +70,38 @@ def test_site_confound_option():
     participants, _ = plan_dataset(SampleOptions(n_subjects=60, seed=1, confound_site=True))
     rate = {s: np.mean([p["diagnosis"] == "AD" for p in participants if p["site"] == s]) for s in ("siteA", "siteC")}
     assert rate["siteC"] - rate["siteA"] > 0.5
+
+
+def test_an_individual_shape_is_smooth_invertible_and_reproducible():
+    shape = anatomy.individual_shape(5, anatomy.SHAPE_RMS_MM)
+    assert shape is not None and anatomy.individual_shape(5, 0.0) is None
+    assert np.allclose(np.sqrt((shape.field**2).mean(axis=(1, 2, 3))), anatomy.SHAPE_RMS_MM, rtol=1e-4)
+    gradients = [np.gradient(component, anatomy.SHAPE_GRID_MM) for component in shape.field]
+    jacobian = np.stack([np.stack(g, axis=-1) for g in gradients], axis=-2) + np.eye(3)
+    det = np.linalg.det(jacobian)
+    assert det.min() > 0.4 and det.max() < 1.8  # no fold: one individual is the template, smoothly displaced
+    again = anatomy.individual_shape.__wrapped__(5, anatomy.SHAPE_RMS_MM)
+    assert np.array_equal(again.field, shape.field)
+    # sampled through a coarse interpolation: within an eighth of a voxel of the exact displacement
+    grid = anatomy.grid_affine(orientation="LPS", voxel_size=(2, 2, 2), shape=(40, 50, 30), centre_mm=(3, -10, 5))
+    coords = anatomy.shape_coordinates(np.eye(4), grid, (40, 50, 30), np.eye(4), shape)
+    idx = np.indices((40, 50, 30), dtype=float)[:, ::7, ::9, ::5]
+    points = np.tensordot(grid[:3, :3], idx, axes=1) + grid[:3, 3][:, None, None, None]
+    assert np.abs(coords[:, ::7, ::9, ::5] - (points + shape(points))).max() < 0.25  # mm, at 2 mm voxels
+
+
+def test_individuals_differ_in_head_size_by_sex_and_in_their_own_structures():
+    participants, images = plan_dataset(SampleOptions(n_subjects=60, seed=2))
+    by_subject = {f"sub-{i.subject}": i for i in images}
+    scale = {s: [by_subject[p["participant_id"]].head_scale for p in participants if p["sex"] == s] for s in "FM"}
+    assert np.mean(scale["M"]) > np.mean(scale["F"]) + 0.02 and np.std(scale["F"]) > 0.015
+    assert 0.85 < np.mean(scale["F"]) < 0.93 < np.mean(scale["M"]) + 0.03  # smaller than the template, as people are
+    for image in images:  # one person: the same head in every session
+        first = by_subject[f"sub-{image.subject}"]
+        assert (image.head_scale, image.shape_seed) == (first.head_scale, first.shape_seed) and image.shape_seed
+    cn = [i.ventricles for i in images if i.diagnosis == "CN" and i.session == "01"]
+    assert np.std(cn) > 0.06  # people differ apart from the disease
+    # --individual-variation 0: every head is the template's, the rest of the draws as they were
+    same, flat = plan_dataset(SampleOptions(n_subjects=60, seed=2, individual_variation=0.0))
+    assert same == participants and {(i.head_scale, i.shape_seed) for i in flat} == {(1.0, 0)}
+    assert [i.seed for i in flat] == [i.seed for i in images]
