@@ -119,33 +119,23 @@ def _average_precision(positive: np.ndarray, p: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+#: The metrics paired bootstraps compare (the network against a baseline on the same resamples).
+PAIRED_BINARY = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "brier")
+
+
 def paired_binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    """The metrics paired bootstraps compare, in NumPy (thousands of resamples): ROC AUC (Mann-Whitney), balanced
-    accuracy, sensitivity, specificity and the Brier score; NaN where a class is missing.
+    """The metrics paired bootstraps compare (:data:`PAIRED_BINARY`, of :func:`binary_metrics`); NaN where a class
+    is missing.
 
     >>> m = paired_binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]), 0.5)
     >>> m["roc_auc"], m["balanced_accuracy"]
     (0.75, 0.5)
     """
-    from scipy.stats import rankdata
-
-    y = y.astype(int)
-    positive, negative = y == 1, y == 0
-    n_pos, n_neg = int(positive.sum()), int(negative.sum())
-    predicted = p >= threshold
-    sensitivity = float(predicted[positive].mean()) if n_pos else float("nan")
-    specificity = float((~predicted[negative]).mean()) if n_neg else float("nan")
-    auc = float("nan")
-    if n_pos and n_neg:
-        ranks = rankdata(p)
-        auc = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return {
-        "roc_auc": auc,
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "brier": float(np.mean((p - y) ** 2)),
-    }
+    every = binary_metrics(y, p, threshold)
+    out = {key: every[key] for key in PAIRED_BINARY}
+    if not (np.isfinite(every["sensitivity"]) and np.isfinite(every["specificity"])):
+        out["balanced_accuracy"] = float("nan")  # one class: no balanced accuracy to compare
+    return out
 
 
 def paired_regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
