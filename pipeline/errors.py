@@ -23,6 +23,21 @@ EXIT_SOFTWARE = 70
 EXIT_CANT_CREATE = 73
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again (with --resume)
 
+#: What each exit code means, for ``--help`` and the Boutiques descriptor (:mod:`pipeline.cli.descriptor`).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_PARTICIPANT_FAILED: "a participant failed (the others finished; its log names the step)",
+    EXIT_VALIDATION: "BIDS validation failed",
+    EXIT_UNKNOWN_LEVEL: "unknown analysis level",
+    EXIT_NO_DATA: "the filters selected no data",
+    EXIT_USAGE: "usage error",
+    EXIT_DATA: "input data error",
+    EXIT_NO_INPUT: "BIDS_DIR missing",
+    EXIT_SOFTWARE: "internal error (a bug: please report it with the log)",
+    EXIT_CANT_CREATE: "OUTPUT_DIR not writable",
+    EXIT_TEMPFAIL: "stopped before the time limit or by a lost peer: run the same command again with --resume",
+}
+
 
 class BidsdlError(Exception):
     """Base of every error bidsdl raises on purpose."""

@@ -25,7 +25,7 @@ from ..config import (
     default,
     load_config_file,
 )
-from ..errors import UnknownAnalysisLevel, UsageError
+from ..errors import EXIT_CODES, UnknownAnalysisLevel, UsageError
 from ..kinds import INPUT_CHANNELS, MORPHOMETRY_CHANNELS
 from ..learn.tasks import auto_task_names, get_task, task_names
 from ..learn.walltime import parse_duration
@@ -40,11 +40,7 @@ _GROUP_RUN_FIELDS = ("device", "resume", "resplit", "reports_only", "tensorboard
                      "trial", "time_limit")
 #: Options a --config file may not set (they describe the invocation, not the analysis).
 _NOT_IN_CONFIG = frozenset({"config", "help", "version"})
-_EXIT_CODES = (
-    "Exit codes: 0 success; 1 a participant failed; 16 BIDS validation failed; 17 unknown analysis level; 18 the "
-    "filters selected no data; 64 usage error; 65 input data error; 66 BIDS_DIR missing; 73 OUTPUT_DIR not writable; "
-    "75 stopped before the time limit or by a lost peer: run the same command again with --resume."
-)
+_EXIT_CODES = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
 
 class _Parser(argparse.ArgumentParser):
