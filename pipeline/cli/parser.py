@@ -141,7 +141,8 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 help="voxel size of the cropped template-space array that learning uses"),
         _option("--registration", choices=("syn", "affine"),
                 help="syn: the affine registration, then a nonlinear one (ANTs SyN) with tissue maps, modulated maps, "
-                "the log-Jacobian and the atlas's regional volumes (the inputs GM, WM, CSF, logjacobian, volumes); "
+                "the log-Jacobian (the learning inputs GM, WM, CSF, logjacobian) and the atlas's regional volumes (the "
+                "second linear baseline's features); "
                 "affine: the affine registration alone (faster; no morphometry)"),
         _option("--warp-resolution", type=int, choices=(2, 3, 4), metavar="MM",
                 help="the grid of the nonlinear registration's field (2, 3 or 4 mm; every output is resampled through "
