@@ -40,9 +40,10 @@ demo: install
 	#    registrations); 2. train and evaluate (group level)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
 		--lesion-masks $(DEMO_DIR)/bids/derivatives/lesions
-	#    (one held-out test set here: below 300 participants the default is step 2b's nested cross-validation)
+	#    (the T1w intensities and one held-out test set here: the defaults below 300 participants are step 2b's
+	#    morphometry maps and nested cross-validation)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives group -w $(DEMO_DIR)/work \
-		--target diagnosis --positive-class AD --n-folds 3 --outer-folds 0
+		--target diagnosis --positive-class AD --n-folds 3 --outer-folds 0 --inputs T1w
 	# 2b. morphometry (modulated grey matter and the log-Jacobian of the nonlinear registration) with every
 	#     participant tested once (nested cross-validation), beside the regional volumes' linear model, its learning
 	#     curve, and the model for later use trained on everyone

@@ -36,8 +36,8 @@ BIN = Path(sys.executable).parent
 MORPHOMETRY = ("--inputs", "GM", "logjacobian")
 #: The candidate studies: name -> group-level options (beside --target, --outer-folds and --model-resolution).
 STUDIES: dict[str, tuple[str, ...]] = {
-    "T1w": (),
-    "T1w+augment": ("--augment",),
+    "T1w": ("--inputs", "T1w"),
+    "T1w+augment": ("--inputs", "T1w", "--augment"),
     "GM+logjacobian": MORPHOMETRY,
     "GM+logjacobian+augment": (*MORPHOMETRY, "--augment"),
     "GM+WM+CSF+logjacobian": ("--inputs", "GM", "WM", "CSF", "logjacobian"),

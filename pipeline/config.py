@@ -58,7 +58,8 @@ class RunConfig:
     # group level: learning (without a target, the group level only gathers and reports)
     target: str | None = _learning(None)
     task: str = _learning("auto")
-    inputs: tuple[str, ...] = _learning(("T1w",))  # the image kinds fed as channels, in order
+    # the image kinds fed as channels, in order; None: decided from the outputs (channels.default_inputs)
+    inputs: tuple[str, ...] | None = _learning(None)
     positive_class: str | None = _learning(None)
     exclude_qc_outliers: bool = _learning(False)
     include_failed_qc: bool = _learning(False)

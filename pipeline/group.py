@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,8 +20,9 @@ from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, available_cpus, settings_from
 from .errors import InputDataError, ReportFailed
-from .kinds import REFERENCE_KIND
+from .kinds import DEFAULT_CHANNELS, REFERENCE_KIND
 from .learn import distributed
+from .learn.channels import default_inputs
 from .learn.external import run_external_evaluation
 from .learn.nested import resolve_design, run_nested
 from .learn.package import read_package
@@ -218,7 +220,31 @@ def study_settings(config: RunConfig) -> StudySettings:
         split=settings_from(config, SplitSettings),
         train=settings_from(config, TrainSettings, n_outputs=0),
         learning_settings=config.learning_settings(),
+        inputs=config.inputs or DEFAULT_CHANNELS,  # until with_inputs decides
     )
+
+
+def with_inputs(
+    settings: StudySettings, table: pd.DataFrame, *, requested: tuple[str, ...] | None, output_dir: Path
+) -> StudySettings:
+    """The study's settings with its inputs decided: ``--inputs`` as ``requested``; else a transfer's source
+    model's; else, for a whole-image study, :func:`~pipeline.learn.channels.default_inputs` over the processed
+    T1w; a segmentation's T1w. The choice and its reason go into the study's ``design``."""
+    if requested:
+        inputs, chosen, why = tuple(requested), "--inputs", f"--inputs {' '.join(requested)}"
+    elif settings.init_from:
+        inputs = tuple(read_package(settings.init_from)["input"].get("channels", DEFAULT_CHANNELS))
+        chosen, why = "--init-from", f"the inputs of the source model ({', '.join(inputs)})"
+    elif settings.task != "auto" and get_task(settings.task).learns_labels:
+        inputs, chosen, why = DEFAULT_CHANNELS, "default", "a segmentation learns from the T1w unless told"
+    else:
+        chosen = "default"
+        inputs, why = default_inputs(output_dir, list(table["source"]), settings.model_resolution)
+        LOGGER.info("Inputs: %s", why)
+    return dataclasses.replace(
+        settings, inputs=inputs, learning_settings={**settings.learning_settings, "inputs": list(inputs)},
+        design={**(settings.design or {}), "inputs": list(inputs), "inputs_chosen_by": chosen, "inputs_reason": why},
+    )  # fmt: skip
 
 
 def _learning_results(
@@ -232,7 +258,8 @@ def _learning_results(
 ) -> dict[str, Any] | None:
     if config.target is None or config.models:
         return None
-    results_file = derivatives.results_path(config.output_dir, config.target, config.architecture, config.inputs)
+    settings = with_inputs(study_settings(config), table, requested=config.inputs, output_dir=config.output_dir)
+    results_file = derivatives.results_path(config.output_dir, config.target, config.architecture, settings.inputs)
     if config.reports_only:
         if not results_file.exists():
             raise InputDataError(
@@ -241,8 +268,8 @@ def _learning_results(
             )
         return json.loads(results_file.read_text())
     qc = qc_table if not qc_table.empty else None
-    settings = resolve_design(table, settings=study_settings(config), requested=config.outer_folds,
-                              output_dir=config.output_dir, qc=qc)  # fmt: skip
+    settings = resolve_design(table, settings=settings, requested=config.outer_folds, output_dir=config.output_dir,
+                              qc=qc)  # fmt: skip
     study = run_nested if settings.split.outer_folds else run_study  # every participant tested once, or one test set
     return study(
         table,

@@ -84,6 +84,10 @@ MORPHOMETRY_CHANNELS: Mapping[str, tuple[str, str | None]] = {
     "CSF": ("tissue_modulated", "CSF"),
     "logjacobian": ("logjacobian", None),
 }
+#: The inputs of a whole-image study without ``--inputs`` when every processed T1w has its morphometry maps: the
+#: modulated grey matter and the log-Jacobian (VBM's and TBM's maps), chosen over the T1w intensities by
+#: ``benchmarks/small_cohort.py`` on generated cohorts of tens of participants (docs/learning.md has the figures).
+MORPHOMETRY_INPUTS = ("GM", "logjacobian")
 #: Every name ``--inputs`` takes: the processed image kinds, then the morphometry maps.
 INPUT_CHANNELS = (*PROCESSED_KINDS, *MORPHOMETRY_CHANNELS)
 

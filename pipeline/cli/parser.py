@@ -26,7 +26,7 @@ from ..config import (
     load_config_file,
 )
 from ..errors import EXIT_CODES, UnknownAnalysisLevel, UsageError
-from ..kinds import INPUT_CHANNELS, MORPHOMETRY_CHANNELS
+from ..kinds import INPUT_CHANNELS, MORPHOMETRY_CHANNELS, MORPHOMETRY_INPUTS
 from ..learn.tasks import auto_task_names, get_task, task_names
 from ..learn.walltime import parse_duration
 
@@ -167,7 +167,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 help="the image kinds fed as channels, in order (e.g. T1w FLAIR): each T1w with the images of the "
                 "other kinds aligned to it at the participant level; a T1w without one is left out with the reason. "
                 f"Morphometry maps of the T1w on the model grid ({', '.join(MORPHOMETRY_CHANNELS)}: the modulated "
-                "tissue maps and the log-Jacobian of --registration syn) are channels too (e.g. GM logjacobian)"),
+                "tissue maps and the log-Jacobian of --registration syn) are channels too (e.g. GM logjacobian). "
+                f"Default: {' '.join(MORPHOMETRY_INPUTS)} when every processed T1w has them, else T1w (a "
+                "segmentation: T1w; --init-from: the source model's)"),
         _option("--exclude-qc-outliers", action="store_true",
                 help="leave out the group's outliers in qc.tsv and the images quality control flagged"),
         _option("--include-failed-qc", action="store_true",

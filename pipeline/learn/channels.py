@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import derivatives
 from ..errors import InputDataError
-from ..kinds import MORPHOMETRY_CHANNELS, REFERENCE_KIND
+from ..kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS, MORPHOMETRY_INPUTS, REFERENCE_KIND
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,33 @@ def missing_morphometry(kind: str, example: Path) -> str:
     return (f"no {kind} map ({example.name}: made by the participant level's nonlinear registration, --registration "
             "syn, the default; these outputs were made with --registration affine or before it existed: run "
             "'bidsdl BIDS_DIR OUTPUT_DIR participant' again without --registration affine)")  # fmt: skip
+
+
+def default_inputs(output_dir: Path, sources: Sequence[str], resolution_mm: float) -> tuple[tuple[str, ...], str]:
+    """The inputs of a whole-image study without ``--inputs``, and why: the morphometry maps
+    (:data:`~pipeline.kinds.MORPHOMETRY_INPUTS`) when every processed T1w of ``sources`` has them on the model grid,
+    else the T1w intensities (a cohort is never split between two kinds of input).
+
+    >>> default_inputs(Path("/nowhere"), ["sub-01/anat/sub-01_T1w.nii.gz"], 2.0)[0]
+    ('T1w',)
+    """
+    processed = [s for s in sources if channel_file(output_dir, REFERENCE_KIND, s, resolution_mm).exists()]
+    lacking = [s for s in processed if not all(channel_file(output_dir, kind, s, resolution_mm).exists()
+                                               for kind in MORPHOMETRY_INPUTS)]  # fmt: skip
+    if not processed:
+        return DEFAULT_CHANNELS, f"the {REFERENCE_KIND} intensities: no processed {REFERENCE_KIND} yet"
+    if lacking:
+        return DEFAULT_CHANNELS, (
+            f"the {REFERENCE_KIND} intensities: {len(lacking)} of {len(processed)} processed {REFERENCE_KIND} have "
+            f"no morphometry maps (e.g. {lacking[0]}: made with --registration affine or before it existed); the "
+            f"default is {' and '.join(MORPHOMETRY_INPUTS)} when every one has them"
+        )
+    return MORPHOMETRY_INPUTS, (
+        f"{' and '.join(MORPHOMETRY_INPUTS)}: the modulated grey-matter map and the log-Jacobian of the nonlinear "
+        f"registration, which every processed {REFERENCE_KIND} has; on generated cohorts of tens of participants "
+        f"they let the network find atrophy the {REFERENCE_KIND} intensities hide (benchmarks/small_cohort.py); "
+        f"--inputs {REFERENCE_KIND} for the intensities"
+    )
 
 
 def channel_sources(output_dir: Path, t1w_source: str, channels: Sequence[str]) -> Channels:

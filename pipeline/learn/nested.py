@@ -106,7 +106,7 @@ def resolve_design(manifest: pd.DataFrame, *, settings: StudySettings, requested
     return dataclasses.replace(
         settings, split=dataclasses.replace(settings.split, outer_folds=k),
         learning_settings={**settings.learning_settings, "outer_folds": k},
-        design={"outer_folds": k, "chosen_by": chosen, "reason": why},
+        design={**(settings.design or {}), "outer_folds": k, "chosen_by": chosen, "reason": why},
     )  # fmt: skip
 
 

@@ -151,7 +151,7 @@ def test_image_runs_every_level_read_only_offline_as_any_user(image, tmp_path):
     assert rest.returncode == 0, rest.stderr[-3000:]
 
     # group: a small, fast training
-    done = run(image, "/bids", "/out", "group", *FAST, "-w", "/out/.bidsdl_work", mounts=mounts)
+    done = run(image, "/bids", "/out", "group", *FAST, "--inputs", "T1w", "-w", "/out/.bidsdl_work", mounts=mounts)
     assert done.returncode == 0, done.stderr[-3000:]
     (package,) = (out / "models").iterdir()
 

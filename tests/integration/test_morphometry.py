@@ -218,3 +218,24 @@ def test_the_default_design_is_chosen_from_the_cohort_before_any_training(learni
     assert settings.design["chosen_by"] == "default" and "8 participants, fewer than 300" in settings.design["reason"]
     asked = resolve_design(table, settings=study_settings(config), requested=0, output_dir=out, qc=None)
     assert asked.split.outer_folds == 0 and asked.design["chosen_by"] == "--outer-folds"
+
+
+def test_the_default_inputs_are_the_t1w_where_outputs_lack_morphometry(learning_sample):
+    """Without --inputs a whole-image study learns from GM and the log-Jacobian when every processed T1w has them;
+    on outputs made with --registration affine, from the T1w, saying why (and the design keeps saying it)."""
+    from pipeline.cli.parser import parse_args
+    from pipeline.group import _gather, study_settings, with_inputs
+    from pipeline.learn.nested import resolve_design
+
+    bids, out = learning_sample
+    config = parse_args([str(bids), str(out), "group", "--target", "diagnosis", "--model-resolution", "4"])
+    assert config.inputs is None
+    table, _, _ = _gather(config, with_t1w=None, folders=None)
+    settings = with_inputs(study_settings(config), table, requested=None, output_dir=out)
+    assert settings.inputs == ("T1w",) and settings.learning_settings["inputs"] == ["T1w"]
+    assert "--registration affine" in settings.design["inputs_reason"]
+    assert "processed T1w have no morphometry maps" in settings.design["inputs_reason"]
+    designed = resolve_design(table, settings=settings, requested=0, output_dir=out, qc=None)
+    assert designed.design["inputs_chosen_by"] == "default" and designed.design["outer_folds"] == 0
+    asked = with_inputs(study_settings(config), table, requested=("T1w", "FLAIR"), output_dir=out)
+    assert asked.inputs == ("T1w", "FLAIR") and asked.design["inputs_chosen_by"] == "--inputs"

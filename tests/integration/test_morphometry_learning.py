@@ -30,11 +30,13 @@ def morphometry_sample(tmp_path_factory):
 
 def test_a_study_of_morphometry_maps_with_both_baselines(morphometry_sample, run_cli, tmp_path):
     bids, out = morphometry_sample
-    code, _, err = run_cli(bids, out, "group", *FAST, "--inputs", "GM", "logjacobian")
+    code, _, err = run_cli(bids, out, "group", *FAST)  # no --inputs: the morphometry maps, which every T1w has
     assert code == 0, err
     run = out / "learn" / "target-diagnosis" / "arch-conv5fc3_inputs-GM+logjacobian"
     results = _json(run / "results.json")
     assert results["inputs"] == ["GM", "logjacobian"]
+    assert results["design"]["inputs_chosen_by"] == "default" and "--inputs T1w" in results["design"]["inputs_reason"]
+    assert "Inputs (bidsdl&#39;s default for these outputs): GM and logjacobian" in (out / "group.html").read_text()
     record = _json(the_package_of(out) / "model.json")
     assert record["input"]["channels"] == ["GM", "logjacobian"]
     assert results["baseline"]["features"].startswith("the network's model-grid voxels")
