@@ -88,6 +88,7 @@ class RunConfig:
     baseline: bool = _learning(True)
     permutation_control: bool = _learning(False)
     init_from: Path | None = _learning(None)  # noqa: RUF009 - a plain default, marked as a learning field
+    qc_ratings: Path | None = _learning(None)  # noqa: RUF009 - people's ratings (pipeline.ratings)
     freeze: bool = _learning(False)
     search: int = _learning(0)
     device: str = "auto"

@@ -32,6 +32,7 @@ from .learn.tasks import get_task
 from .learn.train import TrainSettings, seed_everything
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
+from .ratings import RULE, apply_ratings, read_ratings
 from .reports import figures
 from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.group_tables import LIST_ITEMS, capped, manifest_rows
@@ -62,6 +63,9 @@ def _write_qc(out: Path, qc_table: pd.DataFrame) -> dict[str, Any] | None:
         "OutlierRule": f"|x - median| > 3 x max({MAD_TO_SD} x MAD, {MIN_RELATIVE_SPREAD} x |median|), per metric, "
         f"when the metric is measured on at least {MIN_IMAGES_FOR_OUTLIERS} images; qc_outlier = any",
         "ScreenedMetrics": list(SCREENED_METRICS),
+        **({"qc_rating": f"people's ratings (--qc-ratings) combined: bad, doubtful or good; rule: {RULE}",
+            "qc_raters": "each rater's rating", "qc_rating_reason": "why the image is left out of learning"}
+           if "qc_rating" in qc_table.columns else {}),
     })  # fmt: skip
     metrics = [m for m in SCREENED_METRICS if m in qc_table.columns]
     figure = figures.qc_strips(
@@ -126,7 +130,21 @@ def _checks(findings: dict[str, Any], qc: dict[str, Any] | None = None) -> list[
             where="manifest.tsv",
             fail=False,
         ),
+        *([_ratings_check(check, findings["qc_ratings"])] if findings.get("qc_ratings") else []),
     ]
+
+
+def _ratings_check(check: Any, ratings: dict[str, Any]) -> dict[str, Any]:
+    """The report's line on people's ratings: the images left out by the rule, the raters who disagree, the rows
+    ignored."""
+    details = [f"{r['source']}: left out of learning, {r['reason']}" for r in ratings["left_out"]]
+    details += [f"{d['source']}: the raters disagree ({d['raters']}): {d['decision']}"
+                for d in ratings["disagreements"]]  # fmt: skip
+    details += [f"{ratings['file']} row {r['row']} ({r['participant_id']} {r['source']}): ignored, {r['reason']}"
+                for r in ratings["ignored"]]  # fmt: skip
+    name = (f"No image rated bad by people ({ratings['n_images_rated']} image(s) rated by "
+            f"{', '.join(ratings['raters'])}; rule: {ratings['rule']})")  # fmt: skip
+    return check(name, details, fail=False, where="qc.tsv (qc_rating, qc_raters) and group_audit.json")
 
 
 def _read_records(paths: Sequence[Path], what: str) -> list[dict[str, Any]]:
@@ -169,6 +187,8 @@ def _gather(
     findings["participants_not_preprocessed"] = not_run
     findings["participants_without_images"] = [p for p in findings["participants_without_images"] if p not in not_run]
     qc = make_qc_table(_read_records(mf.find_records(config.output_dir, "iqm", subjects), "quality records read"))
+    if config.qc_ratings is not None:  # people's ratings: into qc.tsv, and the images rated bad out of learning
+        qc, findings["qc_ratings"] = apply_ratings(qc, read_ratings(config.qc_ratings), path=config.qc_ratings)
     return table, findings, qc
 
 

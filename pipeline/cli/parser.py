@@ -172,6 +172,11 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 "segmentation: T1w; --init-from: the source model's)"),
         _option("--exclude-qc-outliers", action="store_true",
                 help="leave out the group's outliers in qc.tsv and the images quality control flagged"),
+        _option("--qc-ratings", type=Path, metavar="FILE",
+                help="people's quality ratings: a TSV of participant_id, rating (good, doubtful, bad) and optionally "
+                "source (the image), rater and comment; several raters allowed. An image at least half of whose "
+                "raters rated it bad is left out of learning with their reason; rows naming unknown participants or "
+                "images are listed and ignored"),
         _option("--include-failed-qc", action="store_true",
                 help="learn also from images that failed quality control (a failed registration or brain "
                 "extraction; left out by default)"),
@@ -394,7 +399,8 @@ def _learning_options(merged: dict[str, Any], level: str) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     options: dict[str, Any] = {}
     for name in (*LEARNING_FIELDS, *_GROUP_RUN_FIELDS):
-        if name in ("seed", "stratify", "augment", "inputs", "baseline", "init_from", "trial", "outer_fold"):
+        if name in ("seed", "stratify", "augment", "inputs", "baseline", "init_from", "trial", "outer_fold",
+                    "qc_ratings"):
             continue  # resolved by parse_args, or below
         if fields[name].type == "bool":
             options[name] = bool(merged.get(name))
@@ -469,6 +475,8 @@ def _check_trust_options(merged: dict[str, Any], options: dict[str, Any]) -> Non
         options["baseline"] = True
     if merged.get("init_from"):
         options["init_from"] = Path(merged["init_from"]).absolute()
+    if merged.get("qc_ratings"):
+        options["qc_ratings"] = Path(merged["qc_ratings"]).absolute()
     if options.get("freeze") and not options.get("init_from"):
         raise UsageError("--freeze keeps pretrained layers as they are: use it with --init-from MODEL_DIR.")
     if merged.get("trial"):

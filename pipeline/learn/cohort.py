@@ -126,6 +126,10 @@ def usable_images(
     if not include_failed_qc:
         drop(table["qc_failed"], "failed quality control (registration or brain extraction; --include-failed-qc "
              "keeps it)")  # fmt: skip
+    if qc is not None and "qc_rating_reason" in qc.columns:  # people's ratings (--qc-ratings): the rule's verdict
+        reasons = table["source"].map(qc.set_index("source")["qc_rating_reason"]).fillna("")
+        for reason in sorted(set(reasons) - {""}):
+            drop(reasons == reason, reason)
     if tuple(inputs) != DEFAULT_CHANNELS:
         table = _with_channels(table, output_dir, resolution_mm, inputs, include_failed_qc, excluded)
     if exclude_qc_outliers:

@@ -185,3 +185,38 @@ def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path
     assert excluded[0] in section and excluded[1] not in section
     where = "learn/target-diagnosis/arch-conv5fc3/results.json, under excluded"
     assert f"and 1 more (all in <code>{where}</code>)" in report
+
+
+def test_images_rated_bad_by_people_are_left_out_with_the_raters_reason(learning_sample, tmp_path, run_cli):
+    bids, derivatives = learning_sample
+    ratings = tmp_path / "ratings.tsv"
+    ratings.write_text(
+        "participant_id\tsource\trating\trater\tcomment\n"
+        "sub-08\t\tbad\tana\tsevere motion\n"
+        "sub-08\t\tbad\tben\tringing\n"
+        "sub-03\t\tbad\tana\t\n"
+        "sub-03\t\tgood\tben\t\n"
+        "sub-03\t\tgood\tcai\t\n"
+        "sub-99\t\tbad\tana\t\n"
+        "sub-01\tsub-01_ses-01_FLAIR.nii.gz\tbad\tana\t\n"
+    )
+    out = fresh_output(derivatives, tmp_path / "out")
+    code, _, err = run_cli(bids, out, "group", *FAST, "--epochs", "1", "--qc-ratings", ratings)
+    assert code == 0, err
+    results = json.loads((out / "learn" / "target-diagnosis" / "arch-conv5fc3" / "results.json").read_text())
+    excluded = {e["source"]: e["reason"] for e in results["excluded"]}
+    sub08 = next(s for s in excluded if s.startswith("sub-08/"))
+    assert excluded[sub08] == "rated bad by 2 of 2 rater(s) (ana, ben): ana: severe motion; ben: ringing (--qc-ratings)"
+    assert not any(s.startswith("sub-03/") for s in excluded)  # 1 of 3 raters: doubtful, kept (the stated rule)
+    splits = (out / "learn" / "target-diagnosis" / "splits.tsv").read_text()
+    assert "sub-08" not in splits and "sub-03" in splits
+    qc = pd.read_csv(out / "qc.tsv", sep="\t", keep_default_na=False)
+    assert set(qc.loc[qc["participant_id"] == "sub-08", "qc_rating"]) == {"bad"}
+    assert set(qc.loc[qc["participant_id"] == "sub-03", "qc_rating"]) == {"doubtful"}
+    assert "ana: bad; ben: good; cai: good" in set(qc["qc_raters"])
+    assert "at least half" in json.loads((out / "qc.json").read_text())["qc_rating"]
+    audit = json.loads((out / "group_audit.json").read_text())["qc_ratings"]
+    assert [r["row"] for r in audit["ignored"]] == [7, 8] and len(audit["sha256"]) == 64
+    report = (out / "group.html").read_text()
+    assert "at least half of its raters rated it bad" in report and "no such participant" in report
+    assert "the raters disagree (ana: bad; ben: good; cai: good): doubtful" in report
