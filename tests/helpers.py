@@ -172,14 +172,15 @@ def external_links(html: str) -> list[str]:
 NO_CHROMIUM = "no chromium to open the report in"
 
 
-def browser_dom(report: Path, tmp_path: Path) -> str:
-    """The DOM of ``report`` as headless chromium renders it, offline, from a copy of the file alone."""
+def browser_dom(report: Path, tmp_path: Path, fragment: str = "") -> str:
+    """The DOM of ``report`` as headless chromium renders it, offline, from a copy of the file alone (opened at
+    ``#fragment`` when given)."""
     copy = tmp_path / f"copied_{report.name}"
     shutil.copy(report, copy)
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", copy.as_uri()],
+         "--dump-dom", copy.as_uri() + (f"#{fragment}" if fragment else "")],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

@@ -177,6 +177,32 @@ def test_subject_report_opens_in_a_real_browser_offline(sample_run, tmp_path):
     assert "Quality metrics" in dom and "Registration check" in dom
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason=NO_CHROMIUM)
+def test_the_rating_widget_writes_a_file_the_group_level_reads(sample_run, tmp_path):
+    """A rating given in the subject report, offline, comes back as a --qc-ratings file the group level honours."""
+    import html
+    import re
+
+    import pandas as pd
+
+    from pipeline.ratings import apply_ratings, read_ratings
+
+    _, out, _ = sample_run
+    report = sorted(out.glob("sub-*.html"))[0]
+    dom = browser_dom(report, tmp_path, fragment="qc-ratings-selftest")  # rates the first image bad, shows the file
+    text = html.unescape(re.search(r'<pre id="qc-ratings-tsv"[^>]*>(.*?)</pre>', dom, re.S).group(1))
+    header, row = text.splitlines()
+    assert header == "participant_id\tsource\trating\trater\tcomment"
+    subject = report.stem
+    assert row.startswith(f"{subject}\t{subject}/") and row.endswith("\tbad\tselftest\tmotion in a tab")
+    (tmp_path / "ratings.tsv").write_text(text)
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    rated, summary = apply_ratings(qc, read_ratings(tmp_path / "ratings.tsv"), path=tmp_path / "ratings.tsv")
+    assert not summary["ignored"] and [r["source"] for r in summary["left_out"]] == [row.split("\t")[1]]
+    assert "selftest: motion in a tab" in summary["left_out"][0]["reason"]
+    assert set(rated.loc[rated["qc_rating"] == "bad", "source"]) == {row.split("\t")[1]}
+
+
 def test_same_inputs_give_identical_outputs(bids_factory, run_cli, tmp_path):
     bids = bids_factory(subjects={"01": ["anat/sub-01_T1w.nii.gz"]})
     for name in ("a", "b"):
