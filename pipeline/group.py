@@ -34,6 +34,7 @@ from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
 from .ratings import RULE, apply_ratings, read_ratings
 from .reports import figures
+from .reports.gallery import GALLERY, gallery_context
 from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.group_tables import LIST_ITEMS, capped, manifest_rows
 from .reports.render import write_fallback_report, write_report
@@ -371,6 +372,9 @@ def run_group_level(
         if (config.bids_dir / "dataset_description.json").exists()
         else {}
     )
+    if not qc_table.empty:  # one strip per image to rate (linked figures: it opens from OUTPUT_DIR)
+        write_report(out / GALLERY, "gallery.html.j2", {"dataset_name": description.get("Name", config.bids_dir.name),
+                                                        **gallery_context(out, qc_table)})  # fmt: skip
     with timed("subject reports", LOGGER):
         reports = _refresh_subject_reports(config, out, sorted({pid[4:] for pid in table["participant_id"]}), qc_table)
     manifest_sha256 = hashlib.sha256(derivatives.group_path(out, "manifest").read_bytes()).hexdigest()

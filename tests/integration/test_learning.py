@@ -220,3 +220,5 @@ def test_images_rated_bad_by_people_are_left_out_with_the_raters_reason(learning
     report = (out / "group.html").read_text()
     assert "at least half of its raters rated it bad" in report and "no such participant" in report
     assert "the raters disagree (ana: bad; ben: good; cai: good): doubtful" in report
+    gallery = (out / "gallery.html").read_text()  # the rating gallery shows the decision beside each strip
+    assert "rated bad (ana: bad; ben: bad)" in gallery and 'src="sub-01/figures/' in gallery
