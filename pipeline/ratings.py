@@ -57,12 +57,12 @@ def read_ratings(path: Path) -> pd.DataFrame:
     return table.reset_index(drop=True).assign(row=lambda t: t.index + 2)  # the file's line number
 
 
-def _matches(row: pd.Series, qc: pd.DataFrame) -> pd.Index:
-    """The qc rows a rating row covers: its image (by path, or by file name), or every image of its participant."""
+def _matches(row: pd.Series, qc: pd.DataFrame, names: pd.Series) -> pd.Index:
+    """The qc rows a rating row covers: its image (by path, or by file name: ``names``), or every image of its
+    participant."""
     mine = qc["participant_id"] == row["participant_id"]
     if row["source"]:
-        named = (qc["source"] == row["source"]) | (qc["source"].map(lambda s: Path(s).name) == Path(row["source"]).name)
-        mine &= named
+        mine &= (qc["source"] == row["source"]) | (names == Path(row["source"]).name)
     return qc.index[mine]
 
 
@@ -72,6 +72,7 @@ def apply_ratings(qc: pd.DataFrame, ratings: pd.DataFrame, *, path: Path | None 
     shows: the rule, the rows ignored and why, the images left out and those whose raters disagree."""
     if qc.empty:  # no quality records: every row names an image this output does not know
         qc = pd.DataFrame(columns=["participant_id", "source"])
+    names = qc["source"].map(lambda source: Path(source).name)  # once, not once per rating row
     votes: dict[Any, dict[str, tuple[str, str]]] = {}
     ignored = []
     for _, row in ratings.iterrows():
@@ -79,7 +80,7 @@ def apply_ratings(qc: pd.DataFrame, ratings: pd.DataFrame, *, path: Path | None 
             ignored.append({"row": int(row["row"]), "participant_id": row["participant_id"], "source": row["source"],
                             "reason": f"rating {row['rating']!r} is not one of {', '.join(RATINGS)}"})  # fmt: skip
             continue
-        covered = _matches(row, qc)
+        covered = _matches(row, qc, names)
         if not len(covered):
             what = f"image {row['source']}" if row["source"] else "participant"
             ignored.append({"row": int(row["row"]), "participant_id": row["participant_id"], "source": row["source"],
