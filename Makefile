@@ -36,6 +36,9 @@ demo: install
 	@test -f $(DEMO_DIR)/new/dataset_description.json || \
 		$(BIN)/bidsdl-sample $(DEMO_DIR)/new --subjects $(DEMO_NEW_SUBJECTS) --seed 7 --label-prefix ext \
 			--flair-fraction 1 --lesion-fraction 1 --unfamiliar scanner
+	# 0. plan: one participant (the heaviest) measured in a scratch folder; SLURM scripts sized from it in plan/
+	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
+		--lesion-masks $(DEMO_DIR)/bids/derivatives/lesions --plan
 	# 1. preprocess the training cohort (each T1w, its session's FLAIR aligned to it, lesion masks left out of the
 	#    registrations); 2. train and evaluate (group level)
 	$(BIN)/bidsdl $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives participant -w $(DEMO_DIR)/work \
@@ -78,6 +81,9 @@ demo: install
 	@echo "Its derivatives:      $(abspath $(DEMO_DIR))/derivatives (manifest.tsv, qc.tsv, logs/)"
 	@echo "Group report:         $(abspath $(DEMO_DIR))/derivatives/group.html"
 	@echo "Model package:        $(abspath $(DEMO_DIR))/derivatives/$$($(T1W_PACKAGE)) (T1w)"
+	@echo "Methods text:         $(abspath $(DEMO_DIR))/derivatives/learn/target-diagnosis/arch-conv5fc3/methods.md (each study's, with references.bib; group.html and each subject report: Methods)"
+	@$(BIN)/python -c "import json,sys; print('Plan (SLURM scripts):', sys.argv[1].rsplit('/', 1)[0] + '/:', \
+		json.load(open(sys.argv[1]))['summary'])" $(abspath $(DEMO_DIR))/derivatives/plan/participant.json
 	@echo "New cohort:           $(abspath $(DEMO_DIR))/new"
 	@$(BIN)/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('Deep vs linear:      ', \
 		r['baseline']['verdict']['text'])" $(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json

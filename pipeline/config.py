@@ -40,6 +40,7 @@ class RunConfig:
     session_label: tuple[str, ...] = ()
     participant_index: int | None = None
     list_participants: bool = False
+    plan: bool = False  # measure one representative job and write SLURM scripts sized from it (pipeline.plan)
     skip_bids_validation: bool = False
     work_dir: Path | None = None
     bids_database_dir: Path | None = None  # the BIDS index (default: WORK_DIR/bids_index)
@@ -151,6 +152,7 @@ _NOT_HASHED = frozenset(
         "session_label",
         "participant_index",
         "list_participants",
+        "plan",
         "work_dir",
         "bids_database_dir",
         "nprocs",

@@ -537,7 +537,8 @@ GROUP_OUTPUTS: dict[str, str] = {
     "group_audit": "group_audit.json", "manifest_record": "manifest.json", "manifest": "manifest.tsv",
     "qc_record": "qc.json", "qc": "qc.tsv", "predictions": "predictions.tsv", "predictions_record": "predictions.json",
     "external_evaluation": "external_evaluation.json", "external_case_scores": "external_case_scores.tsv",
-    "learn": "learn", "models": "models",
+    "learn": "learn", "models": "models", "methods": "methods.md", "references": "references.bib",
+    "plan": "plan",
 }  # fmt: skip
 GROUP_FILES = tuple(GROUP_OUTPUTS.values())
 #: Files inside a study's folder (``learn/target-<t>/arch-<a>/``), its folds' and a model package's, by name.
@@ -547,6 +548,7 @@ STUDY_OUTPUTS: dict[str, str] = {
     "baseline_predictions": "baseline_predictions.tsv", "search_trials": "search_trials.tsv",
     "volumes_baseline_predictions": "volumes_baseline_predictions.tsv",
     "trial_record": "trial.json", "distribution": "distribution.safetensors",
+    "methods": "methods.md", "references": "references.bib",
 }  # fmt: skip
 #: The group report, in OUTPUT_DIR (the subject reports: :func:`subject_report_path`).
 GROUP_REPORT = "group.html"

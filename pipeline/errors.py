@@ -109,6 +109,14 @@ class TimeLimitReached(BidsdlError, TimeoutError):
     exit_code = EXIT_TEMPFAIL
 
 
+class PlanFailed(BidsdlError, RuntimeError):
+    """``--plan``'s measured run did not finish: no plan is written from it; the exit code is that run's."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_DATA) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code > 0 else EXIT_SOFTWARE
+
+
 class RunInterrupted(BaseException):
     """A termination signal (SLURM's time limit or ``scancel``, ``docker stop``) reached bidsdl.
 

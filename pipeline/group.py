@@ -37,6 +37,14 @@ from .reports import figures
 from .reports.gallery import GALLERY, gallery_context
 from .reports.group_learning import dataset_summary, external_context, learning_context
 from .reports.group_tables import LIST_ITEMS, capped, manifest_rows
+from .reports.methods import (
+    Methods,
+    external_methods,
+    participant_methods,
+    study_methods,
+    subject_images,
+    write_methods,
+)
 from .reports.render import write_fallback_report, write_report
 from .reports.subject import write_subject_report
 
@@ -389,14 +397,33 @@ def run_group_level(
     if config.fold:  # a fold job: its output is the fold's folder; the assembly run writes the report
         return findings
     external = _external_results(config, table) if config.models else None
+    methods = _write_methods(out, sorted({pid[4:] for pid in table["participant_id"]}), learning, external)
     with timed("group report", LOGGER):
         _write_group_report(config, out, {
             "description": description, "findings": findings, "qc_context": qc_context, "table": table,
             "reports": reports, "run_id": run_id, "environment": environment, "manifest_sha256": manifest_sha256,
-            "learning": learning, "external": external,
+            "learning": learning, "external": external, "methods": methods,
         })  # fmt: skip
     LOGGER.info("Manifest of %d image(s): %s", len(table), derivatives.group_path(out, "manifest"))
     return findings
+
+
+def _write_methods(
+    out: Path, subjects: Sequence[str], learning: dict[str, Any] | None, external: dict[str, Any] | None
+) -> Methods:
+    """``methods.md`` and ``references.bib`` in OUTPUT_DIR (this run: the participant level's outputs it gathered,
+    the study or the external evaluation), and a copy in the study's folder that later runs leave alone."""
+    methods = participant_methods([image for s in subjects for image in subject_images(out, s)])
+    if learning:
+        package = read_package(out / learning["package"])
+        study_methods(learning, package, methods)
+        write_methods(methods, derivatives.study_dir(out, learning["target"], learning["architecture"],
+                                                     learning["inputs"]))  # fmt: skip
+    if external:
+        external_methods(external, methods)
+    path = write_methods(methods, out)
+    LOGGER.info("Methods text (with its references.bib): %s", path)
+    return methods
 
 
 def _write_tables(
@@ -448,6 +475,7 @@ def _write_group_report(config: RunConfig, out: Path, parts: dict[str, Any]) -> 
             "manifest_sha256": parts["manifest_sha256"],
             "learning": learning_context(learning, out, get_task(learning["task"])) if learning else None,
             "external": external_context(external, get_task(external["task"])) if external else None,
+            "methods": parts["methods"].context(),
         },
     )
     if written is None:

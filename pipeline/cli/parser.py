@@ -133,6 +133,11 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
                 help="0-based index into the sorted selected participants, e.g. $SLURM_ARRAY_TASK_ID"),
         _option("--list-participants", action="store_true",
                 help="print the selected participant labels, one a line, and exit"),
+        _option("--plan", action="store_true",
+                help="measure one representative job (participant: the participant with the largest image; group: "
+                "the study with one epoch) in a scratch folder, then write OUTPUT_DIR/plan/: the measurements (peak "
+                "memory of every process, wall and CPU time, disk) and SLURM scripts with --mem, --time and "
+                "--cpus-per-task derived from them; prints the summary"),
         _option("--skip-bids-validation", action="store_true",
                 help="do not validate BIDS_DIR (problems may then surface later)"),
     ],
@@ -317,7 +322,10 @@ def _config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sou
             known = sorted(k for k in options if k not in _NOT_IN_CONFIG)
             raise UsageError(f"Unknown option {key!r} in the config file {source}. Known options: {', '.join(known)}.")
         flag = max(action.option_strings, key=len)
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse.BooleanOptionalAction):  # --amp / --no-amp: True, False or None (default)
+            positive = min(action.option_strings, key=len)
+            argv += [] if value is None else [positive if value else positive.replace("--", "--no-", 1)]
+        elif isinstance(action, argparse._StoreTrueAction):
             argv += [flag] if value else []
         elif isinstance(action, argparse._StoreFalseAction):
             argv += [] if value else [flag]
@@ -340,6 +348,8 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
     if level not in ANALYSIS_LEVELS:
         raise UnknownAnalysisLevel(f"Unknown analysis level {level!r}: use one of {', '.join(ANALYSIS_LEVELS)}.")
     learning = _learning_options(merged, level)
+    if merged.get("plan") and merged.get("list_participants"):
+        raise UsageError("--plan measures a job and --list-participants only lists: give one of them.")
     nprocs = merged.get("nprocs") or available_cpus()
     verbosity = -1 if merged.get("quiet") else merged.get("verbosity") or 0
     return RunConfig(
@@ -350,6 +360,7 @@ def parse_args(argv: Sequence[str]) -> RunConfig:
         session_label=tuple(sorted({normalize_label(x, "ses") for x in merged.get("session_label") or ()})),
         participant_index=merged.get("participant_index"),
         list_participants=bool(merged.get("list_participants")),
+        plan=bool(merged.get("plan")),
         skip_bids_validation=bool(merged.get("skip_bids_validation")),
         work_dir=_absolute(merged.get("work_dir")),
         bids_database_dir=_absolute(merged.get("bids_database_dir")),

@@ -196,7 +196,7 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
 
     from .. import derivatives
 
-    if config.analysis_level == "participant":
+    if config.analysis_level == "participant" and not config.plan:
         from ..participant import start_helpers
 
         start_helpers(config)  # the brain-extraction helper loads torch while the dataset is read
@@ -223,6 +223,12 @@ def run(config: RunConfig, argv: Sequence[str]) -> int:
     )
     derivatives.ensure_dataset_description(config.output_dir, description)
 
+    if config.plan:  # a representative job measured in a scratch folder; plan/ written from it
+        from ..bids.index import default_location
+        from ..plan import run_plan
+
+        return run_plan(config, subjects, work_dir=work_dir,
+                        index_dir=config.bids_database_dir or default_location(work_dir))  # fmt: skip
     if config.analysis_level == "participant":
         return _participants(config, subjects, run_id=run_id, work_dir=work_dir)
 

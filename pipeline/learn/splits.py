@@ -238,6 +238,8 @@ def outer_split(
         raise InputDataError(f"--outer-folds {k}: only {len(subjects)} subject(s).")
     index = np.arange(len(subjects))
     labels = _usable(key, index)
+    if labels is not None and np.unique(labels, return_counts=True)[1].max() < k:
+        labels = None  # every stratum smaller than the folds (a handful of participants): no stratification possible
     splitter = (StratifiedKFold(k, shuffle=True, random_state=settings.seed) if labels is not None
                 else KFold(k, shuffle=True, random_state=settings.seed))  # fmt: skip
     parts = list(splitter.split(index, labels if labels is not None else np.zeros(len(index))))

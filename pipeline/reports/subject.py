@@ -18,6 +18,7 @@ import pandas as pd
 from .. import __version__, derivatives
 from ..ops.template import TEMPLATE_SPACE
 from ..qc import percentile_of
+from .methods import participant_methods, subject_images
 from .render import write_fallback_report, write_report
 
 LOGGER = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def subject_context(output_dir: Path, subject: str, *, qc: pd.DataFrame | None =
         "environment": environment or {},
         "group_available": qc is not None,
         "predictions": any(img["prediction"] for img in images),
+        "methods": participant_methods(subject_images(output_dir, subject)).context(),
         "version": __version__,
         "template_space": TEMPLATE_SPACE,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

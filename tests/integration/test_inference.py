@@ -65,6 +65,9 @@ def test_inference_on_new_subjects_then_external_evaluation(learning_sample, tra
     assert not (out / "models").exists() and not (out / "learn").exists()  # nothing trained
     report = (out / "group.html").read_text()
     assert 'id="external"' in report and record["content_sha256"][:16] in report
+    methods = (out / "methods.md").read_text()  # inference and the external evaluation; no training
+    assert "## Inference" in methods and "## Evaluation on a new dataset" in methods and "## Learning" not in methods
+    assert record["content_sha256"][:12] in methods
     # predictions, attribution maps and the external evaluation: still BIDS as the official validator reads it
     errors = [i for i in validator_issues(out) if i["severity"] == "error"]
     assert errors == [], errors

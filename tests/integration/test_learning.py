@@ -63,6 +63,18 @@ def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trai
         assert anchor in html, anchor
     assert "http://" not in html.replace("http://www.w3.org", "") and 'src="http' not in html
 
+    # the methods text: what ran (the participant level's steps as its records say, the study), nothing else
+    methods = (out / "methods.md").read_text()
+    for text in ("## Anatomical preprocessing", "## Quality control", "## Learning", "N4 [@n4]", "[@deepbet]",
+                 "AdamW [@adamw]", "A linear baseline", "No participant in two splits: pass", "95% CI"):  # fmt: skip
+        assert text in methods, text
+    assert "## Inference" not in methods and "new dataset" not in methods
+    bib = (out / "references.bib").read_text()
+    assert "@article{n4," in bib and "@misc{monai," not in bib  # only what the text cites
+    study = out / "learn" / "target-diagnosis" / "arch-conv5fc3"
+    assert (study / "methods.md").read_text() == methods and (study / "references.bib").exists()
+    assert 'id="methods"' in html and "[@" not in html  # the report numbers the citations
+
     # the same command in a fresh copy gives the same package, bit for bit
     again = fresh_output(derivatives, tmp_path / "b")
     assert run_cli(bids, again, "group", *FAST)[0] == 0

@@ -164,7 +164,8 @@ def test_subject_reports_are_complete_and_self_contained(sample_run):
         assert report.stat().st_size < 5 * 1024 * 1024
         parser = _Collector()
         parser.feed(html)
-        assert {"summary", "audit", "preprocessing", "iqms", "provenance", "errors"} <= parser.ids
+        assert {"summary", "audit", "preprocessing", "iqms", "methods", "provenance", "errors"} <= parser.ids
+        assert "N4 [" in html and "deepbet" in html and "Inference" not in html  # methods: only what ran
         assert not [u for u in parser.urls if not u.startswith(("#", "data:"))]
         assert parser.images >= 4 and "(p" in html  # figures, and group percentiles after the group run
         assert "No errors." in html and "Registration check" in html

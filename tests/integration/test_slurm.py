@@ -130,6 +130,26 @@ def test_participant_array_then_group_on_slurm(tmp_path):
     assert "Group report" in group_log
 
 
+def test_the_planned_participant_array_runs_on_slurm_within_its_requests(tmp_path):
+    """--plan's scripts as written (their --mem, --time and --cpus-per-task), submitted by its submit script."""
+    from pipeline.cli.run import main
+
+    bids = make_bids(tmp_path / "bids", {s: [f"anat/sub-{s}_T1w.nii.gz"] for s in ("01", "02", "03")})
+    out, work = tmp_path / "derivatives", tmp_path / "work"
+    assert main([str(bids), str(out), "participant", "--plan", "-w", str(work), "--nprocs", "1",
+                 "--registration", "affine", "--model-resolution", "4"]) == 0  # fmt: skip
+    plan = json.loads((out / "plan" / "participant.json").read_text())
+    env = {**os.environ, "BIDSDL": str(Path(sys.executable).parent / "bidsdl")}
+    result = subprocess.run(["bash", str(out / "plan" / "submit_participant.sh")], env=env, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (job_id,) = re.findall(r"participant: job (\S+)", result.stderr)
+    assert sorted(_wait(job_id)) == ["COMPLETED"] * 3
+    for label in ("01", "02", "03"):
+        assert json.loads((out / f"sub-{label}" / "log" / f"sub-{label}_status.json").read_text())["state"] == "done"
+    assert plan["jobs"][0]["mem_gb"] >= 1
+
+
 def test_folds_as_an_array_then_the_assembly_on_slurm(learning_sample, trained_package, tmp_path):
     """submit_group.sh: one array task per fold, then the assembly; the package of a single run, bit for bit."""
     from tests.helpers import FAST, fresh_output, the_package

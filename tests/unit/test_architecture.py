@@ -15,7 +15,7 @@ PACKAGE = ROOT / "pipeline"
 #: cli dispatches to the entry points (participant, group, learn.export); they run workflows, learning, reports.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
-    ("pipeline.participant", "pipeline.group"),
+    ("pipeline.participant", "pipeline.group", "pipeline.plan"),
     ("pipeline.workflows", "pipeline.interfaces"),
     ("pipeline.learn", "pipeline.sample"),
     ("pipeline.reports",),

@@ -437,3 +437,19 @@ def test_the_near_duplicate_scan_holds_blocks_not_pairs(monkeypatch):
     assert [(i, j) for _, i, j in blocks.pairs] == [(7, 99)] == [(i, j) for _, i, j in whole.pairs]
     assert blocks.median == pytest.approx(whole.median)
     assert [(i, j) for _, i, j in blocks.top] == [(i, j) for _, i, j in whole.top]
+
+
+def test_outer_folds_on_a_handful_of_participants_need_no_stratification():
+    """Six participants, five outer folds, strata of two (binned ages): too small to stratify, so plain folds, every
+    participant in one outer test fold (sklearn refuses to stratify when every stratum is smaller than the folds)."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.learn.splits import SplitSettings, outer_split
+    from pipeline.learn.tasks import get_task
+
+    subjects = pd.DataFrame({"participant_id": [f"s{i}" for i in range(6)], "y": np.linspace(60, 80, 6)})
+    key = pd.Series(["young", "young", "mid", "mid", "old", "old"])
+    tests = [outer_split(subjects, key, SplitSettings(0.2, 2, 0.2, 0, ("target",), outer_folds=5, outer_test=k),
+                         get_task("regression"))[1] for k in range(5)]  # fmt: skip
+    assert sorted(np.concatenate(tests).tolist()) == list(range(6))

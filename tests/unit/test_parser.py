@@ -111,6 +111,16 @@ def test_config_file_json_and_round_trip(tmp_path):
     assert again.config_hash() == first.config_hash()
 
 
+@pytest.mark.parametrize("flags", [["--amp", "--no-refresh-subject-reports"], ["--no-amp", "--refresh-subject-reports"],
+                                   []])
+def test_switches_with_a_no_form_round_trip_through_a_config_file(tmp_path, flags):
+    first = parse_args(["i", "o", "group", "--target", "age", *flags])
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(first.to_dict()))
+    again = parse_args(["i", "o", "group", "--config", str(saved)])
+    assert (again.amp, again.refresh_subject_reports) == (first.amp, first.refresh_subject_reports)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
