@@ -112,7 +112,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.dest in LEARNING_FIELDS and action.dest not in ("seed",):
+        if action.dest in LEARNING_FIELDS:
             generated = _default_text(action.dest).replace("%", "%%")
             return f"{text} ({generated})" if generated else text
         return text
@@ -134,7 +134,7 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         _option("--list-participants", action="store_true",
                 help="print the selected participant labels, one a line, and exit"),
         _option("--plan", action="store_true",
-                help="measure one representative job (participant: the participant with the largest image; group: "
+                help="measure one representative job (participant: the participant with the most voxels; group: "
                 "the study with one epoch) in a scratch folder, then write OUTPUT_DIR/plan/: the measurements (peak "
                 "memory of every process, wall and CPU time, disk) and SLURM scripts with --mem, --time and "
                 "--cpus-per-task derived from them; prints the summary"),
@@ -285,7 +285,7 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
     "other": [
         _option("--config", type=Path, metavar="FILE",
                 help="YAML or JSON file whose keys mirror the long options; the command line wins"),
-        _option("--seed", type=int, help="random seed (default 42)"),
+        _option("--seed", type=int, help="random seed of splits, training, resampling and registrations"),
         _option("-v", "--verbose", dest="verbosity", action="count", help="more log output (repeatable)"),
         _option("-q", "--quiet", action="store_true", help="only warnings and errors"),
         _option("--version", action="version", version=f"bidsdl {__version__}"),

@@ -261,7 +261,7 @@ def paired_difference(
 
 def verdict(metric: str, comparison: dict[str, Any], larger_is_better: bool) -> dict[str, str]:
     """Whether the network is better than the linear model on ``metric`` (its paired interval): ``better``,
-    ``not_better`` (the interval holds 0) or ``worse``, and a sentence for the report.
+    ``not_better`` (not shown better nor worse: the interval holds 0) or ``worse``, and a sentence for the report.
 
     >>> verdict("roc_auc", {"difference": 0.05, "ci": [0.01, 0.09]}, True)["result"]
     'better'
@@ -280,7 +280,8 @@ def verdict(metric: str, comparison: dict[str, Any], larger_is_better: bool) -> 
         return {"result": "worse", "text": f"The deep model is worse than a linear model on this data: {interval}."}
     return {
         "result": "not_better",
-        "text": f"The deep model is not better than a linear model on this data (nor shown worse): {interval}.",
+        "text": f"The deep model is not shown better than a linear model on this data, nor shown worse (the interval "
+        f"holds 0): {interval}.",
     }
 
 

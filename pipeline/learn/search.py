@@ -101,6 +101,20 @@ def trial_key(learning_settings: dict[str, Any], trial: int, values: dict[str, f
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def trial_score(bests: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """A trial's score from its folds' best values of ``metric`` alone (each fold's ``best`` record): a fold where
+    the metric is undefined (e.g. ROC-AUC on a validation fold of one class) is left out and named, never scored by
+    another metric (a loss averaged with AUCs would rank trials by nothing).
+
+    >>> trial_score([{"roc_auc": {"value": 0.8}, "loss": {"value": 0.5}}, {"loss": {"value": 0.4}}], "roc_auc")
+    {'fold_scores': [0.8, nan], 'score': 0.8, 'folds_without_metric': [1]}
+    """
+    scores = [float((best.get(metric) or {}).get("value", float("nan"))) for best in bests]
+    finite = [v for v in scores if math.isfinite(v)]
+    return {"fold_scores": scores, "score": float(np.mean(finite)) if finite else float("nan"),
+            "folds_without_metric": [i for i, v in enumerate(scores) if not math.isfinite(v)]}  # fmt: skip
+
+
 def best_trial(trials: Sequence[dict[str, Any]], larger_is_better: bool) -> dict[str, Any]:
     """The trial with the best validation score (the lowest number among equals); trials without a finite score
     never win.

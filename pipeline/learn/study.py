@@ -660,16 +660,16 @@ def _run_trial(
     metric = settings.train.selection_metric
     LOGGER.info("Search trial %d (of trials 0-%d): %s", trial, settings.search - 1,
                 ", ".join(f"{k} {v:.3g}" for k, v in values.items()))  # fmt: skip
-    scores, epochs = [], []
+    bests, epochs = [], []
     for fold in range(split.n_folds):
         _rows, data, network, scale, _ = _fold_setup(fold, cohort=cohort, split=trial_split, settings=trial_settings,
                                                      model_config=trial_config, parts=("train", "validation"))
         result = _fit_fold(fold, network, data, task=cohort.task, split=trial_split, settings=trial_settings,
                            model_config=trial_config, scale=scale, device=device)  # fmt: skip
-        scores.append(result.best.get(metric, result.best.get("loss", {})).get("value", float("nan")))
+        bests.append(result.best)
         epochs.append(len(result.history))
-    record = {"trial": trial, "values": values, "fold_scores": scores, "score": float(np.nanmean(scores)) if
-              np.isfinite(scores).any() else float("nan"), "metric": metric, "epochs": epochs}  # fmt: skip
+    record = {"trial": trial, "values": values, **search.trial_score(bests, metric), "metric": metric,
+              "epochs": epochs}  # fmt: skip
     derivatives.write_json(record_path, {"key": key, "trial": record})
     return record
 

@@ -26,6 +26,8 @@ class Task(Protocol):
 
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes: ...
 
+    def chance_level(self, n_classes: int) -> tuple[str, float] | None: ...
+
 LOGGER = logging.getLogger(__name__)
 
 #: participants.tsv columns summarised in the Dataset section when present.
@@ -191,7 +193,54 @@ def learning_context(results: dict[str, Any], output_dir: Path, task: Task) -> d
         "nested": _nested(results.get("nested")),
         "learning_curve": _learning_curve(results),
         "design": results.get("design"),
+        "chance": against_chance(results, task),
     }
+
+
+#: The models a study scores on its test participants, by the key of their evaluation in results.json.
+_MODELS = (("the network", None), ("the linear model on the same inputs", "baseline"),
+           ("the linear model on regional volumes", "volumes_baseline"))  # fmt: skip
+
+
+def against_chance(results: dict[str, Any], task: Task) -> dict[str, Any] | None:
+    """Whether each model is distinguishable from chance: its chance metric's 95% CI against the task's chance level
+    (above it, holding it, or below), and the permutation control's score when it ran; None for a task without one.
+
+    >>> class T:
+    ...     def chance_level(self, n): return ("roc_auc", 0.5)
+    >>> r = {"classes": ["CN", "AD"], "test": {"metrics": {"roc_auc": 0.44}, "ci": {"roc_auc": [0.13, 0.78]}}}
+    >>> against_chance(r, T())["text"]
+    'Against chance (roc_auc 0.5): the network scored 0.440 (95% CI 0.130 to 0.780): not distinguishable from chance.'
+    """
+    found = task.chance_level(len(results.get("classes") or []))
+    if found is None:
+        return None
+    metric, level = found
+    rows = []
+    for name, key in _MODELS:
+        evaluation = results["test"] if key is None else (results.get(key) or {}).get("test")
+        value = ((evaluation or {}).get("metrics") or {}).get(metric)
+        if value is None:
+            continue
+        low, high = ((evaluation or {}).get("ci") or {}).get(metric) or (float("nan"), float("nan"))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            verdict = "no interval on this test set"
+        elif low > level:
+            verdict = "distinguishable from chance (above it)"
+        elif high < level:
+            verdict = "worse than chance"
+        else:
+            verdict = "not distinguishable from chance"
+        interval = f" (95% CI {low:.3f} to {high:.3f})" if np.isfinite(low) and np.isfinite(high) else ""
+        rows.append({"model": name, "verdict": verdict, "text": f"{name} scored {value:.3f}{interval}: {verdict}"})
+    if not rows:
+        return None
+    text = f"Against chance ({metric} {level:g}): " + "; ".join(r["text"] for r in rows) + "."
+    control = results.get("permutation_control")
+    shuffled = ((control or {}).get("deep") or {}).get("metrics", {}).get(metric)
+    if shuffled is not None:
+        text += f" The same study on shuffled targets (permutation control) scored {shuffled:.3f}."
+    return {"metric": metric, "level": level, "rows": rows, "text": text}
 
 
 def _learning_curve(results: dict[str, Any]) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ class Methods:
         return cited(p for _, paragraphs in self.ordered() for p in paragraphs)
 
     def markdown(self, title: str = "Methods") -> str:
-        lines = [f"# {title}", "", "*Written by bidsdl from the records of the runs below; cite the works in "
+        lines = [f"# {title}", "", "*Written by bidsdl from the records of what ran; cite the works in "
                  "`references.bib` (pandoc: `pandoc --citeproc --bibliography references.bib methods.md`).*", ""]
         for section, paragraphs in self.ordered():
             lines += [f"## {section}", ""]

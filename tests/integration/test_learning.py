@@ -59,7 +59,8 @@ def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trai
     # the report shows every learning section, self-contained
     html = (out / "group.html").read_text()
     for anchor in ('id="dataset"', 'id="splits"', 'id="leakage"', 'id="training"', 'id="evaluation"', 'id="worst"',
-                   'id="provenance"', "No near-identical image", "Site/scanner", "95% CI"):  # fmt: skip
+                   'id="provenance"', "No near-identical image", "Site/scanner", "95% CI",
+                   "Against chance (roc_auc 0.5): the network scored"):  # fmt: skip
         assert anchor in html, anchor
     assert "http://" not in html.replace("http://www.w3.org", "") and 'src="http' not in html
 

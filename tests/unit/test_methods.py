@@ -93,3 +93,24 @@ def test_citation_cff_references_are_in_the_table():
     titles = {r.title.lower() for r in REFERENCES.values()}
     for reference in citation["references"]:
         assert str(reference.get("doi", "")) in dois or reference["title"].lower() in titles, reference["title"]
+
+
+def test_the_report_says_first_whether_each_model_is_distinguishable_from_chance():
+    from pipeline.learn.tasks import get_task
+    from pipeline.reports.group_learning import against_chance
+
+    results = {"classes": ["CN", "AD"], "test": {"metrics": {"roc_auc": 0.81}, "ci": {"roc_auc": [0.62, 0.95]}},
+               "baseline": {"test": {"metrics": {"roc_auc": 0.44}, "ci": {"roc_auc": [0.13, 0.78]}}},
+               "volumes_baseline": {"test": {"metrics": {"roc_auc": 0.2}, "ci": {"roc_auc": [0.05, 0.4]}}},
+               "permutation_control": {"deep": {"metrics": {"roc_auc": 0.52}}}}
+    found = against_chance(results, get_task("classification"))
+    assert [r["verdict"] for r in found["rows"]] == ["distinguishable from chance (above it)",
+                                                    "not distinguishable from chance", "worse than chance"]
+    assert found["text"].startswith("Against chance (roc_auc 0.5): the network scored 0.810 (95% CI 0.620 to 0.950)")
+    assert "permutation control) scored 0.520" in found["text"]
+    three = {"classes": ["a", "b", "c"], "test": {"metrics": {"balanced_accuracy": 0.4},
+                                                  "ci": {"balanced_accuracy": [0.34, 0.5]}}}  # fmt: skip
+    assert against_chance(three, get_task("classification"))["rows"][0]["verdict"].startswith("distinguishable")
+    regression = {"classes": [], "test": {"metrics": {"r2": -0.35}, "ci": {"r2": [-3.1, 0.1]}}}
+    assert "(r2 0)" in against_chance(regression, get_task("regression"))["text"]
+    assert against_chance({"classes": [], "test": {"metrics": {"dice": 0.8}}}, get_task("segmentation")) is None

@@ -198,6 +198,7 @@ def test_help_shows_each_tasks_own_defaults_from_the_task_objects(run_cli):
     text = " ".join(out.split())  # argparse wraps lines
     assert code == 0
     assert f"--lr X learning rate of AdamW (default {RunConfig.lr:g}" in text
+    assert f"registrations (default {RunConfig.seed})" in text  # --seed: generated too, not hand-written
     for name in task_names():
         task = get_task(name)
         for option, value in task.defaults.items():

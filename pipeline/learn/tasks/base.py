@@ -266,6 +266,11 @@ class Task:
     def headline_metric(self, n_classes: int) -> str:
         raise NotImplementedError
 
+    def chance_level(self, n_classes: int) -> tuple[str, float] | None:
+        """The metric (larger is better) and its value that a model without information scores, against which the
+        report says whether a model is distinguishable from chance; None where no such level is defined."""
+        return None
+
     # --- reports -------------------------------------------------------------------------------------------
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
         """The report's panels of one evaluation; ``table`` has columns ``y`` and ``predicted``."""

@@ -230,6 +230,9 @@ class Classification(ImageTask):
     def headline_metric(self, n_classes: int) -> str:
         return "roc_auc" if n_classes == 2 else "balanced_accuracy"
 
+    def chance_level(self, n_classes: int) -> tuple[str, float] | None:
+        return ("roc_auc", 0.5) if n_classes == 2 else ("balanced_accuracy", 1 / max(n_classes, 1))
+
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
         return figures.classification_panels(evaluation, classes)
 

@@ -114,6 +114,9 @@ class Regression(ImageTask):
     def headline_metric(self, n_classes: int) -> str:
         return "mae"
 
+    def chance_level(self, n_classes: int) -> tuple[str, float] | None:
+        return ("r2", 0.0)  # the training mean for everyone; its MAE depends on the data, its R^2 does not
+
     def evaluation_figure(self, evaluation: dict[str, Any], classes: Sequence[str], table: pd.DataFrame) -> bytes:
         return figures.regression_panels(table["y"], table["predicted"])
 
