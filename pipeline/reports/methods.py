@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +240,10 @@ def _coregistration(image: ImageRecords) -> str | None:
     coreg = (image.coregistration or {}).get("Coregistration")
     if not coreg:
         return None
-    masked = "; the lesion mask left out" if coreg.get("lesion_masked") else ""
+    mask = str(coreg.get("cost_function_mask", "the brain"))
+    masked = "; the lesion mask left out" if coreg.get("lesion_masked") and "lesion" not in mask else ""
     return (f"Each {image.kind} image was rigidly co-registered to the T1w of its session ({coreg.get('method', '')}; "
-            f"Mattes mutual information [@mattes] in {coreg.get('cost_function_mask', 'the brain')}, the best of "
+            f"Mattes mutual information [@mattes] in {mask}, the best of "
             f"{len(coreg.get('starts', []))} starting positions{masked}), resampled onto the T1w's grid, corrected by "
             "N4 [@n4] inside the T1w's brain mask and brought into template space through the T1w's transforms, "
             "with the T1w's intensity normalisation rule.")
@@ -331,8 +333,10 @@ def _metrics(evaluation: Mapping[str, Any] | None, limit: int = 6) -> str:
     metrics = (evaluation or {}).get("metrics") or {}
     cis = (evaluation or {}).get("ci") or {}
     parts = []
-    for name, value in metrics.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+    ordered = [m for m in _HEADLINES if m in metrics] + [m for m in metrics if m not in _HEADLINES]
+    for name in ordered:
+        value = metrics[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             continue
         text = f"{name} {value:.3f}"
         ci = cis.get(name)
@@ -341,6 +345,10 @@ def _metrics(evaluation: Mapping[str, Any] | None, limit: int = 6) -> str:
         parts.append(text)
     return "; ".join(parts[:limit])
 
+
+#: Metrics a methods text names first (the tasks' headline and chance metrics), the others after them.
+_HEADLINES = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "mae", "rmse", "r2", "pearson_r", "dice",
+              "hd95")  # fmt: skip
 
 _ARCHITECTURE_REFERENCES = {"conv5fc3": "clinicadl", "unet": "unet; @monai", "resnet": "monai", "densenet": "monai"}
 
@@ -357,8 +365,10 @@ def _design(results: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
                 "training participants chose the epochs (early stopping), the threshold and the baselines' "
                 "regularisation, and the folds' ensemble predicted the outer test fold. The model for later use "
                 "was trained by the same procedure on every participant.")
-    return (f"The participants were split, stratified by {stratify}, into a test set ({settings.get('test_size')} "
-            f"of them) and the rest, on which {inner} trained and validated the network; the folds' ensemble "
+    share = settings.get("test_size")
+    share_text = f"{100 * share:g}%" if isinstance(share, (int, float)) else str(share)
+    return (f"The participants were split, stratified by {stratify}, into a test set ({share_text} of them) and the "
+            f"rest, on which {inner} trained and validated the network; the folds' ensemble "
             "(mean of their outputs) was evaluated once on the test set.")
 
 
