@@ -222,8 +222,10 @@ def against_chance(results: dict[str, Any], task: Task) -> dict[str, Any] | None
         value = ((evaluation or {}).get("metrics") or {}).get(metric)
         if value is None:
             continue
-        low, high = ((evaluation or {}).get("ci") or {}).get(metric) or (float("nan"), float("nan"))
-        if not (np.isfinite(low) and np.isfinite(high)):
+        ci = ((evaluation or {}).get("ci") or {}).get(metric) or (None, None)
+        low, high = (float(v) if isinstance(v, (int, float)) else math.nan for v in ci)  # JSON writes NaN as null
+        bounded = math.isfinite(low) and math.isfinite(high)
+        if not bounded:
             verdict = "no interval on this test set"
         elif low > level:
             verdict = "distinguishable from chance (above it)"
@@ -231,7 +233,7 @@ def against_chance(results: dict[str, Any], task: Task) -> dict[str, Any] | None
             verdict = "worse than chance"
         else:
             verdict = "not distinguishable from chance"
-        interval = f" (95% CI {low:.3f} to {high:.3f})" if np.isfinite(low) and np.isfinite(high) else ""
+        interval = f" (95% CI {low:.3f} to {high:.3f})" if bounded else ""
         rows.append({"model": name, "verdict": verdict, "text": f"{name} scored {value:.3f}{interval}: {verdict}"})
     if not rows:
         return None

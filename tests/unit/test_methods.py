@@ -114,3 +114,5 @@ def test_the_report_says_first_whether_each_model_is_distinguishable_from_chance
     regression = {"classes": [], "test": {"metrics": {"r2": -0.35}, "ci": {"r2": [-3.1, 0.1]}}}
     assert "(r2 0)" in against_chance(regression, get_task("regression"))["text"]
     assert against_chance({"classes": [], "test": {"metrics": {"dice": 0.8}}}, get_task("segmentation")) is None
+    read_back = {"classes": ["CN", "AD"], "test": {"metrics": {"roc_auc": 0.5}, "ci": {"roc_auc": [None, None]}}}
+    assert against_chance(read_back, get_task("classification"))["rows"][0]["verdict"] == "no interval on this test set"
