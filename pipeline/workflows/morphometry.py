@@ -7,6 +7,7 @@ from pathlib import Path
 from nipype.interfaces.utility import Function, IdentityInterface
 from nipype.pipeline import engine as pe
 
+from ..derivatives import SOURCE_KIND, TEMPLATE_SPACE
 from ..interfaces.derivatives import DerivativesSink, sink_inputs
 from ..interfaces.morphometry import Morphometry, PlotMorphometry, WarpToTemplate
 from ..kinds import MORPHOMETRY_CHANNELS
@@ -90,12 +91,14 @@ def _add_tissue_maps(workflow: pe.Workflow, morphometry: pe.Node, inputs: pe.Nod
             select.inputs.key = label
             metadata = {"Description": _TISSUE_DESCRIPTIONS[kind].format(label=label)}
             if grid is not None:
-                metadata["Resolution"] = model_grid_description(grid)
+                metadata.update(Resolution=model_grid_description(grid), SpatialReference=TEMPLATE_SPACE)
             sink = pe.Node(
                 DerivativesSink(base_directory=str(output_dir), bids_dir=str(bids_dir), metadata=metadata,
                                 **sink_inputs(kind, grid, structure=label)),
                 name=f"ds_{kind}_{label}", overwrite=True,
             )  # fmt: skip
+            if grid is None:  # on the T1w's grid: the bias-corrected T1w is its reference (BIDS recommends naming it)
+                sink.inputs.reference = {"suffix": SOURCE_KIND, "desc": "preproc"}
             workflow.connect([
                 (morphometry, select, [(field, "maps")]),
                 (select, sink, [("out", "in_file")]),
