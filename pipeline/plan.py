@@ -468,8 +468,10 @@ def summary(measured: Mapping[str, Any], jobs: Sequence[Job]) -> str:
     return f"{head}. Scripts: {requests}."
 
 
-def write_plan(config: RunConfig, measured: dict[str, Any], jobs: Sequence[Job], *, work_dir: Path) -> Path:
-    """``plan/<level>.json``, ``plan/<level>_config.json``, the sbatch scripts and ``submit.sh`` in OUTPUT_DIR."""
+def write_plan(config: RunConfig, measured: dict[str, Any], jobs: Sequence[Job], *,
+               work_dir: Path) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """``plan/<level>.json``, ``plan/<level>_config.json``, the sbatch scripts and ``submit.sh`` in OUTPUT_DIR; the
+    JSON's path and its record."""
     folder = config.output_dir / PLAN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     level = config.analysis_level
@@ -508,7 +510,7 @@ def write_plan(config: RunConfig, measured: dict[str, Any], jobs: Sequence[Job],
     }
     path = folder / f"{level}.json"
     derivatives.write_json(path, record)
-    return path
+    return path, record
 
 
 def run_plan(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]], *, work_dir: Path,
@@ -534,8 +536,7 @@ def run_plan(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]], *, 
             f"written from a run that did not finish. Its log: {kept}. Fix what it names (the same command without "
             "--plan fails the same way), then plan again.", measured["usage"]["exit_code"],
         )
-    path = write_plan(config, measured, jobs, work_dir=work_dir)
-    record = json.loads(path.read_text())
+    path, record = write_plan(config, measured, jobs, work_dir=work_dir)
     shutil.rmtree(work_dir / "plan" / config.analysis_level, ignore_errors=True)
     LOGGER.info("Plan: %s", record["summary"])
     if not shutil.which("sbatch"):
