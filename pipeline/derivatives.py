@@ -480,6 +480,24 @@ def dataset_description(
     }
 
 
+def source_dataset(bids_dir: Path) -> dict[str, str]:
+    """The identity of a BIDS dataset as its ``dataset_description.json`` gives it: its ``Name`` and ``DOI``
+    (``DatasetDOI``) where present, and ``key``: the DOI, or else the name (empty when it has neither). Participant
+    IDs are only comparable within one key (every dataset has a sub-01).
+
+    >>> import tempfile; folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "dataset_description.json").write_text('{"Name": "ds", "BIDSVersion": "1.9.0"}')
+    >>> source_dataset(folder)
+    {'Name': 'ds', 'key': 'ds'}
+    """
+    try:
+        description = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        description = {}
+    out = {k: str(description[f]) for k, f in (("Name", "Name"), ("DOI", "DatasetDOI")) if description.get(f)}
+    return {**out, "key": out.get("DOI") or out.get("Name", "")}
+
+
 @contextlib.contextmanager
 def output_lock(output_dir: Path) -> Iterator[None]:
     """An exclusive lock on OUTPUT_DIR shared by concurrent bidsdl processes (e.g. array jobs)."""

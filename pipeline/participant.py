@@ -239,6 +239,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
         check_resolution(records, config.model_resolution, list(config.models))
     check_registration(records, config.registration, list(config.models))
     seen = []
+    dataset = derivatives.source_dataset(config.bids_dir)["key"]
     for subject, images in subjects.items():
         hashes = []
         for image in (img for img in images if img.kind == REFERENCE_KIND):  # what models are trained on
@@ -246,7 +247,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
                 hashes.append(sha256_array(np.asanyarray(load_spatial(image.path).dataobj)))
             except Exception:  # unreadable: the audit reports it, with what to do
                 continue
-        seen += training_matches(records, f"sub-{subject}", hashes)
+        seen += training_matches(records, f"sub-{subject}", hashes, dataset=dataset)
     if seen and not config.allow_training_subjects:
         raise InputDataError(
             "The model saw these participants in training or validation: "

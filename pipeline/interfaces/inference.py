@@ -30,6 +30,8 @@ class _ModelNodeInputSpec(BaseInterfaceInputSpec):
     model_dirs = traits.List(traits.Str, mandatory=True, desc="model packages (an ensemble when several)")
     model_hashes = traits.List(traits.Str, mandatory=True, desc="their content hashes (re-run when they change)")
     allow_training_subjects = traits.Bool(False, usedefault=True)
+    dataset = traits.Str("", usedefault=True, desc="the key of BIDS_DIR's dataset: participant IDs match the models' "
+                         "training subjects only within it")
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
     in_others = traits.List(File(exists=True), desc="the images of the model's other channels, in its channel order "
@@ -49,6 +51,7 @@ def _common_spec(inputs: Any) -> dict[str, Any]:
         "model_dirs": list(inputs.model_dirs),
         "model_hashes": list(inputs.model_hashes),
         "allow_training_subjects": bool(inputs.allow_training_subjects),
+        "dataset": str(inputs.dataset),
         "device": inputs.device,
         "num_threads": inputs.num_threads,
     }

@@ -112,30 +112,43 @@ def check_registration(records: Sequence[dict[str, Any]], registration: str, fol
             )
 
 
-def training_matches(records: Sequence[dict[str, Any]], participant_id: str, data_sha256: Sequence[str]) -> list[str]:
-    """Why this participant was seen in training or validation by any of the models (empty: never).
+def training_matches(
+    records: Sequence[dict[str, Any]], participant_id: str, data_sha256: Sequence[str], *, dataset: str
+) -> list[str]:
+    """Why this participant was seen in training or validation by any of the models (empty: never), each with the
+    rule that found it: an image with the voxel data of a training subject's (``data_sha256``: a renamed copy, in
+    any dataset), or the same participant ID in the same ``dataset`` (its key; a package made before datasets were
+    recorded is matched by ID alone, and says so). Every dataset has a sub-01: another dataset's never matches.
 
-    Matched by participant ID and by voxel-data hash, so a renamed copy of a training subject is caught.
-
-    >>> rec = {"name": "m", "training_subjects": [{"participant_id": "sub-01", "images": [{"data_sha256": "a"}]}]}
-    >>> training_matches([rec], "sub-02", ["a"])
-    ["sub-02's image has the voxel data of sub-01, a training subject of m"]
+    >>> rec = {"name": "m", "dataset": {"key": "A"},
+    ...        "training_subjects": [{"participant_id": "sub-01", "images": [{"data_sha256": "a"}]}]}
+    >>> training_matches([rec], "sub-02", ["a"], dataset="B")
+    ["sub-02's image has the voxel data of sub-01 of dataset A, a training subject of m (same image content)"]
+    >>> training_matches([rec], "sub-01", ["b"], dataset="B"), training_matches([rec], "sub-01", ["b"], dataset="A")
+    ([], ['sub-01 is a training subject of m (same participant ID and dataset)'])
     """
     reasons = []
-    hashes = set(data_sha256)
+    hashes = set(data_sha256) - {""}
     for record in records:
         transfer = record.get("transfer") or {}
         source = f"{transfer.get('source')}, the source model of {record['name']}"
-        sources = [(record.get("training_subjects", []), record["name"]), (transfer.get("seen_subjects", []), source)]
+        own = (record.get("dataset") or {}).get("key")
+        sources = [([{"dataset": own, **s} for s in record.get("training_subjects", [])], record["name"]),
+                   (transfer.get("seen_subjects", []), source)]  # fmt: skip
         for subjects, whose in sources:
             for subject in subjects:
-                if subject["participant_id"] == participant_id:
-                    reasons.append(f"{participant_id} is a training subject of {whose}")
-                elif hashes & {img.get("data_sha256") for img in subject["images"]}:
-                    reasons.append(
-                        f"{participant_id}'s image has the voxel data of {subject['participant_id']}, "
-                        f"a training subject of {whose}"
-                    )
+                key = subject.get("dataset")
+                content = bool(hashes & {img.get("data_sha256") for img in subject["images"]})
+                if subject["participant_id"] == participant_id and key in (None, dataset):
+                    rule = ("same participant ID and dataset" if key is not None
+                            else "same participant ID; the package names no dataset")  # fmt: skip
+                    reasons.append(f"{participant_id} is a training subject of {whose} ({rule}"
+                                   + ("; same image content)" if content else ")"))  # fmt: skip
+                elif content:
+                    where = f" of dataset {key}" if key else ""
+                    owner = subject["participant_id"]
+                    reasons.append(f"{participant_id}'s image has the voxel data of {owner}{where}, a training subject "
+                                   f"of {whose} (same image content)")  # fmt: skip
     return reasons
 
 

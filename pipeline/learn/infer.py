@@ -183,9 +183,8 @@ def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if [m.record["content_sha256"] for m in models] != list(spec["model_hashes"]):
         raise InputDataError(f"The model packages changed while this run used them ({', '.join(spec['model_dirs'])}).")
     audit = json.loads(Path(spec["audit"]).read_text())
-    seen = training_matches(
-        [m.record for m in models], spec["participant_id"], [audit.get("intensity", {}).get("data_sha256", "")]
-    )
+    seen = training_matches([m.record for m in models], spec["participant_id"],
+                            [audit.get("intensity", {}).get("data_sha256", "")], dataset=spec.get("dataset", ""))
     if seen and not spec["allow_training_subjects"]:
         raise InputDataError("; ".join(seen) + ". Refused: use --allow-training-subjects to predict it anyway.")
     return models[0].task.predict_participant(spec, out_dir, models, seen=seen, device=device)

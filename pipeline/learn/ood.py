@@ -7,11 +7,17 @@ What a model package records, from its training data only:
   windows of its sliding-window prediction), described by their mean, their SD and their correlation shrunk
   towards the identity (Schafer-Strimmer: with few images, nearly a standardised Euclidean distance; with many,
   the full Mahalanobis distance). The
-  correlation is kept as its principal axes (at most one per training image), so no D x D matrix is stored. An
+  correlation is kept as its principal axes (every axis along which the training images vary: at most one per
+  training image, so no D x D matrix is stored when there are fewer images than features), which gives the exact
+  distance. An
   image's score is its log distance (divided by sqrt(D): about 0 for a training image), averaged over the folds.
 * **the threshold**, chosen on the validation images only (each scored by the fold that did not learn from it): a
   one-sided 97.5% prediction bound (Student t) of their scores, so that about 2.5% of images like them are flagged.
-  The test set plays no part.
+  A new image is scored by every fold: each fold's score becomes the chance that a familiar image scores higher
+  (the same Student t predictive distribution), and the folds' chances are joined by the Cauchy combination (Liu &
+  Xie 2020: valid whatever the folds' dependence), read back as a score on the same scale. (A plain mean over the
+  folds spreads less than the one-fold scores the threshold is set on, and would flag fewer than 2.5%.) With fewer
+  than 2 validation images no threshold is set and the check says so. The test set plays no part.
 * **image quality metrics' ranges**: for each metric, a prediction interval of the training participants' values
   (Student t; Bonferroni over the metrics, so that together they flag about 2.5% of images like them).
 
@@ -44,11 +50,8 @@ RANGE_METRICS = (
 )  # fmt: skip
 #: The share of familiar images the threshold aims to flag (one-sided prediction bound).
 FLAG_RATE = 0.025
-#: Most principal axes kept per fold, and most leave-one-out fits.
-MAX_AXES = 128
-MAX_LEAVE_ONE_OUT = 64
-#: Fewest validation scores that set the threshold alone (fewer: the training images' leave-one-out scores join).
-MIN_CALIBRATION = 5
+#: Fewest validation scores a threshold is set on.
+MIN_CALIBRATION = 2
 #: The file of a package that holds the folds' feature descriptions.
 FILE = derivatives.STUDY_OUTPUTS["distribution"]
 
@@ -173,18 +176,8 @@ def fit_reference(features: np.ndarray) -> FoldReference:
     alpha = max(shrinkage(z), 1e-3)
     _, singular, axes = np.linalg.svd(z, full_matrices=False)
     eigen = singular**2 / max(len(x) - 1, 1)
-    keep = min(MAX_AXES, int((eigen > 1e-9 * max(float(eigen.max(initial=0)), 1e-30)).sum()))
+    keep = int((eigen > 1e-9 * max(float(eigen.max(initial=0)), 1e-30)).sum())
     return FoldReference(mean, sd, axes[:keep], alpha + (1 - alpha) * eigen[:keep], alpha)
-
-
-def held_out_scores(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Scores of training images, each against the others (at most :data:`MAX_LEAVE_ONE_OUT`, drawn with
-    ``seed``): the calibration's fallback when a study has too few validation images."""
-    x = np.asarray(features, dtype=np.float64)
-    if len(x) < 3:
-        return np.zeros(0)
-    order = np.random.default_rng(seed).permutation(len(x))[:MAX_LEAVE_ONE_OUT]
-    return np.array([fit_reference(np.delete(x, i, 0)).score(x[i])[0] for i in order])
 
 
 # --- the threshold ------------------------------------------------------------------------------------------------
@@ -200,25 +193,50 @@ def prediction_bound(scores: Sequence[float] | np.ndarray, rate: float = FLAG_RA
     return float(v.mean() + stats.t.ppf(1 - rate, n - 1) * v.std(ddof=1) * math.sqrt(1 + 1 / n))
 
 
-def calibrate(validation: Sequence[float] | np.ndarray, training: Sequence[float] | np.ndarray = ()) -> dict[str, Any]:
-    """The threshold of the scores, set on the validation scores (joined by the training images' leave-one-out
-    scores when there are fewer than :data:`MIN_CALIBRATION`), and what it flags of them."""
-    values = [float(v) for v in validation]
-    calibrated_on = "validation images (each scored by the fold that did not learn from it)"
-    if len(values) < MIN_CALIBRATION:
-        values += [float(v) for v in training]
-        calibrated_on += " and the training images' leave-one-out scores (too few validation images alone)"
-    threshold = prediction_bound(values) if len(values) >= 3 else float(max(values, default=0.0) + 3.0)
+def calibrate(validation: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """The threshold, set on the validation scores (each by the fold that did not learn the image), the predictive
+    distribution a fold's score is read against (:func:`combined_score`), and what the threshold flags of them.
+    With fewer than :data:`MIN_CALIBRATION` scores the threshold is None: the check cannot be made."""
     valid = np.asarray([float(v) for v in validation])
-    return {
-        "threshold": threshold,
-        "rule": f"one-sided {1 - FLAG_RATE:.1%} prediction bound (Student t) of the calibration scores",
-        "calibrated_on": calibrated_on,
-        "n_calibration": len(values),
+    record: dict[str, Any] = {
+        "rule": f"one-sided {1 - FLAG_RATE:.1%} prediction bound (Student t) of the validation scores; an image's "
+        "score joins the folds' scores by the Cauchy combination of their predictive p-values",
+        "calibrated_on": "validation images (each scored by the fold that did not learn from it)",
         "n_validation": len(valid),
-        "validation_flagged": float((valid > threshold).mean()) if len(valid) else None,
         "validation_scores": [round(float(v), 4) for v in valid],
     }
+    if len(valid) < MIN_CALIBRATION:
+        return {**record, "threshold": None, "validation_flagged": None,
+                "note": f"{len(valid)} validation image(s): too few to set a threshold (at least {MIN_CALIBRATION})"}
+    threshold = prediction_bound(valid)
+    return {**record, "threshold": threshold, "mean": float(valid.mean()), "sd": float(valid.std(ddof=1)),
+            "validation_flagged": float((valid > threshold).mean())}  # fmt: skip
+
+
+def combined_score(calibration: dict[str, Any], fold_scores: Sequence[float] | np.ndarray) -> Any:
+    """One image's score from each fold's (``fold_scores``: one per fold; or ``(folds, images)``, a score per
+    image): each read as the chance that a familiar image scores higher (Student t with the validation scores'
+    mean, SD and count), the chances joined by the Cauchy combination (the mean of tan((1/2 - p) pi); valid under
+    any dependence between the folds), and the joint chance read back as a score on the same scale, so that it is
+    above the threshold exactly when that chance is below the flag rate. One fold: its own score.
+
+    >>> calibration = calibrate([0.0, 1.0, -1.0, 0.5, -0.5])
+    >>> combined_score(calibration, [1.2]), round(combined_score(calibration, [1.2, 1.2]), 6)
+    (1.2, 1.2)
+    >>> threshold = calibration["threshold"]
+    >>> bool(combined_score(calibration, [4.0, 0.0]) > threshold > combined_score(calibration, [2.0, 0.0]))
+    True
+    """
+    values = np.asarray(fold_scores, dtype=float)
+    if len(values) == 1:
+        combined = values[0]
+    else:
+        mean, sd, n = float(calibration["mean"]), float(calibration["sd"]), int(calibration["n_validation"])
+        scale = max(sd, 1e-12) * math.sqrt(1 + 1 / n)
+        p = np.clip(stats.t.sf((values - mean) / scale, n - 1), 1e-300, 1 - 1e-16)
+        joint = np.clip(stats.cauchy.sf(np.mean(np.tan((0.5 - p) * np.pi), axis=0)), 1e-300, 1 - 1e-16)
+        combined = mean + scale * stats.t.isf(joint, n - 1)
+    return float(combined) if np.ndim(combined) == 0 else np.asarray(combined, dtype=float)
 
 
 # --- image quality metrics ----------------------------------------------------------------------------------------
@@ -289,9 +307,15 @@ def fold_record(reference: FoldReference, n_train: int) -> dict[str, Any]:
             "shrinkage": reference.residual}  # fmt: skip
 
 
-def image_score(references: Sequence[FoldReference], features: Sequence[np.ndarray]) -> float:
-    """An image's score: the mean over the folds of its score by each fold (``features``: each fold's)."""
-    return float(np.mean([ref.score(f)[0] for ref, f in zip(references, features, strict=True)]))
+def image_score(
+    references: Sequence[FoldReference], features: Sequence[np.ndarray], calibration: dict[str, Any]
+) -> float:
+    """An image's score: its score by each fold (``features``: each fold's) joined by :func:`combined_score`; by a
+    package made before the combination (its calibration has no ``mean``), their mean."""
+    scores = [ref.score(f)[0] for ref, f in zip(references, features, strict=True)]
+    if "mean" not in calibration:
+        return float(np.mean(scores))
+    return combined_score(calibration, scores)
 
 
 def verdict(
@@ -327,7 +351,9 @@ def verdict(
         "checks": checks,
         "metrics_checked": metrics is not None,
         "metrics_outside": outside,
-        "note": None if available else "the model package records no training distribution (made before the check)",
+        "note": None if available else (
+            "the model package records no training distribution (made before the check, or too few images to set one)"
+        ),
     }
 
 
@@ -337,7 +363,8 @@ def check_image(
     """:func:`verdict` of one image: each model's (:class:`~pipeline.learn.ensemble.LoadedModel`) folds' ``features``
     scored against its training images', the image's quality metrics (its ``desc-iqm`` record) against their
     ranges."""
-    scores = [image_score(m.references, f) if m.references else None for m, f in zip(models, features, strict=True)]
+    scores = [image_score(m.references, f, m.record["distribution"]["calibration"]) if m.references else None
+              for m, f in zip(models, features, strict=True)]  # fmt: skip
     metrics = json.loads(Path(iqm).read_text()).get("metrics", {}) if iqm else None
     return verdict([m.record for m in models], scores, metrics)
 

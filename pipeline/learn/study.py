@@ -329,8 +329,9 @@ def split_and_check(
     seen: dict[str, str] = {}
     moved: list[dict[str, str]] = []
     if source is not None:
-        seen = transfer.seen_participants(images, source.seen_subjects(), str(source.record.get("name")))
-        splits, moved = transfer.guard_test_set(splits, seen, reused=reused, splits_file=run_dir.parent / "splits.tsv")
+        seen = transfer.seen_participants(images, source.seen_subjects(), str(source.record.get("name")),
+                                          dataset=derivatives.source_dataset(settings.bids_dir)["key"])  # fmt: skip
+        splits, moved = transfer.guard_splits(splits, seen, reused=reused, splits_file=run_dir.parent / "splits.tsv")
         if moved:
             save_splits(run_dir.parent, splits, settings=split_settings, data_fingerprint=fingerprint(images))
     arrays = [np.load(p, mmap_mode="r") for p in images["array"]]
@@ -369,9 +370,10 @@ def study_run_dir(output_dir: Path, settings: StudySettings) -> Path:
 
 def _source_check(source: transfer.Source, seen: dict[str, str], moved: list[dict[str, str]]) -> dict[str, Any]:
     """The leakage check across studies: no participant the ``--init-from`` model saw is in the test set."""
-    moves = [f"{m['participant_id']} moved from the test set into training: {m['reason']}" for m in moved]
-    summary = (f"{len(seen)} participant(s) of this cohort were seen by {source.record.get('name')} (by ID or image "
-               "hash): none is in the test set")  # fmt: skip
+    moves = [f"{m['participant_id']} moved from the {m.get('from', 'test')} set into training: {m['reason']}"
+             for m in moved]  # fmt: skip
+    summary = (f"{len(seen)} participant(s) of this cohort were seen by {source.record.get('name')} (by image content, "
+               "or by participant ID within the same dataset): none is in the test set or a validation fold")
     return leakage.check_record("Subjects of the source model (--init-from)", moves, severity="warning", detail=summary)
 
 
@@ -403,7 +405,7 @@ def train_fold(
         if name not in outputs:  # a study on everyone has no test set: no outputs, the trailing shape kept
             outputs[name] = outputs["validation"][:0]
     threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
-    distribution = _fold_distribution(task, network, data, device=device, seed=derived_seed(settings.train.seed, fold))
+    distribution = _fold_distribution(task, network, data, device=device)
     return FoldResult(
         fold=fold,
         weights=best_path,
@@ -429,17 +431,17 @@ def train_fold(
 
 
 def _fold_distribution(
-    task: Task, network: torch.nn.Module, data: dict[str, Any], *, device: torch.device, seed: int
+    task: Task, network: torch.nn.Module, data: dict[str, Any], *, device: torch.device
 ) -> dict[str, Any] | None:
     """A fold's training features described (the distribution check's reference), and the scores of its validation
-    images (which it did not learn from) and of its training images left out one at a time."""
+    images (which it did not learn from)."""
     train = task.features(network, data["train"], device=device)
     if len(train) < 3:
         return None
     reference = ood.fit_reference(train)
     validation = task.features(network, data["validation"], device=device) if len(data["validation"]) else train[:0]
-    return {"reference": reference, "n_train": len(train), "validation": reference.score(validation) if len(validation)
-            else np.zeros(0), "held_out": ood.held_out_scores(train, seed)}  # fmt: skip
+    return {"reference": reference, "n_train": len(train),
+            "validation": reference.score(validation) if len(validation) else np.zeros(0)}  # fmt: skip
 
 
 def _fold_setup(
@@ -832,8 +834,10 @@ def _distribution_record(
     entries = [f.distribution for f in folds if f.distribution is not None]
     path = split.run_dir / ood.FILE
     ood.save_references([e["reference"] for e in entries], path)
-    calibration = ood.calibrate(np.concatenate([e["validation"] for e in entries]),
-                                np.concatenate([e["held_out"] for e in entries]))  # fmt: skip
+    calibration = ood.calibrate(np.concatenate([e["validation"] for e in entries]))
+    if calibration["threshold"] is None:
+        LOGGER.warning("No distribution check recorded: %s.", calibration["note"])
+        return None
     test_ids = set(split.members(0)["test"])
     training = cohort.images[~cohort.images["participant_id"].isin(test_ids)]
     iqms = load_qc(output_dir)
@@ -848,7 +852,8 @@ def _distribution_record(
         "sha256": sha256_file(path),
         "features": "the network's last feature maps (a U-Net's deepest) averaged over space; per fold, their mean, "
         "SD and correlation (shrunk towards the identity, Schafer-Strimmer) over the fold's training images; an "
-        "image's score is its log Mahalanobis distance (over sqrt(D)) averaged over the folds",
+        "image's score is its log Mahalanobis distance (over sqrt(D)) by each fold, the folds joined by the Cauchy "
+        "combination of their predictive p-values",
         "folds": [ood.fold_record(e["reference"], e["n_train"]) for e in entries],
         "calibration": calibration,
         "metric_ranges": ranges,
@@ -1101,6 +1106,7 @@ def _model_record(
     manifest_sha256: str,
 ) -> dict[str, Any]:
     role = splits.assign(fold=splits["fold"].astype(object)).groupby("participant_id")["split"].agg(set)
+    dataset = derivatives.source_dataset(settings.bids_dir)
     seen = []
     for pid, group in images.groupby("participant_id", sort=True):
         roles = role.get(pid, set())
@@ -1109,6 +1115,7 @@ def _model_record(
         seen.append(
             {
                 "participant_id": pid,
+                "dataset": dataset["key"],
                 "splits": sorted(roles),
                 "images": [
                     {"source": s, "data_sha256": d, "input_sha256": i}
@@ -1141,6 +1148,7 @@ def _model_record(
         "fold_thresholds": [f.threshold for f in folds],
         "ensemble": "mean of the folds' outputs (class probabilities or values)",
         "selection_metric": settings.train.selection_metric,
+        "dataset": dataset,  # whose participant IDs training_subjects are
         "training_subjects": seen,
         "test_subjects": sorted(set(splits.loc[splits["split"] == "test", "participant_id"])),
         "metrics": metrics if settings.expected is None else {**metrics, "test": settings.expected},

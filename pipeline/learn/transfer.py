@@ -5,9 +5,15 @@ loaded, the output layer is drawn afresh where the targets differ, and the input
 training set's. ``--freeze`` keeps every layer but the head (:data:`HEADS`) at the source's weights; the other
 pretrained layers learn at :data:`PRETRAINED_LR_FACTOR` times the learning rate.
 
-The guard (ClinicaDL's fourth leakage): a participant the source model trained or validated on, found by
-participant ID or by image hash (a renamed copy), must never be in the target's test set. Fresh splits move such
-participants into training (each logged); splits fixed earlier that hold one in the test set are refused.
+The guard (ClinicaDL's fourth leakage): a participant the source model trained or validated on must never be in
+the target's test set, nor in a validation fold (the epochs, thresholds, search and distribution check chosen there
+would rest on images the encoder learned). A participant is the source's when one of its images has the content
+(voxel data, or the preprocessed model input) of one the source learned from, or when it has the same participant
+ID in the same dataset (``dataset_description.json``'s DOI, or else its name: :func:`pipeline.derivatives.
+source_dataset`); every dataset has a sub-01, so IDs of another dataset never match. Each match says which rule
+found it. Fresh splits move such participants into training (each logged); splits fixed earlier that hold one in
+the test set or a validation fold are refused, as are fresh ones left without an unseen participant to test or
+validate on.
 """
 
 from __future__ import annotations
@@ -60,8 +66,11 @@ class Source:
         return k, self.folder / self.record["weights"][k]["file"]
 
     def seen_subjects(self) -> list[dict[str, Any]]:
-        """Everyone the source model (and, for a chain of transfers, its own sources) trained or validated on."""
-        return [*self.record.get("training_subjects", []), *self.record.get("transfer", {}).get("seen_subjects", [])]
+        """Everyone the source model (and, for a chain of transfers, its own sources) trained or validated on, each
+        with the key of its dataset (None: a package made before datasets were recorded)."""
+        own = (self.record.get("dataset") or {}).get("key")
+        subjects = [{"dataset": own, **s} for s in self.record.get("training_subjects", [])]
+        return [*subjects, *self.record.get("transfer", {}).get("seen_subjects", [])]
 
 
 def load_source(folder: Path, *, architecture: str, inputs: Sequence[str], resolution_mm: float) -> Source:
@@ -125,81 +134,110 @@ def keep_frozen_norms(model: nn.Module) -> None:
             module.eval()
 
 
-def seen_participants(images: pd.DataFrame, seen: Iterable[dict[str, Any]], source_name: str) -> dict[str, str]:
-    """The cohort's participants the source model saw (by participant ID, or by an image's voxel or input hash: a
-    renamed copy), each with the reason.
+def seen_participants(
+    images: pd.DataFrame, seen: Iterable[dict[str, Any]], source_name: str, *, dataset: str
+) -> dict[str, str]:
+    """The cohort's participants the source model saw, each with the rule that found it: an image with the voxel
+    data (``data_sha256``) or the model input (``input_sha256``) of one the source learned from, whatever the
+    dataset and ID (a renamed copy); or the same participant ID in the same ``dataset`` (its key). A seen subject
+    with no dataset on record (an older package) is matched by ID alone, and says so.
 
     >>> images = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c"], "data_sha256": ["1", "2", "3"]})
-    >>> seen = [{"participant_id": "sub-a", "images": []},
-    ...         {"participant_id": "sub-x", "images": [{"data_sha256": "3"}]}]
-    >>> for pid, why in seen_participants(images, seen, "m").items():
+    >>> seen = [{"participant_id": "sub-a", "dataset": "A", "images": []},
+    ...         {"participant_id": "sub-b", "dataset": "B", "images": []},
+    ...         {"participant_id": "sub-x", "dataset": "B", "images": [{"data_sha256": "3"}]}]
+    >>> for pid, why in seen_participants(images, seen, "m", dataset="A").items():
     ...     print(pid, "|", why)
-    sub-a | sub-a is a training subject of m
-    sub-c | sub-c's image has the voxel data of sub-x, a training subject of m
+    sub-a | sub-a is a training subject of m (same participant ID and dataset)
+    sub-c | sub-c's image has the voxel data of sub-x of dataset B, a training subject of m (same image content)
     """
-    by_id = {s["participant_id"] for s in seen}
-    by_hash: dict[str, str] = {}
+    by_id: dict[str, str | None] = {}
+    by_hash: dict[str, tuple[str, str, str | None]] = {}
     for subject in seen:
+        key = subject.get("dataset")
+        if key is None or key == dataset:
+            by_id[subject["participant_id"]] = key
         for image in subject.get("images", []):
-            for key in ("data_sha256", "input_sha256"):
-                if image.get(key):
-                    by_hash[image[key]] = subject["participant_id"]
+            for column in ("data_sha256", "input_sha256"):
+                if image.get(column):
+                    by_hash[image[column]] = (subject["participant_id"], column, key)
     out: dict[str, str] = {}
     for row in images.itertuples(index=False):
         pid = str(row.participant_id)
         if pid in out:
             continue
+        found = [by_hash[h] for h in (str(getattr(row, c, "") or "") for c in ("data_sha256", "input_sha256"))
+                 if h in by_hash]  # fmt: skip
         if pid in by_id:
-            out[pid] = f"{pid} is a training subject of {source_name}"
-            continue
-        for key in ("data_sha256", "input_sha256"):
-            owner = by_hash.get(str(getattr(row, key, "") or ""))
-            if owner:
-                out[pid] = f"{pid}'s image has the voxel data of {owner}, a training subject of {source_name}"
-                break
+            rule = ("same participant ID and dataset" if by_id[pid] is not None
+                    else "same participant ID; the source package names no dataset")  # fmt: skip
+            same = "; same image content" if any(owner == pid for owner, _, _ in found) else ""
+            out[pid] = f"{pid} is a training subject of {source_name} ({rule}{same})"
+        elif found:
+            owner, kind, key = found[0]
+            what = "voxel data" if kind == "data_sha256" else "preprocessed model input"
+            where = f" of dataset {key}" if key else ""
+            out[pid] = (f"{pid}'s image has the {what} of {owner}{where}, a training subject of {source_name} "
+                        "(same image content)")  # fmt: skip
     return out
 
 
-def guard_test_set(
+def guard_splits(
     splits: pd.DataFrame, seen: dict[str, str], *, reused: bool, splits_file: Path
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """``splits`` with every test participant the source model saw moved into training (each fold's training
-    set), and the moves; splits fixed earlier (``reused``) that hold one are refused.
+    """``splits`` with every participant the source model saw moved out of the test set and the validation folds
+    into training (every fold's), and the moves (``from``: test or validation); splits fixed earlier (``reused``)
+    that hold one there are refused, as are moves that would leave the test set or a validation fold empty.
 
-    >>> splits = pd.DataFrame({"participant_id": ["a", "d", "b", "c"], "split": ["test", "test", "train", "validation"],
-    ...                        "fold": pd.array([None, None, 0, 0], dtype="Int64")})
-    >>> seen = {"a": "a is a training subject of m"}
-    >>> table, moved = guard_test_set(splits, seen, reused=False, splits_file=Path("s"))
-    >>> table[table["participant_id"] == "a"]["split"].tolist(), len(moved)
-    (['train'], 1)
+    >>> splits = pd.DataFrame({"participant_id": ["a", "d", "b", "e", "c", "c", "b", "e"],
+    ...                        "split": ["test", "test", "train", "train", "validation", "train", "validation",
+    ...                                  "validation"],
+    ...                        "fold": pd.array([None, None, 0, 0, 0, 1, 1, 1], dtype="Int64")})
+    >>> table, moved = guard_splits(splits, {"a": "seen", "b": "seen"}, reused=False, splits_file=Path("s"))
+    >>> sorted(table.loc[table["participant_id"].isin(["a", "b"]), "split"].unique()), [m["from"] for m in moved]
+    (['train'], ['test', 'validation'])
     """
-    test = splits[splits["split"] == "test"]
-    caught = [pid for pid in test["participant_id"] if pid in seen]
-    if not caught:
+    where = {"test": splits["split"] == "test", "validation": splits["split"] == "validation"}
+    caught = {name: sorted(set(splits.loc[rows, "participant_id"]) & set(seen)) for name, rows in where.items()}
+    if not caught["test"] and not caught["validation"]:
         return splits, []
+    listed = [p for name in ("test", "validation") for p in caught[name]]
     if reused:
         raise InputDataError(
-            f"The splits in {splits_file} put {len(caught)} participant(s) the --init-from model saw in the test set "
-            f"({'; '.join(seen[p] for p in caught[:5])}{' ...' if len(caught) > 5 else ''}): testing on them would "
-            "overstate the result. Run again with --resplit to make splits that keep them in training."
+            f"The splits in {splits_file} put {len(listed)} participant(s) the --init-from model saw in the test set "
+            f"or a validation fold ({'; '.join(seen[p] for p in listed[:5])}{' ...' if len(listed) > 5 else ''}): "
+            "testing, or choosing epochs and thresholds, on them would overstate the result. Run again with --resplit "
+            "to make splits that keep them in training."
         )
-    if len(caught) == test["participant_id"].nunique():
-        examples = "; ".join(seen[p] for p in caught[:3])
-        raise InputDataError(
-            f"Every test participant of {splits_file} was seen by the --init-from model ({examples} ...): nothing "
-            "would be left to test on. Evaluate on participants the source model never saw (add them to the "
-            "dataset), or train without --init-from."
-        )
+    moving = set(listed)
+    table = splits[~(splits["participant_id"].isin(moving) & (where["test"] | where["validation"]))].copy()
     folds = sorted(int(f) for f in splits["fold"].dropna().unique())
-    added = pd.DataFrame([{"participant_id": pid, "split": "train", "fold": k} for pid in caught for k in folds])
-    table = pd.concat([splits[~splits["participant_id"].isin(caught)], added], ignore_index=True)
+    validating = table["split"] == "validation"
+    empty = [f"validation fold {k}" for k in folds if not (validating & (table["fold"] == k)).any()]
+    if where["test"].any() and not (table["split"] == "test").any():
+        empty.insert(0, "the test set")
+    if empty:
+        raise InputDataError(
+            f"{len(moving)} participant(s) of {splits_file}'s test set and validation folds were seen by the "
+            f"--init-from model ({'; '.join(seen[p] for p in listed[:3])} ...): without them "
+            f"{' and '.join(empty)} would be empty. Evaluate and validate on participants the source model never saw "
+            "(add them to the dataset), lower --n-folds, or train without --init-from."
+        )
+    have = set(zip(table["participant_id"], table["fold"].astype(object), strict=True))
+    added = pd.DataFrame([{"participant_id": pid, "split": "train", "fold": k} for pid in sorted(moving) for k in folds
+                          if (pid, k) not in have])  # fmt: skip
+    table = pd.concat([table, added], ignore_index=True) if len(added) else table
     table["fold"] = table["fold"].astype("Int64")
-    moved = [{"participant_id": pid, "reason": seen[pid]} for pid in caught]
+    moved = [{"participant_id": pid, "from": name, "reason": seen[pid]} for name in ("test", "validation")
+             for pid in caught[name] if not (name == "validation" and pid in caught["test"])]  # fmt: skip
     for item in moved:
-        LOGGER.warning("Moved %s from the test set into training: %s.", item["participant_id"], item["reason"])
+        LOGGER.warning("Moved %s from the %s set into training: %s.", item["participant_id"], item["from"],
+                       item["reason"])  # fmt: skip
     left = table.loc[table["split"] == "test", "participant_id"].nunique()
-    LOGGER.warning("The test set now holds %d participant(s) the source model never saw (it held %d): its intervals "
-                   "widen accordingly.", left, test["participant_id"].nunique())  # fmt: skip
+    LOGGER.warning("The test set now holds %d participant(s) the source model never saw (it held %d); the validation "
+                   "folds %s: their intervals widen accordingly.", left, splits.loc[where["test"], "participant_id"]
+                   .nunique(), ", ".join(str(((table["split"] == "validation") & (table["fold"] == k)).sum())
+                                         for k in folds))  # fmt: skip
     return table, moved
 
 

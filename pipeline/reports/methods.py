@@ -461,7 +461,8 @@ def study_methods(results: Mapping[str, Any], record: Mapping[str, Any], methods
     if results.get("distribution"):
         methods.add("Learning", "The package records its training images' distribution (the network's features: "
                     "mean and shrunk covariance per fold [@mahalanobis]; the quality metrics' ranges), against which "
-                    "later predictions are checked.")
+                    "later predictions are checked: a threshold at the 97.5% prediction bound of the validation "
+                    "images' scores, each image's scores by the folds joined by the Cauchy combination [@cauchy].")
     return methods
 
 

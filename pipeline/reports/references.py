@@ -133,6 +133,10 @@ REFERENCES: dict[str, Reference] = {
                              "A simple unified framework for detecting out-of-distribution samples and adversarial "
                              "attacks", 2018, "Advances in Neural Information Processing Systems 31",
                              pages="7167-7177"),
+    "cauchy": Reference("article", ("Liu, Yaowu", "Xie, Jun"), "Cauchy combination test: a powerful test with analytic "
+                        "p-value calculation under arbitrary dependency structures", 2020,
+                        "Journal of the American Statistical Association", "115", "393-402",
+                        "10.1080/01621459.2018.1554485"),
     "dice": Reference("article", ("Dice, Lee R.",), "Measures of the amount of ecologic association between species",
                       1945, "Ecology", "26", "297-302", "10.2307/1932409"),
 }

@@ -379,6 +379,7 @@ def init_anat_segmentation_wf(
     model_dirs: Sequence[str],
     model_hashes: Sequence[str],
     allow_training_subjects: bool,
+    dataset: str,
     device: str,
     omp_nthreads: int,
     name: str = "anat_segmentation_wf",
@@ -396,7 +397,8 @@ def init_anat_segmentation_wf(
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=list(SEGMENTATION_INPUTS)), name="outputnode")
     segment = _model_node(
-        RunSegmentation, "segment", model_dirs, model_hashes, allow_training_subjects, device, omp_nthreads, mem_gb=2.0
+        RunSegmentation, "segment", model_dirs, model_hashes, (allow_training_subjects, dataset), device, omp_nthreads,
+        mem_gb=2.0,
     )
     workflow.connect([
         (inputnode, segment, [("source", "source"), ("participant_id", "participant_id"), ("t1w", "in_t1w"),
@@ -418,6 +420,7 @@ def init_anat_inference_wf(
     model_dirs: Sequence[str],
     model_hashes: Sequence[str],
     allow_training_subjects: bool,
+    dataset: str,
     device: str,
     omp_nthreads: int,
     name: str = "anat_inference_wf",
@@ -430,6 +433,9 @@ def init_anat_inference_wf(
         The packages and their ``content_sha256`` (a changed package re-runs the node).
     allow_training_subjects
         Predict subjects the models saw in training (marked as such) instead of refusing.
+    dataset
+        The key of BIDS_DIR's dataset (:func:`~pipeline.derivatives.source_dataset`): participant IDs match the
+        models' training subjects only within the same dataset.
     device, omp_nthreads
         Where the networks run, and torch's threads on CPU.
 
@@ -448,7 +454,8 @@ def init_anat_inference_wf(
     )
     outputnode = pe.Node(IdentityInterface(fields=list(INFERENCE_INPUTS)), name="outputnode")
     infer = _model_node(
-        RunInference, "infer", model_dirs, model_hashes, allow_training_subjects, device, omp_nthreads, mem_gb=1.5
+        RunInference, "infer", model_dirs, model_hashes, (allow_training_subjects, dataset), device, omp_nthreads,
+        mem_gb=1.5,
     )
     workflow.connect([
         (inputnode, infer, [("source", "source"), ("participant_id", "participant_id"), ("audit_record", "in_audit"),
@@ -466,18 +473,20 @@ def _model_node(
     name: str,
     model_dirs: Sequence[str] | Sequence[Path],
     model_hashes: Sequence[str],
-    allow_training_subjects: bool,
+    guard: tuple[bool, str],
     device: str,
     omp_nthreads: int,
     *,
     mem_gb: float,
 ) -> pe.Node:
-    """A node that runs model packages on one image (inference or segmentation)."""
+    """A node that runs model packages on one image (inference or segmentation); ``guard``: whether training
+    subjects may be predicted, and the key of the dataset whose participant IDs they are compared within."""
     return pe.Node(
         interface(
             model_dirs=list(model_dirs),
             model_hashes=list(model_hashes),
-            allow_training_subjects=allow_training_subjects,
+            allow_training_subjects=guard[0],
+            dataset=guard[1],
             device=device,
             num_threads=omp_nthreads,
         ),

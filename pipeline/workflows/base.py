@@ -222,6 +222,7 @@ def _inference(config: RunConfig, model_hashes: Sequence[str]) -> dict[str, Any]
         "model_dirs": [str(m) for m in config.models],
         "model_hashes": list(model_hashes),
         "allow_training_subjects": config.allow_training_subjects,
+        "dataset": derivatives.source_dataset(config.bids_dir)["key"],
         "device": config.device,
         "labels": _segmentation(config.models[0]),
         "channels": _channels(config.models[0]),

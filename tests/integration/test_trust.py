@@ -5,14 +5,16 @@ a search run as array tasks then assembled."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.learn.package import read_package
-from tests.helpers import FAST, fresh_output, parallel_group_jobs, the_package
+from tests.helpers import AFFINE, FAST, fresh_output, parallel_group_jobs, the_package
 
 RUN = Path("learn") / "target-diagnosis" / "arch-conv5fc3"
 
@@ -25,7 +27,11 @@ def test_every_study_has_its_linear_baseline(trained_package):
     assert len(linear["folds"]) == 2 and {"ci", "metrics"} <= set(linear["test"])
     assert linear["test"]["n_subjects"] == results["test"]["n_subjects"]  # the same test participants
     assert set(linear["comparison"]["roc_auc"]) == {"difference", "ci", "share_a_higher"}
-    assert linear["verdict"]["result"] in ("better", "not_better", "worse", "undecided")
+    low, high = linear["comparison"]["roc_auc"]["ci"]  # the verdict is the paired interval's, nothing else
+    expected = ("undecided" if low is None or high is None  # JSON's null: no interval on this tiny test set
+                else "better" if low > 0 else "worse" if high < 0 else "not_better")  # fmt: skip
+    assert linear["verdict"]["result"] == expected, linear
+    assert expected == "undecided" or low <= linear["comparison"]["roc_auc"]["difference"] <= high
     table = pd.read_csv(out / RUN / "baseline_predictions.tsv", sep="\t", dtype={"fold": str})
     assert set(table["fold"]) == {"0", "1", "ensemble"} and set(table["split"]) == {"validation", "test"}
     assert "train" not in set(table["split"])
@@ -83,10 +89,39 @@ def test_a_time_limit_stops_with_a_checkpoint_and_resumes_to_the_same_weights(
         assert weights.read_bytes() == (package / weights.name).read_bytes()
 
 
-def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, tmp_path, run_cli):
+@pytest.fixture(scope="module")
+def second_dataset(learning_sample, trained_package, tmp_path_factory):
+    """Another generated dataset, numbered sub-01.. like the learning sample, plus sub-07: a renamed copy of one of
+    the trained package's training participants; preprocessed like the learning sample."""
+    from pipeline.cli.run import main
+    from pipeline.sample.generate import SampleOptions, write_sample_dataset
+
+    source_bids, _ = learning_sample
+    root = tmp_path_factory.mktemp("second")
+    bids, out = root / "bids", root / "derivatives"
+    write_sample_dataset(bids, SampleOptions(n_subjects=6, seed=7, two_session_fraction=0.0, voxel_scale=3, n_jobs=2))
+    copied = read_package(trained_package)["training_subjects"][0]["participant_id"]
+    image = next((source_bids / copied).rglob("*_T1w.nii.gz"))
+    session = image.parent.parent.name
+    target = bids / "sub-07" / session / "anat"
+    target.mkdir(parents=True)
+    for suffix in (".nii.gz", ".json"):
+        shutil.copyfile(str(image).replace(".nii.gz", suffix), target / f"sub-07_{session}_T1w{suffix}")
+    (bids / "sub-07" / "sub-07_sessions.tsv").write_text(f"session_id\n{session}\n")
+    table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str)
+    row = pd.read_csv(source_bids / "participants.tsv", sep="\t", dtype=str).set_index("participant_id").loc[copied]
+    table.loc[len(table)] = {"participant_id": "sub-07", **row.to_dict()}
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False, na_rep="n/a")
+    assert main([str(bids), str(out), "participant", "--nprocs", "2", "--model-resolution", "4", *AFFINE]) == 0
+    return bids, out, copied
+
+
+def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, second_dataset, tmp_path, run_cli):
     bids, derivatives = learning_sample
     source = read_package(trained_package)
     seen = {s["participant_id"] for s in source["training_subjects"]}
+    assert source["dataset"]["key"] == "bidsdl sample dataset (synthetic, seed 6)"
+    assert {s["dataset"] for s in source["training_subjects"]} == {source["dataset"]["key"]}
     out = fresh_output(derivatives, tmp_path / "out")
     other = ("--seed", "2", "--test-size", "0.5")
     code, _, err = run_cli(bids, out, "group", *FAST, *other, "--fold", "0", "--epochs", "1")  # splits of its own
@@ -94,21 +129,31 @@ def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, t
     splits = pd.read_csv(out / "learn" / "target-diagnosis" / "splits.tsv", sep="\t")
     assert set(splits.loc[splits["split"] == "test", "participant_id"]) & seen  # fixed splits that test on them
 
-    # fixed splits testing on participants the source model saw: refused
+    # fixed splits testing on participants the source model saw (the same dataset, the same IDs): refused
     code, _, err = run_cli(bids, out, "group", *FAST, *other, "--init-from", trained_package)
-    assert code == 65 and "--resplit" in err and "is a training subject of diagnosis_conv5fc3" in err
+    assert code == 65 and "--resplit" in err
+    assert "is a training subject of diagnosis_conv5fc3 (same participant ID and dataset; same image content)" in err
+    # fresh splits: the source saw 6 of the 8, too few left to test and validate on
+    code, _, err = run_cli(bids, out, "group", *FAST, *other, "--init-from", trained_package, "--resplit")
+    assert code == 65 and "would be empty" in err and "never saw" in err
 
-    # fresh splits: they move into training, each logged; the encoder stays the source's
-    code, _, err = run_cli(bids, out, "group", *FAST, *other, "--init-from", trained_package, "--freeze", "--resplit")
+    # another dataset numbered sub-01..: its IDs are not the source's participants; its renamed copy is found
+    bids, derivatives, copied = second_dataset
+    out = fresh_output(derivatives, tmp_path / "second")
+    code, _, err = run_cli(bids, out, "group", *FAST, "--init-from", trained_package, "--freeze")
     assert code == 0, err
-    assert "from the test set into training" in err
-    splits = pd.read_csv(out / "learn" / "target-diagnosis" / "splits.tsv", sep="\t")
-    assert not set(splits.loc[splits["split"] == "test", "participant_id"]) & seen
     package = the_package(out)
     record = read_package(package)
-    assert record["transfer"]["source_content_sha256"] == source["content_sha256"]
-    assert record["transfer"]["frozen"] and record["transfer"]["moved_to_training"]
-    assert {s["participant_id"] for s in record["transfer"]["seen_subjects"]} == seen  # the inference guard's
+    transferred = record["transfer"]
+    assert [s["participant_id"] for s in transferred["seen_in_cohort"]] == ["sub-07"]
+    reason = transferred["seen_in_cohort"][0]["reason"]
+    assert f"voxel data of {copied} of dataset {source['dataset']['key']}" in reason
+    splits = pd.read_csv(out / "learn" / "target-diagnosis" / "splits.tsv", sep="\t")
+    assert set(splits.loc[splits["participant_id"] == "sub-07", "split"]) == {"train"}  # never tested or validated on
+    assert {m["participant_id"] for m in transferred["moved_to_training"]} <= {"sub-07"}
+    assert transferred["source_content_sha256"] == source["content_sha256"] and transferred["frozen"]
+    assert {s["participant_id"] for s in transferred["seen_subjects"]} == seen  # the inference guard's
+    assert record["dataset"]["key"] == "bidsdl sample dataset (synthetic, seed 7)"
     new, old = load_file(str(package / "fold-0.safetensors")), load_file(str(trained_package / "fold-0.safetensors"))
     encoder = [k for k in new if k.startswith("net.features.") and "num_batches" not in k]
     assert encoder and all(torch.equal(new[k], old[k]) for k in encoder)
@@ -118,7 +163,7 @@ def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, t
 
     # without --freeze: every layer learns (the pretrained ones at a tenth of the rate), the guarded splits reused
     frozen_package = package
-    code, _, err = run_cli(bids, out, "group", *FAST, *other, "--init-from", trained_package)
+    code, _, err = run_cli(bids, out, "group", *FAST, "--init-from", trained_package)
     assert code == 0, err
     (package,) = [p for p in (out / "models").iterdir() if p != frozen_package]
     unfrozen = load_file(str(package / "fold-0.safetensors"))

@@ -91,10 +91,15 @@ def test_regression_outputs_are_back_on_the_target_scale(tmp_path):
 
 def test_leakage_guard_matches_ids_and_image_hashes(tmp_path):
     record = package.read_package(make_package(tmp_path, training=[("sub-01", "aaa"), ("sub-03", "bbb")]))
-    assert ensemble.training_matches([record], "sub-02", ["ccc"]) == []
-    assert "sub-01 is a training subject" in ensemble.training_matches([record], "sub-01", ["ccc"])[0]
-    renamed = ensemble.training_matches([record], "sub-77", ["bbb"])
+    # a package that names no dataset: IDs compared as they are, and the reason says so
+    assert ensemble.training_matches([record], "sub-02", ["ccc"], dataset="x") == []
+    (by_id,) = ensemble.training_matches([record], "sub-01", ["ccc"], dataset="x")
+    assert "sub-01 is a training subject" in by_id and "names no dataset" in by_id
+    renamed = ensemble.training_matches([record], "sub-77", ["bbb"], dataset="x")
     assert len(renamed) == 1 and "voxel data of sub-03" in renamed[0]
+    named = {**record, "dataset": {"key": "mine"}}  # one that does: another dataset's sub-01 is someone else
+    assert ensemble.training_matches([named], "sub-01", ["ccc"], dataset="theirs") == []
+    assert ensemble.training_matches([named], "sub-01", ["ccc"], dataset="mine")
 
 
 def test_input_in_another_space_resolution_or_grid_is_refused(tmp_path):

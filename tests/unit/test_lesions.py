@@ -143,3 +143,17 @@ def test_lesion_wise_scores_are_summarised_with_confidence_intervals():
     summary = summarise_cases(pd.DataFrame(rows), seed=1, ci=True)
     assert summary["metrics"]["lesion_recall"] == 0.75 and summary["metrics"]["lesion_f1"] == (1 + 2 / 3) / 2
     assert "lesion_f1" in summary["ci"] and json.dumps(summary, default=float)
+
+
+def test_a_case_empty_in_reference_and_prediction_scores_as_the_challenges_score_it():
+    empty = np.zeros((10, 10, 10), np.uint8)
+    (both,) = structure_scores(empty, empty, {1: "lesion"}, (1.0, 1.0, 1.0))
+    assert (both["dice"], both["hd95_mm"], both["avd_percent"]) == (1.0, 0.0, 0.0)
+    assert (both["lesion_recall"], both["lesion_precision"], both["lesion_f1"]) == (1.0, 1.0, 1.0)
+    found = empty.copy()
+    found[2:4, 2:4, 2:4] = 1
+    (false_alarm,) = structure_scores(found, empty, {1: "lesion"}, (1.0, 1.0, 1.0))
+    assert false_alarm["dice"] == 0 and false_alarm["lesion_f1"] == 0 and false_alarm["lesion_precision"] == 0
+    assert np.isnan(false_alarm["lesion_recall"]) and np.isnan(false_alarm["avd_percent"])
+    (missed,) = structure_scores(empty, found, {1: "lesion"}, (1.0, 1.0, 1.0))
+    assert missed["lesion_recall"] == 0 and np.isnan(missed["lesion_precision"]) and np.isnan(missed["hd95_mm"])

@@ -23,21 +23,50 @@ def _cohort(rng: np.random.Generator, n: int, d: int = 32, shift: float = 0.0, k
     return rng.normal(size=(n, 4)) @ mixing + 0.3 * rng.normal(size=(n, d)) + shift
 
 
-@pytest.mark.parametrize("n_train", [3, 8, 60])
-def test_new_images_like_the_training_ones_are_rarely_flagged_and_unlike_ones_always(n_train):
+def _study(rng: np.random.Generator, n_train: int, d: int) -> tuple[list, dict]:
+    """A simulated study as bidsdl runs it: a pool split into K folds, each fold's description fitted on the others
+    (``n_train`` images) and its validation images scored by it; the folds' descriptions and the calibration."""
+    n_folds = 4 if n_train < 6 else 5
+    pool = _cohort(rng, n_train * n_folds // (n_folds - 1), d)
+    folds = np.arange(len(pool)) % n_folds
+    references = [ood.fit_reference(pool[folds != k]) for k in range(n_folds)]
+    validation = np.concatenate([ref.score(pool[folds == k]) for k, ref in enumerate(references)])
+    return references, ood.calibrate(validation)
+
+
+def _scores(references: list, calibration: dict, features: np.ndarray) -> np.ndarray:
+    """Each image's score at inference (the same features by every fold, as in :func:`_study`)."""
+    return np.array([ood.image_score(references, [row[None]] * len(references), calibration) for row in features])
+
+
+@pytest.mark.parametrize(("n_train", "studies"), [(3, 250), (8, 100), (60, 20), (300, 4)])
+def test_familiar_images_are_flagged_at_about_the_stated_rate_by_the_score_used_at_inference(n_train, studies):
+    """The threshold is set on one fold's validation scores, an image is scored at inference by every fold: over
+    many simulated studies 1% to 5% of new familiar images are flagged (the stated 2.5%; 512 features). The mean
+    over the folds (the rule before) flagged 0.6% to 1.8% here; a threshold that flags nothing fails too."""
     rng = np.random.default_rng(n_train)
-    reference = ood.fit_reference(_cohort(rng, n_train))
-    assert 0 < reference.residual <= 1 and len(reference.variances) <= n_train
-    calibration = ood.calibrate(reference.score(_cohort(rng, 12)))  # the validation images
-    familiar = reference.score(_cohort(rng, 2000))
-    flagged = float(np.mean(familiar > calibration["threshold"]))
-    assert flagged <= 1 / 6, flagged
+    rates = []
+    for _ in range(studies):
+        references, calibration = _study(rng, n_train, 512)
+        new = _cohort(rng, 200, 512)
+        scores = ood.combined_score(calibration, np.array([ref.score(new) for ref in references]))
+        rates.append(float(np.mean(scores > calibration["threshold"])))
+    assert 0.01 <= np.mean(rates) <= 0.05, np.mean(rates)
+
+
+@pytest.mark.parametrize("n_train", [3, 8, 60])
+def test_images_unlike_the_training_ones_are_told(n_train):
+    rng = np.random.default_rng(n_train)
+    references, calibration = _study(rng, n_train, 32)
+    assert all(0 < r.residual <= 1 and len(r.variances) <= n_train for r in references)
+    assert _scores(references, calibration, _cohort(rng, 5)).max() < calibration["threshold"] + 3
     # what is unlike, and from how many training images on it is always told (three describe little)
-    unlike = {"shifted": (_cohort(rng, 20, shift=6.0), 3), "stronger": (8 * _cohort(rng, 20), 8),
+    # (three training images and four validation images set a wide threshold, honestly: nothing is sure to be told)
+    unlike = {"shifted": (_cohort(rng, 20, shift=6.0), 8), "stronger": (8 * _cohort(rng, 20), 8),
               "another pattern": (2 * _cohort(rng, 20, kind=7), 60)}  # fmt: skip
     for name, (features, enough) in unlike.items():
         if n_train >= enough:
-            assert (reference.score(features) > calibration["threshold"]).all(), name
+            assert (_scores(references, calibration, features) > calibration["threshold"]).all(), name
 
 
 def test_the_threshold_is_a_prediction_bound_of_the_validation_scores_alone():
@@ -46,18 +75,38 @@ def test_the_threshold_is_a_prediction_bound_of_the_validation_scores_alone():
     for _ in range(200):  # over many draws of a validation set, about 2.5% of new familiar scores lie above it
         threshold = ood.calibrate(rng.normal(size=20))["threshold"]
         rates.append(float(np.mean(rng.normal(size=2000) > threshold)))
-    assert 0.01 < np.mean(rates) < 0.045
-    few = ood.calibrate([0.1, 0.2], training=[0.0, 0.3, -0.1, 0.2])
-    assert few["n_validation"] == 2 and few["n_calibration"] == 6 and "leave-one-out" in few["calibrated_on"]
-    assert ood.calibrate([0.1, 0.2, 0.3, 0.4, 0.5])["n_calibration"] == 5
+    assert 0.015 < np.mean(rates) < 0.035
+    for n in (2, 3, 4):  # few validation images: a wide bound, still 2.5% on average, not max + 3
+        rates = [float(np.mean(rng.normal(size=500) > ood.calibrate(rng.normal(size=n))["threshold"]))
+                 for _ in range(3000)]  # fmt: skip
+        assert 0.015 < np.mean(rates) < 0.035, (n, np.mean(rates))
+    one = ood.calibrate([0.3])
+    assert one["threshold"] is None and "too few" in one["note"]
 
 
-def test_held_out_scores_come_from_the_other_training_images():
-    x = _cohort(np.random.default_rng(1), 10)
-    scores = ood.held_out_scores(x, seed=3)
-    assert scores.shape == (10,) and np.isfinite(scores).all()
-    assert scores.mean() > ood.fit_reference(x).score(x).mean()  # an image is farther from the others than from all
-    assert ood.held_out_scores(x[:2]).size == 0
+def test_the_folds_scores_are_joined_on_the_thresholds_scale():
+    calibration = ood.calibrate(np.random.default_rng(0).normal(size=40))
+    threshold = calibration["threshold"]
+    assert ood.combined_score(calibration, [threshold] * 5) == pytest.approx(threshold)  # agreeing folds: that score
+    assert ood.combined_score(calibration, [threshold + 2, threshold - 1]) > threshold  # one fold sure is enough
+    assert ood.combined_score(calibration, [threshold - 0.5] * 5) < threshold
+    old = {"threshold": 1.0}  # a package made before the combination: the mean over the folds, as it was calibrated
+    reference = ood.fit_reference(_cohort(np.random.default_rng(1), 10))
+    probe = _cohort(np.random.default_rng(2), 1)
+    assert ood.image_score([reference, reference], [probe, probe], old) == pytest.approx(reference.score(probe)[0])
+
+
+@pytest.mark.parametrize(("n", "d"), [(12, 40), (400, 40), (60, 200), (300, 200)])
+def test_the_distance_is_the_exact_mahalanobis_distance_under_the_shrunk_correlation(n, d):
+    x = _cohort(np.random.default_rng(n + d), n, d)
+    reference = ood.fit_reference(x)
+    z = (x - reference.mean) / reference.sd
+    alpha = reference.residual
+    shrunk = alpha * np.eye(d) + (1 - alpha) * np.cov(z, rowvar=False)
+    probe = _cohort(np.random.default_rng(3), 5, d)
+    zp = (probe - reference.mean) / reference.sd
+    exact = np.sqrt(np.einsum("ij,jk,ik->i", zp, np.linalg.inv(shrunk), zp) / d)
+    assert np.allclose(reference.distance(probe), exact, rtol=1e-6)
 
 
 def test_shrinkage_is_strong_with_few_images_and_weak_with_many():
@@ -117,6 +166,7 @@ def test_the_verdict_joins_features_and_metrics_and_says_when_it_cannot_judge():
     assert "score 2.50 > threshold 2.00" in odd["reasons"][0] and "do not trust it" in ood.banner(odd)
     old = ood.verdict([{"name": "m"}], [None], {"cnr": 0.2})
     assert old["out_of_distribution"] is None and "before the check" in old["note"]
+    assert ood.verdict(records, [3.5], None)["out_of_distribution"] is True  # the features alone flag it
 
 
 @pytest.mark.parametrize("architecture", ["conv5fc3", "resnet10", "unet"])

@@ -194,34 +194,61 @@ def test_freeze_keeps_the_encoder_and_its_batch_norm_statistics(tmp_path):
         assert changed == name.startswith("net.classifier.") or name in ("mean", "scale"), name
 
 
-def test_the_cross_study_guard_catches_ids_and_renamed_copies():
-    images = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-09"], "data_sha256": ["h1", "h2", "h3"],
-                           "input_sha256": ["i1", "i2", "i3"]})  # fmt: skip
-    seen_subjects = [{"participant_id": "sub-01", "images": [{"data_sha256": "h1"}]},
-                     {"participant_id": "sub-77", "images": [{"data_sha256": "h3"}]}]  # sub-09: sub-77 renamed
-    seen = transfer.seen_participants(images, seen_subjects, "src")
-    assert set(seen) == {"sub-01", "sub-09"} and "voxel data of sub-77" in seen["sub-09"]
-    splits = pd.DataFrame({"participant_id": ["sub-01", "sub-09", "sub-02", "sub-03", "sub-03"],
-                           "split": ["test", "test", "test", "train", "validation"],
-                           "fold": pd.array([None, None, None, 0, 1], dtype="Int64")})  # fmt: skip
-    table, moved = transfer.guard_test_set(splits, seen, reused=False, splits_file=Path("splits.tsv"))
+def test_the_cross_study_guard_matches_content_anywhere_and_ids_within_a_dataset():
+    images = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-09", "sub-10"],
+                           "data_sha256": ["h1", "h2", "h3", "h4"], "input_sha256": ["i1", "i2", "i3", "i4"]})
+    seen_subjects = [{"participant_id": "sub-01", "dataset": "A", "images": [{"data_sha256": "x1"}]},
+                     {"participant_id": "sub-02", "dataset": "B", "images": [{"data_sha256": "x2"}]},
+                     {"participant_id": "sub-77", "dataset": "B", "images": [{"data_sha256": "h3"}]},
+                     {"participant_id": "sub-78", "dataset": "B", "images": [{"input_sha256": "i4"}]}]  # fmt: skip
+    seen = transfer.seen_participants(images, seen_subjects, "src", dataset="A")
+    # dataset B's sub-02 is not this dataset's sub-02; B's sub-77 renamed as sub-09 is caught by its voxels, and
+    # sub-78's preprocessed input as sub-10's
+    assert set(seen) == {"sub-01", "sub-09", "sub-10"}
+    assert seen["sub-01"].endswith("(same participant ID and dataset)")
+    assert "voxel data of sub-77 of dataset B" in seen["sub-09"] and "(same image content)" in seen["sub-09"]
+    assert "preprocessed model input of sub-78" in seen["sub-10"]
+    assert transfer.seen_participants(images, seen_subjects, "src", dataset="B").keys() == {"sub-02", "sub-09",
+                                                                                            "sub-10"}  # fmt: skip
+    old = transfer.seen_participants(images, [{"participant_id": "sub-02", "images": []}], "src", dataset="A")
+    assert "the source package names no dataset" in old["sub-02"]  # an older package: by ID, and it says so
+
+
+def test_the_cross_study_guard_keeps_seen_participants_out_of_test_and_validation():
+    seen = {"sub-01": "seen by ID", "sub-09": "seen by content"}
+    splits = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-09", "sub-03", "sub-04", "sub-03", "sub-09",
+                                              "sub-04", "sub-05", "sub-05"],
+                           "split": ["test", "test", "train", "train", "validation", "validation", "validation",
+                                     "train", "train", "train"],
+                           "fold": pd.array([None, None, 0, 0, 0, 1, 1, 1, 0, 1], dtype="Int64")})  # fmt: skip
+    table, moved = transfer.guard_splits(splits, seen, reused=False, splits_file=Path("splits.tsv"))
     assert set(table.loc[table["split"] == "test", "participant_id"]) == {"sub-02"}
-    assert {m["participant_id"] for m in moved} == {"sub-01", "sub-09"}
-    assert set(table.loc[table["participant_id"] == "sub-09", "fold"]) == {0, 1}  # in every fold's training
-    with pytest.raises(InputDataError, match="--resplit"):
-        transfer.guard_test_set(splits, seen, reused=True, splits_file=Path("splits.tsv"))
-    with pytest.raises(InputDataError, match="nothing would be left to test on"):
-        transfer.guard_test_set(splits, {**seen, "sub-02": "x"}, reused=False, splits_file=Path("splits.tsv"))
+    assert set(table.loc[table["split"] == "validation", "participant_id"]) == {"sub-03", "sub-04"}
+    assert [(m["participant_id"], m["from"]) for m in moved] == [("sub-01", "test"), ("sub-09", "validation")]
+    for pid in seen:  # in every fold's training, once
+        rows = table[table["participant_id"] == pid]
+        assert set(rows["split"]) == {"train"} and sorted(rows["fold"]) == [0, 1]
+    with pytest.raises(InputDataError, match=r"test set or a validation fold.*--resplit"):
+        transfer.guard_splits(splits, {"sub-09": "x"}, reused=True, splits_file=Path("splits.tsv"))
+    with pytest.raises(InputDataError, match=r"validation fold 0 would be empty"):
+        transfer.guard_splits(splits, {**seen, "sub-04": "x"}, reused=False, splits_file=Path("splits.tsv"))
+    with pytest.raises(InputDataError, match=r"the test set .*would be empty"):
+        transfer.guard_splits(splits, {**seen, "sub-02": "x"}, reused=False, splits_file=Path("splits.tsv"))
+    assert transfer.guard_splits(splits, {"sub-05": "x"}, reused=True, splits_file=Path("s"))[1] == []  # training
 
 
-def test_inference_guard_covers_the_source_models_subjects():
-    record = {"name": "target", "training_subjects": [{"participant_id": "sub-05", "images": []}],
+def test_inference_guard_covers_the_source_models_subjects_within_their_datasets():
+    record = {"name": "target", "dataset": {"key": "T"},
+              "training_subjects": [{"participant_id": "sub-05", "images": [{"data_sha256": "h5"}]}],
               "transfer": {"source": "src", "seen_subjects": [
-                  {"participant_id": "sub-01", "images": [{"data_sha256": "h1"}]}]}}  # fmt: skip
-    assert training_matches([record], "sub-01", ["zz"]) == ["sub-01 is a training subject of src, the source model "
-                                                           "of target"]  # fmt: skip
-    assert "voxel data of sub-01" in training_matches([record], "sub-42", ["h1"])[0]
-    assert training_matches([record], "sub-42", ["h9"]) == []
+                  {"participant_id": "sub-01", "dataset": "S", "images": [{"data_sha256": "h1"}]}]}}  # fmt: skip
+    assert training_matches([record], "sub-01", ["zz"], dataset="S") == [
+        "sub-01 is a training subject of src, the source model of target (same participant ID and dataset)"]
+    assert training_matches([record], "sub-01", ["zz"], dataset="T") == []  # the target dataset's own sub-01
+    assert training_matches([record], "sub-05", ["zz"], dataset="T")
+    assert training_matches([record], "sub-05", ["zz"], dataset="new") == []
+    assert "voxel data of sub-01 of dataset S" in training_matches([record], "sub-42", ["h1"], dataset="new")[0]
+    assert training_matches([record], "sub-42", ["h9"], dataset="T") == []
 
 
 def test_load_source_refuses_another_network(tmp_path):

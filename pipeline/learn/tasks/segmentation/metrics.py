@@ -46,11 +46,22 @@ def _crop(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
 
 
+#: The scores of a case (or a structure) empty in the reference and in the prediction: perfect, as the challenges'
+#: code scores it.
+BOTH_EMPTY = {"lesion_recall": 1.0, "lesion_precision": 1.0, "lesion_f1": 1.0, "avd_percent": 0.0}
+
+
 def lesion_scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> dict[str, float]:
     """Lesion-wise scores as the WMH segmentation challenge reports them (Kuijf et al. 2019): a lesion is a
     26-connected component; recall: the reference lesions that a predicted voxel touches, over the reference
     lesions; precision: the predicted lesions that touch a reference voxel, over the predicted ones; F1 their
     harmonic mean; the absolute volume difference in % of the reference volume; the lesion counts.
+
+    A case with no lesion in the reference nor in the prediction scores as a perfect one, as the lesion
+    challenges' code scores it (Shifts' lesion F1; MONAI's and BraTS' Dice with empty cases kept): recall,
+    precision and F1 1, volume difference 0 (:data:`BOTH_EMPTY`). When only one is empty, F1 is 0, the ratio with
+    nothing to count is undefined (NaN: recall without reference lesions, precision without predicted ones, the
+    volume difference against a zero reference volume) and the other 0.
 
     >>> ref = np.zeros((12, 12, 12), bool); ref[1:3, 1:3, 1:3] = True; ref[8:10, 8:10, 8:10] = True
     >>> pred = np.zeros_like(ref); pred[1:3, 1:3, 1:3] = True; pred[5, 5, 5] = True
@@ -58,19 +69,23 @@ def lesion_scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> dict[st
     (0.5, 0.5, 0.5)
     >>> s["n_lesions_ref"], s["n_lesions_pred"], round(s["avd_percent"], 2)
     (2, 2, 43.75)
+    >>> empty = lesion_scores(np.zeros_like(ref), np.zeros_like(ref), 0.001)
+    >>> empty["lesion_recall"], empty["lesion_precision"], empty["lesion_f1"], empty["avd_percent"]
+    (1.0, 1.0, 1.0, 0.0)
+    >>> missed = lesion_scores(np.zeros_like(ref), ref, 0.001); missed["lesion_recall"], missed["lesion_f1"]
+    (0.0, 0.0)
     """
     connectivity = np.ones((3, 3, 3))
     ref_components, n_ref = ndimage.label(ref, structure=connectivity)
     pred_components, n_pred = ndimage.label(pred, structure=connectivity)
     found = len(set(np.unique(ref_components[pred]).tolist()) - {0})
     true_pred = len(set(np.unique(pred_components[ref]).tolist()) - {0})
+    volume_ref, volume_pred = float(ref.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
+    if not n_ref and not n_pred:
+        return {**BOTH_EMPTY, "n_lesions_ref": 0, "n_lesions_pred": 0}
     recall = found / n_ref if n_ref else float("nan")
     precision = true_pred / n_pred if n_pred else float("nan")
-    if n_ref and n_pred:
-        f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-    else:
-        f1 = float("nan") if not n_ref and not n_pred else 0.0
-    volume_ref, volume_pred = float(ref.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
+    f1 = 2 * recall * precision / (recall + precision) if n_ref and n_pred and recall + precision else 0.0
     return {
         "lesion_recall": recall, "lesion_precision": precision, "lesion_f1": float(f1),
         "avd_percent": abs(volume_pred - volume_ref) / volume_ref * 100 if volume_ref else float("nan"),
@@ -82,11 +97,15 @@ def structure_scores(
     pred: np.ndarray, ref: np.ndarray, names: dict[int, str], spacing: Sequence[float]
 ) -> list[dict[str, Any]]:
     """Per structure: Dice, HD95 (mm), reference and predicted volume (ml) and their difference; with one
-    structure (lesions), the lesion-wise scores too (:func:`lesion_scores`).
+    structure (lesions), the lesion-wise scores too (:func:`lesion_scores`). A structure absent from both the
+    reference and the prediction scores Dice 1 and HD95 0 (BraTS' rule; MONAI's Dice with ``ignore_empty=False``);
+    absent from one only, Dice 0 and HD95 undefined (NaN, left out of means).
 
     >>> ref = np.zeros((8, 8, 8), np.uint8); ref[2:6, 2:6, 2:6] = 1
     >>> [round(s["dice"], 3) for s in structure_scores(ref, ref, {1: "a"}, (1, 1, 1))]
     [1.0]
+    >>> [(s["dice"], s["hd95_mm"]) for s in structure_scores(ref, ref, {2: "absent"}, (1, 1, 1))]
+    [(1.0, 0.0)]
     """
     voxel_ml = float(np.prod(spacing)) / 1000
     out = []
@@ -96,12 +115,12 @@ def structure_scores(
         box = _crop(p, r)
         p, r = p[box], r[box]
         n_p, n_r = int(p.sum()), int(r.sum())
-        dice = 2 * int((p & r).sum()) / (n_p + n_r) if n_p + n_r else float("nan")
+        dice = 2 * int((p & r).sum()) / (n_p + n_r) if n_p + n_r else 1.0
         out.append(
             {
                 "structure": name,
                 "dice": float(dice),
-                "hd95_mm": hausdorff(p, r, spacing, HAUSDORFF_PERCENTILE) if n_p + n_r else float("nan"),
+                "hd95_mm": hausdorff(p, r, spacing, HAUSDORFF_PERCENTILE) if n_p + n_r else 0.0,
                 "volume_ref_ml": n_r * voxel_ml,
                 "volume_pred_ml": n_p * voxel_ml,
                 "volume_difference_ml": (n_p - n_r) * voxel_ml,
@@ -112,7 +131,9 @@ def structure_scores(
 
 
 def dice_scores(pred: np.ndarray, ref: np.ndarray, indices: Sequence[int]) -> np.ndarray:
-    """Dice per index (NaN where both are empty)."""
+    """Dice per index, NaN where both are empty: what training's choices (the best epoch, the post-processing) average
+    with ``nanmean``, so that an empty case neither helps nor hurts them; the reported case scores
+    (:func:`structure_scores`) count it as perfect, as the challenges do."""
     out = []
     for index in indices:
         p, r = pred == index, ref == index
