@@ -20,7 +20,7 @@ from .bids import manifest as mf
 from .bids.layout import read_participants, read_sessions, subjects_on_disk
 from .config import SUBJECT_REPORT_REFRESH_MAX, RunConfig, available_cpus, settings_from
 from .errors import InputDataError, ReportFailed
-from .kinds import DEFAULT_CHANNELS, REFERENCE_KIND
+from .kinds import DEFAULT_CHANNELS, REFERENCE_KIND, package_channels
 from .learn import distributed
 from .learn.channels import default_inputs
 from .learn.external import run_external_evaluation
@@ -262,7 +262,7 @@ def with_inputs(
     if requested:
         inputs, chosen, why = tuple(requested), "--inputs", f"--inputs {' '.join(requested)}"
     elif settings.init_from:
-        inputs = tuple(read_package(settings.init_from)["input"].get("channels", DEFAULT_CHANNELS))
+        inputs = tuple(package_channels(read_package(settings.init_from)))
         chosen, why = "--init-from", f"the inputs of the source model ({', '.join(inputs)})"
     elif settings.task != "auto" and get_task(settings.task).learns_labels:
         inputs, chosen, why = DEFAULT_CHANNELS, "default", "a segmentation learns from the T1w unless told"

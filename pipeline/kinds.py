@@ -75,6 +75,17 @@ COREGISTERED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.role == "
 PROCESSED_KINDS = tuple(k.suffix for k in IMAGE_KINDS.values() if k.processed)
 #: The learning inputs when none are named: one channel, the reference kind.
 DEFAULT_CHANNELS = (REFERENCE_KIND,)
+
+
+def package_channels(record: Mapping) -> list[str]:
+    """The image kinds a model package (its ``model.json`` record) takes as channels, in order: its
+    ``input.channels``, or :data:`DEFAULT_CHANNELS` for packages made before channels were recorded. Every reader of a
+    package's channels goes through this.
+
+    >>> package_channels({"input": {"channels": ["T1w", "FLAIR"]}}), package_channels({"input": {}})
+    (['T1w', 'FLAIR'], ['T1w'])
+    """
+    return list(record.get("input", {}).get("channels", DEFAULT_CHANNELS))
 #: Learning inputs that are maps of the reference image itself on the model grid, made by the participant level's
 #: morphometry (``--registration syn``): the input's name -> the derivative (a key of
 #: :data:`pipeline.derivatives.DERIVATIVES`) and the tissue it is of (None: not a tissue map).

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import derivatives
 from ..errors import InputDataError
-from ..kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS, MORPHOMETRY_INPUTS, REFERENCE_KIND
+from ..kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS, MORPHOMETRY_INPUTS, REFERENCE_KIND, package_channels
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def channel_files(record: dict[str, Any], reference: str, others: Sequence[str])
     >>> channel_files({"input": {"channels": ["FLAIR", "T1w"]}}, "t1.nii", ["flair.nii"])
     ['flair.nii', 't1.nii']
     """
-    channels = record["input"].get("channels", [REFERENCE_KIND])
+    channels = package_channels(record)
     rest = iter(others)
     files = [reference if kind == REFERENCE_KIND else next(rest, None) for kind in channels]
     if any(f is None for f in files):

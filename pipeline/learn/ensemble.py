@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..kinds import MORPHOMETRY_CHANNELS
+from ..kinds import MORPHOMETRY_CHANNELS, package_channels
 from . import ood
 from .package import load_package
 from .tasks import get_task
@@ -103,7 +103,7 @@ def check_registration(records: Sequence[dict[str, Any]], registration: str, fol
     pipeline.errors.UsageError: The model m takes the morphometry map(s) GM as input, ...
     """
     for record, folder in zip(records, folders, strict=True):
-        maps = [kind for kind in record["input"].get("channels", []) if kind in MORPHOMETRY_CHANNELS]
+        maps = [kind for kind in package_channels(record) if kind in MORPHOMETRY_CHANNELS]
         if maps and registration != "syn":
             raise UsageError(
                 f"The model {folder} takes the morphometry map(s) {', '.join(maps)} as input, which the participant "

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import __version__, derivatives
 from ..errors import UsageError
+from ..kinds import package_channels
 from .package import load_package
 from .tasks import get_task
 from .tasks.base import TargetScale, Task, fold_scale
@@ -102,7 +103,7 @@ def example_input(record: dict[str, Any], n: int = 2, seed: int = 0) -> torch.Te
 
 def n_channels(record: dict[str, Any]) -> int:
     """How many channels (image kinds) the model takes: one for packages that do not say."""
-    return len(record["input"].get("channels", ["T1w"]))
+    return len(package_channels(record))
 
 
 def input_shape(record: dict[str, Any]) -> list[int]:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputDataError, UsageError
+from ..kinds import package_channels
 from .package import read_package
 
 LOGGER = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def load_source(folder: Path, *, architecture: str, inputs: Sequence[str], resol
     problems = []
     if record["model"]["architecture"] != architecture:
         problems.append(f"its network is {record['model']['architecture']}, this study's --architecture {architecture}")
-    channels = record.get("input", {}).get("channels", ["T1w"])
+    channels = package_channels(record)
     if list(channels) != list(inputs):
         problems.append(f"its inputs are {' '.join(channels)}, this study's --inputs {' '.join(inputs)}")
     if float(record["input"]["resolution_mm"]) != float(resolution_mm):

@@ -6,7 +6,6 @@ take plain arguments.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
@@ -20,7 +19,7 @@ from ..bids.layout import AnatImage
 from ..bids.pairing import lesion_mask, pair_images
 from ..config import RunConfig
 from ..derivatives import PYBIDS_ENTITIES, subject_log_dir
-from ..kinds import MORPHOMETRY_CHANNELS, REFERENCE_KIND
+from ..kinds import MORPHOMETRY_CHANNELS, REFERENCE_KIND, package_channels
 from .anatomical import PREDICTION_SOURCES, init_anat_wf, init_prediction_wf
 from .coregistered import REFERENCE_INPUTS, init_coreg_wf
 
@@ -205,7 +204,9 @@ def _connect_channels(
 
 def _segmentation(model: Path) -> dict[str, Any] | None:
     """What the graph needs of a segmentation model (its labels and grid; checked already), or None."""
-    record = json.loads((Path(model) / derivatives.STUDY_OUTPUTS["model_record"]).read_text())
+    from ..learn.package import read_package
+
+    record = read_package(model)
     if "labels" not in record:
         return None
     return {
@@ -230,9 +231,10 @@ def _inference(config: RunConfig, model_hashes: Sequence[str]) -> dict[str, Any]
 
 
 def _channels(model: Path) -> list[str]:
-    """The image kinds a model takes as channels, in order (a T1w alone for packages that do not say)."""
-    record = json.loads((Path(model) / derivatives.STUDY_OUTPUTS["model_record"]).read_text())
-    return list(record.get("input", {}).get("channels", [REFERENCE_KIND]))
+    """The image kinds a model takes as channels, in order."""
+    from ..learn.package import read_package
+
+    return package_channels(read_package(model))
 
 
 def init_bidsdl_wf(
