@@ -166,6 +166,36 @@ def _distribution_card(entry: dict[str, Any] | None) -> str | None:
     )
 
 
+def prediction_record(
+    models: Sequence[LoadedModel], *, source: str, participant_id: str, seen: Sequence[str],
+    check: dict[str, Any] | None, fields: dict[str, Any], uncertainty: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The record of one image's prediction (``prediction.json``), whatever the task: what was predicted, by which
+    models, whether they saw the participant, then the task's ``fields``, the distribution check (``check``), the
+    ensemble's ``uncertainty`` and the model card the subject report shows. The one place it is assembled."""
+    return {
+        "source": source,
+        "participant_id": participant_id,
+        "task": models[0].task.name,
+        "target": models[0].record["target"],
+        "models": [m.identity for m in models],
+        "ensemble_id": ensemble_id([m.record for m in models]),
+        "seen_in_training": bool(seen),
+        "seen_in_training_reasons": list(seen),
+        **fields,
+        "out_of_distribution": (check or {}).get("out_of_distribution"),
+        "distribution_check": check,
+        "uncertainty": uncertainty,
+        "model_card": [model_card(m) for m in models],
+    }
+
+
+def prediction_metadata(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields every sidecar of a prediction's maps or labels starts with (``record``: the prediction)."""
+    return {"Models": record["models"], "EnsembleID": record["ensemble_id"],
+            "SeenInTraining": record["seen_in_training"], "OutOfDistribution": record["out_of_distribution"]}
+
+
 def model_card(model: LoadedModel) -> dict[str, Any]:
     """A summary of one model for the reader of a prediction: data, test metrics with CIs, intended use."""
     record = model.record

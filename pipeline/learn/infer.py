@@ -29,7 +29,8 @@ from ..processes import module_main
 from ..reports.figures import attribution_overlay
 from . import ood
 from .channels import channel_files
-from .ensemble import LoadedModel, ensemble_id, load_models, model_card, training_matches
+from .ensemble import LoadedModel, load_models, prediction_metadata, training_matches
+from .ensemble import prediction_record as ensemble_record
 from .tasks.base import Task
 from .train import resolve_device
 
@@ -151,26 +152,12 @@ def prediction_record(
     seen_in_training: Sequence[str],
     check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready prediction of one image, with its distribution check (``check``), the ensemble's spread and the
-    model card the subject report shows."""
-    first = models[0].record
+    """The JSON-ready prediction of one image (:func:`pipeline.learn.ensemble.prediction_record`): the task's
+    prediction fields, with its distribution check (``check``) and the ensemble's spread."""
     task = models[0].task
-    record: dict[str, Any] = {
-        "source": source,
-        "participant_id": participant_id,
-        "task": task.name,
-        "target": first["target"],
-        "models": [m.identity for m in models],
-        "ensemble_id": ensemble_id([m.record for m in models]),
-        "seen_in_training": bool(seen_in_training),
-        "seen_in_training_reasons": list(seen_in_training),
-    }
-    record.update(task.prediction_fields([m.record for m in models], result.output, result.per_model))
-    record["out_of_distribution"] = (check or {}).get("out_of_distribution")
-    record["distribution_check"] = check
-    record["uncertainty"] = task.uncertainty(result.per_fold)
-    record["model_card"] = [model_card(m) for m in models]
-    return record
+    return ensemble_record(models, source=source, participant_id=participant_id, seen=seen_in_training, check=check,
+                           fields=task.prediction_fields([m.record for m in models], result.output, result.per_model),
+                           uncertainty=task.uncertainty(result.per_fold))  # fmt: skip
 
 
 def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -212,10 +199,7 @@ def predict_image(
         outputs[key] = str(out_dir / f"{key}.nii")
         nib.save(out, outputs[key])
     metadata = {
-        "Models": record["models"],
-        "EnsembleID": record["ensemble_id"],
-        "SeenInTraining": record["seen_in_training"],
-        "OutOfDistribution": record["out_of_distribution"],
+        **prediction_metadata(record),
         "Score": models[0].task.attribution_score_name(len(models[0].record["classes"] or [])),
         "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
     }  # fmt: skip

@@ -27,7 +27,7 @@ from ....reports.figures import attribution_overlay, mesh_views
 from ....reports.learning import segmentation_preview
 from ... import ood
 from ...channels import channel_files
-from ...ensemble import LoadedModel, ensemble_id, model_card
+from ...ensemble import LoadedModel, prediction_metadata, prediction_record
 from .data import predict_volume
 from .grid import image_on_grid, map_to_native, model_grid, probabilities_to_native, read_transform
 from .postprocess import postprocess, postprocessing_indices
@@ -194,35 +194,23 @@ def _write_records(
 ) -> dict[str, str]:  # fmt: skip
     """The prediction record (``prediction.json``) and the labels' sidecar metadata."""
     record = models[0].record
-    prediction = {
-        "source": spec["source"],
-        "participant_id": spec["participant_id"],
-        "task": record["task"],
-        "target": record["target"],
+    fields = {
         "label_desc": record["label_desc"],
-        "models": [m.identity for m in models],
-        "ensemble_id": ensemble_id([m.record for m in models]),
-        "seen_in_training": bool(seen),
-        "seen_in_training_reasons": list(seen),
         "predicted": "labels",
         "structures": structures,
         "volumes_ml": {s["name"]: s["volume_ml"] for s in structures},
         "absent_structures": [s["name"] for s in structures if s["surface"] is None],  # none predicted: look
-        "out_of_distribution": check["out_of_distribution"],
-        "distribution_check": check,
-        "uncertainty": {
-            "map": "normalised entropy of the ensemble's class probabilities (entropy / log K: 0 certain, 1 every "
-            "class alike), on the model grid, brought to the T1w's grid (linear)",
-            "members": sum(len(m.networks) for m in models),
-            "structures": {s["name"]: s["uncertainty"] for s in structures},
-        },
-        "model_card": [model_card(m) for m in models],
     }
+    uncertainty = {
+        "map": "normalised entropy of the ensemble's class probabilities (entropy / log K: 0 certain, 1 every class "
+        "alike), on the model grid, brought to the T1w's grid (linear)",
+        "members": sum(len(m.networks) for m in models),
+        "structures": {s["name"]: s["uncertainty"] for s in structures},
+    }
+    prediction = prediction_record(models, source=spec["source"], participant_id=spec["participant_id"], seen=seen,
+                                   check=check, fields=fields, uncertainty=uncertainty)  # fmt: skip
     metadata = {
-        "Models": prediction["models"],
-        "EnsembleID": prediction["ensemble_id"],
-        "SeenInTraining": prediction["seen_in_training"],
-        "OutOfDistribution": prediction["out_of_distribution"],
+        **prediction_metadata(prediction),
         "Labels": record["labels"],
         "Method": "sliding-window softmax of every fold (mean), brought to this grid through the inverse of the "
         "participant level's affine (probabilities, linear), then the argmax; for the structures named in "
