@@ -27,7 +27,16 @@ from ..bids.audit import sha256_file
 from ..errors import InputDataError
 from .models import ModelConfig, build_model
 
-FORMAT_VERSION = 1
+#: The package formats this bidsdl reads, and what each changed (``model.json``'s ``format_version``). A package of
+#: an older format is read with the fallbacks its readers keep (named here); a newer one is refused.
+FORMAT_CHANGES: dict[int, str] = {
+    1: "the first format",
+    2: "'dataset' (the training dataset's identity: whose participant IDs the training subjects are) and each "
+    "training subject's 'dataset'; the distribution check's calibration records the validation scores' 'mean' and "
+    "'sd' (each fold's score joined by the Cauchy combination). Format 1 is read with participant IDs matched "
+    "whatever their dataset (said in each match) and the folds' scores averaged, as it was calibrated",
+}
+FORMAT_VERSION = max(FORMAT_CHANGES)
 MODEL_JSON = derivatives.STUDY_OUTPUTS["model_record"]
 
 
@@ -154,11 +163,11 @@ def read_package(folder: Path) -> dict[str, Any]:
         raise InputDataError(
             f"{path} is not valid JSON ({exc}); the package is damaged: re-train or re-copy it."
         ) from exc
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in FORMAT_CHANGES:
         raise InputDataError(
             f"{folder} was made by bidsdl {record.get('bidsdl_version', '?')} in package format "
-            f"{record.get('format_version')!r}; this bidsdl ({__version__}) reads format {FORMAT_VERSION}. "
-            "Use the bidsdl version that made it, or re-train."
+            f"{record.get('format_version')!r}; this bidsdl ({__version__}) reads formats "
+            f"{', '.join(map(str, FORMAT_CHANGES))}. Use the bidsdl version that made it, or re-train."
         )
     if record.get("content_sha256") != content_hash(record):
         raise InputDataError(f"{path} does not match its content_sha256: it was edited after training. Refused.")

@@ -150,9 +150,18 @@ def test_bad_packages_are_refused_with_what_to_do(tmp_path):
     record["content_sha256"] = package.content_hash(record)
     (future / "model.json").write_text(json.dumps(record))
     with pytest.raises(
-        InputDataError, match=r"made by bidsdl 9.0.0 in package format 99; this bidsdl .* reads format 1"
+        InputDataError, match=r"made by bidsdl 9.0.0 in package format 99; this bidsdl .* reads formats 1, 2\."
     ):
         package.read_package(future)
+    # an older format is read (its readers keep their fallbacks: see package.FORMAT_CHANGES)
+    older = tmp_path / "older"
+    subprocess.run(["cp", "-r", str(good), str(older)], check=True)
+    record = json.loads((older / "model.json").read_text())
+    record.update(format_version=1)
+    record.pop("dataset", None)
+    record["content_sha256"] = package.content_hash(record)
+    (older / "model.json").write_text(json.dumps(record))
+    assert package.read_package(older)["format_version"] == 1
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
