@@ -44,7 +44,9 @@ def test_segmentation_training_leaves_a_package_and_its_evidence(segmentation_ru
     assert not [p for p in package.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
     distribution = record["distribution"]  # the U-Net's deepest maps over the training images; few validation images
     assert distribution["folds"][0]["n_features"] == 128 and np.isfinite(distribution["calibration"]["threshold"])
-    assert "leave-one-out" in distribution["calibration"]["calibrated_on"]
+    calibration = distribution["calibration"]  # on validation images alone, however few (at least 2)
+    assert calibration["n_validation"] >= 2 and "validation images" in calibration["calibrated_on"]
+    assert {"mean", "sd"} <= set(calibration) and "Cauchy combination" in calibration["rule"]
     cases = pd.read_csv(package / "case_scores.tsv", sep="\t")
     assert set(cases["space"]) == {"template", "T1w"} and {"dice", "hd95_mm", "volume_difference_ml"} <= set(cases)
     run = out / "learn" / f"target-{LABEL_DESC}" / "arch-unet"
