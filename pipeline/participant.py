@@ -219,12 +219,14 @@ def _remove_leftovers(output_dir: Path, subject: str) -> list[Path]:
     return candidates
 
 
-def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]]) -> list[str]:
+def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]]) -> list[dict[str, Any]]:
     """Before anything runs with ``--model``: the packages are complete and untampered, they expect
     this run's resolution, and no selected image was seen in training (the leakage guard).
 
-    Returns the packages' content hashes; raises :class:`~pipeline.errors.InputDataError` (65)
-    listing the training subjects found, unless ``--allow-training-subjects``.
+    Returns the packages' checked records (``model.json``, in ``--model``'s order: the graph is built
+    from them, so each package is read and its weights hashed once per run); raises
+    :class:`~pipeline.errors.InputDataError` (65) listing the training subjects found, unless
+    ``--allow-training-subjects``.
     """
     from .bids.audit import load_spatial, sha256_array
     from .errors import InputDataError
@@ -259,7 +261,7 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
         LOGGER.warning("Predicting with --allow-training-subjects: %s (marked seen-in-training).", reason)
     for folder, record in zip(config.models, records, strict=True):
         LOGGER.info("Model %s (%s, content %s)", folder, record["name"], record["content_sha256"][:8])
-    return [r["content_sha256"] for r in records]
+    return records
 
 
 def plan_participants(
@@ -322,7 +324,8 @@ def run_participant_level(
             "--labels %s is read by the group level (segmentation training, or external evaluation with --model); "
             "the participant level does not use it.", config.labels,
         )  # fmt: skip
-    model_hashes = check_models(config, subjects) if config.models else []
+    models = check_models(config, subjects) if config.models else []
+    model_hashes = [record["content_sha256"] for record in models]
     subjects, statuses = plan_participants(config, subjects, model_hashes)
     with contextlib.ExitStack() as locks:
         busy = [s for s in subjects if not locks.enter_context(derivatives.participant_lock(config.output_dir, s))]
@@ -335,7 +338,7 @@ def run_participant_level(
             statuses.append({"participant_id": f"sub-{subject}", "state": "failed", "errors": [message]})
         subjects = {s: images for s, images in subjects.items() if s not in busy}
         if subjects:
-            statuses += _run_locked(config, subjects, run_id=run_id, work_dir=work_dir, model_hashes=model_hashes)
+            statuses += _run_locked(config, subjects, run_id=run_id, work_dir=work_dir, models=models)
     return statuses
 
 
@@ -345,12 +348,13 @@ def _run_locked(
     *,
     run_id: str,
     work_dir: Path,
-    model_hashes: Sequence[str],
+    models: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Run the graph for participants whose locks this process holds, at most ``--nprocs`` of them in flight;
     each participant's status record and report are written as soon as its last step has ended."""
     from .workflows.base import init_bidsdl_wf
 
+    model_hashes = [record["content_sha256"] for record in models]
     finish = _Finisher(config, subjects, run_id=run_id, model_hashes=model_hashes)
     for subject in subjects:
         for leftover in _remove_leftovers(config.output_dir, subject):
@@ -359,7 +363,7 @@ def _run_locked(
     # one brain-extraction helper for the process (already loading when the command line started it)
     helper = brain_service.process_helper(config.device)
     workflow = init_bidsdl_wf(config, subjects=subjects, run_id=run_id, work_dir=work_dir,
-                              model_hashes=model_hashes, brain_helper=helper.contact)  # fmt: skip
+                              models=models, brain_helper=helper.contact)  # fmt: skip
     owners = {single_subject_name(subject): subject for subject in subjects}
     tracker = WorkflowProgress(executed_node_names(workflow), workflow.name, owners, logger=LOGGER, on_done=finish)
     # Nipype's scheduler runs gc.collect() around every node it starts; with the run's imports frozen

@@ -32,6 +32,53 @@ def small_head(name: str, *, voxel_scale: float = 3.0) -> nib.Nifti1Image:
     return img
 
 
+# a small network on a small grid: a package of it writes and loads in milliseconds
+SHAPE = (16, 18, 16)
+TINY = {"channels": [2, 2, 4, 4, 4], "hidden": [8], "dropout": 0.0}
+
+
+def make_package(
+    folder: Path, *, task: str = "classification", n_folds: int = 2, seed: int = 0, resolution: float = 4.0,
+    training: list[tuple[str, str]] = (("sub-01", "hash01"),), space: str = "MNI152NLin2009aSym",
+) -> Path:  # fmt: skip
+    """A complete package of a small untrained network (every fold differently initialised)."""
+    import torch
+
+    from pipeline.learn import package
+    from pipeline.learn.models import ModelConfig, build_model
+    from pipeline.learn.train import save_weights
+
+    n_outputs = 2 if task == "classification" else 1
+    config = ModelConfig("conv5fc3", n_outputs, SHAPE, TINY)
+    weights = {}
+    for fold in range(n_folds):
+        torch.manual_seed(seed * 10 + fold)
+        network = build_model(config)
+        network.set_reference(torch.full((1, 1, *SHAPE), 0.5), 2.0)
+        weights[f"fold-{fold}.safetensors"] = folder / f"w{seed}-{fold}.safetensors"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(network, weights[f"fold-{fold}.safetensors"])
+    record = {
+        "name": f"diagnosis_conv5fc3_{seed}",
+        "task": task,
+        "target": "diagnosis" if task == "classification" else "age",
+        "classes": ["CN", "AD"] if task == "classification" else [],
+        "positive_class": "AD" if task == "classification" else None,
+        "threshold": 0.4,
+        "model": config.to_dict(),
+        "input": {"space": space, "resolution_mm": resolution, "res": f"{resolution:g}", "shape": list(SHAPE)},
+        "target_scale": [{"mean": 70.0, "sd": 5.0}] * n_folds if task == "regression" else None,
+        "training_subjects": [
+            {"participant_id": p, "splits": ["train"], "images": [{"data_sha256": h}]} for p, h in training
+        ],
+        "test_subjects": ["sub-09"],
+        "metrics": {"test": {"metrics": {"roc_auc": 0.9}, "ci": {"roc_auc": [0.8, 1.0]}}},
+        "data": {"n_subjects": 4},
+        "model_card": {"intended_use": "tests", "limitations": "none"},
+    }
+    return package.write_package(folder / "models", record=record, weights=weights, files={"config.json": {}})
+
+
 def write_nifti(path: Path, data: np.ndarray | None = None, affine: np.ndarray | None = None) -> Path:
     """Write ``data`` on ``affine`` (default 8 mm voxels), or a small realistic head when ``data`` is None."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -202,11 +202,8 @@ def _connect_channels(
         workflow.connect(merge, "out", prediction_wf, f"inputnode.{target}")
 
 
-def _segmentation(model: Path) -> dict[str, Any] | None:
-    """What the graph needs of a segmentation model (its labels and grid; checked already), or None."""
-    from ..learn.package import read_package
-
-    record = read_package(model)
+def _segmentation(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the graph needs of a segmentation model (its labels and grid), or None."""
     if "labels" not in record:
         return None
     return {
@@ -216,25 +213,18 @@ def _segmentation(model: Path) -> dict[str, Any] | None:
     }
 
 
-def _inference(config: RunConfig, model_hashes: Sequence[str]) -> dict[str, Any]:
-    """What the participant graph needs of ``--model``: :func:`~pipeline.workflows.anatomical.init_anat_wf`'s
-    ``inference``."""
+def _inference(config: RunConfig, models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the participant graph needs of ``--model`` (``models``: the packages' checked records, in
+    ``config.models``' order): :func:`~pipeline.workflows.anatomical.init_anat_wf`'s ``inference``."""
     return {
         "model_dirs": [str(m) for m in config.models],
-        "model_hashes": list(model_hashes),
+        "model_hashes": [record["content_sha256"] for record in models],
         "allow_training_subjects": config.allow_training_subjects,
         "dataset": derivatives.source_dataset(config.bids_dir)["key"],
         "device": config.device,
-        "labels": _segmentation(config.models[0]),
-        "channels": _channels(config.models[0]),
+        "labels": _segmentation(models[0]),
+        "channels": package_channels(models[0]),
     }
-
-
-def _channels(model: Path) -> list[str]:
-    """The image kinds a model takes as channels, in order."""
-    from ..learn.package import read_package
-
-    return package_channels(read_package(model))
 
 
 def init_bidsdl_wf(
@@ -243,17 +233,18 @@ def init_bidsdl_wf(
     subjects: Mapping[str, Sequence[AnatImage]],
     run_id: str,
     work_dir: Path,
-    model_hashes: Sequence[str] = (),
+    models: Sequence[Mapping[str, Any]] = (),
     brain_helper: str | None = None,
 ) -> pe.Workflow:
     """The participant-level graph: one sub-workflow per participant, isolated from the others.
 
     Each participant's crash files go to ``sub-<label>/log/<run_id>/`` in the output, so a failure
     is recorded with its subject and the other participants go on. With ``--model``, every image
-    is also predicted (``model_hashes``: the packages' content hashes, checked before the run).
+    is also predicted (``models``: the packages' records, as :func:`~pipeline.participant.check_models`
+    read and checked them before the run).
     ``brain_helper``: the contact of the run's brain-extraction helper.
     """
-    inference = _inference(config, model_hashes) if config.models else None
+    inference = _inference(config, models) if config.models else None
     workflow = pe.Workflow(name="bidsdl_wf", base_dir=str(work_dir))
     workflow.config["execution"].update(
         {

@@ -83,19 +83,21 @@ def test_top_level_wf_isolates_subjects_crash_dirs(tmp_path):
 
 
 def test_model_adds_an_inference_node_and_its_sinks_per_image(tmp_path):
-    from tests.unit.test_infer import make_package
+    from pipeline.learn.package import read_package
+    from tests.helpers import make_package
 
     root = _stub_tree(tmp_path / "bids")
     model = make_package(tmp_path / "m")  # a real package: the graph reads it through read_package's checks
     config = parse_args([str(root), str(tmp_path / "out"), "participant", "--model", str(model),
                          "--allow-training-subjects", "--omp-nthreads", "2"])  # fmt: skip
     images = collect_t1w(index_dataset(root))
+    record = read_package(model)
     wf = init_bidsdl_wf(config, subjects={"01": images[:2]}, run_id="RUN", work_dir=tmp_path / "w",
-                        model_hashes=["abc"])  # fmt: skip
+                        models=[record])  # fmt: skip
     infer = [n for n in wf.list_node_names() if n.endswith("anat_inference_wf.infer")]
     assert len(infer) == 2
     node = wf.get_node(infer[0])
-    assert node.inputs.model_dirs == [str(model)] and node.inputs.model_hashes == ["abc"]
+    assert node.inputs.model_dirs == [str(model)] and node.inputs.model_hashes == [record["content_sha256"]]
     assert node.inputs.allow_training_subjects is True and node.n_procs == 2
     assert node.inputs.dataset == "stub"  # participant IDs are compared within this dataset
     sinks = {n.rsplit(".", 1)[1] for n in wf.list_node_names() if ".inference_derivatives_wf." in n}
