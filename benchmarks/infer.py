@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.learn import ensemble, infer, package
+from pipeline.learn import ensemble, package
 from pipeline.learn.models import ModelConfig, build_model
+from pipeline.learn.tasks.image import inference
 from pipeline.learn.train import save_weights
 from pipeline.reports.figures import attribution_overlay
 
@@ -76,8 +77,8 @@ def main() -> None:
     times = []
     for path in inputs:
         start = time.perf_counter()
-        array = infer.check_input_image(models[0].record, path)
-        result = infer.infer(models, array)
+        array = inference.check_input_image(models[0].record, path)
+        result = inference.infer(models, array)
         img = nib.load(path)
         for name, volume in (("saliency", result.saliency), ("gradcam", result.gradcam)):
             nib.save(nib.Nifti1Image(volume, img.affine), tmp / f"{path.name}.{name}.nii.gz")

@@ -27,7 +27,7 @@ from ..config import (
 )
 from ..errors import EXIT_CODES, UnknownAnalysisLevel, UsageError
 from ..kinds import INPUT_CHANNELS, MORPHOMETRY_CHANNELS, MORPHOMETRY_INPUTS
-from ..learn.tasks import auto_task_names, get_task, task_names
+from ..learn.registry import auto_task_names, get_task, task_names
 from ..learn.walltime import parse_duration
 
 ANALYSIS_LEVELS = ("participant", "group")

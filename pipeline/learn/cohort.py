@@ -27,7 +27,7 @@ from ..errors import InputDataError
 from ..kinds import DEFAULT_CHANNELS, MORPHOMETRY_CHANNELS
 from ..progress import Progress
 from .channels import channel_file, channel_sources, missing_morphometry
-from .tasks.base import Task
+from .task import Task
 
 __all__ = ["Cohort", "build_cohort", "cache_cohort", "model_input_path", "target_values", "usable_images"]
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import derivatives
 from . import baseline, curve
-from .tasks.base import Task
+from .task import Task
 
 LOGGER = logging.getLogger(__name__)
 BASELINE_PREDICTIONS = derivatives.STUDY_OUTPUTS["baseline_predictions"]

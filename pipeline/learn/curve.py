@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .baseline import fit_fold
-from .tasks.base import Task
+from .task import Task
 
 #: The shares of each fold's training participants the curve is drawn at (the last: all of them).
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)

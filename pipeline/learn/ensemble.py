@@ -17,8 +17,8 @@ from ..errors import UsageError
 from ..kinds import MORPHOMETRY_CHANNELS, package_channels
 from . import ood
 from .package import load_package
-from .tasks import get_task
-from .tasks.base import Task
+from .registry import get_task
+from .task import Task
 
 #: Model-record fields that all models of an ensemble must share.
 _CONTRACT = ("space", "resolution_mm", "shape")

@@ -20,8 +20,8 @@ from .. import __version__, derivatives
 from ..errors import UsageError
 from ..kinds import package_channels
 from .package import load_package
-from .tasks import get_task
-from .tasks.base import TargetScale, Task, fold_scale
+from .registry import get_task
+from .task import TargetScale, Task, fold_scale
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -31,7 +31,7 @@ TOLERANCE = 1e-4
 
 class Ensemble(nn.Module):
     """The package's folds as one network: the mean of their outputs, post-processed by the task
-    (:meth:`~pipeline.learn.tasks.base.Task.outputs`: the same path as evaluation and inference)."""
+    (:meth:`~pipeline.learn.task.Task.outputs`: the same path as evaluation and inference)."""
 
     def __init__(self, networks: list[nn.Module], task: Task, scales: list[TargetScale]) -> None:
         super().__init__()

@@ -20,10 +20,9 @@ import pandas as pd
 
 from .. import derivatives
 from ..errors import InputDataError
-from .cohort import target_values
 from .ensemble import check_ensemble, ensemble_id
 from .package import read_package
-from .tasks.base import Task
+from .task import Task
 
 LOGGER = logging.getLogger(__name__)
 PREDICTIONS = derivatives.GROUP_OUTPUTS["predictions"]
@@ -166,73 +165,11 @@ def run_external_evaluation(
     label_desc: str | None = None,
 ) -> dict[str, Any]:
     """Write ``predictions.tsv`` (+ ``.json``) and ``external_evaluation.json`` of ``task``'s models; return the
-    results (the task gathers and evaluates: :meth:`~pipeline.learn.tasks.base.Task.external_evaluation`)."""
+    results (the task gathers and evaluates: :meth:`~pipeline.learn.task.Task.external_evaluation`)."""
     records = [read_package(folder) for folder in model_dirs]
     check_ensemble(records, list(model_dirs))
     run = ExternalRun(manifest, Path(output_dir), list(model_dirs), records, target, seed, bids_dir, labels, label_desc)
     return task.external_evaluation(run)
-
-
-def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
-    """A whole-image task's external evaluation: each image's prediction against its participants.tsv value."""
-    first, classes = run.records[0], run.records[0]["classes"]
-    column = run.target or first["target"]
-    table, skipped = run.gathered(task)
-    values = _reference_values(run.manifest, table, column, required=run.target is not None)
-    evaluated, excluded = table, list[dict[str, str]]()
-    if values is not None:
-        table["target"] = values.to_numpy()
-        evaluated, excluded = _evaluable(table, column, task, classes)
-    evaluation, by_flag = None, None
-    if values is not None and not evaluated.empty:
-        evaluation = task.external_evaluate(evaluated, classes, seed=run.seed)
-        by_flag = _flagged_against_unflagged(evaluated, task, classes)
-    derivatives.write_text(run.output_dir / PREDICTIONS, table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    derivatives.write_json(
-        run.output_dir / PREDICTIONS.replace(".tsv", ".json"),
-        {
-            "Description": "The participant level's predictions of every image, gathered by the group level",
-            "Models": run.model_entries(),
-            "EnsembleID": ensemble_id(run.records),
-            "seen_in_training": "true when the model saw this participant (or this image) in training or validation",
-            "predicted": "the label at the model's threshold, or the predicted value",
-            "probability": "probability of the positive class" if len(classes or []) == 2 else None,
-            "out_of_distribution": "true when the image is unlike the model's training images (its features or "
-            "quality metrics; see each prediction's distribution_check); n/a: the package records no distribution",
-            "distribution_score": "the image's feature score (flagged above the model's threshold)",
-            "distribution_reasons": "why the image was flagged",
-            "ensemble_sd": "SD of the prediction across the ensemble's members (folds and models)",
-        },
-    )
-    shown = evaluation is not None and not classes  # values (no classes): the report draws them, one by one
-    results = {
-        **run.base_results(table, skipped),
-        "target": column,
-        "positive_class": first.get("positive_class"),
-        "n_evaluated": len(evaluated) if evaluation else 0,
-        "excluded": excluded,
-        "evaluation": evaluation,
-        "by_distribution": by_flag,
-        "truth": evaluated["target"].tolist() if shown else None,
-        "predicted": evaluated["predicted"].tolist() if shown else None,
-    }
-    derivatives.write_json(run.output_dir / EVALUATION, results)
-    if evaluation:
-        headline = task.headline_metric(len(classes or []))
-        LOGGER.info(
-            "External evaluation on %d image(s): %s %.3f", len(evaluated), headline, evaluation["metrics"][headline]
-        )
-    return results
-
-
-def _flagged_against_unflagged(table: pd.DataFrame, task: Task, classes: Sequence[str]) -> dict[str, Any] | None:
-    """:func:`by_distribution` of the task's per-image error (None, logged, for a task that defines none)."""
-    try:
-        errors, measure = task.case_error(table, classes)
-    except NotImplementedError:
-        LOGGER.info("The task %s defines no per-image error: flagged and unflagged images are not compared.", task.name)
-        return None
-    return by_distribution(table, errors, measure, lower_is_better=True)
 
 
 def by_distribution(table: pd.DataFrame, errors: pd.Series, measure: str, *, lower_is_better: bool) -> dict[str, Any]:
@@ -264,38 +201,6 @@ def by_distribution(table: pd.DataFrame, errors: pd.Series, measure: str, *, low
         text = (f"{flagged['n']} flagged image(s): mean {measure} {f_mean:.3g} against {u_mean:.3g} for the "
                 f"{unflagged['n']} unflagged: the flagged did {'worse' if worse else 'not do worse'}.")  # fmt: skip
     return {"measure": measure, "lower_is_better": lower_is_better, **groups, "text": text}
-
-
-def _reference_values(manifest: pd.DataFrame, table: pd.DataFrame, column: str, *, required: bool) -> pd.Series | None:
-    """The participants.tsv/sessions.tsv value of ``column`` for every gathered image; None (logged) when the new
-    dataset does not give it and ``--target`` did not ask for it."""
-    try:
-        return target_values(manifest.set_index("source").loc[table["source"]].reset_index(), column)
-    except InputDataError:
-        if required:
-            raise
-        LOGGER.info("participants.tsv has no column %r: predictions gathered, nothing to evaluate.", column)
-        return None
-
-
-def _evaluable(
-    table: pd.DataFrame, column: str, task: Task, classes: Sequence[str]
-) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """The images whose prediction can be scored, and the others with the reason."""
-    keep = pd.Series(True, index=table.index)
-    excluded = []
-    for index, row in table.iterrows():
-        reason = None
-        if row["seen_in_training"]:
-            reason = "seen in training (--allow-training-subjects): not an external test"
-        elif pd.isna(row["target"]):
-            reason = f"no value for {column}"
-        else:
-            reason = task.external_reason(row["target"], column, classes)
-        if reason:
-            keep[index] = False
-            excluded.append({"source": row["source"], "reason": reason})
-    return table[keep], excluded
 
 
 def without_cases(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:

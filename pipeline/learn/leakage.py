@@ -25,7 +25,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.preprocessing import OneHotEncoder
 
 from . import near_duplicates
-from .tasks.base import Task
+from .task import Task
 
 LOGGER = logging.getLogger(__name__)
 

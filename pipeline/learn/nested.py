@@ -29,10 +29,10 @@ from .. import derivatives
 from ..errors import InputDataError, UsageError
 from . import baseline, curve, evaluate
 from .cohort import usable_images
+from .registry import get_task
 from .splits import EVERYONE
 from .study import OUTER_ROWS, StudySettings, run_study, study_run_dir, study_task
-from .tasks import get_task
-from .tasks.base import Task
+from .task import Task
 
 LOGGER = logging.getLogger(__name__)
 #: What an outer fold writes when it has finished, beside its results: the settings it ran with.

@@ -23,7 +23,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from .. import derivatives
 from ..errors import InputDataError
-from .tasks.base import Task
+from .task import Task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def outer_split(
     like the test split, same seed: every outer fold of one study partitions the same subjects). A class with fewer
     subjects than outer folds is refused: some outer test set would miss it.
 
-    >>> from pipeline.learn.tasks import get_task
+    >>> from pipeline.learn.registry import get_task
     >>> s = pd.DataFrame({"participant_id": [f"s{i}" for i in range(12)], "y": [0, 1] * 6})
     >>> settings = SplitSettings(0.2, 2, 0.2, 0, ("target",), outer_folds=3, outer_test=0)
     >>> tests = [outer_split(s, s["y"].astype(str), SplitSettings(**{**settings.__dict__, "outer_test": k}),

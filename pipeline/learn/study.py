@@ -33,6 +33,7 @@ from .cohort import usable_images
 from .data import derived_seed, reference_image
 from .models import ModelConfig, build_model
 from .package import MODEL_JSON, hardware_record, write_package
+from .registry import get_task, resolve_task_name
 from .splits import (
     EVERYONE,
     SplitSettings,
@@ -43,8 +44,7 @@ from .splits import (
     save_splits,
     subject_table,
 )
-from .tasks import get_task, resolve_task_name
-from .tasks.base import Task
+from .task import Task
 from .train import (
     TargetScale,
     TrainSettings,

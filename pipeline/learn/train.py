@@ -34,7 +34,7 @@ from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
 from . import distributed, memory, walltime
 from .data import Volumes, batches, derived_seed
-from .tasks.base import NO_SCALE, Criterion, TargetScale, Task
+from .task import NO_SCALE, Criterion, TargetScale, Task
 from .transfer import keep_frozen_norms, param_groups
 
 __all__ = ["TargetScale", "TrainSettings", "fit", "predict"]

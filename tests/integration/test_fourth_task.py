@@ -17,8 +17,8 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from pipeline.learn import evaluate
-from pipeline.learn.tasks import register_task, unregister_task
-from pipeline.learn.tasks.base import Criterion, TargetScale
+from pipeline.learn.registry import register_task, unregister_task
+from pipeline.learn.task import Criterion, TargetScale
 from pipeline.learn.tasks.image import ImageTask
 from pipeline.reports import learning as figures
 from tests.helpers import fresh_output

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.learn.data import Volumes
 from pipeline.learn.package import load_package, read_package
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 from pipeline.learn.train import predict
 from tests.helpers import FAST, fresh_output, parallel_group_jobs, set_read_only, the_package
 

@@ -79,7 +79,7 @@ def test_every_module_has_a_floor():
 
 
 def test_task_names_are_compared_only_inside_the_tasks():
-    from pipeline.learn.tasks import task_names
+    from pipeline.learn.registry import task_names
 
     names = set(task_names())
     found = []

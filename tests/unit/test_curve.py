@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.learn import baseline, curve
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 
 
 def _table(n: int = 80, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, list[str]]]]:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import distributed
 from pipeline.learn.distributed import World, detect, first_host
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 from pipeline.learn.train import TrainSettings, Volumes, _check_world, fit, load_checkpoint
 
 SHAPE = (8, 8, 8)

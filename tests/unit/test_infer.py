@@ -14,6 +14,7 @@ import torch
 
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import ensemble, export, infer, package
+from pipeline.learn.tasks.image import inference
 from pipeline.ops.mesh import mask_surface, surface_summary, write_gifti
 from tests.helpers import SHAPE, make_package
 
@@ -27,15 +28,15 @@ def model_input(folder: Path, *, zoom: float = 4.0, shape=SHAPE, space="MNI152NL
 
 def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
     models = ensemble.load_models([make_package(tmp_path / "a"), make_package(tmp_path / "b", seed=1)])
-    array = infer.check_input_image(models[0].record, model_input(tmp_path))
-    result = infer.infer(models, array)
+    array = inference.check_input_image(models[0].record, model_input(tmp_path))
+    result = inference.infer(models, array)
     assert result.output.shape == (2,) and np.isclose(result.output.sum(), 1)
     assert np.allclose(result.output, np.mean(result.per_model, axis=0))
     for volume in (result.saliency, result.gradcam):
         assert volume.shape == SHAPE and volume.min() >= 0 and volume.max() <= 1 and volume.max() > 0
-    again = infer.infer(models, array)
+    again = inference.infer(models, array)
     assert np.array_equal(result.output, again.output) and np.array_equal(result.gradcam, again.gradcam)
-    record = infer.prediction_record(models, result, source="sub-02/anat/x.nii.gz", participant_id="sub-02",
+    record = inference.prediction_record(models, result, source="sub-02/anat/x.nii.gz", participant_id="sub-02",
                                      seen_in_training=[])  # fmt: skip
     assert record["predicted"] in ("CN", "AD") and record["threshold"] == pytest.approx(0.4)
     assert [m["content_sha256"] for m in record["models"]] == [m.record["content_sha256"] for m in models]
@@ -45,7 +46,7 @@ def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
 
 def test_regression_outputs_are_back_on_the_target_scale(tmp_path):
     models = ensemble.load_models([make_package(tmp_path, task="regression")])
-    result = infer.infer(models, infer.check_input_image(models[0].record, model_input(tmp_path)))
+    result = inference.infer(models, inference.check_input_image(models[0].record, model_input(tmp_path)))
     assert 40 < float(result.output[0]) < 100  # 70 +- a few SD of 5
 
 
@@ -65,11 +66,11 @@ def test_leakage_guard_matches_ids_and_image_hashes(tmp_path):
 def test_input_in_another_space_resolution_or_grid_is_refused(tmp_path):
     record = package.read_package(make_package(tmp_path))
     with pytest.raises(InputDataError, match=r"2x2x2 mm; the model .* expects 4 mm"):
-        infer.check_input_image(record, model_input(tmp_path, zoom=2.0))
+        inference.check_input_image(record, model_input(tmp_path, zoom=2.0))
     with pytest.raises(InputDataError, match=r"space 'MNI152NLin6Asym'; the model .* expects 'MNI152NLin2009aSym'"):
-        infer.check_input_image(record, model_input(tmp_path, space="MNI152NLin6Asym"))
+        inference.check_input_image(record, model_input(tmp_path, space="MNI152NLin6Asym"))
     with pytest.raises(InputDataError, match=r"shape \(16, 16, 16\)"):
-        infer.check_input_image(record, model_input(tmp_path, shape=(16, 16, 16)))
+        inference.check_input_image(record, model_input(tmp_path, shape=(16, 16, 16)))
     with pytest.raises(UsageError, match=r"expects input at 4 mm .* prepares 2 mm"):
         ensemble.check_resolution([record], 2.0, [tmp_path])
 

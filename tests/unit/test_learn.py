@@ -14,7 +14,7 @@ import torch
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import ARCHITECTURE_NAMES, cohort, evaluate, leakage, package, splits
 from pipeline.learn.models import ARCHITECTURES, Conv5FC3, ModelConfig, build_model
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 from pipeline.learn.tasks.classification import class_labels
 from pipeline.learn.train import TrainSettings, Volumes, fit, predict, resolve_device, seed_everything
 
@@ -445,8 +445,8 @@ def test_outer_folds_on_a_handful_of_participants_need_no_stratification():
     import numpy as np
     import pandas as pd
 
+    from pipeline.learn.registry import get_task
     from pipeline.learn.splits import SplitSettings, outer_split
-    from pipeline.learn.tasks import get_task
 
     subjects = pd.DataFrame({"participant_id": [f"s{i}" for i in range(6)], "y": np.linspace(60, 80, 6)})
     key = pd.Series(["young", "young", "mid", "mid", "old", "old"])

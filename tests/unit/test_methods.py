@@ -96,7 +96,7 @@ def test_citation_cff_references_are_in_the_table():
 
 
 def test_the_report_says_first_whether_each_model_is_distinguishable_from_chance():
-    from pipeline.learn.tasks import get_task
+    from pipeline.learn.registry import get_task
     from pipeline.reports.group_learning import against_chance
 
     results = {"classes": ["CN", "AD"], "test": {"metrics": {"roc_auc": 0.81}, "ci": {"roc_auc": [0.62, 0.95]}},

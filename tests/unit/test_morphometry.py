@@ -190,8 +190,8 @@ def test_outer_folds_partition_the_subjects_and_refuse_too_many():
     import pandas as pd
 
     from pipeline.errors import InputDataError
+    from pipeline.learn.registry import get_task
     from pipeline.learn.splits import SplitSettings, make_splits
-    from pipeline.learn.tasks import get_task
 
     task = get_task("classification")
     subjects = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(15)], "y": [0] * 9 + [1] * 6})

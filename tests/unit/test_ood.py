@@ -12,7 +12,7 @@ import torch
 from pipeline.learn import ood
 from pipeline.learn.external import by_distribution
 from pipeline.learn.models import ModelConfig, build_model
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 from pipeline.learn.tasks.segmentation.inference import entropy_map, structure_uncertainty
 
 
@@ -222,7 +222,7 @@ def test_external_evaluation_compares_flagged_and_unflagged_cases():
     none = by_distribution(pd.DataFrame({"out_of_distribution": [None]}), pd.Series([0.1]), "e", lower_is_better=True)
     assert "no distribution check" in none["text"]
     from pipeline.learn.external import _flagged_against_unflagged
-    from pipeline.learn.tasks.base import Task
+    from pipeline.learn.task import Task
 
     assert _flagged_against_unflagged(table, Task(), []) is None  # a task with no per-image error: no comparison
     table["target"], table["predicted"] = [1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.0, 3.0, 4.0, 5.0]

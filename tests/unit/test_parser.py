@@ -192,7 +192,7 @@ def test_help_shows_each_tasks_own_defaults_from_the_task_objects(run_cli):
     """--help is generated from RunConfig and the task objects: a task's default that differs is shown beside the
     general one, never written into a help string by hand."""
     from pipeline.config import RunConfig
-    from pipeline.learn.tasks import get_task, task_names
+    from pipeline.learn.registry import get_task, task_names
 
     code, out, _ = run_cli("--help")
     text = " ".join(out.split())  # argparse wraps lines

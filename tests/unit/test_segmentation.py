@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import labels as lb
-from pipeline.learn.tasks import TASK_NAMES, get_task
+from pipeline.learn.registry import TASK_NAMES, get_task
 from pipeline.learn.tasks.segmentation import (
     SegmentationData,
     labels_on_grid,

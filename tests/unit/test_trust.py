@@ -16,7 +16,7 @@ from pipeline.errors import InputDataError, TimeLimitReached, UsageError
 from pipeline.learn import baseline, controls, search, transfer, walltime
 from pipeline.learn.ensemble import training_matches
 from pipeline.learn.models import ModelConfig, build_model
-from pipeline.learn.tasks import get_task
+from pipeline.learn.registry import get_task
 
 
 def _cohort(tmp_path: Path, n: int = 60, signal: float = 1.5, seed: int = 0) -> pd.DataFrame:

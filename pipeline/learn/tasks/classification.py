@@ -16,7 +16,7 @@ from ...errors import InputDataError
 from ...reports import learning as figures
 from .. import evaluate
 from ..baseline import LinearModel
-from .base import Criterion, TargetScale, spread
+from ..task import Criterion, TargetScale, spread
 from .image import ImageTask
 
 

@@ -15,7 +15,7 @@ from ...errors import InputDataError
 from ...reports import learning as figures
 from .. import evaluate
 from ..baseline import LinearModel
-from .base import Criterion, TargetScale
+from ..task import Criterion, TargetScale
 from .image import ImageTask
 
 

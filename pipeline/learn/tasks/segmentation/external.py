@@ -17,7 +17,7 @@ from ....errors import InputDataError
 from ...ensemble import ensemble_id
 from ...external import CASE_SCORES, EVALUATION, PREDICTIONS, ExternalRun, by_distribution, without_cases
 from ...labels import LabelTable, check_labels_dataset, find_label, find_table, load_label
-from ..base import Task
+from ...task import Task
 from .metrics import structure_scores, summarise_cases
 
 LOGGER = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from ....bids.audit import load_spatial
 from ....errors import UsageError
 from ....reports import learning as figures
 from ... import ood
-from ..base import Criterion, TargetScale, Task
+from ...task import Criterion, TargetScale, Task
 from .cohort import build_cohort
 from .data import WINDOW_MODE, WINDOW_OVERLAP, SegmentationData, predict_volume
 from .external import evaluate_segmentations

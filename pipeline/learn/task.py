@@ -1,4 +1,5 @@
-"""What a learning task is: the methods every task module implements (see :mod:`pipeline.learn.tasks`)."""
+"""The Task interface: what a learning task is, the methods every task implements (the tasks:
+:mod:`pipeline.learn.tasks`, found and resolved by :mod:`pipeline.learn.registry`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import ood
-from ..baseline import LinearModel
-from ..data import Volumes
+from . import ood
+from .baseline import LinearModel
+from .data import Volumes
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

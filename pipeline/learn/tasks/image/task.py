@@ -1,5 +1,5 @@
-"""What the whole-image tasks share (one class or one value per image): their cohort, the site-leakage check,
-the participant level's prediction with attribution maps, and the external evaluation of gathered predictions."""
+"""The whole-image tasks' common class (one class or one value per image): their cohort, the site-leakage check,
+the participant level's prediction (:mod:`.inference`) and the external evaluation (:mod:`.external`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import external, infer, leakage
-from ..cohort import build_cohort, cache_cohort
-from .base import Task
+from ... import leakage
+from ...cohort import build_cohort, cache_cohort
+from ...task import Task
+from .external import evaluate_image_predictions
+from .inference import predict_image
 
 
 class ImageTask(Task):
@@ -40,7 +42,7 @@ class ImageTask(Task):
     def predict_participant(
         self, spec: dict[str, Any], out_dir: Path, models: Sequence[Any], *, seen: Sequence[str], device: Any
     ) -> dict[str, Any]:
-        return infer.predict_image(spec, out_dir, models, seen=seen, device=torch.device(device))
+        return predict_image(spec, out_dir, models, seen=seen, device=torch.device(device))
 
     def external_evaluation(self, run: Any) -> dict[str, Any]:
-        return external.evaluate_image_predictions(run, self)
+        return evaluate_image_predictions(run, self)
