@@ -155,7 +155,7 @@ def time_splits(bids: Path, out: Path, n: int, work: Path) -> dict[str, float]:
     from pipeline.cli.parser import parse_args
     from pipeline.group import study_settings
     from pipeline.learn.cohort import model_input_path
-    from pipeline.learn.study import gather_cohort, split_and_check
+    from pipeline.learn.study.stages import gather_cohort, split_and_check
     from pipeline.qc import load_qc
 
     rng = np.random.default_rng(2)

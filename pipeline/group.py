@@ -24,11 +24,10 @@ from .kinds import DEFAULT_CHANNELS, REFERENCE_KIND, package_channels
 from .learn import distributed
 from .learn.channels import default_inputs
 from .learn.external import run_external_evaluation
-from .learn.nested import resolve_design, run_nested
 from .learn.package import read_package
 from .learn.registry import get_task
 from .learn.splits import SplitSettings
-from .learn.study import StudySettings, run_study, serve_jobs
+from .learn.study import StudySettings, resolve_design, run_nested, run_study, serve_jobs
 from .learn.train import TrainSettings, seed_everything
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z

@@ -161,7 +161,7 @@ def test_cuda_requested_without_gpu(learning_sample, tmp_path, run_cli):
 
 
 def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path, run_cli, monkeypatch):
-    from pipeline.learn import study
+    from pipeline.learn.study import stages
     from pipeline.reports import group_tables
 
     bids, derivatives = learning_sample
@@ -184,7 +184,7 @@ def test_missing_target_values_are_excluded_and_listed(learning_sample, tmp_path
     # many left out for one reason (10,000 participants, 4% failing QC): one log line, a bounded report list
     table.loc[table["participant_id"] == "sub-07", "diagnosis"] = "n/a"
     table.to_csv(copy / "participants.tsv", sep="\t", index=False)
-    monkeypatch.setattr(study, "EXCLUDED_LISTED", 1)
+    monkeypatch.setattr(stages, "EXCLUDED_LISTED", 1)
     monkeypatch.setattr(group_tables, "LIST_ITEMS", 1)
     code, _, err = run_cli(copy, out, "group", *FAST, "--epochs", "1", "--skip-bids-validation", "--resplit")
     assert code == 0, err

@@ -209,7 +209,7 @@ def test_the_default_design_is_chosen_from_the_cohort_before_any_training(learni
     """Below 300 participants the group level nests by default; how many outer folds the rarest class allows."""
     from pipeline.cli.parser import parse_args
     from pipeline.group import _gather, study_settings
-    from pipeline.learn.nested import resolve_design
+    from pipeline.learn.study.nested import resolve_design
 
     bids, out = learning_sample
     config = parse_args([str(bids), str(out), "group", "--target", "diagnosis", "--n-folds", "2",
@@ -228,7 +228,7 @@ def test_the_default_inputs_are_the_t1w_where_outputs_lack_morphometry(learning_
     on outputs made with --registration affine, from the T1w, saying why (and the design keeps saying it)."""
     from pipeline.cli.parser import parse_args
     from pipeline.group import _gather, study_settings, with_inputs
-    from pipeline.learn.nested import resolve_design
+    from pipeline.learn.study.nested import resolve_design
 
     bids, out = learning_sample
     config = parse_args([str(bids), str(out), "group", "--target", "diagnosis", "--model-resolution", "4"])

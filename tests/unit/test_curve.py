@@ -69,7 +69,7 @@ def test_too_few_of_a_class_leaves_the_small_points_out_and_the_outlook_says_wha
 
 
 def test_the_default_design_nests_small_cohorts_and_says_why():
-    from pipeline.learn.nested import NESTED_BELOW, auto_outer_folds
+    from pipeline.learn.study.nested import NESTED_BELOW, auto_outer_folds
 
     k, why = auto_outer_folds(80, 36, n_folds=5, test_size=0.2)
     assert k == 5 and "every participant tested once" in why and "16 test participants" in why

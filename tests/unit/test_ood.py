@@ -221,7 +221,7 @@ def test_external_evaluation_compares_flagged_and_unflagged_cases():
     assert dice["text"].endswith("the flagged did not do worse.")
     none = by_distribution(pd.DataFrame({"out_of_distribution": [None]}), pd.Series([0.1]), "e", lower_is_better=True)
     assert "no distribution check" in none["text"]
-    from pipeline.learn.external import _flagged_against_unflagged
+    from pipeline.learn.tasks.image.external import _flagged_against_unflagged
     from pipeline.learn.task import Task
 
     assert _flagged_against_unflagged(table, Task(), []) is None  # a task with no per-image error: no comparison

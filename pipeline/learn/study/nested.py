@@ -25,14 +25,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import derivatives
-from ..errors import InputDataError, UsageError
-from . import baseline, curve, evaluate
-from .cohort import usable_images
-from .registry import get_task
-from .splits import EVERYONE
-from .study import OUTER_ROWS, StudySettings, run_study, study_run_dir, study_task
-from .task import Task
+from ... import derivatives
+from ...errors import InputDataError, UsageError
+from .. import baseline, curve, evaluate
+from ..cohort import usable_images
+from ..registry import get_task
+from ..splits import EVERYONE
+from ..task import Task
+from .assembly import OUTER_ROWS
+from .run import run_study
+from .settings import StudySettings, study_run_dir
+from .stages import study_task
 
 LOGGER = logging.getLogger(__name__)
 #: What an outer fold writes when it has finished, beside its results: the settings it ran with.
