@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.learn.device import precision_for, prefetch
 from pipeline.learn.distributed import SINGLE
 from pipeline.learn.models import ModelConfig, build_model
 from pipeline.learn.tasks.segmentation import SegmentationData, model_grid
-from pipeline.learn.train import TrainSettings, Volumes, _epoch_batches, precision_for, prefetch
+from pipeline.learn.train import TrainSettings, Volumes, _epoch_batches
 
 CLASSIFIER_GRID = (77, 95, 82)  # the 2 mm model grid of the bundled template
 #: Assumed training rates of one modern GPU (H100/H200 class, bf16) on the default models; no GPU was lent to

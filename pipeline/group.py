@@ -23,12 +23,13 @@ from .errors import InputDataError, ReportFailed
 from .kinds import DEFAULT_CHANNELS, REFERENCE_KIND, package_channels
 from .learn import distributed
 from .learn.channels import default_inputs
+from .learn.device import seed_everything
 from .learn.external import run_external_evaluation
 from .learn.package import read_package
 from .learn.registry import get_task
 from .learn.splits import SplitSettings
 from .learn.study import StudySettings, resolve_design, run_nested, run_study, serve_jobs
-from .learn.train import TrainSettings, seed_everything
+from .learn.train import TrainSettings
 from .progress import Progress, timed
 from .qc import MAD_TO_SD, MIN_IMAGES_FOR_OUTLIERS, MIN_RELATIVE_SPREAD, SCREENED_METRICS, make_qc_table, robust_z
 from .ratings import RULE, apply_ratings, read_ratings

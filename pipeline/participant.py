@@ -230,9 +230,9 @@ def check_models(config: RunConfig, subjects: Mapping[str, Sequence[AnatImage]])
     """
     from .bids.audit import load_spatial, sha256_array
     from .errors import InputDataError
+    from .learn.device import resolve_device
     from .learn.ensemble import check_ensemble, check_registration, check_resolution, training_matches
     from .learn.package import read_package
-    from .learn.train import resolve_device
 
     resolve_device(config.device)  # --device cuda without a GPU: say so before anything runs
     records = [read_package(folder) for folder in config.models]

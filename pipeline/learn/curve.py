@@ -1,4 +1,4 @@
-"""A learning curve: would more participants help?
+"""Curves: a learning curve (would more participants help?) and a training curve's outlook.
 
 Each linear baseline (on the network's voxels, on the regional volumes) is fitted again in every fold on nested,
 class-stratified subsets of the fold's training participants (a quarter, half, three quarters, all), with the
@@ -8,12 +8,15 @@ outputs pooled). A curve still climbing at the full training set says more data 
 model, not the cohort's size, limits it. A linear model is refitted in well under a second, so the curve costs
 little; the network's own curve would cost one training per point, so the report shows the network's score at the
 full training set beside it.
+
+A training curve's outlook (:func:`projection`): where a validation score is heading as the epochs go on, which the
+training log and the report show beside each fold's history.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,3 +125,49 @@ def outlook(points: Sequence[dict[str, Any]], larger_is_better: bool) -> dict[st
              "the curve is flat, so more participants of the same kind are unlikely to help much; better inputs or "
              "a better model might.")  # fmt: skip
     return {"gain": float(gain), "climbing": climbing, "text": text}
+
+
+def projection(
+    history: Sequence[dict[str, Any]], key: str, epochs: int, ranges: Mapping[str, tuple[float, float]] | None = None
+) -> dict[str, Any] | None:
+    """Where a validation score is heading: ``y = a + b exp(-t / c)`` fitted to its trajectory (from 4 epochs).
+
+    Returns the expected final value ``a`` (the plateau), the epoch by which the curve is within 1% of
+    the way left to it, and a line for the log; None while too few epochs, when the fit fails, or when its
+    plateau is not a value the metric can take or lies beyond ten times the planned epochs (a trajectory
+    still climbing in a straight line says nothing of where it ends).
+
+    >>> h = [{"val_dice": 0.9 - 0.8 * np.exp(-t / 3)} for t in range(1, 9)]
+    >>> round(projection(h, "val_dice", 30, {"dice": (0.0, 1.0)})["expected"], 3)
+    0.9
+    >>> projection([{"val_dice": 0.1 * t} for t in range(1, 6)], "val_dice", 10, {"dice": (0.0, 1.0)}) is None
+    True
+    """
+    values = np.array([row.get(key, np.nan) for row in history], dtype=float)
+    t = np.arange(1, len(values) + 1, dtype=float)
+    keep = np.isfinite(values)
+    if keep.sum() < 4:
+        return None
+    from scipy.optimize import curve_fit
+
+    def curve(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+        return a + b * np.exp(-x / c)
+
+    try:
+        with np.errstate(all="ignore"):
+            (a, _b, c), _ = curve_fit(
+                curve, t[keep], values[keep], p0=(values[keep][-1], values[keep][0] - values[keep][-1], 3.0),
+                bounds=([-np.inf, -np.inf, 0.3], [np.inf, np.inf, 10.0 * epochs]), maxfev=2000,
+            )  # fmt: skip
+    except (RuntimeError, ValueError):
+        return None
+    settle = float(np.ceil(c * np.log(100)))  # |b| e^{-t/c} < 1% of |b|
+    expected = float(a)
+    low, high = (ranges or {}).get(key.removeprefix("val_"), (-np.inf, np.inf))
+    if not low <= expected <= high or settle > 10 * epochs:
+        return None
+    return {
+        "expected": expected,
+        "epoch": int(min(max(settle, 1), 10 * epochs)),
+        "text": f"{key.removeprefix('val_')} heading to {expected:.3f} by epoch ~{int(settle)}",
+    }

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import InputDataError
 from ..processes import module_main
+from .device import resolve_device
 from .ensemble import load_models, training_matches
-from .train import resolve_device
 
 
 def run_node(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -8,21 +8,17 @@ Checkpoints are written atomically after every epoch and hold no code (``weights
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
-import itertools
 import logging
 import math
-import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +29,15 @@ from .. import derivatives
 from ..config import default
 from ..errors import InputDataError, TrainingDiverged, UsageError
 from . import distributed, memory, walltime
+from .curve import projection
 from .data import Volumes, batches, derived_seed
+from .device import Precision, loader_threads, precision_for, prefetch, to_device
 from .task import NO_SCALE, Criterion, TargetScale, Task
 from .transfer import keep_frozen_norms, param_groups
 
-__all__ = ["TargetScale", "TrainSettings", "fit", "predict"]
+__all__ = ["FitHooks", "TargetScale", "TrainSettings", "fit", "predict"]
 
 LOGGER = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CHECKPOINT = "checkpoint.pt"
 #: Decay per optimiser step of the weights' exponential moving average (``--ema``).
@@ -70,83 +67,6 @@ class TrainSettings:
         return {**dataclasses.asdict(self), "augment": list(self.augment)}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda was asked for, but torch sees no CUDA GPU (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Use --device cpu, or run on a "
-            "machine with a GPU (in a container: --gpus all / singularity --nv)."
-        )
-    world = distributed.current()
-    if world.active:  # each rank its own GPU
-        return distributed.device_for(world, requested)
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def determinism_record(device: torch.device, amp: bool | None = False) -> dict[str, Any]:
-    return {
-        "device": str(device),
-        "training_precision": precision_for(device, amp).name,
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "torch_threads": torch.get_num_threads(),
-        "bitwise_reproducible": device.type == "cpu",
-    }
-
-
-@dataclass
-class Precision:
-    """Autocast settings for a device; ``scaler`` only for fp16 on CUDA."""
-
-    enabled: bool
-    dtype: torch.dtype
-    channels_last: bool
-    scaler: torch.amp.GradScaler | None = None
-
-    def autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.enabled)
-
-
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32") if self.enabled else "fp32"
-
-
-def precision_for(device: torch.device, amp: bool | None) -> Precision:
-    """The training steps' precision. ``amp`` None (the default): bf16 autocast on CUDA GPUs with bf16, fp32
-    elsewhere; True: mixed precision everywhere (fp16 with loss scaling on GPUs without bf16); False: fp32.
-
-    CPUs stay fp32 by default even with bf16 units: measured on an AVX512-BF16 CPU, bf16 autocast made the
-    default model's steps 2.7x faster but training no longer bit-for-bit reproducible (and a small
-    batch-normalised model diverged to NaN), and CPU runs promise reproducibility (``--amp`` opts in).
-    """
-    if amp is None:
-        amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if not amp:
-        return Precision(False, torch.float32, channels_last=False)
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision(True, torch.bfloat16, channels_last=True)
-        return Precision(True, torch.float16, channels_last=True, scaler=torch.amp.GradScaler("cuda"))
-    return Precision(True, torch.bfloat16, channels_last=True)
-
-
-def _to_device(x: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if precision.channels_last else x
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -164,7 +84,7 @@ def predict(
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with precision.autocast(device):
-            return model(_to_device(x, device, precision)).float().cpu()
+            return model(to_device(x, device, precision)).float().cpu()
 
     return task.predict(run, data, scale=scale, batch_size=batch_size)
 
@@ -235,6 +155,34 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class FitHooks:
+    """How a fit reports and when it must stop: the prefix of its log lines (``label``), a call after each epoch
+    (``on_epoch_end``, given the epoch's number), TensorBoard scalars, the wall-time deadline."""
+
+    label: str = ""
+    on_epoch_end: Callable[[int], None] | None = None
+    tensorboard: bool = False
+    deadline: walltime.Deadline = walltime.NO_DEADLINE
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What every epoch of one fit is given (this rank's view)."""
+
+    settings: TrainSettings
+    task: Task
+    device: torch.device
+    scale: TargetScale
+    run_dir: Path
+    world: distributed.World
+    hooks: FitHooks
+    score_key: str  # the validation score whose course is projected
+
+    def outlook(self, history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        return projection(history, self.score_key, self.settings.epochs, self.task.metric_ranges)
+
+
 def fit(
     model: nn.Module,
     train: Volumes,
@@ -246,10 +194,7 @@ def fit(
     device: torch.device,
     scale: TargetScale = NO_SCALE,
     resume: bool = False,
-    label: str = "",
-    on_epoch_end: Callable[[int], None] | None = None,
-    tensorboard: bool = False,
-    deadline: walltime.Deadline = walltime.NO_DEADLINE,
+    hooks: FitHooks = FitHooks(),
 ) -> FitResult:
     """Fit ``model``; write ``checkpoint.pt`` every epoch, ``best-<metric>.safetensors`` and ``history.tsv``.
     With ``resume``, continue from ``run_dir/checkpoint.pt`` (a finished run returns at once). In a distributed run
@@ -260,17 +205,18 @@ def fit(
     world = distributed.current()
     run = _start(model, train, settings, task=task, device=device, world=world, run_dir=run_dir)
     checkpoint_path = run_dir / CHECKPOINT
-    score_key = f"val_{run.metrics[1] if len(run.metrics) > 1 else 'loss'}"  # the score whose course is projected
+    ctx = _Fit(settings, task, device, scale, run_dir, world, hooks,
+               score_key=f"val_{run.metrics[1] if len(run.metrics) > 1 else 'loss'}")  # fmt: skip
+    label, deadline = hooks.label, hooks.deadline
     if resume and checkpoint_path.exists():
         finished = _resume(run, checkpoint_path, world=world, label=label)
         if finished is not None:  # the fit had ended: its record, nothing trained
-            return FitResult(run.history, run.best, run_dir, finished,
-                             projection(run.history, score_key, settings.epochs, task.metric_ranges))  # fmt: skip
+            return FitResult(run.history, run.best, run_dir, finished, ctx.outlook(run.history))
     if world.main and run.start_epoch < settings.epochs:  # a fold about to start, after others in this job
         deadline.check_before(what=f"{label}epoch {run.start_epoch + 1}")
     trained = _training_module(run.model, train, settings, device=device, world=world, label=label,
                                start_epoch=run.start_epoch)  # fmt: skip
-    writer = _tensorboard_writer(run_dir) if tensorboard and world.main else None
+    writer = _tensorboard_writer(run_dir) if hooks.tensorboard and world.main else None
     stopped_early = False
     try:
         for epoch in range(run.start_epoch, settings.epochs):
@@ -280,10 +226,8 @@ def fit(
             _check_finite(total, epoch=epoch, lr=lr, precision=run.precision, label=label, run_dir=run_dir)
             finished = False
             if world.main:  # rank 0 validates, writes and decides whether to go on
-                stopped_early, finished = _close_epoch(run, val, settings, task=task, device=device, scale=scale,
-                    run_dir=run_dir, epoch=epoch, train_loss=total / max(seen, 1), lr=lr, started=started,
-                    world_size=world.size, writer=writer, label=label, score_key=score_key,
-                    on_epoch_end=on_epoch_end, deadline=deadline)  # fmt: skip
+                stopped_early, finished = _close_epoch(run, ctx, val, epoch=epoch, train_loss=total / max(seen, 1),
+                                                       lr=lr, started=started, writer=writer)  # fmt: skip
             if world.active:
                 stopped_early = distributed.broadcast_flag(stopped_early, device)
             if _out_of_time(run, deadline, finished=finished, world=world, device=device):
@@ -293,29 +237,28 @@ def fit(
     finally:
         if writer is not None:
             writer.close()
-    outlook = projection(run.history, score_key, settings.epochs, task.metric_ranges)
-    return FitResult(run.history, run.best, run_dir, stopped_early, outlook)
+    return FitResult(run.history, run.best, run_dir, stopped_early, ctx.outlook(run.history))
 
 
 def _close_epoch(
-    run: _Run, val: Volumes | None, settings: TrainSettings, *, task: Task, device: torch.device, scale: TargetScale,
-    run_dir: Path, epoch: int, train_loss: float, lr: float, started: float, world_size: int, writer: Any,
-    label: str, score_key: str, on_epoch_end: Callable[[int], None] | None, deadline: walltime.Deadline,
+    run: _Run, ctx: _Fit, val: Volumes | None, *, epoch: int, train_loss: float, lr: float, started: float,
+    writer: Any,
 ) -> tuple[bool, bool]:  # fmt: skip
     """Rank 0 after an epoch: validate, keep the best weights, write the checkpoint and the history, report.
     Returns whether to stop early and whether the fit has finished."""
     assert val is not None, "the validation set is needed where the model is validated (rank 0)"
-    row, scores = _validate(run, val, task=task, device=device, scale=scale, run_dir=run_dir, epoch=epoch)
+    settings, label = ctx.settings, ctx.hooks.label
+    row, scores = _validate(run, val, task=ctx.task, device=ctx.device, scale=ctx.scale, run_dir=ctx.run_dir,
+                            epoch=epoch)  # fmt: skip
     row = {"epoch": epoch + 1, "train_loss": train_loss, **row, "lr": lr, "epoch_time_s": time.monotonic() - started}
     run.history.append(row)
-    stopped_early = _select(run, scores, settings, task=task, epoch=epoch, run_dir=run_dir, label=label)
+    stopped_early = _select(run, scores, settings, task=ctx.task, epoch=epoch, run_dir=ctx.run_dir, label=label)
     finished = stopped_early or epoch + 1 == settings.epochs
-    _save_checkpoint(run_dir / CHECKPOINT, run.checkpoint(epoch, world_size, finished, stopped_early, settings))
-    _write_history(run_dir / derivatives.STUDY_OUTPUTS["history"], run.history)
+    _save_checkpoint(ctx.run_dir / CHECKPOINT, run.checkpoint(epoch, ctx.world.size, finished, stopped_early, settings))
+    _write_history(ctx.run_dir / derivatives.STUDY_OUTPUTS["history"], run.history)
     _report_epoch(run, row, scores, settings, writer=writer, label=label, epoch=epoch,
-                  outlook=projection(run.history, score_key, settings.epochs, task.metric_ranges),
-                  on_epoch_end=on_epoch_end)  # fmt: skip
-    deadline.note_epoch(row["epoch_time_s"])
+                  outlook=ctx.outlook(run.history), on_epoch_end=ctx.hooks.on_epoch_end)  # fmt: skip
+    ctx.hooks.deadline.note_epoch(row["epoch_time_s"])
     return stopped_early, finished
 
 
@@ -468,7 +411,7 @@ def _train_epoch(
     total, seen = 0.0, 0
     for chunk, mine, x, y in prefetch(_epoch_batches(train, order, settings, epoch, world, device),
                                       loader_threads(device)):  # fmt: skip
-        x, y = _to_device(x, device, precision), task.loss_targets(y, scale).to(device)
+        x, y = to_device(x, device, precision), task.loss_targets(y, scale).to(device)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device):
             loss = run.criterion(trained(x), y)
@@ -570,14 +513,6 @@ def _report_epoch(
 RESIDENT_SHARE = 0.5
 #: A batch's indices, this rank's share of them, its inputs and its targets.
 Batch = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
-#: Batches read and augmented ahead of the training step, per loader thread.
-PREFETCH_PER_THREAD = 2
-
-
-def loader_threads(device: torch.device) -> int:
-    """Threads preparing batches: one beside a CPU's training step (the step uses the cores), up to four
-    feeding a GPU."""
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 1
 
 
 def _epoch_batches(
@@ -603,28 +538,6 @@ def _epoch_batches(
         yield functools.partial(make, chunk, distributed.share(chunk, world), seed)
 
 
-def prefetch(makers: Iterable[Callable[[], T]], threads: int = 1) -> Iterator[T]:
-    """The results of ``makers`` in order, made ahead (``PREFETCH_PER_THREAD`` per thread) by ``threads`` threads;
-    an error in one is raised here, when its turn comes.
-
-    >>> list(prefetch((lambda i=i: i * i for i in range(5)), threads=2))
-    [0, 1, 4, 9, 16]
-    """
-    pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
-    todo = iter(makers)
-    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bidsdl-loader")
-    try:
-        for maker in itertools.islice(todo, PREFETCH_PER_THREAD * threads):
-            pending.append(pool.submit(maker))
-        while pending:
-            result = pending.popleft().result()
-            for maker in itertools.islice(todo, 1):
-                pending.append(pool.submit(maker))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _check_world(world: distributed.World, n_train: int, batch_size: int) -> None:
     if n_train < world.size:
         raise UsageError(
@@ -641,52 +554,6 @@ def _check_world(world: distributed.World, n_train: int, batch_size: int) -> Non
 
 def _training_files(data: Any) -> list[Path]:
     return [*data.paths, *getattr(data, "label_paths", [])]
-
-
-def projection(
-    history: Sequence[dict[str, Any]], key: str, epochs: int, ranges: Mapping[str, tuple[float, float]] | None = None
-) -> dict[str, Any] | None:
-    """Where a validation score is heading: ``y = a + b exp(-t / c)`` fitted to its trajectory (from 4 epochs).
-
-    Returns the expected final value ``a`` (the plateau), the epoch by which the curve is within 1% of
-    the way left to it, and a line for the log; None while too few epochs, when the fit fails, or when its
-    plateau is not a value the metric can take or lies beyond ten times the planned epochs (a trajectory
-    still climbing in a straight line says nothing of where it ends).
-
-    >>> h = [{"val_dice": 0.9 - 0.8 * np.exp(-t / 3)} for t in range(1, 9)]
-    >>> round(projection(h, "val_dice", 30, {"dice": (0.0, 1.0)})["expected"], 3)
-    0.9
-    >>> projection([{"val_dice": 0.1 * t} for t in range(1, 6)], "val_dice", 10, {"dice": (0.0, 1.0)}) is None
-    True
-    """
-    values = np.array([row.get(key, np.nan) for row in history], dtype=float)
-    t = np.arange(1, len(values) + 1, dtype=float)
-    keep = np.isfinite(values)
-    if keep.sum() < 4:
-        return None
-    from scipy.optimize import curve_fit
-
-    def curve(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
-        return a + b * np.exp(-x / c)
-
-    try:
-        with np.errstate(all="ignore"):
-            (a, _b, c), _ = curve_fit(
-                curve, t[keep], values[keep], p0=(values[keep][-1], values[keep][0] - values[keep][-1], 3.0),
-                bounds=([-np.inf, -np.inf, 0.3], [np.inf, np.inf, 10.0 * epochs]), maxfev=2000,
-            )  # fmt: skip
-    except (RuntimeError, ValueError):
-        return None
-    settle = float(np.ceil(c * np.log(100)))  # |b| e^{-t/c} < 1% of |b|
-    expected = float(a)
-    low, high = (ranges or {}).get(key.removeprefix("val_"), (-np.inf, np.inf))
-    if not low <= expected <= high or settle > 10 * epochs:
-        return None
-    return {
-        "expected": expected,
-        "epoch": int(min(max(settle, 1), 10 * epochs)),
-        "text": f"{key.removeprefix('val_')} heading to {expected:.3f} by epoch ~{int(settle)}",
-    }
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:

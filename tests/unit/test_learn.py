@@ -13,10 +13,11 @@ import torch
 
 from pipeline.errors import InputDataError, UsageError
 from pipeline.learn import ARCHITECTURE_NAMES, cohort, evaluate, leakage, package, splits
+from pipeline.learn.device import resolve_device, seed_everything
 from pipeline.learn.models import ARCHITECTURES, Conv5FC3, ModelConfig, build_model
 from pipeline.learn.registry import get_task
 from pipeline.learn.tasks.classification import class_labels
-from pipeline.learn.train import TrainSettings, Volumes, fit, predict, resolve_device, seed_everything
+from pipeline.learn.train import FitHooks, TrainSettings, Volumes, fit, predict
 
 SHAPE = (16, 16, 16)
 
@@ -111,7 +112,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(planted, tmp_path):
     with pytest.raises(Killed):
         fit(tiny_model(), train, val, settings(), task=CLASSIFICATION,
             run_dir=tmp_path / "resumed", device=torch.device("cpu"),
-            on_epoch_end=kill_after_epoch_2)  # fmt: skip
+            hooks=FitHooks(on_epoch_end=kill_after_epoch_2))  # fmt: skip
     assert len(pd.read_csv(tmp_path / "resumed" / "history.tsv", sep="\t")) == 2
     resumed = tiny_model()  # fresh weights: everything must come from the checkpoint
     fit(resumed, train, val, settings(), run_dir=tmp_path / "resumed", resume=True, **common)

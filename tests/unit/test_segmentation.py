@@ -172,7 +172,7 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
     import torch
 
     from pipeline.learn.models import ModelConfig, build_model
-    from pipeline.learn.train import TrainSettings, fit
+    from pipeline.learn.train import FitHooks, TrainSettings, fit
 
     train, val = _tiny_cases(tmp_path, 4), _tiny_cases(tmp_path, 2)
     settings = TrainSettings(n_outputs=3, epochs=2, batch_size=2, lr=3e-3, seed=1, ema=True)
@@ -194,7 +194,7 @@ def test_segmentation_training_with_ema_resumes_to_the_same_weights(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        fit(model(), train, val, settings, run_dir=tmp_path / "resumed", on_epoch_end=kill, **common)
+        fit(model(), train, val, settings, run_dir=tmp_path / "resumed", hooks=FitHooks(on_epoch_end=kill), **common)
     resumed = model()
     fit(resumed, train, val, settings, run_dir=tmp_path / "resumed", resume=True, **common)
     for key, value in full.state_dict().items():

@@ -19,13 +19,11 @@ from ...bids.audit import sha256_file
 from ...qc import load_qc
 from .. import baseline, controls, distributed, evaluate, ood, transfer, volumes
 from ..data import derived_seed
+from ..device import determinism_record
 from ..models import ModelConfig
 from ..package import hardware_record
 from ..splits import (
     EVERYONE,
-)
-from ..train import (
-    determinism_record,
 )
 from .record import (
     RESULTS,

@@ -18,11 +18,8 @@ import torch
 
 from ...progress import Progress
 from .. import transfer, walltime
+from ..device import resolve_device, seed_everything
 from ..models import ModelConfig
-from ..train import (
-    resolve_device,
-    seed_everything,
-)
 from .assembly import assemble
 from .search import reuse_best_trial, run_search, with_values
 from .settings import CohortStage, SplitStage, StudySettings, prepare_run_dir, selected_folds

@@ -31,6 +31,7 @@ from ..splits import (
 )
 from ..task import Task
 from ..train import (
+    FitHooks,
     TargetScale,
     fit,
     load_weights,
@@ -298,8 +299,8 @@ def fit_fold(
     }
     distributed.share_job(job)  # the other ranks of a distributed run fit the same job with this one
     result = fit(network, data["train"], data["validation"], fold_settings, task=task, run_dir=fold_dir,
-                 device=device, scale=scale, resume=job["resume"], label=label,
-                 tensorboard=settings.tensorboard, deadline=job["deadline"])  # fmt: skip
+                 device=device, scale=scale, resume=job["resume"],
+                 hooks=FitHooks(label, tensorboard=settings.tensorboard, deadline=job["deadline"]))  # fmt: skip
     distributed.job_done()
     if not finished:
         derivatives.write_json(
@@ -321,8 +322,8 @@ def serve_jobs(device: torch.device) -> int:
         if "stop" in job:
             raise distributed.stopped_by_main(job)
         fit(job["network"], job["train"], None, job["settings"], task=job["task"], run_dir=job["run_dir"],
-            device=device, scale=job["scale"], resume=job["resume"], label=job["label"],
-            deadline=job["deadline"])  # fmt: skip
+            device=device, scale=job["scale"], resume=job["resume"],
+            hooks=FitHooks(job["label"], deadline=job["deadline"]))  # fmt: skip
         fitted += 1
     return fitted
 
