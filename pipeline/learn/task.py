@@ -33,7 +33,11 @@ NO_SCALE = TargetScale()
 
 
 class Task:
-    """One image -> one target (a class or a value); subclasses fill in what differs."""
+    """What the machinery below the tasks (training, the study, inference, export, the reports) asks of every task,
+    grouped by role: the cohort, targets, training, evaluation, inference, reports. A method raising
+    NotImplementedError is implemented by every task; one with a body is a default that a task may replace. What only
+    the whole-image tasks need (attribution, their ensemble's spread, a reference value's check) is theirs
+    (:class:`~pipeline.learn.tasks.image.base.WholeImage`), segmentation's own parts are segmentation's."""
 
     name: str = ""
     #: Whether targets are categories (splits stratify by class and check class counts).
@@ -156,10 +160,6 @@ class Task:
         batches = (data.batch(chunk)[0] for chunk in chunks(len(data), batch_size))
         return ood.whole_image_features(network, batches, device)
 
-    def uncertainty(self, per_fold: Sequence[np.ndarray]) -> dict[str, Any]:
-        """How much the ensemble's members (every fold of every model) disagree on one image."""
-        return spread([np.ravel(p)[0] for p in per_fold], "the predicted value")
-
     def ensemble(self, outputs: Sequence[Any]) -> Any:
         """The folds' outputs on one set of images, combined (the mean)."""
         return np.mean(outputs, axis=0)
@@ -231,17 +231,6 @@ class Task:
         (:class:`~pipeline.learn.external.ExternalRun`) and evaluate them where references are given."""
         raise NotImplementedError
 
-    def attribution_score(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The scalar per input that saliency and Grad-CAM explain."""
-        return outputs[:, 0]
-
-    def attribution_score_name(self, n_outputs: int) -> str:
-        return "predicted value"
-
-    def fold_output(self, raw: np.ndarray, fold: int, record: dict[str, Any]) -> np.ndarray:
-        """One fold network's raw output for one image -> its prediction (:meth:`outputs`)."""
-        return self.outputs(torch.from_numpy(raw)[None], fold_scale(record, fold))[0].numpy()
-
     def prediction_fields(
         self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
     ) -> dict[str, Any]:
@@ -251,10 +240,6 @@ class Task:
     def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
         """The gathered columns of one participant-level prediction record."""
         return {"predicted": record["predicted"]}
-
-    def external_reason(self, value: Any, column: str, classes: Sequence[str]) -> str | None:
-        """Why a reference value cannot be evaluated against (None: it can)."""
-        return None
 
     def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
         raise NotImplementedError

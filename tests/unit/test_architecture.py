@@ -56,12 +56,7 @@ def import_graph() -> nx.DiGraph:
 
 
 def _floor(module: str) -> int:
-    best = (-1, len(FLOORS))
-    for level, prefixes in enumerate(FLOORS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[0]:
-                best = (len(prefix), level)
-    return best[1]
+    return _floor_in(module, FLOORS)
 
 
 def test_the_import_graph_has_no_cycle():
@@ -103,3 +98,73 @@ def test_functions_stay_short():
     assert lengths[0][0] <= 100, f"longest function: {lengths[0]}"
     over_60 = [where for n, where in lengths if n > 60]
     assert len(over_60) <= 6, f"{len(over_60)} functions over 60 lines: {over_60}"
+
+
+#: The layers inside learn/, top to bottom: a module may import from its own layer and the ones below, never above.
+#: Libraries know no Task; the Task interface and its registry stand on them; the machinery that every task shares
+#: takes a Task as an argument; the tasks implement it with that machinery; the study runs them all.
+LEARN_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipeline.learn.study",),
+    ("pipeline.learn.tasks",),
+    tuple(f"pipeline.learn.{m}" for m in ("cohort", "splits", "leakage", "controls", "curve", "train", "ensemble",
+                                          "package", "transfer", "infer", "external", "export")),
+    ("pipeline.learn.task", "pipeline.learn.registry"),
+    tuple(f"pipeline.learn.{m}" for m in ("data", "models", "evaluate", "channels", "labels", "ood", "baseline",
+                                          "near_duplicates", "distributed", "walltime", "memory", "volumes",
+                                          "search", "device")),
+    ("pipeline.learn",),
+)
+MAX_LINES = 600
+MAX_PARAMETERS = 10
+
+
+def _layer(module: str) -> int:
+    return _floor_in(module, LEARN_LAYERS)
+
+
+def _floor_in(module: str, floors: tuple[tuple[str, ...], ...]) -> int:
+    best = (-1, len(floors))
+    for level, prefixes in enumerate(floors):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[0]:
+                best = (len(prefix), level)
+    return best[1]
+
+
+def _learn_modules() -> dict[str, Path]:
+    return {m: p for m, p in _modules().items() if m == "pipeline.learn" or m.startswith("pipeline.learn.")}
+
+
+def test_learn_is_in_layers():
+    learn = _learn_modules()
+    upward = [f"{a} -> {b}" for a, b in import_graph().edges if a in learn and b in learn and _layer(b) < _layer(a)]
+    assert upward == [], "imports inside learn/ that run up a layer: " + "; ".join(upward)
+
+
+def test_every_learn_module_has_a_layer():
+    assert [m for m in _learn_modules() if _layer(m) == len(LEARN_LAYERS)] == []
+
+
+def test_the_layer_test_catches_an_upward_import():
+    """A library that imported a task (the mutation the layers forbid) would be caught."""
+    assert _layer("pipeline.learn.tasks.classification") < _layer("pipeline.learn.ensemble") < _layer(
+        "pipeline.learn.task") < _layer("pipeline.learn.ood")  # fmt: skip
+
+
+def test_learn_modules_stay_readable():
+    long = [f"{p.relative_to(ROOT)} ({n})" for p in _learn_modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]  # fmt: skip
+    assert long == [], f"modules of learn/ over {MAX_LINES} lines: {long}"
+
+
+def test_learn_functions_take_few_parameters():
+    many = []
+    for path in _learn_modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                n = len([a for a in names if a not in ("self", "cls")])
+                if n > MAX_PARAMETERS:
+                    many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n})")
+    assert many == [], f"functions of learn/ with over {MAX_PARAMETERS} parameters: {many}"

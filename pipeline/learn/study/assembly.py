@@ -34,7 +34,7 @@ from .record import (
     _write_case_scores,
     _write_study_package,
 )
-from .settings import CohortStage, FoldResult, SplitStage, StudySettings
+from .settings import CohortStage, FoldResult, Provenance, SplitStage, StudySettings
 from .stages import evaluate_split, prediction_table, train_fold
 
 LOGGER = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ LOGGER = logging.getLogger(__name__)
 
 def assemble(
     cohort: CohortStage, split: SplitStage, folds: list[FoldResult], *, settings: StudySettings,
-    model_config: ModelConfig, output_dir: Path, config_record: dict[str, Any], environment: dict[str, Any],
-    manifest_sha256: str, device: torch.device, started: float, searched: dict[str, Any] | None = None,
+    model_config: ModelConfig, output_dir: Path, provenance: Provenance, device: torch.device,
+    searched: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Stage 4: the fold ensemble on the test set, the prediction table, the package and ``results.json``."""
     task, images, run_dir = cohort.task, cohort.images, split.run_dir
@@ -59,15 +59,16 @@ def assemble(
     record = _model_record(settings=settings, task=task, classes=cohort.classes, model_config=model_config,
                            images=images, splits=split.splits, threshold=ensemble_threshold, folds=folds,
                            metrics={"validation_folds": validation_summary, "test_folds": test_fold_summary,
-                                    "test": test_eval}, manifest_sha256=manifest_sha256)  # fmt: skip
+                                    "test": test_eval}, manifest_sha256=provenance.manifest_sha256)  # fmt: skip
     record.update(postprocessing)
     record.update(_trust_record(split, folds, trust=trust, searched=searched, settings=settings))
     record["distribution"] = _distribution_record(cohort, split, folds, output_dir=output_dir)
-    env = {**environment, "hardware": hardware_record(), "determinism": determinism_record(device, settings.train.amp),
+    env = {**provenance.environment, "hardware": hardware_record(),
+           "determinism": determinism_record(device, settings.train.amp),
            "distributed": distributed.current().record(), "seed": settings.train.seed}  # fmt: skip
     outer = settings.split.outer_test not in (None, EVERYONE)  # an outer fold's package stays in its folder
-    package = _write_study_package(output_dir, run_dir, folds, record=record, config_record=config_record, env=env,
-                                   outer=outer)  # fmt: skip
+    package = _write_study_package(output_dir, run_dir, folds, record=record,
+                                   config_record=provenance.config_record, env=env, outer=outer)  # fmt: skip
     if outer:
         _save_outer_outputs(run_dir, cohort, split, {"deep": ensemble, **baseline_outputs})
     LOGGER.info("Model package: %s", package)
@@ -89,7 +90,7 @@ def assemble(
         "worst": _worst_cases(predictions, task),
         "model_resolution": settings.model_resolution,
         "device": str(device),
-        "wall_time_s": round(time.monotonic() - started, 1),
+        "wall_time_s": round(time.monotonic() - provenance.started, 1),
         **postprocessing,
         **extra,
         **trust,

@@ -22,7 +22,7 @@ from ..device import resolve_device, seed_everything
 from ..models import ModelConfig
 from .assembly import assemble
 from .search import reuse_best_trial, run_search, with_values
-from .settings import CohortStage, SplitStage, StudySettings, prepare_run_dir, selected_folds
+from .settings import CohortStage, Provenance, SplitStage, StudySettings, prepare_run_dir, selected_folds
 from .stages import gather_cohort, split_and_check, train_fold, warn_of_folds_to_train
 
 LOGGER = logging.getLogger(__name__)
@@ -64,15 +64,14 @@ def run_study(
         if searched is None:
             return None
         settings, model_config = with_values(settings, model_config, searched["best_values"])
+    provenance = Provenance(config_record, environment, manifest_sha256, started)
     return _train_and_assemble(cohort, split, selected, settings=settings, model_config=model_config, device=device,
-                               searched=searched, output_dir=output_dir, config_record=config_record,
-                               environment=environment, manifest_sha256=manifest_sha256, started=started)
+                               searched=searched, output_dir=output_dir, provenance=provenance)  # fmt: skip
 
 
 def _train_and_assemble(
     cohort: CohortStage, split: SplitStage, selected: list[int], *, settings: StudySettings, model_config: ModelConfig,
-    device: torch.device, searched: dict[str, Any] | None, output_dir: Path, config_record: dict[str, Any],
-    environment: dict[str, Any], manifest_sha256: str, started: float,
+    device: torch.device, searched: dict[str, Any] | None, output_dir: Path, provenance: Provenance,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The folds of ``selected`` trained (or reused), then, unless ``--fold`` chose some, the assembly."""
     if not settings.fold:
@@ -94,17 +93,5 @@ def _train_and_assemble(
             ", ".join(map(str, selected)), split.n_folds, split.run_dir,
         )  # fmt: skip
         return None
-    return assemble(
-        cohort,
-        split,
-        folds,
-        settings=settings,
-        model_config=model_config,
-        output_dir=output_dir,
-        config_record=config_record,
-        environment=environment,
-        manifest_sha256=manifest_sha256,
-        device=device,
-        started=started,
-        searched=searched,
-    )
+    return assemble(cohort, split, folds, settings=settings, model_config=model_config, output_dir=output_dir,
+                    provenance=provenance, device=device, searched=searched)  # fmt: skip

@@ -147,6 +147,17 @@ def selected_folds(settings: StudySettings, n_folds: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What a study's record names besides its settings: the run's configuration (``config.json``), its software
+    environment, the manifest's hash, and when the study started (its wall time)."""
+
+    config_record: dict[str, Any]
+    environment: dict[str, Any]
+    manifest_sha256: str
+    started: float
+
+
+@dataclass(frozen=True)
 class CohortStage:
     """Who is learned from: the cached images (one row each), their classes, the task and what was left out."""
 

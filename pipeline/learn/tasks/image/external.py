@@ -16,11 +16,12 @@ from ...cohort import target_values
 from ...ensemble import ensemble_id
 from ...external import EVALUATION, PREDICTIONS, ExternalRun, by_distribution
 from ...task import Task
+from .base import WholeImage
 
 LOGGER = logging.getLogger(__name__)
 
 
-def evaluate_image_predictions(run: ExternalRun, task: Task) -> dict[str, Any]:
+def evaluate_image_predictions(run: ExternalRun, task: WholeImage) -> dict[str, Any]:
     """A whole-image task's external evaluation: each image's prediction against its participants.tsv value."""
     first, classes = run.records[0], run.records[0]["classes"]
     column = run.target or first["target"]
@@ -95,7 +96,7 @@ def _reference_values(manifest: pd.DataFrame, table: pd.DataFrame, column: str, 
 
 
 def _evaluable(
-    table: pd.DataFrame, column: str, task: Task, classes: Sequence[str]
+    table: pd.DataFrame, column: str, task: WholeImage, classes: Sequence[str]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """The images whose prediction can be scored, and the others with the reason."""
     keep = pd.Series(True, index=table.index)

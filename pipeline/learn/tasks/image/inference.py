@@ -28,7 +28,7 @@ from ... import ood
 from ...channels import channel_files
 from ...ensemble import LoadedModel, prediction_metadata
 from ...ensemble import prediction_record as ensemble_record
-from ...task import Task
+from .base import WholeImage, whole_image
 
 
 def check_input_image(record: dict[str, Any], path: Path, *, space: str | None = None) -> np.ndarray:
@@ -70,7 +70,7 @@ def _unit(volume: np.ndarray) -> np.ndarray:
 
 
 def explain(
-    network: nn.Module, x: torch.Tensor, task: Task
+    network: nn.Module, x: torch.Tensor, task: WholeImage
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One network's outputs, gradient saliency (the largest over the channels), Grad-CAM and the features the
     distribution check reads (the same maps, averaged over space) for one input ``(1, C, X, Y, Z)``."""
@@ -118,7 +118,7 @@ def infer(models: Sequence[LoadedModel], array: np.ndarray, device: str | torch.
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(1, -1, *array.shape[-3:]).to(device)
     per_model, saliency, gradcam, per_fold, features = [], [], [], [], []
     for model in models:
-        task = model.task
+        task = whole_image(model.task)
         fold_outputs, fold_features = [], []
         for fold, network in enumerate(model.networks):
             raw, sal, cam, feat = explain(network, x, task)
@@ -150,7 +150,7 @@ def prediction_record(
 ) -> dict[str, Any]:
     """The JSON-ready prediction of one image (:func:`pipeline.learn.ensemble.prediction_record`): the task's
     prediction fields, with its distribution check (``check``) and the ensemble's spread."""
-    task = models[0].task
+    task = whole_image(models[0].task)
     return ensemble_record(models, source=source, participant_id=participant_id, seen=seen_in_training, check=check,
                            fields=task.prediction_fields([m.record for m in models], result.output, result.per_model),
                            uncertainty=task.uncertainty(result.per_fold))  # fmt: skip
@@ -179,7 +179,7 @@ def predict_image(
         nib.save(out, outputs[key])
     metadata = {
         **prediction_metadata(record),
-        "Score": models[0].task.attribution_score_name(len(models[0].record["classes"] or [])),
+        "Score": whole_image(models[0].task).attribution_score_name(len(models[0].record["classes"] or [])),
         "Scaling": "each fold's map divided by its 99.9th percentile and clipped to [0, 1], then averaged",
     }  # fmt: skip
     outputs["record"] = str(out_dir / "prediction.json")

@@ -26,6 +26,14 @@ LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class References:
+    """The reference labels: a BIDS derivatives folder (``--labels``) and their ``desc-`` (``--label-desc``)."""
+
+    folder: Path
+    desc: str
+
+
+@dataclass(frozen=True)
 class LabelledCohort:
     table: pd.DataFrame
     excluded: list[dict[str, str]]
@@ -37,8 +45,7 @@ def build_cohort(
     *,
     output_dir: Path,
     bids_dir: Path,
-    labels_dir: Path,
-    label_desc: str,
+    references: References,
     resolution_mm: float,
     cache_dir: Path,
     qc: pd.DataFrame | None,
@@ -49,6 +56,7 @@ def build_cohort(
     """The images with reference labels, each brought onto the segmentation grid and cached as ``.npy``; with
     several ``inputs`` (image kinds, in order), the T1w's and its aligned images' arrays stacked as channels."""
     _refuse_maps(inputs)
+    labels_dir, label_desc = references.folder, references.desc
     check_labels_dataset(labels_dir)
     table = find_table(labels_dir, label_desc)
     verdicts = qc.set_index("source")["qc_verdict"] if qc is not None and "qc_verdict" in qc else pd.Series()

@@ -22,7 +22,7 @@ from ....errors import UsageError
 from ....reports import learning as figures
 from ... import ood
 from ...task import Criterion, TargetScale, Task
-from .cohort import build_cohort
+from .cohort import References, build_cohort
 from .data import WINDOW_MODE, WINDOW_OVERLAP, SegmentationData, predict_volume
 from .external import evaluate_segmentations
 from .grid import model_grid, probabilities_to_native, read_transform
@@ -67,8 +67,9 @@ class Segmentation(Task):
         if settings.labels is None or settings.label_desc is None:
             raise UsageError(f"--task {self.name} needs --labels DIR and --label-desc NAME (the reference labels).")
         cohort = build_cohort(
-            manifest, output_dir=output_dir, bids_dir=settings.bids_dir, labels_dir=settings.labels,
-            label_desc=settings.label_desc, resolution_mm=settings.model_resolution, cache_dir=cache_dir, qc=qc,
+            manifest, output_dir=output_dir, bids_dir=settings.bids_dir,
+            references=References(settings.labels, settings.label_desc), resolution_mm=settings.model_resolution,
+            cache_dir=cache_dir, qc=qc,
             exclude_qc_outliers=settings.exclude_qc_outliers, include_failed_qc=settings.include_failed_qc,
             inputs=settings.inputs,
         )  # fmt: skip
