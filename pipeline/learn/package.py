@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,92 @@ FORMAT_CHANGES: dict[int, str] = {
 }
 FORMAT_VERSION = max(FORMAT_CHANGES)
 MODEL_JSON = derivatives.STUDY_OUTPUTS["model_record"]
+
+_NONE = type(None)
+_NUMBER = (int, float)
+_JSON_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
+               dict: "an object", _NONE: "null"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of ``model.json``: the JSON types it may take, whether every package has it, and what it says."""
+
+    types: tuple[type, ...]
+    meaning: str
+    required: bool = False
+
+
+#: ``model.json``, field by field: one schema for the writer (:func:`write_package` refuses a record with a field
+#: missing, mistyped or not listed here) and every reader (:func:`read_package` refuses a package whose required
+#: fields are missing or mistyped, naming them). Grouped by what the fields are for.
+MODEL_FIELDS: dict[str, Field] = {
+    # what the model predicts
+    "name": Field((str,), "the package's name: <target>_<architecture>", required=True),
+    "task": Field((str,), "the learning task (pipeline.learn.tasks), resolved by name when the package loads",
+                  required=True),
+    "target": Field((str,), "the participants.tsv column, or the labels' desc for segmentation", required=True),
+    "classes": Field((list, _NONE), "the class names in output order (segmentation: the structures)", required=True),
+    "positive_class": Field((str, _NONE), "the positive class of a binary classification"),
+    "labels": Field((list,), "segmentation: each output label's index and name"),
+    "label_desc": Field((str,), "segmentation: the desc- of the reference labels it learned"),
+    # the network and what it is fed
+    "model": Field((dict,), "the architecture and its arguments (pipeline.learn.models.ModelConfig)", required=True),
+    "input": Field((dict,), "the input contract: channels, space, resolution, grid shape, normalisation",
+                   required=True),
+    "patch_size": Field((int,), "segmentation: the training patch and inference window (voxels)"),
+    "loss": Field((str,), "segmentation: the loss"),
+    "patch_sampling": Field((str,), "segmentation: how training patches were drawn"),
+    "inference": Field((dict,), "segmentation: the sliding window and how its outputs become labels"),
+    "postprocessing": Field((dict,), "segmentation: the post-processing chosen on validation images"),
+    "ensemble": Field((str,), "how the folds' outputs are combined"),
+    "threshold": Field((*_NUMBER, _NONE), "the decision threshold of the ensemble, chosen on validation"),
+    "fold_thresholds": Field((list,), "each fold's threshold, chosen on its validation participants"),
+    "target_scale": Field((list, _NONE), "each fold's target mean and SD (regression), else null"),
+    "selection_metric": Field((str,), "the validation metric whose best epoch each fold keeps"),
+    # whom it learned from: the leakage guard of inference and transfer
+    "dataset": Field((dict,), "the training dataset's identity (dataset_description's DOI, else Name: the key)"),
+    "training_subjects": Field((list,), "every training and validation participant, with its images' hashes",
+                               required=True),
+    "test_subjects": Field((list,), "the held-out test participants"),
+    "transfer": Field((dict,), "--init-from: the source package, what was loaded and frozen, who it saw"),
+    # how well it did, beside what
+    "metrics": Field((dict,), "validation folds, test folds and the ensemble's test evaluation"),
+    "baseline": Field((dict,), "the linear baseline on the same voxels: its score and the paired comparison"),
+    "volumes_baseline": Field((dict,), "the linear model on regional volumes: its score and the paired comparison"),
+    "permutation_control": Field((dict,), "the same folds on shuffled targets: their headline scores"),
+    "search": Field((dict,), "--search: the trials' metric and the best trial's values"),
+    "distribution": Field((dict, _NONE), "the training features' description and calibrated threshold (ood)"),
+    "data": Field((dict,), "the manifest's and splits' hashes, the numbers of images and participants"),
+    "learning_settings": Field((dict,), "every setting that changes what is learned"),
+    "model_card": Field((dict,), "intended use and limitations"),
+    # the package itself (write_package adds these)
+    "format_version": Field((int,), "the package format (FORMAT_CHANGES)", required=True),
+    "bidsdl_version": Field((str,), "the bidsdl that made it", required=True),
+    "weights": Field((list,), "each fold's safetensors file and its sha256", required=True),
+    "content_sha256": Field((str,), "sha256 of this record without this field: any edit shows", required=True),
+}
+
+
+def record_problems(record: dict[str, Any], *, writing: bool = False) -> list[str]:
+    """What in ``record`` does not follow :data:`MODEL_FIELDS`: required fields missing, fields of another type and,
+    when ``writing``, fields the schema does not list (a reader ignores those: a later format may add fields).
+
+    >>> record_problems({"name": "x", "classes": "AD"})[:2]
+    ["'task' is missing", "'target' is missing"]
+    >>> record_problems({"name": "x", "classes": "AD", "extra": 1}, writing=True)[-2:]
+    ["'classes' is a string, not a list or null", "'extra' is not a field of model.json (MODEL_FIELDS)"]
+    """
+    problems = [f"{name!r} is missing" for name, field in MODEL_FIELDS.items() if field.required and name not in record]
+    for name, value in record.items():
+        field = MODEL_FIELDS.get(name)
+        if field is None:
+            if writing:
+                problems.append(f"{name!r} is not a field of {MODEL_JSON} (MODEL_FIELDS)")
+        elif not isinstance(value, field.types) or (isinstance(value, bool) and bool not in field.types):
+            allowed = " or ".join(dict.fromkeys(_JSON_NAMES[t] for t in field.types))
+            problems.append(f"{name!r} is {_JSON_NAMES.get(type(value), type(value).__name__)}, not {allowed}")
+    return problems
 
 
 def content_hash(record: dict[str, Any]) -> str:
@@ -105,6 +192,9 @@ def write_package(
             listed.append({"file": name, "sha256": sha256_file(staging / name)})
         record = {**record, "format_version": FORMAT_VERSION, "bidsdl_version": __version__, "weights": listed}
         record["content_sha256"] = content_hash(record)
+        problems = record_problems(record, writing=True)
+        if problems:  # a writer out of step with the schema: a bug, not the user's
+            raise ValueError(f"the model record does not follow MODEL_FIELDS: {'; '.join(problems)}")
         for name, content in files.items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +258,12 @@ def read_package(folder: Path) -> dict[str, Any]:
             f"{folder} was made by bidsdl {record.get('bidsdl_version', '?')} in package format "
             f"{record.get('format_version')!r}; this bidsdl ({__version__}) reads formats "
             f"{', '.join(map(str, FORMAT_CHANGES))}. Use the bidsdl version that made it, or re-train."
+        )
+    problems = record_problems(record)
+    if problems:
+        raise InputDataError(
+            f"{path} is not a complete bidsdl model record ({'; '.join(problems)}): the package was not made by "
+            "bidsdl's group level, or was damaged. Re-train, or re-copy the whole folder."
         )
     if record.get("content_sha256") != content_hash(record):
         raise InputDataError(f"{path} does not match its content_sha256: it was edited after training. Refused.")

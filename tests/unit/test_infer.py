@@ -123,6 +123,32 @@ def test_bad_packages_are_refused_with_what_to_do(tmp_path):
     record["content_sha256"] = package.content_hash(record)
     (older / "model.json").write_text(json.dumps(record))
     assert package.read_package(older)["format_version"] == 1
+    # a record without a field every package has (re-hashed, so only the schema can tell): refused, naming it
+    foreign = tmp_path / "foreign"
+    subprocess.run(["cp", "-r", str(good), str(foreign)], check=True)
+    record = json.loads((foreign / "model.json").read_text())
+    del record["training_subjects"]
+    record["classes"] = "CN,AD"
+    record["content_sha256"] = package.content_hash(record)
+    (foreign / "model.json").write_text(json.dumps(record))
+    with pytest.raises(InputDataError, match=r"'training_subjects' is missing; 'classes' is a string, not a list"):
+        package.read_package(foreign)
+
+
+def test_the_writer_keeps_to_the_record_schema(tmp_path):
+    """model.json has one schema (package.MODEL_FIELDS): a writer that adds an unlisted field, or leaves out a required
+    one, fails before anything is written."""
+    folder = make_package(tmp_path / "ok")
+    good = package.read_package(folder)
+    record = {k: v for k, v in good.items() if k not in ("format_version", "bidsdl_version", "weights",
+                                                          "content_sha256")}  # fmt: skip
+    weights = {e["file"]: folder / e["file"] for e in good["weights"]}
+    with pytest.raises(ValueError, match=r"'threshhold' is not a field of model\.json"):
+        package.write_package(tmp_path / "new", record={**record, "threshhold": 0.5}, weights=weights, files={})
+    with pytest.raises(ValueError, match=r"'task' is missing"):
+        package.write_package(tmp_path / "new", record={k: v for k, v in record.items() if k != "task"},
+                              weights=weights, files={})  # fmt: skip
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
