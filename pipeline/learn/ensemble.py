@@ -4,6 +4,7 @@ resolved once (:attr:`LoadedModel.task`), the leakage guard and the model card a
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import InputDataError, UsageError
 from ..kinds import MORPHOMETRY_CHANNELS, package_channels
 from . import ood
 from .package import load_package
@@ -188,6 +189,28 @@ def prediction_record(
         "uncertainty": uncertainty,
         "model_card": [model_card(m) for m in models],
     }
+
+
+#: The fields every prediction record has had, whatever the task and the bidsdl that wrote it (:func:`prediction_record`
+#: writes them and more: a task adds its own, ``predicted`` among them; the distribution check and the ensemble's
+#: spread came later, so readers take those with ``.get``); :func:`read_prediction` checks them.
+PREDICTION_FIELDS = ("source", "participant_id", "task", "target", "models", "seen_in_training")
+
+
+def read_prediction(path: Path) -> dict[str, Any]:
+    """A participant level's ``prediction.json``, after checking that it is one (:data:`PREDICTION_FIELDS`); the
+    one reader of what :func:`prediction_record` wrote. Raises :class:`~pipeline.errors.InputDataError` naming the
+    file and what to do."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"{path} cannot be read ({exc.__class__.__name__}): re-run the participant level with "
+                             "--model for this image.") from exc  # fmt: skip
+    missing = [name for name in PREDICTION_FIELDS if name not in record] if isinstance(record, dict) else ["all"]
+    if missing:
+        raise InputDataError(f"{path} is not a bidsdl prediction record (no {', '.join(missing)}): damaged or made "
+                             "by another tool; re-run the participant level with --model for this image.")  # fmt: skip
+    return record
 
 
 def prediction_metadata(record: dict[str, Any]) -> dict[str, Any]:

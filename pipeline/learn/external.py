@@ -20,7 +20,7 @@ import pandas as pd
 
 from .. import derivatives
 from ..errors import InputDataError
-from .ensemble import check_ensemble, ensemble_id
+from .ensemble import check_ensemble, ensemble_id, read_prediction
 from .package import read_package
 from .task import Task
 
@@ -59,7 +59,11 @@ def gather_predictions(
                 reason = "failed quality control (registration or brain extraction; see its report): not predicted"
             skipped.append({"source": image["source"], "reason": reason})
             continue
-        record = json.loads(path.read_text())
+        try:
+            record = read_prediction(path)
+        except InputDataError as exc:
+            skipped.append({"source": image["source"], "reason": str(exc)})
+            continue
         made_by = [m["content_sha256"] for m in record["models"]]
         if made_by != wanted:
             skipped.append(

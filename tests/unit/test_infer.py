@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -42,6 +43,21 @@ def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
     assert [m["content_sha256"] for m in record["models"]] == [m.record["content_sha256"] for m in models]
     assert record["model_card"][0]["not_for_clinical_use"] and not record["seen_in_training"]
     json.dumps(record)  # JSON-ready
+
+    # gathered at the group level through the one reader; a damaged record is skipped, named, not a crash
+    from pipeline.learn.external import gather_predictions, prediction_path
+
+    out = tmp_path / "out"
+    manifest = pd.DataFrame({"participant_id": ["sub-02", "sub-03"], "session_id": [None, None],
+                             "source": ["sub-02/anat/sub-02_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz"]})  # fmt: skip
+    for source, text in zip(manifest["source"], (json.dumps(record), '{"source": "sub-03/anat/sub-03_T1w.nii.gz"'),
+                            strict=True):  # fmt: skip
+        prediction_path(out, source).parent.mkdir(parents=True, exist_ok=True)
+        prediction_path(out, source).write_text(text)
+    table, skipped = gather_predictions(manifest, out, [m.record for m in models], models[0].task)
+    assert list(table["participant_id"]) == ["sub-02"] and list(table["predicted"]) == [record["predicted"]]
+    assert skipped[0]["source"].startswith("sub-03") and "cannot be read" in skipped[0]["reason"]
+    assert str(prediction_path(out, manifest["source"][1])) in skipped[0]["reason"]
 
 
 def test_regression_outputs_are_back_on_the_target_scale(tmp_path):

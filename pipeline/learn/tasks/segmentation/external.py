@@ -3,7 +3,6 @@ with reference labels (``--labels DIR --label-desc NAME``), case by case and str
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pandas as pd
 
 from .... import derivatives
 from ....errors import InputDataError
-from ...ensemble import ensemble_id
+from ...ensemble import ensemble_id, read_prediction
 from ...external import CASE_SCORES, EVALUATION, PREDICTIONS, ExternalRun, by_distribution, without_cases
 from ...labels import LabelTable, check_labels_dataset, find_label, find_table, load_label
 from ...task import Task
@@ -126,8 +125,8 @@ def _case_scores(
 def _write_volumes(run: ExternalRun, table: pd.DataFrame) -> None:
     """``predictions.tsv``: the volumes (ml) of the structures in every image, with its sidecar."""
     volumes = pd.DataFrame(
-        [{"participant_id": r["participant_id"], "source": r["source"], **json.loads(
-            derivatives.named_path(run.output_dir, r["source"], "prediction").read_text())["volumes_ml"]}
+        [{"participant_id": r["participant_id"], "source": r["source"],
+          **read_prediction(derivatives.named_path(run.output_dir, r["source"], "prediction"))["volumes_ml"]}
          for _, r in table.iterrows()]
     )  # fmt: skip
     derivatives.write_text(run.output_dir / PREDICTIONS, volumes.to_csv(sep="\t", index=False, na_rep="n/a"))
