@@ -112,7 +112,8 @@ lint: install
 
 # The suite; the container image and SLURM tests (minutes each, skipped without an engine or a
 # cluster), the process-fault tests (runs killed, signalled and run concurrently), the hard-heads
-# run (ten hard or bad heads end to end) and the slow end-to-end ones (a morphometry cohort) run with
+# run (ten hard or bad heads end to end) and the slow end-to-end ones (each preprocesses a cohort of its own:
+# morphometry, lesions, unfamiliar images, a second dataset for transfer; or trains on two processes) run with
 # `make test-infra`, which .ci/run calls after it.
 INFRA := container or slurm or faults or robustness or slow
 test: lint

@@ -69,7 +69,7 @@ def main() -> None:
     from pipeline import derivatives
     from pipeline.learn import ood
     from pipeline.learn.ensemble import load_models
-    from pipeline.learn.infer import infer
+    from pipeline.learn.tasks.image.inference import infer
 
     out, new = work / "new_derivatives", work / "new"
     record = json.loads((package / "model.json").read_text())

@@ -48,6 +48,7 @@ def test_sidecars_carry_the_fields_bids_defines(sample_run):
     assert "NaN" not in text.replace('"NaN', "") and "Infinity" not in text  # strict JSON
 
 
+@pytest.mark.slow  # a participant run of its own
 def test_t1w_told_apart_only_by_echo_or_chunk_stay_apart(tmp_path, run_cli):
     """Two participants, each with two real (sample) heads that differ only by echo-<i> or chunk-<i>."""
     from pipeline.sample.generate import SampleOptions, write_sample_dataset

@@ -46,6 +46,7 @@ def _files(out: Path) -> set[str]:
             if p.is_file() and "logs" not in p.parts}  # fmt: skip
 
 
+@pytest.mark.slow  # two torchrun processes train end to end: ~1 min each
 def test_two_processes_train_one_model_rank_0_writes(learning_sample, trained_package, tmp_path):
     bids, derivatives = learning_sample
     out = fresh_output(derivatives, tmp_path / "ddp")
@@ -141,6 +142,7 @@ def test_ranks_started_with_different_options_are_refused(learning_sample, tmp_p
     assert not (out / "learn").exists() and not list((out / "logs").glob("*_group_*"))  # refused before writing
 
 
+@pytest.mark.slow  # two torchrun processes train end to end: ~1 min each
 def test_segmentation_on_two_processes(learning_sample, tmp_path):
     """Patches (and their labels) shared between the ranks; the package as a single process's, within tolerance."""
     from pipeline.sample.generate import LABELS_DIR

@@ -177,6 +177,7 @@ def lesion_learning(tmp_path_factory):
     return bids, new, out, next((out / "models").glob("lesion_*")), root
 
 
+@pytest.mark.slow  # a lesion cohort preprocessed and a model trained: ~6 min
 def test_a_two_channel_lesion_model_records_its_channels_and_scores_lesion_wise(lesion_learning):
     _, _, out, package, _ = lesion_learning
     record = json.loads((package / "model.json").read_text())
@@ -194,6 +195,7 @@ def test_a_two_channel_lesion_model_records_its_channels_and_scores_lesion_wise(
     assert {"lesion_f1", "lesion_recall", "n_lesions_ref", "n_lesions_pred"} <= set(cases.columns)
 
 
+@pytest.mark.slow  # a lesion cohort preprocessed and a model trained: ~6 min
 def test_new_people_are_labelled_from_both_channels_and_evaluated_lesion_wise(lesion_learning, run_cli):
     _, new, _, package, root = lesion_learning
     out = root / "new_out"

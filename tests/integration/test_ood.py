@@ -16,8 +16,8 @@ from pipeline import derivatives
 from pipeline.errors import InputDataError
 from pipeline.learn import ood
 from pipeline.learn.ensemble import load_models
-from pipeline.learn.infer import infer
 from pipeline.learn.package import read_package
+from pipeline.learn.tasks.image.inference import infer
 from tests.helpers import AFFINE, validator_issues
 
 RES = ("--model-resolution", "4", "--nprocs", "2")
@@ -51,6 +51,7 @@ def _records(out: Path) -> dict[str, dict]:
     return {json.loads(p.read_text())["source"]: json.loads(p.read_text()) for p in out.rglob("*_prediction.json")}
 
 
+@pytest.mark.slow  # a new cohort preprocessed and predicted: ~3 min
 def test_unfamiliar_images_are_flagged_and_new_people_like_the_cohort_rarely(new_cohort, trained_package):
     bids, out, kinds, code = new_cohort
     assert code != 0  # quality control failed the grossest two (the others finished)
@@ -97,6 +98,7 @@ def test_unfamiliar_images_are_flagged_and_new_people_like_the_cohort_rarely(new
         assert record["uncertainty"]["fold_sd"] is not None and 0 <= record["uncertainty"]["entropy"] <= 1
 
 
+@pytest.mark.slow  # a new cohort preprocessed and predicted: ~3 min
 def test_the_external_evaluation_tells_flagged_from_unflagged(new_cohort, trained_package, run_cli):
     bids, out, kinds, _ = new_cohort
     code, _, err = run_cli(bids, out, "group", "--model", trained_package)

@@ -65,6 +65,7 @@ def test_segmentation_training_leaves_a_package_and_its_evidence(segmentation_ru
     assert not [i for i in validator_issues(out) if i["severity"] == "error"]
 
 
+@pytest.mark.slow  # a new cohort's participant level with the model
 def test_predicted_labels_land_in_each_t1w_grid_and_match_the_truth(segmentation_run, run_cli, tmp_path):
     bids, derivatives, _, package = segmentation_run
     record = read_package(package)

@@ -115,6 +115,7 @@ def second_dataset(learning_sample, trained_package, tmp_path_factory):
     return bids, out, copied
 
 
+@pytest.mark.slow  # a second dataset preprocessed: ~2 min
 def test_transfer_with_its_cross_study_guard(learning_sample, trained_package, second_dataset, tmp_path, run_cli):
     bids, derivatives = learning_sample
     source = read_package(trained_package)
