@@ -1,0 +1,143 @@
+"""Side by side: the same group-level studies run by an earlier bidsdl (``--before REV``) and by this checkout, on one
+generated sample preprocessed once, with the same seed; prints which outputs are identical and what differs.
+
+A refactor must leave every output as it was, except where a change meant to alter it (list those with
+``--expected``). The earlier code runs from a git worktree of REV (``python -m pipeline.cli.run`` with that tree
+first on ``PYTHONPATH``), this checkout's from its own tree; both use this environment's packages.
+
+    python benchmarks/side_by_side.py --before 15e3e9b --out /tmp/side_by_side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ("--n-folds", "2", "--epochs", "3", "--batch-size", "4", "--model-resolution", "4", "--test-size", "0.25",
+       "--nprocs", "1", "--outer-folds", "0", "--seed", "42")  # fmt: skip
+STUDIES: dict[str, tuple[str, ...]] = {
+    "classification": ("--target", "diagnosis", "--positive-class", "AD", "--inputs", "T1w", *RUN),
+    "regression": ("--target", "age", "--task", "regression", "--inputs", "T1w", *RUN),
+    "search": ("--target", "diagnosis", "--positive-class", "AD", "--inputs", "T1w", "--search", "2", *RUN),
+    "segmentation": ("--task", "segmentation", "--labels", "{bids}/derivatives/labels", "--label-desc", "structures",
+                     "--model-resolution", "3", "--patch-size", "32", "--n-folds", "1", "--epochs", "2",
+                     "--outer-folds", "0", "--seed", "42", "--nprocs", "1"),
+}
+
+
+def _run(tree: Path, *args: str) -> float:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli.run", *args], env=env, cwd=tree,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"{tree}: bidsdl {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def _tables(out: Path) -> dict[str, Path]:
+    """Every TSV a study wrote under learn/ and models/ (predictions, case scores, splits, folds' histories)."""
+    found = {}
+    for base in ("learn", "models"):
+        for path in sorted((out / base).rglob("*.tsv")) if (out / base).exists() else []:
+            relative = path.relative_to(out)  # a package's folder is named by its content hash: keyed without it
+            found[f"models/{'/'.join(relative.parts[2:])}" if base == "models" else str(relative)] = path
+    return found
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _results(out: Path) -> dict[str, Any]:
+    paths = sorted((out / "learn").rglob("results.json"))
+    return _flatten(json.loads(paths[0].read_text())) if paths else {}
+
+
+def _package(out: Path) -> dict[str, Any]:
+    paths = sorted((out / "models").glob("*/model.json"))
+    return _flatten(json.loads(paths[0].read_text())) if paths else {}
+
+
+def compare(before: Path, after: Path) -> dict[str, Any]:
+    """What differs between two output folders of the same study."""
+    tables_b, tables_a = _tables(before), _tables(after)
+    tables = {}
+    for name in sorted(set(tables_b) | set(tables_a)):
+        if name not in tables_b or name not in tables_a:
+            tables[name] = "only " + ("after" if name in tables_a else "before")
+            continue
+        b, a = pd.read_csv(tables_b[name], sep="\t"), pd.read_csv(tables_a[name], sep="\t")
+        if "epoch_time_s" in b:  # the histories' timings differ by nature
+            b, a = b.drop(columns=["epoch_time_s"]), a.drop(columns=["epoch_time_s"], errors="ignore")
+        tables[name] = "identical" if b.equals(a) else "differs"
+    ignore = ("wall_time_s", "started", "finished", "bidsdl_version", "duration", "run_id", "environment", "host",
+              "content_sha256", "package", "determinism", "hardware", "data.manifest_sha256")  # fmt: skip
+    fields = {}
+    for name, (b, a) in {"results.json": (_results(before), _results(after)),
+                         "model.json": (_package(before), _package(after))}.items():  # fmt: skip
+        changed = sorted(k for k in set(b) | set(a) if b.get(k) != a.get(k) and not any(i in k for i in ignore))
+        fields[name] = changed
+    return {"tables": tables, "fields": fields}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the earlier revision (a commit of this repository)")
+    parser.add_argument("--out", type=Path, required=True, help="a scratch folder (several hundred MB)")
+    parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    before_tree = out / "before_tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_tree), args.before], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        bids, derivatives = out / "bids", out / "derivatives"
+        subprocess.run([sys.executable, "-m", "pipeline.cli.sample", str(bids), "--subjects", "8", "--seed", "6",
+                        "--voxel-scale", "3"], check=True, cwd=ROOT)  # fmt: skip
+        seconds = _run(ROOT, str(bids), str(derivatives), "participant", "--nprocs", "2", "--model-resolution", "4",
+                       "--registration", "affine")  # fmt: skip
+        print(f"participant level (this checkout, shared by both): {seconds:.0f} s")
+        report = {}
+        for study in args.studies:
+            options = [o.format(bids=bids) for o in STUDIES[study]]
+            runs = {}
+            for side, tree in (("before", before_tree), ("after", ROOT)):
+                target = out / f"{study}_{side}"
+                shutil.copytree(derivatives, target, ignore=shutil.ignore_patterns(".bidsdl_work"))
+                runs[side] = _run(tree, str(bids), str(target), "group", "-w", str(out / f"work_{study}_{side}"),
+                                  *options)  # fmt: skip
+            report[study] = compare(out / f"{study}_before", out / f"{study}_after")
+            same = [t for t, v in report[study]["tables"].items() if v == "identical"]
+            other = {t: v for t, v in report[study]["tables"].items() if v != "identical"}
+            print(f"\n{study}: group level {runs['before']:.0f} s before, {runs['after']:.0f} s after")
+            print(f"  tables identical ({len(same)}): {', '.join(same)}")
+            print(f"  tables that differ: {other or 'none'}")
+            for name, changed in report[study]["fields"].items():
+                print(f"  {name} fields that differ ({len(changed)}): {', '.join(changed) or 'none'}")
+        (out / "side_by_side.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwritten: {out / 'side_by_side.json'}")
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_tree)], check=False,
+                       capture_output=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
