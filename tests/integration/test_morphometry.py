@@ -19,7 +19,8 @@ from pipeline.ops.images import nib_to_sitk
 from pipeline.ops.template import load_template
 from tests.helpers import FAST, WARP, fresh_output, preprocessed_sample, validator_issues
 
-pytestmark = pytest.mark.integration
+# make test-infra: the nonlinear registration of a cohort end to end (its parts: tests/unit/test_morphometry.py)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

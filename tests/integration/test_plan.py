@@ -17,6 +17,7 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # a measured participant run and its plan
 def test_participant_plan_measures_the_heaviest_participant_and_writes_the_array(tmp_path, run_cli):
     bids = make_bids(tmp_path / "bids", {"01": ["anat/sub-01_T1w.nii.gz"],
                                          "02": ["ses-1/anat/sub-02_ses-1_T1w.nii.gz",

@@ -52,6 +52,7 @@ def test_true_transform_maps_the_head_onto_the_template(sample_bids):
         assert np.linalg.norm(centre - template_centre) < 6, path.name
 
 
+@pytest.mark.slow  # the sample written twice
 def test_same_seed_gives_identical_files_whatever_the_parallelism(tmp_path):
     options = SampleOptions(n_subjects=2, seed=11, two_session_fraction=0.0, corrupt_subject=True)
     write_sample_dataset(tmp_path / "a", options)

@@ -15,7 +15,8 @@ from pipeline.learn.tasks.segmentation import dice_scores
 from pipeline.sample.generate import LABEL_DESC, LABELS_DIR
 from tests.helpers import fresh_output, the_package, validator_issues
 
-pytestmark = pytest.mark.integration
+# make test-infra: a segmentation study end to end (its parts: tests/unit/test_segmentation.py)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Small and fast: the 3 mm sample on a 3 mm grid, 32-voxel patches, one validation split, three epochs.
 SEG = ("--task", "segmentation", "--label-desc", LABEL_DESC, "--model-resolution", "3", "--patch-size", "32",
@@ -65,7 +66,6 @@ def test_segmentation_training_leaves_a_package_and_its_evidence(segmentation_ru
     assert not [i for i in validator_issues(out) if i["severity"] == "error"]
 
 
-@pytest.mark.slow  # a new cohort's participant level with the model
 def test_predicted_labels_land_in_each_t1w_grid_and_match_the_truth(segmentation_run, run_cli, tmp_path):
     bids, derivatives, _, package = segmentation_run
     record = read_package(package)

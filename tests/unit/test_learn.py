@@ -322,7 +322,8 @@ def test_package_refuses_tampering(tmp_path):
     config = ModelConfig("conv5fc3", 2, (16, 16, 16), {"channels": [2, 2, 2, 2, 2], "hidden": [4]})
     weights = tmp_path / "w.safetensors"
     save_weights(build_model(config), weights)
-    record = {"target": "diagnosis", "model": config.to_dict()}
+    record = {"name": "diagnosis_conv5fc3", "task": "classification", "target": "diagnosis", "classes": ["CN", "AD"],
+              "model": config.to_dict(), "input": {"resolution_mm": 4.0}, "training_subjects": []}  # fmt: skip
     folder = package.write_package(tmp_path / "models", record=record, weights={"fold-0.safetensors": weights},
                                    files={"config.json": {"seed": 1}})  # fmt: skip
     assert folder.name.startswith("diagnosis_conv5fc3_")

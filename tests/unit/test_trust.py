@@ -256,9 +256,9 @@ def test_load_source_refuses_another_network(tmp_path):
 
     (tmp_path / "a").mkdir()
     _source(tmp_path / "a")
-    record = {"name": "src", "task": "classification", "target": "diagnosis",
+    record = {"name": "src", "task": "classification", "target": "diagnosis", "classes": ["CN", "AD"],
               "model": {"architecture": "conv5fc3", "n_outputs": 2, "in_shape": [24, 24, 24]},
-              "input": {"channels": ["T1w"], "resolution_mm": 4.0}}  # fmt: skip
+              "input": {"channels": ["T1w"], "resolution_mm": 4.0}, "training_subjects": []}  # fmt: skip
     folder = write_package(tmp_path / "models", record=record, weights={"fold-0.safetensors": tmp_path / "a" /
                                                                         "fold-0.safetensors"}, files={})  # fmt: skip
     assert transfer.load_source(folder, architecture="conv5fc3", inputs=("T1w",), resolution_mm=4.0).n_folds == 1
