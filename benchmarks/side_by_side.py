@@ -27,7 +27,8 @@ RUN = ("--n-folds", "2", "--epochs", "3", "--batch-size", "4", "--model-resoluti
        "--nprocs", "1", "--outer-folds", "0", "--seed", "42")  # fmt: skip
 STUDIES: dict[str, tuple[str, ...]] = {
     "classification": ("--target", "diagnosis", "--positive-class", "AD", "--inputs", "T1w", *RUN),
-    "regression": ("--target", "age", "--task", "regression", "--inputs", "T1w", *RUN),
+    # stratified by sex: age's bins need more test participants than a cohort of 8 has
+    "regression": ("--target", "age", "--task", "regression", "--inputs", "T1w", "--stratify", "sex", *RUN),
     "search": ("--target", "diagnosis", "--positive-class", "AD", "--inputs", "T1w", "--search", "2", *RUN),
     "segmentation": ("--task", "segmentation", "--labels", "{bids}/derivatives/labels", "--label-desc", "structures",
                      "--model-resolution", "3", "--patch-size", "32", "--n-folds", "1", "--epochs", "2",
@@ -74,6 +75,11 @@ def _package(out: Path) -> dict[str, Any]:
     return _flatten(json.loads(paths[0].read_text())) if paths else {}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, NaN included (an undefined metric is the same undefined metric)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
 def compare(before: Path, after: Path) -> dict[str, Any]:
     """What differs between two output folders of the same study."""
     tables_b, tables_a = _tables(before), _tables(after)
@@ -91,7 +97,8 @@ def compare(before: Path, after: Path) -> dict[str, Any]:
     fields = {}
     for name, (b, a) in {"results.json": (_results(before), _results(after)),
                          "model.json": (_package(before), _package(after))}.items():  # fmt: skip
-        changed = sorted(k for k in set(b) | set(a) if b.get(k) != a.get(k) and not any(i in k for i in ignore))
+        changed = sorted(k for k in set(b) | set(a)
+                         if not _same(b.get(k), a.get(k)) and not any(i in k for i in ignore))  # fmt: skip
         fields[name] = changed
     return {"tables": tables, "fields": fields}
 
@@ -101,26 +108,35 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the earlier revision (a commit of this repository)")
     parser.add_argument("--out", type=Path, required=True, help="a scratch folder (several hundred MB)")
     parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    parser.add_argument("--keep", action="store_true", help="reuse --out's preprocessed sample (a second call)")
     args = parser.parse_args()
     out = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    bids, derivatives = out / "bids", out / "derivatives"
+    keep = args.keep and (derivatives / "dataset_description.json").exists()
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     before_tree = out / "before_tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_tree), args.before], check=True,
                    capture_output=True)  # fmt: skip
+    # the installed package maps pipeline.templates to this checkout's templates/: the earlier tree gets its own
+    if (before_tree / "templates").is_dir() and not (before_tree / "pipeline" / "templates").exists():
+        (before_tree / "pipeline" / "templates").symlink_to(before_tree / "templates")
     try:
-        bids, derivatives = out / "bids", out / "derivatives"
-        subprocess.run([sys.executable, "-m", "pipeline.cli.sample", str(bids), "--subjects", "8", "--seed", "6",
-                        "--voxel-scale", "3"], check=True, cwd=ROOT)  # fmt: skip
-        seconds = _run(ROOT, str(bids), str(derivatives), "participant", "--nprocs", "2", "--model-resolution", "4",
-                       "--registration", "affine")  # fmt: skip
-        print(f"participant level (this checkout, shared by both): {seconds:.0f} s")
+        if not keep:
+            subprocess.run([sys.executable, "-m", "pipeline.cli.sample", str(bids), "--subjects", "8", "--seed", "6",
+                            "--voxel-scale", "3"], check=True, cwd=ROOT)  # fmt: skip
+            seconds = _run(ROOT, str(bids), str(derivatives), "participant", "--nprocs", "2", "--model-resolution",
+                           "4", "--registration", "affine")  # fmt: skip
+            print(f"participant level (this checkout, shared by both): {seconds:.0f} s")
         report = {}
         for study in args.studies:
             options = [o.format(bids=bids) for o in STUDIES[study]]
             runs = {}
             for side, tree in (("before", before_tree), ("after", ROOT)):
                 target = out / f"{study}_{side}"
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.rmtree(out / f"work_{study}_{side}", ignore_errors=True)
                 shutil.copytree(derivatives, target, ignore=shutil.ignore_patterns(".bidsdl_work"))
                 runs[side] = _run(tree, str(bids), str(target), "group", "-w", str(out / f"work_{study}_{side}"),
                                   *options)  # fmt: skip
