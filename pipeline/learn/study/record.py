@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,6 @@ from ..models import ModelConfig
 from ..package import MODEL_JSON, write_package
 from ..task import Task
 from .settings import CohortStage, FoldResult, StudySettings
-
-LOGGER = logging.getLogger(__name__)
-
 
 RESULTS = derivatives.STUDY_OUTPUTS["results"]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from ..train import (
     TargetScale,
     TrainSettings,
 )
-
-LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
