@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,21 @@ def _failed_quality_control(output_dir: Path, source: str) -> bool:
         return False
 
 
+#: The columns a gathered prediction record gives by default: what was predicted.
+Columns = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def predicted(record: dict[str, Any]) -> dict[str, Any]:
+    """A prediction record's ``predicted`` (the gathered columns of a task that adds none)."""
+    return {"predicted": record["predicted"]}
+
+
 def gather_predictions(
-    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]], task: Task
+    manifest: pd.DataFrame, output_dir: Path, records: Sequence[dict[str, Any]], columns: Columns = predicted
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """One row per image predicted by exactly these models; the others listed with the reason."""
+    """One row per image predicted by exactly these models (``columns``: the task's columns of a record); the
+    others listed with the reason."""
     wanted = [r["content_sha256"] for r in records]
-    classes = records[0]["classes"]
     rows, skipped = [], []
     for _, image in manifest.iterrows():
         path = prediction_path(output_dir, image["source"])
@@ -79,7 +88,7 @@ def gather_predictions(
             "session_id": image.get("session_id"),
             "source": image["source"],
             "seen_in_training": record["seen_in_training"],
-            **task.external_row(record, classes),
+            **columns(record),
             # the distribution check and the ensemble's spread (None: made before bidsdl checked them)
             "out_of_distribution": record.get("out_of_distribution"),
             "distribution_score": (record.get("distribution_check") or {}).get("score"),
@@ -95,10 +104,10 @@ def _gathered(
     output_dir: Path,
     records: Sequence[dict[str, Any]],
     model_dirs: Sequence[Path],
-    task: Task,
+    columns: Columns,
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """The gathered predictions and the images left out (logged); no prediction at all is an input error."""
-    table, skipped = gather_predictions(manifest, output_dir, records, task)
+    table, skipped = gather_predictions(manifest, output_dir, records, columns)
     for item in skipped:
         LOGGER.warning("No prediction used for %s: %s.", item["source"], item["reason"])
     if table.empty:
@@ -124,9 +133,10 @@ class ExternalRun:
     labels: Path | None = None
     label_desc: str | None = None
 
-    def gathered(self, task: Task) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-        """One row per image that these models predicted (``task``'s columns), and the images skipped, logged."""
-        return _gathered(self.manifest, self.output_dir, self.records, self.model_dirs, task)
+    def gathered(self, columns: Columns = predicted) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+        """One row per image that these models predicted (``columns``: the task's columns of a prediction record),
+        and the images skipped, logged."""
+        return _gathered(self.manifest, self.output_dir, self.records, self.model_dirs, columns)
 
     def model_entries(self) -> list[dict[str, Any]]:
         return _model_entries(self.model_dirs, self.records)

@@ -13,9 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import ood
 from .baseline import LinearModel
-from .data import Volumes
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,12 +30,32 @@ class TargetScale:
 NO_SCALE = TargetScale()
 
 
+def target_scale(task: Task, y: np.ndarray) -> TargetScale:
+    """The scale of a fold's training targets ``y`` for ``task``'s loss: their mean and SD where the task scales its
+    targets (:attr:`Task.scaled_targets`), else :data:`NO_SCALE`.
+
+    >>> class Scaled(Task):
+    ...     scaled_targets = True
+    >>> target_scale(Scaled(), np.array([60.0, 70.0, 80.0]))
+    TargetScale(mean=70.0, sd=8.16496580927726)
+    >>> target_scale(Task(), np.array([0.0, 1.0]))
+    TargetScale(mean=0.0, sd=1.0)
+    """
+    if not task.scaled_targets:
+        return NO_SCALE
+    return TargetScale(float(y.mean()), float(y.std()) or 1.0)
+
+
 class Task:
     """What the machinery below the tasks (training, the study, inference, export, the reports) asks of every task,
     grouped by role: the cohort, targets, training, evaluation, inference, reports. A method raising
-    NotImplementedError is implemented by every task; one with a body is a default that a task may replace. What only
-    the whole-image tasks need (attribution, their ensemble's spread, a reference value's check) is theirs
-    (:class:`~pipeline.learn.tasks.image.base.WholeImage`), segmentation's own parts are segmentation's."""
+    NotImplementedError has no default: each task family implements it (the whole-image tasks' in
+    :class:`~pipeline.learn.tasks.image.base.WholeImage`, segmentation's in its package); one with a body is a default
+    that more than one task keeps. No method here is one task's alone (tests/unit/test_architecture.py): what only the
+    whole-image tasks need (their ensemble's spread, attribution, the threshold of a class probability, the gathered
+    columns of a prediction) is their family's, what only segmentation needs is segmentation's. ``encode_targets``
+    and ``scores`` are reached on whole-image paths only (the image-level cohort, the linear baseline's comparison:
+    segmentation encodes its label images in its own cohort and has no linear baseline)."""
 
     name: str = ""
     #: Whether targets are categories (splits stratify by class and check class counts).
@@ -100,9 +118,6 @@ class Task:
         """One subject's target from its images' (for the splits)."""
         raise NotImplementedError
 
-    def target_scale(self, y: np.ndarray) -> TargetScale:
-        return TargetScale()
-
     def target_summary(self, rows: pd.DataFrame) -> dict[str, Any]:
         """What the split table shows of the targets of ``rows``."""
         raise NotImplementedError
@@ -115,9 +130,6 @@ class Task:
     def loss(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> Criterion:
         raise NotImplementedError
 
-    def sample_weights(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> np.ndarray | None:
-        return None
-
     def loss_targets(self, y: torch.Tensor, scale: TargetScale) -> torch.Tensor:
         """Targets as the loss sees them."""
         return y
@@ -126,18 +138,13 @@ class Task:
         self, run: Callable[[torch.Tensor], torch.Tensor], data: Any, *, scale: TargetScale, batch_size: int
     ) -> np.ndarray:
         """Predictions of every item of ``data``; ``run`` maps a CPU input batch to raw CPU outputs."""
-        raw = torch.cat([run(data.batch(chunk)[0]) for chunk in chunks(len(data), batch_size)])
-        return self.postprocess(raw, scale)
+        raise NotImplementedError
 
     def outputs(self, raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
         """The one post-processing of one network's raw outputs ``(n, k, ...)``: class probabilities, or values in
         target units. Training's evaluation, the participant level's inference and an exported ensemble (traced)
         all compute it here; an ensemble is the mean of its networks' outputs."""
         raise NotImplementedError
-
-    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
-        """Raw network outputs ``(n, k)`` -> predictions, as evaluation tabulates them (float64)."""
-        return self.outputs(raw, scale).numpy().astype(np.float64)
 
     def validation_loss(
         self, criterion: Criterion, outputs: np.ndarray, targets: np.ndarray, scale: TargetScale
@@ -149,58 +156,47 @@ class Task:
 
     def after_validation(self, outputs: Any, data: Any, *, run_dir: Any, epoch: int) -> None:
         """Evidence of one epoch's validation beside the checkpoint (e.g. the worst case, drawn)."""
+        raise NotImplementedError
 
     def dataset(self, rows: pd.DataFrame, *, patch_size: int, n_outputs: int) -> Any:
         """What :func:`~pipeline.learn.train.fit` trains on or predicts: cached arrays and targets of ``rows``."""
-        return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
+        raise NotImplementedError
 
     def features(self, network: torch.nn.Module, data: Any, *, device: Any, batch_size: int = 8) -> np.ndarray:
         """The network's features ``(n, D)`` of every item of ``data``: what the distribution check describes
         (:mod:`pipeline.learn.ood`)."""
-        batches = (data.batch(chunk)[0] for chunk in chunks(len(data), batch_size))
-        return ood.whole_image_features(network, batches, device)
+        raise NotImplementedError
 
     def ensemble(self, outputs: Sequence[Any]) -> Any:
         """The folds' outputs on one set of images, combined (the mean)."""
-        return np.mean(outputs, axis=0)
+        raise NotImplementedError
 
     def evaluate_rows(
         self, rows: pd.DataFrame, outputs: Any, *, threshold: float, seed: int, ci: bool
     ) -> dict[str, Any]:
         """The evaluation of ``outputs`` against the targets of ``rows`` (CIs resample participants)."""
-        groups = rows["participant_id"].tolist()
-        return self.evaluate(rows["y"].to_numpy(), outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
+        raise NotImplementedError
 
     def postprocessing(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> dict[str, Any]:
         """Post-processing chosen on every fold's validation outputs ``(rows, outputs)``; recorded in
-        ``model.json`` and ``results.json``. None by default."""
-        return {}
+        ``model.json`` and ``results.json``."""
+        raise NotImplementedError
 
     def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
         """``outputs`` with the chosen post-processing applied (what the ensemble's evaluation scores)."""
-        return outputs
+        raise NotImplementedError
 
     def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
         """What ``model.json`` records besides what every task records (overrides included)."""
-        return {}
+        raise NotImplementedError
 
     def finish_study(self, rows: pd.DataFrame, ensemble: Any, *, run_dir: Any, settings: Any) -> dict[str, Any]:
         """Extra results of the test set's ensemble outputs (written beside ``results.json``)."""
-        return {}
+        raise NotImplementedError
 
     # --- evaluation ----------------------------------------------------------------------------------------
-    def choose_threshold(self, y: np.ndarray, outputs: np.ndarray) -> float:
-        return 0.5
-
     def pooled_threshold(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> float:
         """The ensemble's threshold, chosen on every fold's validation outputs ``(rows, outputs)`` pooled."""
-        return 0.5
-
-    def evaluate(
-        self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
-    ) -> dict[str, Any]:
-        """The evaluation of ``outputs`` against ``y``: at least what :func:`pipeline.learn.evaluate.scored`
-        records (``n``, ``n_subjects``, ``metrics``, ``ci``), which reports and model cards read."""
         raise NotImplementedError
 
     def scores(self, y: np.ndarray, outputs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -235,18 +231,6 @@ class Task:
         self, models: Sequence[dict[str, Any]], output: np.ndarray, per_model: Sequence[np.ndarray]
     ) -> dict[str, Any]:
         """The task's part of a prediction record (``predicted`` and what explains it)."""
-        raise NotImplementedError
-
-    def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
-        """The gathered columns of one participant-level prediction record."""
-        return {"predicted": record["predicted"]}
-
-    def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def case_error(self, table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.Series, str]:
-        """How wrong each gathered prediction of ``table`` (with its ``target``) is, and what that measures (lower is
-        better): what the external evaluation compares between flagged and unflagged images."""
         raise NotImplementedError
 
     def headline_metric(self, n_classes: int) -> str:

@@ -337,9 +337,26 @@ def _start(
     return _Run(
         model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, precision=precision,
         criterion=task.loss(train.targets, settings.n_outputs, settings.class_weighting),
-        weights=task.sample_weights(train.targets, settings.n_outputs, settings.class_weighting),
+        weights=sampler_weights(task, train.targets, settings.n_outputs, settings.class_weighting),
         metrics=["loss", *task.metrics(settings.n_outputs)],
     )  # fmt: skip
+
+
+def sampler_weights(task: Task, targets: np.ndarray, n_outputs: int, class_weighting: str) -> np.ndarray | None:
+    """Each training item's chance of being drawn with ``--class-weighting sampler`` (inverse class frequency, for
+    categorical targets); None: drawn uniformly.
+
+    >>> class Categories(Task):
+    ...     discrete = True
+    >>> sampler_weights(Categories(), np.array([0, 0, 0, 1]), 2, "sampler").tolist()
+    [0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 1.0]
+    >>> sampler_weights(Categories(), np.array([0, 1]), 2, "loss") is None
+    True
+    """
+    if not task.discrete or class_weighting != "sampler":
+        return None
+    counts = np.bincount(targets.astype(int), minlength=n_outputs).astype(np.float64)
+    return 1.0 / counts[targets.astype(int)]
 
 
 def _resume(run: _Run, path: Path, *, world: distributed.World, label: str) -> bool | None:

@@ -168,3 +168,21 @@ def test_learn_functions_take_few_parameters():
                 if n > MAX_PARAMETERS:
                     many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n})")
     assert many == [], f"functions of learn/ with over {MAX_PARAMETERS} parameters: {many}"
+
+
+def test_the_task_interface_has_no_method_of_one_task():
+    """Every method of the Task interface is one more than one task implements, or one every task family implements
+    (no body): a method that only one task replaces belongs to that task (or its family), not to the interface."""
+    import inspect
+
+    from pipeline.learn.registry import get_task, task_names
+    from pipeline.learn.task import Task
+
+    tasks = {name: type(get_task(name)) for name in task_names()}
+    for name, method in vars(Task).items():
+        if name.startswith("_") or not inspect.isfunction(method):
+            continue
+        implementers = [task for task, cls in tasks.items() if getattr(cls, name) is not method]
+        assert len(implementers) != 1, f"Task.{name} is implemented by {implementers[0]} alone"
+        if "raise NotImplementedError" in inspect.getsource(method):
+            assert len(implementers) >= 2, f"Task.{name} has no default and {len(implementers)} implementation"

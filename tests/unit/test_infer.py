@@ -54,7 +54,9 @@ def test_inference_gives_probabilities_and_attribution_maps(tmp_path):
                             strict=True):  # fmt: skip
         prediction_path(out, source).parent.mkdir(parents=True, exist_ok=True)
         prediction_path(out, source).write_text(text)
-    table, skipped = gather_predictions(manifest, out, [m.record for m in models], models[0].task)
+    classes = models[0].record["classes"]
+    table, skipped = gather_predictions(manifest, out, [m.record for m in models],
+                                        lambda r: models[0].task.external_row(r, classes))  # fmt: skip
     assert list(table["participant_id"]) == ["sub-02"] and list(table["predicted"]) == [record["predicted"]]
     assert skipped[0]["source"].startswith("sub-03") and "cannot be read" in skipped[0]["reason"]
     assert str(prediction_path(out, manifest["source"][1])) in skipped[0]["reason"]

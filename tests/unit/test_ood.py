@@ -221,10 +221,10 @@ def test_external_evaluation_compares_flagged_and_unflagged_cases():
     assert dice["text"].endswith("the flagged did not do worse.")
     none = by_distribution(pd.DataFrame({"out_of_distribution": [None]}), pd.Series([0.1]), "e", lower_is_better=True)
     assert "no distribution check" in none["text"]
-    from pipeline.learn.task import Task
+    from pipeline.learn.tasks.image.base import WholeImage
     from pipeline.learn.tasks.image.external import _flagged_against_unflagged
 
-    assert _flagged_against_unflagged(table, Task(), []) is None  # a task with no per-image error: no comparison
+    assert _flagged_against_unflagged(table, WholeImage(), []) is None  # a task with no per-image error: no comparison
     table["target"], table["predicted"] = [1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.0, 3.0, 4.0, 5.0]
     value = _flagged_against_unflagged(table, get_task("regression"), [])
     assert value["measure"] == "absolute error" and value["flagged"]["mean"] == 0.25

@@ -29,7 +29,7 @@ from ..splits import (
     save_splits,
     subject_table,
 )
-from ..task import Task
+from ..task import Task, target_scale
 from ..train import (
     FitHooks,
     TargetScale,
@@ -207,7 +207,7 @@ def train_fold(
     for name in task.predicted_splits:
         if name not in outputs:  # a study on everyone has no test set: no outputs, the trailing shape kept
             outputs[name] = outputs["validation"][:0]
-    threshold = task.choose_threshold(rows["validation"]["y"].to_numpy(), outputs["validation"])
+    threshold = task.pooled_threshold([(rows["validation"], outputs["validation"])])
     distribution = _fold_distribution(task, network, data, device=device)
     return FoldResult(
         fold=fold,
@@ -257,7 +257,7 @@ def fold_setup(
     members = split.members(fold)
     ids = {"train": members["train"], "validation": members["validation"], "test": members["test"]}
     rows = {name: images[images["participant_id"].isin(ids[name])] for name in parts}
-    scale = task.target_scale(rows["train"]["y"].to_numpy())
+    scale = target_scale(task, rows["train"]["y"].to_numpy())
     torch.manual_seed(derived_seed(settings.train.seed, fold, 99))
     network = build_model(model_config)
     transferred = None

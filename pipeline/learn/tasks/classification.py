@@ -104,12 +104,6 @@ class Classification(ImageTask):
             out.float(), y.long(), weight=None if weight is None else weight.to(out.device)
         )
 
-    def sample_weights(self, targets: np.ndarray, n_outputs: int, class_weighting: str) -> np.ndarray | None:
-        if class_weighting != "sampler":
-            return None
-        counts = np.bincount(targets.astype(int), minlength=n_outputs).astype(np.float64)
-        return 1.0 / counts[targets.astype(int)]
-
     def outputs(self, raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
         return torch.softmax(raw, dim=1)
 

@@ -47,9 +47,6 @@ class Regression(ImageTask):
     def subject_target(self, y: pd.Series) -> float:
         return float(y.mean())
 
-    def target_scale(self, y: np.ndarray) -> TargetScale:
-        return TargetScale(float(y.mean()), float(y.std()) or 1.0)
-
     def target_summary(self, rows: pd.DataFrame) -> dict[str, Any]:
         return {"mean": round(float(rows["y"].mean()), 2), "sd": round(float(rows["y"].std()), 2)}
 

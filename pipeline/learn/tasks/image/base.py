@@ -4,7 +4,7 @@ prediction (:mod:`.inference`) and the external evaluation (:mod:`.external`) as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ... import leakage
+from ... import leakage, ood
 from ...cohort import build_cohort, cache_cohort
-from ...task import Task, fold_scale, spread
+from ...data import Volumes
+from ...task import TargetScale, Task, chunks, fold_scale, spread
 
 
 class WholeImage(Task):
@@ -35,10 +36,67 @@ class WholeImage(Task):
     def leakage_checks(self, subjects: pd.DataFrame, *, seed: int) -> list[dict[str, Any]]:
         return [leakage.check_site_leakage(subjects, task=self, seed=seed)]
 
+    # --- training ------------------------------------------------------------------------------------------
+    def dataset(self, rows: pd.DataFrame, *, patch_size: int, n_outputs: int) -> Any:
+        return Volumes(rows["array"].tolist(), rows["y"].to_numpy())
+
+    def predict(
+        self, run: Callable[[torch.Tensor], torch.Tensor], data: Any, *, scale: TargetScale, batch_size: int
+    ) -> np.ndarray:
+        raw = torch.cat([run(data.batch(chunk)[0]) for chunk in chunks(len(data), batch_size)])
+        return self.postprocess(raw, scale)
+
+    def postprocess(self, raw: torch.Tensor, scale: TargetScale) -> np.ndarray:
+        """Raw network outputs ``(n, k)`` -> predictions, as evaluation tabulates them (float64)."""
+        return self.outputs(raw, scale).numpy().astype(np.float64)
+
+    def after_validation(self, outputs: Any, data: Any, *, run_dir: Any, epoch: int) -> None:
+        """Nothing drawn: a whole-image prediction's validation is its curve."""
+
+    def features(self, network: torch.nn.Module, data: Any, *, device: Any, batch_size: int = 8) -> np.ndarray:
+        batches = (data.batch(chunk)[0] for chunk in chunks(len(data), batch_size))
+        return ood.whole_image_features(network, batches, device)
+
+    # --- the ensemble and the study ------------------------------------------------------------------------
+    def ensemble(self, outputs: Sequence[Any]) -> Any:
+        return np.mean(outputs, axis=0)
+
+    def postprocessing(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> dict[str, Any]:
+        """None: a whole-image prediction is its ensemble's mean."""
+        return {}
+
+    def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
+        return outputs
+
+    def package_fields(self, *, classes: Sequence[str], settings: Any) -> dict[str, Any]:
+        """Nothing beyond what every task records."""
+        return {}
+
+    def finish_study(self, rows: pd.DataFrame, ensemble: Any, *, run_dir: Any, settings: Any) -> dict[str, Any]:
+        """Nothing beyond ``results.json``."""
+        return {}
+
     # --- evaluation ----------------------------------------------------------------------------------------
+    def choose_threshold(self, y: np.ndarray, outputs: np.ndarray) -> float:
+        """The decision threshold chosen on validation outputs (0.5 where none is chosen)."""
+        return 0.5
+
     def pooled_threshold(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> float:
         y = np.concatenate([rows["y"].to_numpy() for rows, _ in validation])
         return self.choose_threshold(y, np.concatenate([outputs for _, outputs in validation]))
+
+    def evaluate_rows(
+        self, rows: pd.DataFrame, outputs: Any, *, threshold: float, seed: int, ci: bool
+    ) -> dict[str, Any]:
+        groups = rows["participant_id"].tolist()
+        return self.evaluate(rows["y"].to_numpy(), outputs, threshold=threshold, groups=groups, seed=seed, ci=ci)
+
+    def evaluate(
+        self, y: np.ndarray, outputs: np.ndarray, *, threshold: float, groups: Sequence[str], seed: int, ci: bool
+    ) -> dict[str, Any]:
+        """The evaluation of ``outputs`` against ``y``: at least what :func:`pipeline.learn.evaluate.scored`
+        records (``n``, ``n_subjects``, ``metrics``, ``ci``), which reports and model cards read."""
+        raise NotImplementedError
 
     # --- a participant's prediction (:mod:`.inference`) ----------------------------------------------------
     def attribution_score(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -60,6 +118,19 @@ class WholeImage(Task):
     def external_reason(self, value: Any, column: str, classes: Sequence[str]) -> str | None:
         """Why a reference value cannot be evaluated against (None: it can)."""
         return None
+
+    def external_row(self, record: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+        """The gathered columns of one participant-level prediction record."""
+        return {"predicted": record["predicted"]}
+
+    def external_evaluate(self, table: pd.DataFrame, classes: Sequence[str], *, seed: int) -> dict[str, Any]:
+        """The evaluation of the gathered predictions of ``table`` against their ``target``."""
+        raise NotImplementedError
+
+    def case_error(self, table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.Series, str]:
+        """How wrong each gathered prediction of ``table`` (with its ``target``) is, and what that measures (lower is
+        better): what the external evaluation compares between flagged and unflagged images."""
+        raise NotImplementedError
 
 
 def whole_image(task: Task) -> WholeImage:

@@ -15,7 +15,6 @@ from ....errors import InputDataError
 from ...cohort import target_values
 from ...ensemble import ensemble_id
 from ...external import EVALUATION, PREDICTIONS, ExternalRun, by_distribution
-from ...task import Task
 from .base import WholeImage
 
 LOGGER = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ def evaluate_image_predictions(run: ExternalRun, task: WholeImage) -> dict[str, 
     """A whole-image task's external evaluation: each image's prediction against its participants.tsv value."""
     first, classes = run.records[0], run.records[0]["classes"]
     column = run.target or first["target"]
-    table, skipped = run.gathered(task)
+    table, skipped = run.gathered(lambda record: task.external_row(record, classes))
     values = _reference_values(run.manifest, table, column, required=run.target is not None)
     evaluated, excluded = table, list[dict[str, str]]()
     if values is not None:
@@ -73,7 +72,7 @@ def evaluate_image_predictions(run: ExternalRun, task: WholeImage) -> dict[str, 
     return results
 
 
-def _flagged_against_unflagged(table: pd.DataFrame, task: Task, classes: Sequence[str]) -> dict[str, Any] | None:
+def _flagged_against_unflagged(table: pd.DataFrame, task: WholeImage, classes: Sequence[str]) -> dict[str, Any] | None:
     """:func:`by_distribution` of the task's per-image error (None, logged, for a task that defines none)."""
     try:
         errors, measure = task.case_error(table, classes)

@@ -25,7 +25,7 @@ LOGGER = logging.getLogger(__name__)
 def evaluate_segmentations(run: ExternalRun, task: Task) -> dict[str, Any]:
     """Gather the volumes every image's labels measure; with references, score each case (Dice, HD95 ...)."""
     first = run.records[0]
-    table, skipped = run.gathered(task)
+    table, skipped = run.gathered()
     names = {int(e["index"]): e["name"] for e in first["labels"]}
     cases: list[dict[str, Any]] = []
     excluded: list[dict[str, str]] = []

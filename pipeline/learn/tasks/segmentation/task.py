@@ -233,6 +233,10 @@ class Segmentation(Task):
             }
         }
 
+    def pooled_threshold(self, validation: Sequence[tuple[pd.DataFrame, Any]]) -> float:
+        """No threshold: each voxel takes its most probable label (0.5, recorded as such)."""
+        return 0.5
+
     def postprocessed(self, outputs: Any, postprocessing: dict[str, Any]) -> Any:
         chosen = postprocessing.get("postprocessing", {})
         return dataclasses.replace(outputs, keep_largest=tuple(int(i) for i in chosen.get("label_indices", [])),
