@@ -14,6 +14,9 @@ DEMO_SEG_PATCH ?= 48
 DEMO_LESION_EPOCHS ?= 10
 DEMO_NESTED_EPOCHS ?= 10
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (`--dist loadscope`: tests/conftest.py keeps the modules of one shared sample on
+# one worker)
+PYTEST_WORKERS ?= 2
 # the T1w study's model package (step 2), as its results.json names it
 T1W_PACKAGE = $(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['package'])" \
 	$(DEMO_DIR)/derivatives/learn/target-diagnosis/arch-conv5fc3/results.json
@@ -117,7 +120,7 @@ lint: install
 # `make test-infra`, which .ci/run calls after it.
 INFRA := container or slurm or faults or robustness or slow
 test: lint
-	$(BIN)/python -m pytest -m "not ($(INFRA))" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not ($(INFRA))" -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test-infra: install
 	$(BIN)/python -m pytest -m "$(INFRA)" $(PYTEST_ARGS)

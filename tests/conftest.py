@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +85,38 @@ def sample_run(sample_bids, tmp_path_factory):
         "group": main([str(sample_bids), str(out), "group"]),
     }
     return sample_bids, out, codes
+
+
+#: The session's preprocessed samples, each made once: the test modules that name one run on one pytest-xdist worker.
+SHARED_SAMPLES = {
+    "learning-sample": ("learning_sample", "trained_package"),
+    "sample": ("sample_bids", "sample_run"),
+}
+
+
+@functools.cache
+def scope_of(path: str) -> str:
+    """The scope a test module runs in under ``--dist loadscope``: the shared sample it names (the first of
+    :data:`SHARED_SAMPLES`), else the module itself (its module-scoped fixtures are then made once too).
+
+    >>> scope_of("tests/integration/test_learning.py"), scope_of("tests/unit/test_status.py")
+    ('learning-sample', 'tests/unit/test_status.py')
+    """
+    module = Path(__file__).parents[1] / path
+    text = module.read_text() if module.suffix == ".py" and module.name.startswith("test_") else ""
+    found = (name for name, fixtures in SHARED_SAMPLES.items() if any(re.search(rf"\b{f}\b", text) for f in fixtures))
+    return next(found, path)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` runs two pytest-xdist workers with ``--dist loadscope``: a scope is a test module, or every
+    module that names one shared sample (:func:`scope_of`), so that no sample or module fixture is made twice."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedSampleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid.split("::")[0])
+
+    return SharedSampleScheduling(config, log)

@@ -18,12 +18,10 @@ def _errors(dataset: Path) -> list[str]:
             if i["severity"] == "error"]  # fmt: skip
 
 
-def test_the_official_validator_accepts_the_sample_and_both_levels_outputs(sample_run, trained_package):
+def test_the_official_validator_accepts_the_sample_and_both_levels_outputs(sample_run):
     bids, out, codes = sample_run
     assert codes == {"participant": 0, "group": 0}
-    trained_out = trained_package.parents[1]  # OUTPUT_DIR/models/<package>
-    assert (trained_out / "learn").is_dir()
-    for dataset in (bids, out, trained_out):
+    for dataset in (bids, out):
         assert _errors(dataset) == [], dataset
     ignored = (out / ".bidsignore").read_text()
     assert "*.html" in ignored and "sub-*/figures" in ignored

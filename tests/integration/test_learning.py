@@ -15,7 +15,15 @@ from pipeline.learn.data import Volumes
 from pipeline.learn.package import load_package, read_package
 from pipeline.learn.registry import get_task
 from pipeline.learn.train import predict
-from tests.helpers import FAST, fresh_output, parallel_group_jobs, set_read_only, the_package
+from tests.helpers import FAST, fresh_output, parallel_group_jobs, set_read_only, the_package, validator_issues
+
+
+def test_the_official_validator_accepts_a_study_s_outputs(trained_package):
+    trained_out = trained_package.parents[1]  # OUTPUT_DIR/models/<package>
+    assert (trained_out / "learn").is_dir()
+    errors = [f"{i['code']} {i.get('subCode', '')} {i.get('location', '')}" for i in validator_issues(trained_out)
+              if i["severity"] == "error"]  # fmt: skip
+    assert errors == [], trained_out
 
 
 def test_training_end_to_end_is_reproducible_and_resumable(learning_sample, trained_package, tmp_path, run_cli):
