@@ -122,8 +122,12 @@ INFRA := container or slurm or faults or robustness or slow
 test: lint
 	$(BIN)/python -m pytest -m "not ($(INFRA))" -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
+# the slow and hard-heads cases on two workers as `make test` does; the container, SLURM and fault tests (builds,
+# a 2-CPU cluster, timed kills and signals) after them, on one
+PARALLEL_INFRA := (slow or robustness) and not (container or slurm or faults)
 test-infra: install
-	$(BIN)/python -m pytest -m "$(INFRA)" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(PARALLEL_INFRA)" -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "container or slurm or faults" $(PYTEST_ARGS)
 
 benchmark: install
 	# editable, as `make install` made it: a plain install would freeze a copy of the code in the venv
