@@ -1,6 +1,8 @@
 """The whole-image tasks' family (one class or one value per image): what classification and regression share and
-segmentation does not: their cohort, the site-leakage check, the pooled threshold, and what the participant level's
-prediction (:mod:`.inference`) and the external evaluation (:mod:`.external`) ask of them."""
+segmentation does not: their cohort, the site-leakage check, their data and predictions (one array per image, the
+ensemble's mean, no post-processing), the threshold, the evaluation, and what the participant level's prediction
+(:mod:`.inference`) and the external evaluation (:mod:`.external`) ask of them. Segmentation implements the same
+Task methods its own way (:mod:`pipeline.learn.tasks.segmentation`)."""
 
 from __future__ import annotations
 
