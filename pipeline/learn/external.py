@@ -44,7 +44,7 @@ def _failed_quality_control(output_dir: Path, source: str) -> bool:
         return False
 
 
-#: The columns a gathered prediction record gives by default: what was predicted.
+#: A task's columns of one gathered prediction record (:func:`predicted`: what was predicted, the default).
 Columns = Callable[[dict[str, Any]], dict[str, Any]]
 
 
